@@ -1,0 +1,85 @@
+//! Audit events: what happened, in words a security team can read. Events name
+//! credentials by serial number and fingerprint, never by their secret parts.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The local process on a node that asked for a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerInfo {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub exe: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Seq 0 of every log: names the key that signs it.
+    Genesis { vkey: String, software: String },
+    /// A node redeemed a join token and received its identity certificate.
+    Enrollment {
+        node: String,
+        labels: BTreeMap<String, String>,
+        token_id: String,
+        serial: String,
+        fingerprint: String,
+        not_after: i64,
+    },
+    /// A node renewed its identity certificate over its mTLS connection.
+    IdentityRenewal {
+        node: String,
+        serial: String,
+        fingerprint: String,
+        not_after: i64,
+    },
+    /// A credential was issued. `fingerprint` is SHA-256 over the certificate
+    /// (DER for X.509, the wire blob for SSH), hex.
+    Grant {
+        node: String,
+        kind: String,
+        role: String,
+        rule: String,
+        policy: String,
+        ttl_seconds: u64,
+        serial: String,
+        fingerprint: String,
+        /// SANs (X.509) or principals (SSH) in the credential.
+        names: Vec<String>,
+        not_after: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caller: Option<CallerInfo>,
+    },
+    /// A request was refused.
+    Denial {
+        /// "enroll", "renew_identity" or "grant".
+        action: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        node: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        kind: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        role: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        policy: String,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caller: Option<CallerInfo>,
+    },
+}
+
+impl Event {
+    /// A short name for logs and the verifier's summaries.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Genesis { .. } => "genesis",
+            Self::Enrollment { .. } => "enrollment",
+            Self::IdentityRenewal { .. } => "identity_renewal",
+            Self::Grant { .. } => "grant",
+            Self::Denial { .. } => "denial",
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! What the Grantline broker, agent and verifier share: the wire messages, their
+//! framing on QUIC streams, and the audit log's formats and checks.
+//!
+//! Everything here is pure: bytes in, values or errors out. Sockets, files and
+//! SQLite live in the daemon and agent crates.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod frame;
+
+/// Generated wire messages (`proto/grantline/v1/wire.proto`).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod wire {
+    include!(concat!(env!("OUT_DIR"), "/grantline.v1.rs"));
+}
+
+/// ALPN protocol id spoken on the broker's QUIC port.
+pub const ALPN: &[u8] = b"grantline/1";
+
+impl wire::Error {
+    /// Builds an error reply.
+    pub fn new(code: wire::ErrorCode, message: impl Into<String>) -> Self {
+        let retryable = matches!(code, wire::ErrorCode::Unavailable);
+        Self {
+            code: code as i32,
+            message: message.into(),
+            retryable,
+            retry_after_ms: if retryable { 1000 } else { 0 },
+        }
+    }
+}
+
+impl std::fmt::Display for wire::Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = wire::ErrorCode::try_from(self.code)
+            .map(|c| c.as_str_name())
+            .unwrap_or("UNKNOWN");
+        write!(f, "{code}: {}", self.message)?;
+        if self.retryable {
+            write!(f, " (retryable, after {} ms)", self.retry_after_ms)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for wire::Error {}
+
+impl wire::CredentialKind {
+    /// The name used in policy files, audit events and the CLI.
+    pub fn policy_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::X509 => "x509",
+            Self::SshUser => "ssh-user",
+            Self::SshHost => "ssh-host",
+        }
+    }
+}
