@@ -1,1 +1,13 @@
+//! grantlined, the Grantline access broker, as a library: `main` parses and
+//! validates, then calls into here, and tests can start a broker in-process.
+#![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod config;
+pub mod issuer;
+pub mod keyfile;
+pub mod pki;
+pub mod policy;
+pub mod server;
+pub mod state;
+pub mod verify;

@@ -1,1 +1,183 @@
-fn main() {}
+//! grantline: the admin and verification CLI.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use grantline_daemon::state::{rfc3339, StateDb};
+use grantline_daemon::{config, verify};
+use grantline_proto::audit::VerifierKey;
+
+/// Grantline administration and audit verification.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join tokens for enrolling nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token and print it.
+    Create {
+        /// The broker's state directory (default: from --config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "/etc/grantline/grantlined.toml")]
+        config: PathBuf,
+        /// Pin the node name the token enrolls.
+        #[arg(long)]
+        node: Option<String>,
+        /// Labels for the node, KEY=VALUE; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify every entry of an audit log: encoding, hashes, chain, seq, signatures.
+    Verify {
+        #[arg(long)]
+        db: PathBuf,
+        /// The log's verifier key (audit.vkey).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const EX_DATAERR: u8 = 65;
+const EX_NOINPUT: u8 = 66;
+const EX_SOFTWARE: u8 = 70;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(TokenCommand::Create {
+            state_dir,
+            config: cfg,
+            node,
+            labels,
+            ttl,
+        }) => match create_token(state_dir, &cfg, node, &labels, ttl.into()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("grantline: {e:#}");
+                ExitCode::from(EX_SOFTWARE)
+            }
+        },
+        Command::Audit(AuditCommand::Verify { db, key_file, json }) => {
+            audit_verify(&db, &key_file, json)
+        }
+    }
+}
+
+fn create_token(
+    state_dir: Option<PathBuf>,
+    cfg: &std::path::Path,
+    node: Option<String>,
+    labels: &[String],
+    ttl: std::time::Duration,
+) -> Result<()> {
+    let dir = match state_dir {
+        Some(d) => d,
+        None => config::load(cfg)?.state_dir,
+    };
+    let mut map = BTreeMap::new();
+    for l in labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("label {l:?} is not KEY=VALUE")
+        };
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    let db = dir.join("state.db");
+    if !db.exists() {
+        bail!(
+            "{} does not exist; start the broker once so it creates its state",
+            db.display()
+        );
+    }
+    let state = StateDb::open(&db)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let t = state
+        .create_token(node.as_deref(), &map, ttl, now)
+        .context("cannot store the token")?;
+    println!("{}", t.token);
+    eprintln!(
+        "token {} expires at {}; it can be used once",
+        t.id,
+        rfc3339(t.expires_at)
+    );
+    Ok(())
+}
+
+fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) -> ExitCode {
+    let key = match std::fs::read_to_string(key_file)
+        .with_context(|| format!("cannot read key file {}", key_file.display()))
+        .and_then(|s| {
+            VerifierKey::parse(&s)
+                .with_context(|| format!("{} is not a verifier key", key_file.display()))
+        }) {
+        Ok(k) => k,
+        Err(e) => return report_error(json, EX_NOINPUT, &e),
+    };
+    match verify::verify_db(db, &key, std::io::stderr().is_terminal()) {
+        Err(e) => report_error(json, EX_NOINPUT, &e),
+        Ok(Ok(s)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
+                );
+            } else {
+                println!(
+                    "OK: {} entries in log {}, head {}",
+                    s.entries, s.origin, s.head
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(f)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "seq": f.seq, "reason": f.reason})
+                );
+            } else {
+                println!("FAILED at seq {}: {}", f.seq, f.reason);
+            }
+            ExitCode::from(EX_DATAERR)
+        }
+    }
+}
+
+fn report_error(json: bool, code: u8, e: &anyhow::Error) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": false, "error": format!("{e:#}")})
+        );
+    } else {
+        eprintln!("grantline: {e:#}");
+    }
+    ExitCode::from(code)
+}

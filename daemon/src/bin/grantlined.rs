@@ -1,1 +1,125 @@
-fn main() {}
+//! grantlined: parse and validate, build, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use grantline_daemon::config;
+use grantline_daemon::keyfile::write_secret;
+use grantline_daemon::policy::DEV_POLICY;
+use grantline_daemon::server::{Broker, BrokerOptions};
+
+/// The Grantline access broker.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Production configuration file.
+    #[arg(long, default_value = "/etc/grantline/grantlined.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a development broker on embedded defaults: its own CAs, a permissive
+    /// policy allowing role "dev", and a fresh join token, all in --state-dir.
+    Dev {
+        #[arg(long, default_value = ".grantline-dev")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = config::DEFAULT_DEV_LISTEN)]
+        listen: String,
+    },
+}
+
+const EX_UNAVAILABLE: u8 = 69;
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (opts, dev) = match &cli.command {
+        Some(Command::Dev { state_dir, listen }) => match prepare_dev(state_dir, listen) {
+            Ok(o) => (o, true),
+            Err(e) => return fail(EX_CONFIG, &e),
+        },
+        None => match config::load(&cli.config) {
+            Ok(o) => (o, false),
+            Err(e) => return fail(EX_CONFIG, &e),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EX_UNAVAILABLE, &e.into()),
+    };
+    match runtime.block_on(serve(opts, dev)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EX_UNAVAILABLE, &e),
+    }
+}
+
+fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
+    eprintln!("grantlined: {e:#}");
+    ExitCode::from(code)
+}
+
+fn prepare_dev(state_dir: &std::path::Path, listen: &str) -> Result<BrokerOptions> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir.join("anchor"))?;
+    let policy = state_dir.join("policy.toml");
+    if !policy.exists() {
+        std::fs::write(&policy, DEV_POLICY)
+            .with_context(|| format!("cannot write {}", policy.display()))?;
+    }
+    config::dev_options(state_dir, listen)
+}
+
+async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
+    let broker = Broker::open(&opts)?;
+    let addr = broker.local_addr()?;
+    if dev {
+        let token = broker.create_token(Duration::from_secs(3600))?;
+        let path = opts.state_dir.join("join-token");
+        write_secret(&path, format!("{token}\n").as_bytes())?;
+        eprintln!(
+            "grantlined dev: state in {dir}\n  trust anchor: {dir}/ca.pem\n  audit key:    {dir}/audit.vkey\n  join token:   {path} (single use, 1 h)\n  enroll with:  grantline-agent enroll --broker {addr} --token \"$(cat {path})\" --ca-file {dir}/ca.pem --state-dir AGENT_DIR",
+            dir = opts.state_dir.display(),
+            path = path.display(),
+        );
+    }
+    tracing::info!(%addr, origin = %broker.verifier_key().name(), "listening");
+    println!("grantlined ready on {addr}");
+    broker.run(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

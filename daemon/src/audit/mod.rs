@@ -1,0 +1,8 @@
+//! The audit log's shell: SQLite storage and the single writer task. The
+//! formats and checks are in `grantline_proto::audit`.
+
+pub mod store;
+pub mod writer;
+
+pub use store::AuditStore;
+pub use writer::{AuditError, AuditLog};

@@ -1,0 +1,146 @@
+//! Broker configuration: `/etc/grantline/grantlined.toml` in production, or the
+//! embedded defaults of `grantlined dev`. Everything is validated here, before
+//! any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::server::BrokerOptions;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/grantline";
+pub const DEFAULT_POLICY: &str = "/etc/grantline/policy.toml";
+
+/// `grantlined.toml`. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// UDP address of the QUIC listener.
+    pub listen: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    /// The audit log's origin, fixed when the log is created.
+    pub origin: Option<String>,
+    /// Names (DNS or IP) agents use to reach the broker; they go into its
+    /// server certificate.
+    pub server_names: Option<Vec<String>>,
+    /// Lifetime of node identity certificates; agents renew at half of it.
+    pub node_identity_ttl: Option<String>,
+}
+
+pub fn load(path: &Path) -> Result<BrokerOptions> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: ConfigFile = toml::from_str(&text)
+        .with_context(|| format!("config file {} is invalid", path.display()))?;
+    options(file).with_context(|| format!("config file {} is invalid", path.display()))
+}
+
+pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
+    let listen = parse_listen(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+    let host = hostname();
+    let identity_ttl = match file.node_identity_ttl.as_deref() {
+        Some(s) => humantime::parse_duration(s)
+            .with_context(|| format!("node_identity_ttl {s:?} is not a duration like \"24h\""))?,
+        None => Duration::from_secs(24 * 3600),
+    };
+    if identity_ttl < Duration::from_secs(120) || identity_ttl > Duration::from_secs(30 * 24 * 3600)
+    {
+        bail!("node_identity_ttl must be between 2 minutes and 30 days");
+    }
+    let origin = file.origin.unwrap_or_else(|| format!("grantline/{host}"));
+    grantline_proto::audit::key::check_origin(&origin).context("origin")?;
+    let server_names = file
+        .server_names
+        .unwrap_or_else(|| default_server_names(&host));
+    for n in &server_names {
+        crate::pki::parse_san(n).map_err(|e| anyhow::anyhow!("server_names: {e}"))?;
+    }
+    Ok(BrokerOptions {
+        listen,
+        state_dir: file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        policy_path: file.policy.unwrap_or_else(|| DEFAULT_POLICY.into()),
+        origin,
+        server_names,
+        identity_ttl,
+    })
+}
+
+/// The embedded defaults of `grantlined dev`.
+pub fn dev_options(state_dir: &Path, listen: &str) -> Result<BrokerOptions> {
+    let host = hostname();
+    Ok(BrokerOptions {
+        listen: parse_listen(listen)?,
+        state_dir: state_dir.to_owned(),
+        policy_path: state_dir.join("policy.toml"),
+        origin: format!("grantline-dev/{host}"),
+        server_names: default_server_names(&host),
+        identity_ttl: Duration::from_secs(24 * 3600),
+    })
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr> {
+    s.parse()
+        .with_context(|| format!("listen address {s:?} is not IP:PORT, e.g. 127.0.0.1:7443"))
+}
+
+fn default_server_names(host: &str) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    if crate::pki::parse_san(host).is_ok() && host != "localhost" {
+        names.push(host.to_owned());
+    }
+    names
+}
+
+/// The host name, reduced to characters that are safe in an origin.
+pub fn hostname() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let clean: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        .collect();
+    if clean.is_empty() {
+        "localhost".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<BrokerOptions> {
+        options(toml::from_str(text)?)
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let o = parse("").unwrap();
+        assert_eq!(o.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(o.identity_ttl, Duration::from_secs(86_400));
+        for (text, want) in [
+            ("listen = 'nowhere'", "IP:PORT"),
+            ("node_identity_ttl = '1s'", "between"),
+            ("node_identity_ttl = 'x'", "duration"),
+            ("origin = 'a b'", "origin"),
+            ("server_names = ['*.x']", "server_names"),
+            ("lisen = '1.2.3.4:5'", "unknown field"),
+        ] {
+            let e = format!("{:#}", parse(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Broker policy: which nodes may obtain which credentials, with what caps.
+//! Deny by default. The file format is TOML (RFD 0001 §policy):
+//!
+//! ```toml
+//! [[rule]]
+//! name = "web"
+//! nodes = ["web-*"]              # node name globs
+//! labels = { env = "prod" }      # every label must match
+//!
+//! [[rule.allow]]
+//! kinds = ["x509"]               # x509, ssh-user, ssh-host
+//! roles = ["web"]
+//! max_ttl = "1h"
+//! default_ttl = "10m"
+//! sans = ["{node}.example.com"]  # X.509 SAN globs; {node} is the node name
+//! principals = []                # SSH principal globs
+//! ```
+
+mod decide;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+pub use decide::{decide, Decision, NodeAttrs, PolicyRequest};
+
+/// A credential kind as policy names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    X509,
+    SshUser,
+    SshHost,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "x509" => Some(Self::X509),
+            "ssh-user" => Some(Self::SshUser),
+            "ssh-host" => Some(Self::SshHost),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::X509 => "x509",
+            Self::SshUser => "ssh-user",
+            Self::SshHost => "ssh-host",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    /// SHA-256 of the policy file, hex: recorded with every decision.
+    hash: String,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    name: String,
+    nodes: Vec<String>,
+    labels: BTreeMap<String, String>,
+    allow: Vec<Allow>,
+}
+
+#[derive(Debug, Clone)]
+struct Allow {
+    kinds: Vec<Kind>,
+    roles: Vec<String>,
+    max_ttl: Duration,
+    default_ttl: Duration,
+    sans: Vec<String>,
+    principals: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy is not valid TOML: {0}")]
+    Toml(String),
+    #[error("policy rule {rule:?}: {problem}")]
+    Rule { rule: String, problem: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    #[serde(default)]
+    nodes: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    allow: Vec<AllowFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowFile {
+    kinds: Vec<String>,
+    roles: Vec<String>,
+    max_ttl: String,
+    default_ttl: Option<String>,
+    #[serde(default)]
+    sans: Vec<String>,
+    #[serde(default)]
+    principals: Vec<String>,
+}
+
+/// The longest TTL any rule may grant: Grantline issues short-lived credentials.
+pub const MAX_POLICY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Policy {
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile =
+            toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
+        let mut rules = Vec::with_capacity(file.rules.len());
+        for r in file.rules {
+            let bad = |problem: String| PolicyError::Rule {
+                rule: r.name.clone(),
+                problem,
+            };
+            if r.name.is_empty() {
+                return Err(bad("rule name is empty".into()));
+            }
+            if r.allow.is_empty() {
+                return Err(bad(
+                    "has no [[rule.allow]] entries, so it allows nothing".into()
+                ));
+            }
+            let mut allow = Vec::with_capacity(r.allow.len());
+            for a in &r.allow {
+                let kinds = a
+                    .kinds
+                    .iter()
+                    .map(|k| {
+                        Kind::parse(k).ok_or_else(|| {
+                            bad(format!(
+                                "unknown kind {k:?}; use x509, ssh-user or ssh-host"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if kinds.is_empty() || a.roles.is_empty() {
+                    return Err(bad(
+                        "an allow entry needs at least one kind and one role".into()
+                    ));
+                }
+                let max_ttl = parse_ttl(&a.max_ttl).map_err(|e| bad(format!("max_ttl: {e}")))?;
+                let default_ttl = match &a.default_ttl {
+                    Some(t) => parse_ttl(t).map_err(|e| bad(format!("default_ttl: {e}")))?,
+                    None => max_ttl.min(Duration::from_secs(600)),
+                };
+                if default_ttl > max_ttl {
+                    return Err(bad(format!(
+                        "default_ttl {} exceeds max_ttl {}",
+                        a.default_ttl.as_deref().unwrap_or(""),
+                        a.max_ttl
+                    )));
+                }
+                if kinds.contains(&Kind::X509) && a.sans.is_empty() {
+                    return Err(bad("allows x509 but lists no sans patterns".into()));
+                }
+                if kinds
+                    .iter()
+                    .any(|k| matches!(k, Kind::SshUser | Kind::SshHost))
+                    && a.principals.is_empty()
+                {
+                    return Err(bad("allows ssh but lists no principals patterns".into()));
+                }
+                allow.push(Allow {
+                    kinds,
+                    roles: a.roles.clone(),
+                    max_ttl,
+                    default_ttl,
+                    sans: a.sans.clone(),
+                    principals: a.principals.clone(),
+                });
+            }
+            let nodes = if r.nodes.is_empty() {
+                vec!["*".to_owned()]
+            } else {
+                r.nodes.clone()
+            };
+            rules.push(Rule {
+                name: r.name,
+                nodes,
+                labels: r.labels,
+                allow,
+            });
+        }
+        let hash = hex::encode(Sha256::digest(text.as_bytes()));
+        Ok(Self { rules, hash })
+    }
+
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like \"10m\": {e}"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    if d > MAX_POLICY_TTL {
+        return Err(format!(
+            "{s} is longer than the 7-day limit on any credential"
+        ));
+    }
+    Ok(d)
+}
+
+/// The permissive policy `grantlined dev` writes: role `dev`, every kind.
+pub const DEV_POLICY: &str = r#"# Grantline dev policy: every enrolled node may obtain every credential kind
+# with role "dev". Never use this in production.
+
+[[rule]]
+name = "dev"
+nodes = ["*"]
+
+[[rule.allow]]
+kinds = ["x509", "ssh-user", "ssh-host"]
+roles = ["dev"]
+max_ttl = "1h"
+default_ttl = "10m"
+sans = ["*"]
+principals = ["*"]
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_policy_parses() {
+        let p = Policy::parse(DEV_POLICY).unwrap();
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.hash.len(), 64);
+    }
+
+    #[test]
+    fn bad_policies_say_what_is_wrong() {
+        let cases = [
+            ("[[rule]]\nname='a'\n", "allows nothing"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['pgp']\nroles=['r']\nmax_ttl='1h'\n", "unknown kind \"pgp\""),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509']\nroles=['r']\nmax_ttl='soon'\nsans=['*']\n", "max_ttl"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509']\nroles=['r']\nmax_ttl='1h'\n", "no sans"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['ssh-user']\nroles=['r']\nmax_ttl='30d'\nprincipals=['*']\n", "7-day"),
+            ("[[rule]]\nname='a'\nnodez=['x']\n", "unknown field"),
+            ("[[rule]\n", "TOML"),
+        ];
+        for (text, want) in cases {
+            let err = Policy::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?} gave {err:?}, wanted {want:?}");
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The broker: QUIC listener, connection and stream handling, shutdown.
+
+mod handler;
+mod identity;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use grantline_proto::audit::{SignerKey, VerifierKey};
+use grantline_proto::{frame, wire, ALPN};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditLog;
+use crate::issuer::embedded::EmbeddedIssuer;
+use crate::issuer::Issuer;
+use crate::keyfile::{read_secret, write_atomic, write_secret};
+use crate::pki::Pki;
+use crate::policy::Policy;
+use crate::state::{NodeRecord, StateDb};
+
+pub use identity::PeerNode;
+
+/// Everything needed to start a broker; built from `grantlined.toml` or by
+/// `grantlined dev`, validated before anything binds.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub policy_path: PathBuf,
+    /// The audit log's origin when the log is created; later starts use the
+    /// name in `audit.key`.
+    pub origin: String,
+    pub server_names: Vec<String>,
+    pub identity_ttl: Duration,
+}
+
+pub(crate) struct Shared {
+    pki: Arc<Pki>,
+    issuer: Box<dyn Issuer>,
+    audit: AuditLog,
+    policy: RwLock<Arc<Policy>>,
+    state: StateDb,
+    nodes: RwLock<HashMap<String, NodeRecord>>,
+    identity_ttl: Duration,
+    vkey: VerifierKey,
+    requests: TaskTracker,
+}
+
+pub struct Broker {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    audit_thread: std::thread::JoinHandle<()>,
+}
+
+impl Broker {
+    /// Loads or creates keys and CAs, opens the audit log and state, and binds
+    /// the QUIC listener.
+    pub fn open(opts: &BrokerOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.state_dir).with_context(|| {
+            format!("cannot create state directory {}", opts.state_dir.display())
+        })?;
+        let policy = load_policy(&opts.policy_path)?;
+        let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
+        let vkey = key.verifier().clone();
+        let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
+        let state = StateDb::open(&opts.state_dir.join("state.db"))?;
+        let nodes = state
+            .nodes()?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        let (audit, audit_thread) = AuditLog::start(
+            &opts.state_dir.join("audit.db"),
+            key,
+            concat!("grantlined ", env!("CARGO_PKG_VERSION")),
+        )?;
+        let endpoint =
+            quinn::Endpoint::server(server_config(&pki)?, opts.listen).with_context(|| {
+                format!(
+                    "cannot listen on {} (is another broker running there?)",
+                    opts.listen
+                )
+            })?;
+        let shared = Arc::new(Shared {
+            issuer: Box::new(EmbeddedIssuer::new(pki.clone())),
+            pki,
+            audit,
+            policy: RwLock::new(Arc::new(policy)),
+            state,
+            nodes: RwLock::new(nodes),
+            identity_ttl: opts.identity_ttl,
+            vkey,
+            requests: TaskTracker::new(),
+        });
+        Ok(Self {
+            shared,
+            endpoint,
+            audit_thread,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    pub fn verifier_key(&self) -> &VerifierKey {
+        &self.shared.vkey
+    }
+
+    /// Creates a join token in this broker's state.
+    pub fn create_token(&self, ttl: Duration) -> Result<String> {
+        Ok(self
+            .shared
+            .state
+            .create_token(None, &Default::default(), ttl, handler::now_unix())?
+            .token)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish (up to 10 s), closes connections and flushes the log.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let connections = TaskTracker::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    connections.spawn(async move { serve_connection(shared, incoming).await });
+                }
+            }
+        }
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        self.endpoint.set_server_config(None);
+        self.shared.requests.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.shared.requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
+        }
+        self.endpoint.close(0u32.into(), b"broker shutting down");
+        connections.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        drop(self.shared);
+        tokio::task::spawn_blocking(move || self.audit_thread.join())
+            .await
+            .ok();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+pub fn load_policy(path: &Path) -> Result<Policy> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    Policy::parse(&text).with_context(|| format!("policy file {} is invalid", path.display()))
+}
+
+fn load_or_create_audit_key(dir: &Path, origin: &str) -> Result<SignerKey> {
+    let path = dir.join("audit.key");
+    let key = if path.exists() {
+        SignerKey::parse(&read_secret(&path)?)
+            .with_context(|| format!("{} is not a signed-note private key", path.display()))?
+    } else {
+        grantline_proto::audit::key::check_origin(origin)?;
+        let key = SignerKey::generate(origin)?;
+        write_secret(&path, key.to_private_string().as_bytes())?;
+        key
+    };
+    write_atomic(
+        &dir.join("audit.vkey"),
+        format!("{}\n", key.verifier()).as_bytes(),
+        0o644,
+    )?;
+    Ok(key)
+}
+
+fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.node_ca.cert_der.clone())?;
+    // Enrollment happens before a node has a certificate, so a handshake
+    // without one is allowed; every request but Enroll then requires one.
+    // A certificate that is presented must chain to the node CA.
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(32u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn =
+        match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await })
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%remote, "handshake timed out");
+                return;
+            }
+        };
+    let peer = PeerNode::from_connection(&conn);
+    tracing::debug!(%remote, node = peer.as_ref().map(|p| p.name.as_str()), "connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared2 = shared.clone();
+                let peer = peer.clone();
+                shared
+                    .requests
+                    .spawn(async move { serve_stream(shared2, peer, send, recv).await });
+            }
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "connection closed");
+                break;
+            }
+        }
+    }
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: Option<PeerNode>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let reply = match tokio::time::timeout(
+        Duration::from_secs(10),
+        recv.read_to_end(frame::MAX_FRAME_LEN + 16),
+    )
+    .await
+    {
+        Err(_) => error(
+            wire::ErrorCode::BadRequest,
+            "request not received within 10 s; send one frame and finish the stream",
+        ),
+        Ok(Err(quinn::ReadToEndError::TooLong)) => error(
+            wire::ErrorCode::BadRequest,
+            format!("request larger than {} bytes", frame::MAX_FRAME_LEN),
+        ),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "stream failed before a request arrived");
+            return;
+        }
+        Ok(Ok(buf)) => match frame::decode::<wire::Request>(&buf) {
+            Ok(req) => handler::handle(&shared, peer.as_ref(), req).await,
+            Err(e) => error(wire::ErrorCode::BadRequest, e.to_string()),
+        },
+    };
+    if send.write_all(&frame::encode(&reply)).await.is_ok() {
+        let _ = send.finish();
+        // Keep the stream alive until the peer has the reply or goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    }
+}
+
+fn error(code: wire::ErrorCode, msg: impl Into<String>) -> wire::Response {
+    wire::Response {
+        body: Some(wire::response::Body::Error(wire::Error::new(code, msg))),
+    }
+}

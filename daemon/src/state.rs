@@ -1,0 +1,271 @@
+//! Mutable broker state in `state.db`: join tokens (stored hashed) and enrolled
+//! nodes. The audit log is separate and append-only; this database is not.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS join_tokens (
+    id          TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    node        TEXT,
+    labels      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_by     TEXT
+) STRICT;
+CREATE TABLE IF NOT EXISTS nodes (
+    name        TEXT PRIMARY KEY,
+    labels      TEXT NOT NULL,
+    serial      TEXT NOT NULL,
+    not_after   INTEGER NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at  INTEGER
+) STRICT;
+"#;
+
+/// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
+/// of the secret is stored.
+pub struct NewToken {
+    pub id: String,
+    pub token: String,
+    pub expires_at: i64,
+}
+
+/// What a redeemed token grants.
+#[derive(Debug, Clone)]
+pub struct Redeemed {
+    pub id: String,
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("join token is malformed; it looks like glt1.<id>.<secret>")]
+    Malformed,
+    #[error("join token {0} is unknown; create one with 'grantline token create'")]
+    Unknown(String),
+    #[error("join token {0} was already used; tokens are single-use, create a new one with 'grantline token create'")]
+    Used(String),
+    #[error("join token {id} expired at {at}; create a new one with 'grantline token create'")]
+    Expired { id: String, at: String },
+    #[error("join token store failed: {0}")]
+    Store(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub serial: String,
+    pub not_after: i64,
+    pub revoked: bool,
+}
+
+pub struct StateDb {
+    conn: Mutex<Connection>,
+}
+
+impl StateDb {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open state database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn create_token(
+        &self,
+        node: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<NewToken> {
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let secret = B64URL.encode(rand::random::<[u8; 32]>());
+        let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        self.conn().execute(
+            "INSERT INTO join_tokens (id, secret_hash, node, labels, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, &Sha256::digest(secret.as_bytes())[..], node, serde_json::to_string(labels)?, now, expires_at],
+        )?;
+        Ok(NewToken {
+            token: format!("glt1.{id}.{secret}"),
+            id,
+            expires_at,
+        })
+    }
+
+    /// Redeems a token once: the first caller wins, every later one gets `Used`.
+    pub fn redeem_token(
+        &self,
+        token: &str,
+        used_by: &str,
+        now: i64,
+    ) -> Result<Redeemed, TokenError> {
+        let mut parts = token.trim().split('.');
+        let (Some("glt1"), Some(id), Some(secret), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenError::Malformed);
+        }
+        let store = |e: rusqlite::Error| TokenError::Store(e.to_string());
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT secret_hash, node, labels, expires_at, used_at FROM join_tokens WHERE id = ?1",
+                [id],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<i64>>(4)?)),
+            )
+            .optional()
+            .map_err(store)?;
+        let Some((hash, node, labels, expires_at, used_at)) = row else {
+            return Err(TokenError::Unknown(id.into()));
+        };
+        if hash != Sha256::digest(secret.as_bytes()).as_slice() {
+            // A wrong secret for a known id is reported as unknown: it tells a
+            // guesser nothing.
+            return Err(TokenError::Unknown(id.into()));
+        }
+        if used_at.is_some() {
+            return Err(TokenError::Used(id.into()));
+        }
+        if expires_at <= now {
+            return Err(TokenError::Expired {
+                id: id.into(),
+                at: rfc3339(expires_at),
+            });
+        }
+        let changed = conn
+            .execute("UPDATE join_tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3 AND used_at IS NULL", params![now, used_by, id])
+            .map_err(store)?;
+        if changed != 1 {
+            return Err(TokenError::Used(id.into()));
+        }
+        let labels = serde_json::from_str(&labels).map_err(|e| TokenError::Store(e.to_string()))?;
+        Ok(Redeemed {
+            id: id.into(),
+            node,
+            labels,
+        })
+    }
+
+    pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO nodes (name, labels, serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial, not_after = excluded.not_after",
+            params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.not_after, now],
+        )?;
+        Ok(())
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, labels, serial, not_after, revoked_at FROM nodes")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, labels, serial, not_after, revoked_at) = row?;
+            out.push(NodeRecord {
+                name,
+                labels: serde_json::from_str(&labels)?,
+                serial,
+                not_after,
+                revoked: revoked_at.is_some(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_single_use_hashed_and_expiring() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("s.db")).unwrap();
+        let labels = BTreeMap::from([("env".to_owned(), "dev".to_owned())]);
+        let t = db
+            .create_token(Some("n1"), &labels, Duration::from_secs(60), 1000)
+            .unwrap();
+        // Only the hash is stored.
+        let secret = t.token.rsplit('.').next().unwrap().to_owned();
+        let stored: Vec<u8> = db
+            .conn()
+            .query_row("SELECT secret_hash FROM join_tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(stored, secret.as_bytes());
+
+        let wrong = format!("glt1.{}.{}", t.id, "A".repeat(43));
+        assert_eq!(
+            db.redeem_token(&wrong, "x", 1001).unwrap_err(),
+            TokenError::Unknown(t.id.clone())
+        );
+        let r = db.redeem_token(&t.token, "n1", 1001).unwrap();
+        assert_eq!((r.node.as_deref(), r.labels), (Some("n1"), labels));
+        assert_eq!(
+            db.redeem_token(&t.token, "n1", 1002).unwrap_err(),
+            TokenError::Used(t.id.clone())
+        );
+
+        let old = db
+            .create_token(None, &BTreeMap::new(), Duration::from_secs(60), 1000)
+            .unwrap();
+        assert!(matches!(
+            db.redeem_token(&old.token, "x", 1060),
+            Err(TokenError::Expired { .. })
+        ));
+        assert_eq!(
+            db.redeem_token("nonsense", "x", 0).unwrap_err(),
+            TokenError::Malformed
+        );
+        assert_eq!(
+            db.redeem_token("glt1.zz.y", "x", 0).unwrap_err(),
+            TokenError::Malformed
+        );
+    }
+}
