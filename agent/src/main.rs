@@ -1,1 +1,282 @@
-fn main() {}
+//! grantline-agent: parse, then call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use grantline_agent::{enroll, get, local, run, DEFAULT_SOCKET};
+use grantline_proto::wire::{self, ErrorCode};
+
+/// The Grantline node agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this node with a broker, using a single-use join token.
+    Enroll {
+        /// Broker address, HOST:PORT.
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        token: String,
+        /// The broker's trust anchor (ca.pem).
+        #[arg(long)]
+        ca_file: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Node name to ask for (the token may pin one); default: host name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Stay connected to the broker and serve the local socket.
+    Run {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Ask the running agent for a credential and write it to --out.
+    #[command(subcommand)]
+    Get(GetCommand),
+    /// Show the running agent's node, connection and identity expiry.
+    Status {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum GetCommand {
+    /// An X.509 certificate: writes cert.pem, key.pem (0600) and ca.pem.
+    X509 {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Lifetime wanted; policy caps it. Default: the role's default.
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// Subject alternative name (DNS name or IP); repeatable. Default: the node name.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// An SSH certificate: writes id_ed25519 (0600), id_ed25519.pub, id_ed25519-cert.pub.
+    Ssh {
+        #[arg(long)]
+        role: String,
+        /// Principal (user name, or host name with --host); repeatable.
+        #[arg(long = "principal", required = true)]
+        principals: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// A host certificate instead of a user certificate.
+        #[arg(long)]
+        host: bool,
+    },
+}
+
+const EX_DATAERR: u8 = 65;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_NOPERM: u8 = 77;
+
+fn exit_for(e: &anyhow::Error) -> ExitCode {
+    let wire_err: Option<&wire::Error> = e
+        .downcast_ref::<get::Refused>()
+        .map(|r| &r.0)
+        .or_else(|| e.downcast_ref::<enroll::Refused>().map(|r| &r.0));
+    let code = match wire_err.map(|w| ErrorCode::try_from(w.code).unwrap_or(ErrorCode::Unspecified))
+    {
+        Some(ErrorCode::BadRequest) => EX_DATAERR,
+        Some(ErrorCode::Unavailable) => EX_UNAVAILABLE,
+        Some(
+            ErrorCode::PermissionDenied
+            | ErrorCode::InvalidToken
+            | ErrorCode::Unauthenticated
+            | ErrorCode::Revoked,
+        ) => EX_NOPERM,
+        Some(_) => EX_SOFTWARE,
+        None => EX_UNAVAILABLE,
+    };
+    eprintln!("grantline-agent: {e:#}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return exit_for(&e.into()),
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Enroll {
+                broker,
+                token,
+                ca_file,
+                state_dir,
+                name,
+            } => {
+                let name = name.unwrap_or_else(hostname);
+                let cfg = enroll::enroll(enroll::EnrollArgs {
+                    broker,
+                    token,
+                    ca_file,
+                    state_dir: state_dir.clone(),
+                    name,
+                })
+                .await?;
+                println!(
+                    "enrolled as node {} with broker {}; state in {}",
+                    cfg.node_name,
+                    cfg.broker,
+                    state_dir.display()
+                );
+                Ok(())
+            }
+            Command::Run { state_dir, socket } => {
+                run::run(run::RunArgs { state_dir, socket }, shutdown_signal()).await
+            }
+            Command::Get(GetCommand::X509 {
+                role,
+                out,
+                socket,
+                ttl,
+                sans,
+            }) => {
+                let gr = get::get_x509(get::GetX509 {
+                    role,
+                    out: out.clone(),
+                    socket,
+                    ttl: ttl.map(Into::into),
+                    sans,
+                })
+                .await?;
+                println!(
+                    "wrote {}/cert.pem, key.pem, ca.pem; valid until {}",
+                    out.display(),
+                    rfc3339(gr.not_after_unix)
+                );
+                Ok(())
+            }
+            Command::Get(GetCommand::Ssh {
+                role,
+                principals,
+                out,
+                socket,
+                ttl,
+                host,
+            }) => {
+                let gr = get::get_ssh(get::GetSsh {
+                    role,
+                    principals,
+                    out: out.clone(),
+                    socket,
+                    ttl: ttl.map(Into::into),
+                    host,
+                })
+                .await?;
+                println!(
+                    "wrote {}/id_ed25519, id_ed25519.pub, id_ed25519-cert.pub; valid until {}",
+                    out.display(),
+                    rfc3339(gr.not_after_unix)
+                );
+                Ok(())
+            }
+            Command::Status { socket } => {
+                let resp = local::request(
+                    &socket,
+                    &wire::LocalRequest {
+                        body: Some(wire::local_request::Body::Status(wire::StatusRequest {})),
+                    },
+                )
+                .await?;
+                match resp.body {
+                    Some(wire::local_response::Body::Status(s)) => {
+                        println!(
+                            "node {} broker {} {} identity valid until {}",
+                            s.node_name,
+                            s.broker,
+                            if s.connected {
+                                "connected"
+                            } else {
+                                "disconnected"
+                            },
+                            rfc3339(s.identity_not_after_unix)
+                        );
+                        Ok(())
+                    }
+                    Some(wire::local_response::Body::Error(e)) => Err(get::Refused(e).into()),
+                    _ => anyhow::bail!("unexpected answer from the agent"),
+                }
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit_for(&e),
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn hostname() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let clean: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .collect();
+    if clean.is_empty() {
+        "node".into()
+    } else {
+        clean
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -5,7 +5,6 @@
 pub mod audit;
 pub mod config;
 pub mod issuer;
-pub mod keyfile;
 pub mod pki;
 pub mod policy;
 pub mod server;

@@ -21,7 +21,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
-use crate::keyfile::{read_secret, write_atomic, write_secret};
+use grantline_proto::files::{read_secret, write_atomic, write_secret};
 
 /// One CA: its certificate and the issuer that signs with its key.
 pub struct Ca {

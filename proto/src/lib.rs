@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod files;
 pub mod frame;
 
 /// Generated wire messages (`proto/grantline/v1/wire.proto`).

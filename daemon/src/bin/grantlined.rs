@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use grantline_daemon::config;
-use grantline_daemon::keyfile::write_secret;
 use grantline_daemon::policy::DEV_POLICY;
 use grantline_daemon::server::{Broker, BrokerOptions};
+use grantline_proto::files::write_secret;
 
 /// The Grantline access broker.
 #[derive(Parser)]

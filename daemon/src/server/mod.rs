@@ -19,10 +19,10 @@ use tokio_util::task::TaskTracker;
 use crate::audit::AuditLog;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
-use crate::keyfile::{read_secret, write_atomic, write_secret};
 use crate::pki::Pki;
 use crate::policy::Policy;
 use crate::state::{NodeRecord, StateDb};
+use grantline_proto::files::{read_secret, write_atomic, write_secret};
 
 pub use identity::PeerNode;
 

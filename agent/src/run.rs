@@ -1,0 +1,380 @@
+//! `grantline-agent run`: one persistent QUIC connection to the broker, kept up
+//! with backoff and full jitter; identity renewal at half-life ± 10 %; and the
+//! local socket that workloads call.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use grantline_proto::audit::{receipt, VerifierKey};
+use grantline_proto::wire::{
+    self, local_request::Body as LocalReq, local_response::Body as LocalResp,
+};
+use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
+use grantline_proto::{frame, wire::ErrorCode};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Notify};
+
+use crate::broker::{call, CallError};
+use crate::enroll::{check_identity, key_and_csr};
+use crate::local::{caller_of, read_frame};
+use crate::renew::{backoff, renew_at};
+use crate::state::{AgentConfig, AgentState, Identity};
+use crate::tls;
+
+pub struct RunArgs {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+struct Agent {
+    state_dir: PathBuf,
+    config: AgentConfig,
+    ca_pem: String,
+    audit_key: VerifierKey,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    identity: RwLock<Identity>,
+    conn: watch::Sender<Option<quinn::Connection>>,
+    renewed: Notify,
+}
+
+/// Prints a progress line on stdout for supervisors and tests, flushed.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let state = AgentState::load(&args.state_dir)?;
+    if state.identity.not_after <= now() {
+        bail!(
+            "the node identity in {} expired; enroll again with a new join token ('grantline-agent enroll')",
+            args.state_dir.display()
+        );
+    }
+    let addr = tls::resolve(&state.config.broker)?;
+    let listener = bind_socket(&args.socket)?;
+    let agent = Arc::new(Agent {
+        state_dir: args.state_dir.clone(),
+        addr,
+        endpoint: tls::endpoint_for(addr)?,
+        config: state.config,
+        ca_pem: state.ca_pem,
+        audit_key: state.audit_key,
+        identity: RwLock::new(state.identity),
+        conn: watch::channel(None).0,
+        renewed: Notify::new(),
+    });
+    announce(&format!(
+        "grantline-agent ready on {}",
+        args.socket.display()
+    ));
+    tracing::info!(node = %agent.config.node_name, broker = %agent.config.broker, "agent running");
+    let result = tokio::select! {
+        () = maintain_connection(agent.clone()) => Ok(()),
+        () = renew_identity_loop(agent.clone()) => Ok(()),
+        r = serve_socket(agent.clone(), listener) => r,
+        () = shutdown => Ok(()),
+    };
+    let _ = std::fs::remove_file(&args.socket);
+    if let Some(c) = agent.conn.borrow().as_ref() {
+        c.close(0u32.into(), b"agent stopping");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), agent.endpoint.wait_idle()).await;
+    result
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        // A socket nobody answers on is left over from an earlier run.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another agent is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Owner and group may call; the broker's policy decides what they get.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+fn jitter_unit() -> f64 {
+    rand::thread_rng().gen::<f64>()
+}
+
+async fn maintain_connection(agent: Arc<Agent>) {
+    let mut attempt = 0u32;
+    loop {
+        match connect(&agent).await {
+            Ok(conn) => {
+                attempt = 0;
+                agent.conn.send_replace(Some(conn.clone()));
+                announce(&format!(
+                    "grantline-agent connected to {}",
+                    agent.config.broker
+                ));
+                tokio::select! {
+                    reason = conn.closed() => {
+                        tracing::warn!(%reason, "connection to the broker lost; reconnecting");
+                        agent.conn.send_replace(None);
+                    }
+                    () = agent.renewed.notified() => {
+                        // Reconnect with the new identity; the old connection
+                        // stays up a little for requests already under way.
+                        tracing::info!("identity renewed; reconnecting with it");
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                            conn.close(0u32.into(), b"identity renewed");
+                        });
+                        continue;
+                    }
+                }
+            }
+            Err(e) => {
+                let expired = agent
+                    .identity
+                    .read()
+                    .map(|i| i.not_after <= now())
+                    .unwrap_or(false);
+                if expired {
+                    tracing::error!(
+                        "the node identity expired; enroll again with a new join token"
+                    );
+                } else {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot connect to the broker");
+                }
+            }
+        }
+        let wait = backoff(
+            attempt,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+            jitter_unit(),
+        );
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn connect(agent: &Agent) -> Result<quinn::Connection> {
+    let identity = agent
+        .identity
+        .read()
+        .map_err(|_| anyhow::anyhow!("identity lock poisoned"))?
+        .clone();
+    let cfg = tls::client_config(&agent.ca_pem, Some(&identity))?;
+    let connecting = agent
+        .endpoint
+        .connect_with(cfg, agent.addr, &agent.config.server_name)?;
+    Ok(tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .context("handshake timed out")??)
+}
+
+/// A live connection, waiting up to `wait` for one.
+async fn connection(agent: &Agent, wait: Duration) -> Option<quinn::Connection> {
+    let mut rx = agent.conn.subscribe();
+    let conn = match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(guard)) => guard.clone(),
+        _ => None,
+    };
+    conn
+}
+
+async fn renew_identity_loop(agent: Arc<Agent>) {
+    loop {
+        let (nb, na) = {
+            let id = agent
+                .identity
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (id.not_before, id.not_after)
+        };
+        let at = renew_at(nb, na, jitter_unit() * 2.0 - 1.0);
+        let wait = u64::try_from(at - now()).unwrap_or(0);
+        tracing::debug!(at, "identity renewal scheduled");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let mut attempt = 0u32;
+        while let Err(e) = renew_once(&agent).await {
+            tracing::warn!(error = %format!("{e:#}"), "identity renewal failed; retrying");
+            tokio::time::sleep(backoff(
+                attempt,
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+                jitter_unit(),
+            ))
+            .await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+}
+
+async fn renew_once(agent: &Agent) -> Result<()> {
+    let conn = connection(agent, Duration::from_secs(30))
+        .await
+        .context("not connected to the broker")?;
+    let (key, csr_der) = key_and_csr(&agent.config.node_name)?;
+    let resp = call(
+        &conn,
+        &wire::Request {
+            body: Some(Req::RenewIdentity(wire::RenewIdentityRequest { csr_der })),
+        },
+    )
+    .await?;
+    let renewed = match resp.body {
+        Some(Resp::RenewIdentity(r)) => r,
+        Some(Resp::Error(e)) => bail!("the broker refused: {e}"),
+        _ => bail!("unexpected reply to identity renewal"),
+    };
+    let id = renewed.identity.context("the broker sent no identity")?;
+    let identity = check_identity(
+        &key,
+        &id.chain_der,
+        renewed.receipt.as_ref(),
+        &agent.audit_key,
+    )?;
+    AgentState::save_identity(&agent.state_dir, &identity)?;
+    let until = identity.not_after;
+    *agent
+        .identity
+        .write()
+        .map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;
+    agent.renewed.notify_one();
+    tracing::info!(not_after = until, "node identity renewed");
+    Ok(())
+}
+
+async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await.context("local socket failed")?;
+        let agent = agent.clone();
+        tokio::spawn(async move { serve_local(agent, stream).await });
+    }
+}
+
+fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {
+    wire::LocalResponse {
+        body: Some(LocalResp::Error(wire::Error::new(code, msg))),
+    }
+}
+
+async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
+    let caller = caller_of(&stream);
+    let resp = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
+        Err(_) => local_error(ErrorCode::BadRequest, "no request within 10 s"),
+        Ok(Err(e)) => local_error(
+            ErrorCode::BadRequest,
+            format!("cannot read the request: {e}"),
+        ),
+        Ok(Ok(buf)) => match frame::decode::<wire::LocalRequest>(&buf) {
+            Err(e) => local_error(ErrorCode::BadRequest, e.to_string()),
+            Ok(req) => handle_local(&agent, req, caller).await,
+        },
+    };
+    let _ = stream.write_all(&frame::encode(&resp)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn handle_local(
+    agent: &Agent,
+    req: wire::LocalRequest,
+    caller: Option<wire::Caller>,
+) -> wire::LocalResponse {
+    match req.body {
+        None => local_error(ErrorCode::BadRequest, "empty request"),
+        Some(LocalReq::Status(_)) => {
+            let not_after = agent.identity.read().map(|i| i.not_after).unwrap_or(0);
+            wire::LocalResponse {
+                body: Some(LocalResp::Status(wire::StatusResponse {
+                    node_name: agent.config.node_name.clone(),
+                    connected: agent.conn.borrow().is_some(),
+                    identity_not_after_unix: not_after,
+                    broker: agent.config.broker.clone(),
+                })),
+            }
+        }
+        Some(LocalReq::Grant(mut g)) => {
+            g.caller = caller;
+            let is_x509 = g.kind == wire::CredentialKind::X509 as i32;
+            if is_x509 && g.sans.is_empty() {
+                g.sans = vec![agent.config.node_name.clone()];
+            }
+            let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
+                return wire::LocalResponse {
+                    body: Some(LocalResp::Error(CallError::NotConnected.to_wire())),
+                };
+            };
+            match call(
+                &conn,
+                &wire::Request {
+                    body: Some(Req::Grant(g)),
+                },
+            )
+            .await
+            {
+                Err(e) => wire::LocalResponse {
+                    body: Some(LocalResp::Error(e.to_wire())),
+                },
+                Ok(wire::Response {
+                    body: Some(Resp::Grant(gr)),
+                }) => match check_grant_receipt(&agent.audit_key, &gr) {
+                    Ok(seq) => {
+                        tracing::info!(seq, kind = gr.kind, "credential granted");
+                        wire::LocalResponse {
+                            body: Some(LocalResp::Grant(gr)),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
+                        local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
+                    }
+                },
+                Ok(wire::Response {
+                    body: Some(Resp::Error(e)),
+                }) => wire::LocalResponse {
+                    body: Some(LocalResp::Error(e)),
+                },
+                Ok(_) => local_error(ErrorCode::Internal, "unexpected reply from the broker"),
+            }
+        }
+    }
+}
+
+/// The SHA-256 fingerprint the broker recorded for a granted credential.
+pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
+    if !gr.ssh_certificate.is_empty() {
+        let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)
+            .context("SSH certificate does not parse")?;
+        return Ok(hex::encode(Sha256::digest(cert.to_bytes()?)));
+    }
+    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes())
+        .next()
+        .context("no certificate in the reply")??;
+    Ok(hex::encode(Sha256::digest(&der)))
+}
+
+fn check_grant_receipt(key: &VerifierKey, gr: &wire::GrantResponse) -> Result<u64> {
+    let fp = credential_fingerprint(gr)?;
+    Ok(receipt::check_grant(gr.receipt.as_ref(), key, &fp)?.seq)
+}

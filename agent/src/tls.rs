@@ -1,0 +1,81 @@
+//! QUIC client configuration: TLS 1.3, the broker's trust anchor, ALPN
+//! `grantline/1`, and the node identity as client certificate once enrolled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use grantline_proto::ALPN;
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::state::Identity;
+
+pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let mut any = false;
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("the CA file is not valid PEM")?)
+            .context("the CA file holds an unusable certificate")?;
+        any = true;
+    }
+    anyhow::ensure!(any, "the CA file holds no certificate");
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(id) => {
+            let key = rcgen::KeyPair::from_pem(&id.key_pem)
+                .context("node.key is not a PEM private key")?;
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            builder
+                .with_client_auth_cert(id.chain.clone(), key)
+                .context("the node identity is not usable")?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(15)))
+        .max_idle_timeout(Some(Duration::from_secs(60).try_into()?))
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// A client endpoint on an ephemeral UDP port of the right address family.
+pub fn endpoint_for(broker: std::net::SocketAddr) -> Result<quinn::Endpoint> {
+    let bind: std::net::SocketAddr = if broker.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    quinn::Endpoint::client(bind).context("cannot open a UDP socket")
+}
+
+/// The name to check the broker's certificate against: the host part of ADDR.
+pub fn server_name(broker: &str) -> String {
+    match broker.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().to_string(),
+        Err(_) => broker
+            .rsplit_once(':')
+            .map_or(broker, |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_owned(),
+    }
+}
+
+/// Resolves ADDR (host:port) to a socket address.
+pub fn resolve(broker: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    broker
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve broker address {broker:?}; use HOST:PORT"))?
+        .next()
+        .with_context(|| format!("broker address {broker:?} resolves to nothing"))
+}
