@@ -24,24 +24,14 @@ impl CallError {
 
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn call(
-    conn: &quinn::Connection,
-    req: &wire::Request,
-) -> Result<wire::Response, CallError> {
+pub async fn call(conn: &quinn::Connection, req: &wire::Request) -> Result<wire::Response, CallError> {
     let io = |e: &dyn std::fmt::Display| CallError::Connection(e.to_string());
     let work = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(&e))?;
-        send.write_all(&frame::encode(req))
-            .await
-            .map_err(|e| io(&e))?;
+        send.write_all(&frame::encode(req)).await.map_err(|e| io(&e))?;
         send.finish().map_err(|e| io(&e))?;
-        let buf = recv
-            .read_to_end(frame::MAX_FRAME_LEN + 16)
-            .await
-            .map_err(|e| io(&e))?;
+        let buf = recv.read_to_end(frame::MAX_FRAME_LEN + 16).await.map_err(|e| io(&e))?;
         frame::decode::<wire::Response>(&buf).map_err(|e| CallError::Malformed(e.to_string()))
     };
-    tokio::time::timeout(CALL_TIMEOUT, work)
-        .await
-        .map_err(|_| CallError::Timeout(CALL_TIMEOUT))?
+    tokio::time::timeout(CALL_TIMEOUT, work).await.map_err(|_| CallError::Timeout(CALL_TIMEOUT))?
 }

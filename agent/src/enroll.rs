@@ -29,9 +29,7 @@ pub struct Refused(pub wire::Error);
 pub fn key_and_csr(name: &str) -> Result<(rcgen::KeyPair, Vec<u8>)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::default();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
     let csr = params.serialize_request(&key)?;
     Ok((key, csr.der().to_vec()))
 }
@@ -44,8 +42,7 @@ pub fn check_identity(
     vkey: &VerifierKey,
 ) -> Result<Identity> {
     let leaf = chain.first().context("the broker sent no certificate")?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .context("the broker's certificate does not parse")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).context("the broker's certificate does not parse")?;
     if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         bail!("the broker certified another key than ours");
     }
@@ -58,8 +55,7 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
         .with_context(|| format!("cannot read the CA file {}", args.ca_file.display()))?;
     let addr = tls::resolve(&args.broker)?;
     let server_name = tls::server_name(&args.broker);
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let (key, csr_der) = key_and_csr(&args.name)?;
     let endpoint = tls::endpoint_for(addr)?;
     let conn = endpoint
@@ -80,15 +76,10 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
         Some(Resp::Error(e)) => return Err(Refused(e).into()),
         _ => bail!("the broker answered enrollment with an unexpected message"),
     };
-    let vkey =
-        VerifierKey::parse(&enrolled.audit_vkey).context("the broker's audit key is malformed")?;
+    let vkey = VerifierKey::parse(&enrolled.audit_vkey).context("the broker's audit key is malformed")?;
     let id = enrolled.identity.context("the broker sent no identity")?;
     let identity = check_identity(&key, &id.chain_der, enrolled.receipt.as_ref(), &vkey)?;
-    let config = AgentConfig {
-        broker: args.broker.clone(),
-        server_name,
-        node_name: id.node_name,
-    };
+    let config = AgentConfig { broker: args.broker.clone(), server_name, node_name: id.node_name };
     AgentState::save_enrollment(&args.state_dir, &config, &ca_pem, &vkey, &identity)?;
     endpoint.wait_idle().await;
     Ok(config)

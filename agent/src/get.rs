@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::files::{write_atomic, write_secret};
-use grantline_proto::wire::{
-    self, local_request::Body as LocalReq, local_response::Body as LocalResp,
-};
+use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 
 use crate::local::request;
 
@@ -38,21 +36,14 @@ pub struct GetSsh {
 fn ttl_seconds(ttl: Option<Duration>) -> Result<u32> {
     match ttl {
         None => Ok(0),
-        Some(d) => u32::try_from(d.as_secs())
-            .ok()
-            .filter(|s| *s > 0)
-            .context("--ttl must be between 1 s and 136 years"),
+        Some(d) => {
+            u32::try_from(d.as_secs()).ok().filter(|s| *s > 0).context("--ttl must be between 1 s and 136 years")
+        }
     }
 }
 
 async fn grant(socket: &Path, g: wire::GrantRequest) -> Result<wire::GrantResponse> {
-    let resp = request(
-        socket,
-        &wire::LocalRequest {
-            body: Some(LocalReq::Grant(g)),
-        },
-    )
-    .await?;
+    let resp = request(socket, &wire::LocalRequest { body: Some(LocalReq::Grant(g)) }).await?;
     match resp.body {
         Some(LocalResp::Grant(gr)) => Ok(gr),
         Some(LocalResp::Error(e)) => Err(Refused(e).into()),
@@ -61,8 +52,7 @@ async fn grant(socket: &Path, g: wire::GrantRequest) -> Result<wire::GrantRespon
 }
 
 fn prepare_out(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
 }
 
 pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
@@ -82,11 +72,8 @@ pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
         },
     )
     .await?;
-    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes())
-        .next()
-        .context("the reply holds no certificate")??;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .context("the issued certificate does not parse")?;
+    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes()).next().context("the reply holds no certificate")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("the issued certificate does not parse")?;
     if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
         bail!("the issued certificate is for another key; refusing it");
     }
@@ -100,11 +87,7 @@ pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
     prepare_out(&args.out)?;
     let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
     let public = key.public_key().to_openssh()?;
-    let kind = if args.host {
-        wire::CredentialKind::SshHost
-    } else {
-        wire::CredentialKind::SshUser
-    };
+    let kind = if args.host { wire::CredentialKind::SshHost } else { wire::CredentialKind::SshUser };
     let gr = grant(
         &args.socket,
         wire::GrantRequest {
@@ -117,24 +100,13 @@ pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
         },
     )
     .await?;
-    let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)
-        .context("the issued SSH certificate does not parse")?;
+    let cert =
+        ssh_key::Certificate::from_openssh(&gr.ssh_certificate).context("the issued SSH certificate does not parse")?;
     if cert.public_key() != key.public_key().key_data() {
         bail!("the issued SSH certificate is for another key; refusing it");
     }
-    write_secret(
-        &args.out.join("id_ed25519"),
-        key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes(),
-    )?;
-    write_atomic(
-        &args.out.join("id_ed25519.pub"),
-        format!("{public}\n").as_bytes(),
-        0o644,
-    )?;
-    write_atomic(
-        &args.out.join("id_ed25519-cert.pub"),
-        format!("{}\n", gr.ssh_certificate).as_bytes(),
-        0o644,
-    )?;
+    write_secret(&args.out.join("id_ed25519"), key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes())?;
+    write_atomic(&args.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
+    write_atomic(&args.out.join("id_ed25519-cert.pub"), format!("{}\n", gr.ssh_certificate).as_bytes(), 0o644)?;
     Ok(gr)
 }

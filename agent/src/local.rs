@@ -21,10 +21,7 @@ pub async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
 /// Sends `req` to the agent at `socket` and returns its answer.
 pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::LocalResponse> {
     let mut s = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the agent at {}; is 'grantline-agent run' running (see --socket)?",
-            socket.display()
-        )
+        format!("cannot reach the agent at {}; is 'grantline-agent run' running (see --socket)?", socket.display())
     })?;
     s.write_all(&frame::encode(req)).await?;
     s.shutdown().await?;
@@ -38,13 +35,6 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
 pub fn caller_of(stream: &UnixStream) -> Option<wire::Caller> {
     let cred = stream.peer_cred().ok()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    Some(wire::Caller {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid,
-        exe,
-    })
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    Some(wire::Caller { uid: cred.uid(), gid: cred.gid(), pid, exe })
 }

@@ -92,19 +92,13 @@ const EX_SOFTWARE: u8 = 70;
 const EX_NOPERM: u8 = 77;
 
 fn exit_for(e: &anyhow::Error) -> ExitCode {
-    let wire_err: Option<&wire::Error> = e
-        .downcast_ref::<get::Refused>()
-        .map(|r| &r.0)
-        .or_else(|| e.downcast_ref::<enroll::Refused>().map(|r| &r.0));
-    let code = match wire_err.map(|w| ErrorCode::try_from(w.code).unwrap_or(ErrorCode::Unspecified))
-    {
+    let wire_err: Option<&wire::Error> =
+        e.downcast_ref::<get::Refused>().map(|r| &r.0).or_else(|| e.downcast_ref::<enroll::Refused>().map(|r| &r.0));
+    let code = match wire_err.map(|w| ErrorCode::try_from(w.code).unwrap_or(ErrorCode::Unspecified)) {
         Some(ErrorCode::BadRequest) => EX_DATAERR,
         Some(ErrorCode::Unavailable) => EX_UNAVAILABLE,
         Some(
-            ErrorCode::PermissionDenied
-            | ErrorCode::InvalidToken
-            | ErrorCode::Unauthenticated
-            | ErrorCode::Revoked,
+            ErrorCode::PermissionDenied | ErrorCode::InvalidToken | ErrorCode::Unauthenticated | ErrorCode::Revoked,
         ) => EX_NOPERM,
         Some(_) => EX_SOFTWARE,
         None => EX_UNAVAILABLE,
@@ -116,39 +110,22 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
 fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => return exit_for(&e.into()),
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Enroll {
-                broker,
-                token,
-                ca_file,
-                state_dir,
-                name,
-            } => {
+            Command::Enroll { broker, token, ca_file, state_dir, name } => {
                 let name = name.unwrap_or_else(hostname);
-                let cfg = enroll::enroll(enroll::EnrollArgs {
-                    broker,
-                    token,
-                    ca_file,
-                    state_dir: state_dir.clone(),
-                    name,
-                })
-                .await?;
+                let cfg =
+                    enroll::enroll(enroll::EnrollArgs { broker, token, ca_file, state_dir: state_dir.clone(), name })
+                        .await?;
                 println!(
                     "enrolled as node {} with broker {}; state in {}",
                     cfg.node_name,
@@ -157,24 +134,10 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Run { state_dir, socket } => {
-                run::run(run::RunArgs { state_dir, socket }, shutdown_signal()).await
-            }
-            Command::Get(GetCommand::X509 {
-                role,
-                out,
-                socket,
-                ttl,
-                sans,
-            }) => {
-                let gr = get::get_x509(get::GetX509 {
-                    role,
-                    out: out.clone(),
-                    socket,
-                    ttl: ttl.map(Into::into),
-                    sans,
-                })
-                .await?;
+            Command::Run { state_dir, socket } => run::run(run::RunArgs { state_dir, socket }, shutdown_signal()).await,
+            Command::Get(GetCommand::X509 { role, out, socket, ttl, sans }) => {
+                let gr = get::get_x509(get::GetX509 { role, out: out.clone(), socket, ttl: ttl.map(Into::into), sans })
+                    .await?;
                 println!(
                     "wrote {}/cert.pem, key.pem, ca.pem; valid until {}",
                     out.display(),
@@ -182,14 +145,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Get(GetCommand::Ssh {
-                role,
-                principals,
-                out,
-                socket,
-                ttl,
-                host,
-            }) => {
+            Command::Get(GetCommand::Ssh { role, principals, out, socket, ttl, host }) => {
                 let gr = get::get_ssh(get::GetSsh {
                     role,
                     principals,
@@ -209,9 +165,7 @@ fn main() -> ExitCode {
             Command::Status { socket } => {
                 let resp = local::request(
                     &socket,
-                    &wire::LocalRequest {
-                        body: Some(wire::local_request::Body::Status(wire::StatusRequest {})),
-                    },
+                    &wire::LocalRequest { body: Some(wire::local_request::Body::Status(wire::StatusRequest {})) },
                 )
                 .await?;
                 match resp.body {
@@ -220,11 +174,7 @@ fn main() -> ExitCode {
                             "node {} broker {} {} identity valid until {}",
                             s.node_name,
                             s.broker,
-                            if s.connected {
-                                "connected"
-                            } else {
-                                "disconnected"
-                            },
+                            if s.connected { "connected" } else { "disconnected" },
                             rfc3339(s.identity_not_after_unix)
                         );
                         Ok(())
@@ -244,22 +194,13 @@ fn main() -> ExitCode {
 fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| unix.to_string())
 }
 
 fn hostname() -> String {
-    let raw = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let clean: String = raw
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        .collect();
+    let raw = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let clean: String = raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')).collect();
     if clean.is_empty() {
         "node".into()
     } else {
@@ -269,10 +210,7 @@ fn hostname() -> String {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {

@@ -15,9 +15,7 @@ pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
 /// base * 2^attempt)]. `unit` is uniform in [0, 1). Agents that lost the broker
 /// at the same moment spread their reconnects over the whole window.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-        .min(cap);
+    let ceiling = base.saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX)).min(cap);
     ceiling.mul_f64(unit.clamp(0.0, 1.0))
 }
 

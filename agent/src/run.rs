@@ -10,9 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::{receipt, VerifierKey};
-use grantline_proto::wire::{
-    self, local_request::Body as LocalReq, local_response::Body as LocalResp,
-};
+use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
 use grantline_proto::{frame, wire::ErrorCode};
 use rand::Rng;
@@ -54,10 +52,7 @@ fn announce(line: &str) {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -81,10 +76,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         conn: watch::channel(None).0,
         renewed: Notify::new(),
     });
-    announce(&format!(
-        "grantline-agent ready on {}",
-        args.socket.display()
-    ));
+    announce(&format!("grantline-agent ready on {}", args.socket.display()));
     tracing::info!(node = %agent.config.node_name, broker = %agent.config.broker, "agent running");
     let result = tokio::select! {
         () = maintain_connection(agent.clone()) => Ok(()),
@@ -109,11 +101,9 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("another agent is already serving {}", path.display());
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     // Owner and group may call; the broker's policy decides what they get.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
@@ -130,10 +120,7 @@ async fn maintain_connection(agent: Arc<Agent>) {
             Ok(conn) => {
                 attempt = 0;
                 agent.conn.send_replace(Some(conn.clone()));
-                announce(&format!(
-                    "grantline-agent connected to {}",
-                    agent.config.broker
-                ));
+                announce(&format!("grantline-agent connected to {}", agent.config.broker));
                 tokio::select! {
                     reason = conn.closed() => {
                         tracing::warn!(%reason, "connection to the broker lost; reconnecting");
@@ -152,44 +139,25 @@ async fn maintain_connection(agent: Arc<Agent>) {
                 }
             }
             Err(e) => {
-                let expired = agent
-                    .identity
-                    .read()
-                    .map(|i| i.not_after <= now())
-                    .unwrap_or(false);
+                let expired = agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false);
                 if expired {
-                    tracing::error!(
-                        "the node identity expired; enroll again with a new join token"
-                    );
+                    tracing::error!("the node identity expired; enroll again with a new join token");
                 } else {
                     tracing::warn!(error = %format!("{e:#}"), "cannot connect to the broker");
                 }
             }
         }
-        let wait = backoff(
-            attempt,
-            Duration::from_millis(200),
-            Duration::from_secs(30),
-            jitter_unit(),
-        );
+        let wait = backoff(attempt, Duration::from_millis(200), Duration::from_secs(30), jitter_unit());
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(wait).await;
     }
 }
 
 async fn connect(agent: &Agent) -> Result<quinn::Connection> {
-    let identity = agent
-        .identity
-        .read()
-        .map_err(|_| anyhow::anyhow!("identity lock poisoned"))?
-        .clone();
+    let identity = agent.identity.read().map_err(|_| anyhow::anyhow!("identity lock poisoned"))?.clone();
     let cfg = tls::client_config(&agent.ca_pem, Some(&identity))?;
-    let connecting = agent
-        .endpoint
-        .connect_with(cfg, agent.addr, &agent.config.server_name)?;
-    Ok(tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
-        .context("handshake timed out")??)
+    let connecting = agent.endpoint.connect_with(cfg, agent.addr, &agent.config.server_name)?;
+    Ok(tokio::time::timeout(Duration::from_secs(10), connecting).await.context("handshake timed out")??)
 }
 
 /// A live connection, waiting up to `wait` for one.
@@ -205,10 +173,7 @@ async fn connection(agent: &Agent, wait: Duration) -> Option<quinn::Connection> 
 async fn renew_identity_loop(agent: Arc<Agent>) {
     loop {
         let (nb, na) = {
-            let id = agent
-                .identity
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let id = agent.identity.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             (id.not_before, id.not_after)
         };
         let at = renew_at(nb, na, jitter_unit() * 2.0 - 1.0);
@@ -218,48 +183,27 @@ async fn renew_identity_loop(agent: Arc<Agent>) {
         let mut attempt = 0u32;
         while let Err(e) = renew_once(&agent).await {
             tracing::warn!(error = %format!("{e:#}"), "identity renewal failed; retrying");
-            tokio::time::sleep(backoff(
-                attempt,
-                Duration::from_secs(1),
-                Duration::from_secs(60),
-                jitter_unit(),
-            ))
-            .await;
+            tokio::time::sleep(backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), jitter_unit())).await;
             attempt = attempt.saturating_add(1);
         }
     }
 }
 
 async fn renew_once(agent: &Agent) -> Result<()> {
-    let conn = connection(agent, Duration::from_secs(30))
-        .await
-        .context("not connected to the broker")?;
+    let conn = connection(agent, Duration::from_secs(30)).await.context("not connected to the broker")?;
     let (key, csr_der) = key_and_csr(&agent.config.node_name)?;
-    let resp = call(
-        &conn,
-        &wire::Request {
-            body: Some(Req::RenewIdentity(wire::RenewIdentityRequest { csr_der })),
-        },
-    )
-    .await?;
+    let resp =
+        call(&conn, &wire::Request { body: Some(Req::RenewIdentity(wire::RenewIdentityRequest { csr_der })) }).await?;
     let renewed = match resp.body {
         Some(Resp::RenewIdentity(r)) => r,
         Some(Resp::Error(e)) => bail!("the broker refused: {e}"),
         _ => bail!("unexpected reply to identity renewal"),
     };
     let id = renewed.identity.context("the broker sent no identity")?;
-    let identity = check_identity(
-        &key,
-        &id.chain_der,
-        renewed.receipt.as_ref(),
-        &agent.audit_key,
-    )?;
+    let identity = check_identity(&key, &id.chain_der, renewed.receipt.as_ref(), &agent.audit_key)?;
     AgentState::save_identity(&agent.state_dir, &identity)?;
     let until = identity.not_after;
-    *agent
-        .identity
-        .write()
-        .map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;
+    *agent.identity.write().map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;
     agent.renewed.notify_one();
     tracing::info!(not_after = until, "node identity renewed");
     Ok(())
@@ -274,19 +218,14 @@ async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
 }
 
 fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {
-    wire::LocalResponse {
-        body: Some(LocalResp::Error(wire::Error::new(code, msg))),
-    }
+    wire::LocalResponse { body: Some(LocalResp::Error(wire::Error::new(code, msg))) }
 }
 
 async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
     let caller = caller_of(&stream);
     let resp = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
         Err(_) => local_error(ErrorCode::BadRequest, "no request within 10 s"),
-        Ok(Err(e)) => local_error(
-            ErrorCode::BadRequest,
-            format!("cannot read the request: {e}"),
-        ),
+        Ok(Err(e)) => local_error(ErrorCode::BadRequest, format!("cannot read the request: {e}")),
         Ok(Ok(buf)) => match frame::decode::<wire::LocalRequest>(&buf) {
             Err(e) => local_error(ErrorCode::BadRequest, e.to_string()),
             Ok(req) => handle_local(&agent, req, caller).await,
@@ -296,11 +235,7 @@ async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
     let _ = stream.shutdown().await;
 }
 
-async fn handle_local(
-    agent: &Agent,
-    req: wire::LocalRequest,
-    caller: Option<wire::Caller>,
-) -> wire::LocalResponse {
+async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wire::Caller>) -> wire::LocalResponse {
     match req.body {
         None => local_error(ErrorCode::BadRequest, "empty request"),
         Some(LocalReq::Status(_)) => {
@@ -321,40 +256,25 @@ async fn handle_local(
                 g.sans = vec![agent.config.node_name.clone()];
             }
             let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
-                return wire::LocalResponse {
-                    body: Some(LocalResp::Error(CallError::NotConnected.to_wire())),
-                };
+                return wire::LocalResponse { body: Some(LocalResp::Error(CallError::NotConnected.to_wire())) };
             };
-            match call(
-                &conn,
-                &wire::Request {
-                    body: Some(Req::Grant(g)),
-                },
-            )
-            .await
-            {
-                Err(e) => wire::LocalResponse {
-                    body: Some(LocalResp::Error(e.to_wire())),
-                },
-                Ok(wire::Response {
-                    body: Some(Resp::Grant(gr)),
-                }) => match check_grant_receipt(&agent.audit_key, &gr) {
-                    Ok(seq) => {
-                        tracing::info!(seq, kind = gr.kind, "credential granted");
-                        wire::LocalResponse {
-                            body: Some(LocalResp::Grant(gr)),
+            match call(&conn, &wire::Request { body: Some(Req::Grant(g)) }).await {
+                Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
+                Ok(wire::Response { body: Some(Resp::Grant(gr)) }) => {
+                    match check_grant_receipt(&agent.audit_key, &gr) {
+                        Ok(seq) => {
+                            tracing::info!(seq, kind = gr.kind, "credential granted");
+                            wire::LocalResponse { body: Some(LocalResp::Grant(gr)) }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
+                            local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
-                        local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
-                    }
-                },
-                Ok(wire::Response {
-                    body: Some(Resp::Error(e)),
-                }) => wire::LocalResponse {
-                    body: Some(LocalResp::Error(e)),
-                },
+                }
+                Ok(wire::Response { body: Some(Resp::Error(e)) }) => {
+                    wire::LocalResponse { body: Some(LocalResp::Error(e)) }
+                }
                 Ok(_) => local_error(ErrorCode::Internal, "unexpected reply from the broker"),
             }
         }
@@ -364,13 +284,10 @@ async fn handle_local(
 /// The SHA-256 fingerprint the broker recorded for a granted credential.
 pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
     if !gr.ssh_certificate.is_empty() {
-        let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)
-            .context("SSH certificate does not parse")?;
+        let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate).context("SSH certificate does not parse")?;
         return Ok(hex::encode(Sha256::digest(cert.to_bytes()?)));
     }
-    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes())
-        .next()
-        .context("no certificate in the reply")??;
+    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes()).next().context("no certificate in the reply")??;
     Ok(hex::encode(Sha256::digest(&der)))
 }
 

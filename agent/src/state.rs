@@ -42,13 +42,10 @@ pub struct Identity {
 
 impl Identity {
     pub fn from_parts(key_pem: String, chain_der: &[Vec<u8>]) -> Result<Self> {
-        let chain: Vec<CertificateDer<'static>> = chain_der
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect();
+        let chain: Vec<CertificateDer<'static>> = chain_der.iter().map(|c| CertificateDer::from(c.clone())).collect();
         let first = chain.first().context("the identity has no certificate")?;
-        let (_, cert) = x509_parser::parse_x509_certificate(first)
-            .context("the identity certificate does not parse")?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(first).context("the identity certificate does not parse")?;
         Ok(Self {
             key_pem,
             not_before: cert.validity().not_before.timestamp(),
@@ -77,44 +74,29 @@ pub fn pem_cert(der: &[u8]) -> String {
 impl AgentState {
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("agent.json");
-        let config: AgentConfig =
-            serde_json::from_slice(&std::fs::read(&cfg_path).with_context(|| {
-                format!(
-                    "cannot read {}; enroll first with 'grantline-agent enroll'",
-                    cfg_path.display()
-                )
-            })?)
-            .with_context(|| format!("{} is not valid", cfg_path.display()))?;
-        let ca_pem = std::fs::read_to_string(dir.join("ca.pem"))
-            .context("cannot read ca.pem in the state directory")?;
-        let vkey = std::fs::read_to_string(dir.join("audit.vkey"))
-            .context("cannot read audit.vkey in the state directory")?;
+        let config: AgentConfig = serde_json::from_slice(&std::fs::read(&cfg_path).with_context(|| {
+            format!("cannot read {}; enroll first with 'grantline-agent enroll'", cfg_path.display())
+        })?)
+        .with_context(|| format!("{} is not valid", cfg_path.display()))?;
+        let ca_pem =
+            std::fs::read_to_string(dir.join("ca.pem")).context("cannot read ca.pem in the state directory")?;
+        let vkey =
+            std::fs::read_to_string(dir.join("audit.vkey")).context("cannot read audit.vkey in the state directory")?;
         let audit_key = VerifierKey::parse(&vkey).context("audit.vkey is not a verifier key")?;
         let key_pem = read_secret(&dir.join("node.key"))?;
-        let chain_pem =
-            std::fs::read_to_string(dir.join("node.pem")).context("cannot read node.pem")?;
+        let chain_pem = std::fs::read_to_string(dir.join("node.pem")).context("cannot read node.pem")?;
         let chain: Vec<Vec<u8>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
             .map(|c| c.map(|c| c.to_vec()))
             .collect::<Result<_, _>>()
             .context("node.pem is not PEM")?;
         let identity = Identity::from_parts(key_pem, &chain)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            config,
-            ca_pem,
-            audit_key,
-            identity,
-        })
+        Ok(Self { dir: dir.to_owned(), config, ca_pem, audit_key, identity })
     }
 
     /// Writes a (new) identity: key first, then certificate, each atomically.
     pub fn save_identity(dir: &Path, identity: &Identity) -> Result<()> {
         write_secret(&dir.join("node.key"), identity.key_pem.as_bytes())?;
-        write_atomic(
-            &dir.join("node.pem"),
-            identity.chain_pem().as_bytes(),
-            0o644,
-        )?;
+        write_atomic(&dir.join("node.pem"), identity.chain_pem().as_bytes(), 0o644)?;
         Ok(())
     }
 
@@ -127,16 +109,8 @@ impl AgentState {
     ) -> Result<()> {
         Self::save_identity(dir, identity)?;
         write_atomic(&dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
-        write_atomic(
-            &dir.join("audit.vkey"),
-            format!("{vkey}\n").as_bytes(),
-            0o644,
-        )?;
-        write_atomic(
-            &dir.join("agent.json"),
-            serde_json::to_vec_pretty(config)?.as_slice(),
-            0o644,
-        )?;
+        write_atomic(&dir.join("audit.vkey"), format!("{vkey}\n").as_bytes(), 0o644)?;
+        write_atomic(&dir.join("agent.json"), serde_json::to_vec_pretty(config)?.as_slice(), 0o644)?;
         Ok(())
     }
 }

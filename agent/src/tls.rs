@@ -27,12 +27,9 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
         .with_root_certificates(roots);
     let mut tls = match identity {
         Some(id) => {
-            let key = rcgen::KeyPair::from_pem(&id.key_pem)
-                .context("node.key is not a PEM private key")?;
+            let key = rcgen::KeyPair::from_pem(&id.key_pem).context("node.key is not a PEM private key")?;
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            builder
-                .with_client_auth_cert(id.chain.clone(), key)
-                .context("the node identity is not usable")?
+            builder.with_client_auth_cert(id.chain.clone(), key).context("the node identity is not usable")?
         }
         None => builder.with_no_client_auth(),
     };
@@ -50,11 +47,7 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
 
 /// A client endpoint on an ephemeral UDP port of the right address family.
 pub fn endpoint_for(broker: std::net::SocketAddr) -> Result<quinn::Endpoint> {
-    let bind: std::net::SocketAddr = if broker.is_ipv6() {
-        "[::]:0".parse()?
-    } else {
-        "0.0.0.0:0".parse()?
-    };
+    let bind: std::net::SocketAddr = if broker.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
     quinn::Endpoint::client(bind).context("cannot open a UDP socket")
 }
 
@@ -62,11 +55,7 @@ pub fn endpoint_for(broker: std::net::SocketAddr) -> Result<quinn::Endpoint> {
 pub fn server_name(broker: &str) -> String {
     match broker.parse::<std::net::SocketAddr>() {
         Ok(a) => a.ip().to_string(),
-        Err(_) => broker
-            .rsplit_once(':')
-            .map_or(broker, |(h, _)| h)
-            .trim_matches(['[', ']'])
-            .to_owned(),
+        Err(_) => broker.rsplit_once(':').map_or(broker, |(h, _)| h).trim_matches(['[', ']']).to_owned(),
     }
 }
 

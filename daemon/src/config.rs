@@ -34,10 +34,9 @@ pub struct ConfigFile {
 }
 
 pub fn load(path: &Path) -> Result<BrokerOptions> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let file: ConfigFile = toml::from_str(&text)
-        .with_context(|| format!("config file {} is invalid", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
     options(file).with_context(|| format!("config file {} is invalid", path.display()))
 }
 
@@ -49,15 +48,12 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
             .with_context(|| format!("node_identity_ttl {s:?} is not a duration like \"24h\""))?,
         None => Duration::from_secs(24 * 3600),
     };
-    if identity_ttl < Duration::from_secs(120) || identity_ttl > Duration::from_secs(30 * 24 * 3600)
-    {
+    if identity_ttl < Duration::from_secs(120) || identity_ttl > Duration::from_secs(30 * 24 * 3600) {
         bail!("node_identity_ttl must be between 2 minutes and 30 days");
     }
     let origin = file.origin.unwrap_or_else(|| format!("grantline/{host}"));
     grantline_proto::audit::key::check_origin(&origin).context("origin")?;
-    let server_names = file
-        .server_names
-        .unwrap_or_else(|| default_server_names(&host));
+    let server_names = file.server_names.unwrap_or_else(|| default_server_names(&host));
     for n in &server_names {
         crate::pki::parse_san(n).map_err(|e| anyhow::anyhow!("server_names: {e}"))?;
     }
@@ -85,16 +81,11 @@ pub fn dev_options(state_dir: &Path, listen: &str) -> Result<BrokerOptions> {
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr> {
-    s.parse()
-        .with_context(|| format!("listen address {s:?} is not IP:PORT, e.g. 127.0.0.1:7443"))
+    s.parse().with_context(|| format!("listen address {s:?} is not IP:PORT, e.g. 127.0.0.1:7443"))
 }
 
 fn default_server_names(host: &str) -> Vec<String> {
-    let mut names = vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ];
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     if crate::pki::parse_san(host).is_ok() && host != "localhost" {
         names.push(host.to_owned());
     }
@@ -103,14 +94,8 @@ fn default_server_names(host: &str) -> Vec<String> {
 
 /// The host name, reduced to characters that are safe in an origin.
 pub fn hostname() -> String {
-    let raw = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let clean: String = raw
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-        .collect();
+    let raw = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let clean: String = raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).collect();
     if clean.is_empty() {
         "localhost".into()
     } else {

@@ -15,8 +15,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
@@ -47,18 +47,10 @@ impl Pki {
     pub fn load_or_create(dir: &Path, server_names: &[String]) -> Result<Self> {
         let root = load_or_create_ca(dir, "ca", "Grantline root CA", None)?;
         let node_ca = load_or_create_ca(dir, "node-ca", "Grantline node identity CA", Some(&root))?;
-        let x509_ca =
-            load_or_create_ca(dir, "x509-ca", "Grantline workload X.509 CA", Some(&root))?;
+        let x509_ca = load_or_create_ca(dir, "x509-ca", "Grantline workload X.509 CA", Some(&root))?;
         let ssh_ca = load_or_create_ssh_ca(dir)?;
         let (server_chain, server_key) = issue_server_cert(&root, server_names)?;
-        Ok(Self {
-            root,
-            node_ca,
-            x509_ca,
-            ssh_ca,
-            server_chain,
-            server_key,
-        })
+        Ok(Self { root, node_ca, x509_ca, ssh_ca, server_chain, server_key })
     }
 
     /// PEM chain above a workload leaf: the X.509 CA, then the root.
@@ -70,17 +62,12 @@ impl Pki {
 fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Grantline");
+    p.distinguished_name.push(DnType::OrganizationName, "Grantline");
     p.is_ca = IsCa::Ca(match path_len {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
     });
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = OffsetDateTime::now_utc();
     p.not_before = now - Duration::minutes(5);
     p.not_after = now + Duration::days(365 * CA_YEARS);
@@ -94,19 +81,15 @@ fn load_or_create_ca(dir: &Path, stem: &str, cn: &str, parent: Option<&Ca>) -> R
     let key_path = dir.join(format!("{stem}.key"));
     if cert_path.exists() || key_path.exists() {
         let key_pem = read_secret(&key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
-        let cert_pem = std::fs::read_to_string(&cert_path)
-            .with_context(|| format!("cannot read {}", cert_path.display()))?;
-        let cert_der = first_cert_der(&cert_pem)
-            .with_context(|| format!("{} holds no certificate", cert_path.display()))?;
+        let key =
+            KeyPair::from_pem(&key_pem).with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
+        let cert_der =
+            first_cert_der(&cert_pem).with_context(|| format!("{} holds no certificate", cert_path.display()))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .with_context(|| format!("{} is not a usable CA certificate", cert_path.display()))?;
-        return Ok(Ca {
-            cert_pem,
-            cert_der,
-            issuer,
-        });
+        return Ok(Ca { cert_pem, cert_der, issuer });
     }
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let params = ca_params(cn, parent.map(|_| 0));
@@ -117,11 +100,7 @@ fn load_or_create_ca(dir: &Path, stem: &str, cn: &str, parent: Option<&Ca>) -> R
     write_secret(&key_path, key.serialize_pem().as_bytes())?;
     write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
     let cert_der = cert.der().clone();
-    Ok(Ca {
-        cert_pem: cert.pem(),
-        cert_der,
-        issuer: Issuer::new(params, key),
-    })
+    Ok(Ca { cert_pem: cert.pem(), cert_der, issuer: Issuer::new(params, key) })
 }
 
 fn load_or_create_ssh_ca(dir: &Path) -> Result<ssh_key::PrivateKey> {
@@ -134,18 +113,11 @@ fn load_or_create_ssh_ca(dir: &Path) -> Result<ssh_key::PrivateKey> {
     let mut key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
     key.set_comment("grantline-ssh-ca");
     write_secret(&path, key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes())?;
-    write_atomic(
-        &dir.join("ssh-ca.pub"),
-        format!("{}\n", key.public_key().to_openssh()?).as_bytes(),
-        0o644,
-    )?;
+    write_atomic(&dir.join("ssh-ca.pub"), format!("{}\n", key.public_key().to_openssh()?).as_bytes(), 0o644)?;
     Ok(key)
 }
 
-fn issue_server_cert(
-    root: &Ca,
-    names: &[String],
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn issue_server_cert(root: &Ca, names: &[String]) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(names.to_vec()).context("invalid server name")?;
     p.distinguished_name.push(DnType::CommonName, "grantlined");
@@ -189,13 +161,9 @@ pub fn parse_san(name: &str) -> Result<SanType, String> {
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if !valid {
-        return Err(format!(
-            "{name:?} is not a DNS name or IP address (wildcards are not issued)"
-        ));
+        return Err(format!("{name:?} is not a DNS name or IP address (wildcards are not issued)"));
     }
-    rcgen::string::Ia5String::try_from(name)
-        .map(SanType::DnsName)
-        .map_err(|e| format!("{name:?}: {e}"))
+    rcgen::string::Ia5String::try_from(name).map(SanType::DnsName).map_err(|e| format!("{name:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -217,10 +185,7 @@ mod tests {
     #[test]
     fn san_parsing() {
         assert!(matches!(parse_san("10.0.0.1"), Ok(SanType::IpAddress(_))));
-        assert!(matches!(
-            parse_san("a.example.com"),
-            Ok(SanType::DnsName(_))
-        ));
+        assert!(matches!(parse_san("a.example.com"), Ok(SanType::DnsName(_))));
         for bad in ["", "*.example.com", "a..b", "-a.b", "a b", "é.com"] {
             assert!(parse_san(bad).is_err(), "{bad:?}");
         }

@@ -78,21 +78,16 @@ pub struct StateDb {
 
 impl StateDb {
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open state database {}", path.display()))?;
+        let conn = Connection::open(path).with_context(|| format!("cannot open state database {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(Self { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn create_token(
@@ -109,23 +104,13 @@ impl StateDb {
             "INSERT INTO join_tokens (id, secret_hash, node, labels, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![id, &Sha256::digest(secret.as_bytes())[..], node, serde_json::to_string(labels)?, now, expires_at],
         )?;
-        Ok(NewToken {
-            token: format!("glt1.{id}.{secret}"),
-            id,
-            expires_at,
-        })
+        Ok(NewToken { token: format!("glt1.{id}.{secret}"), id, expires_at })
     }
 
     /// Redeems a token once: the first caller wins, every later one gets `Used`.
-    pub fn redeem_token(
-        &self,
-        token: &str,
-        used_by: &str,
-        now: i64,
-    ) -> Result<Redeemed, TokenError> {
+    pub fn redeem_token(&self, token: &str, used_by: &str, now: i64) -> Result<Redeemed, TokenError> {
         let mut parts = token.trim().split('.');
-        let (Some("glt1"), Some(id), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some("glt1"), Some(id), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed);
         };
@@ -138,7 +123,15 @@ impl StateDb {
             .query_row(
                 "SELECT secret_hash, node, labels, expires_at, used_at FROM join_tokens WHERE id = ?1",
                 [id],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?, r.get::<_, Option<i64>>(4)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                    ))
+                },
             )
             .optional()
             .map_err(store)?;
@@ -154,23 +147,19 @@ impl StateDb {
             return Err(TokenError::Used(id.into()));
         }
         if expires_at <= now {
-            return Err(TokenError::Expired {
-                id: id.into(),
-                at: rfc3339(expires_at),
-            });
+            return Err(TokenError::Expired { id: id.into(), at: rfc3339(expires_at) });
         }
         let changed = conn
-            .execute("UPDATE join_tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3 AND used_at IS NULL", params![now, used_by, id])
+            .execute(
+                "UPDATE join_tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3 AND used_at IS NULL",
+                params![now, used_by, id],
+            )
             .map_err(store)?;
         if changed != 1 {
             return Err(TokenError::Used(id.into()));
         }
         let labels = serde_json::from_str(&labels).map_err(|e| TokenError::Store(e.to_string()))?;
-        Ok(Redeemed {
-            id: id.into(),
-            node,
-            labels,
-        })
+        Ok(Redeemed { id: id.into(), node, labels })
     }
 
     pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<()> {
@@ -184,8 +173,7 @@ impl StateDb {
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT name, labels, serial, not_after, revoked_at FROM nodes")?;
+        let mut stmt = conn.prepare("SELECT name, labels, serial, not_after, revoked_at FROM nodes")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -213,10 +201,7 @@ impl StateDb {
 pub fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| unix.to_string())
 }
 
@@ -229,43 +214,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(&dir.path().join("s.db")).unwrap();
         let labels = BTreeMap::from([("env".to_owned(), "dev".to_owned())]);
-        let t = db
-            .create_token(Some("n1"), &labels, Duration::from_secs(60), 1000)
-            .unwrap();
+        let t = db.create_token(Some("n1"), &labels, Duration::from_secs(60), 1000).unwrap();
         // Only the hash is stored.
         let secret = t.token.rsplit('.').next().unwrap().to_owned();
-        let stored: Vec<u8> = db
-            .conn()
-            .query_row("SELECT secret_hash FROM join_tokens", [], |r| r.get(0))
-            .unwrap();
+        let stored: Vec<u8> = db.conn().query_row("SELECT secret_hash FROM join_tokens", [], |r| r.get(0)).unwrap();
         assert_ne!(stored, secret.as_bytes());
 
         let wrong = format!("glt1.{}.{}", t.id, "A".repeat(43));
-        assert_eq!(
-            db.redeem_token(&wrong, "x", 1001).unwrap_err(),
-            TokenError::Unknown(t.id.clone())
-        );
+        assert_eq!(db.redeem_token(&wrong, "x", 1001).unwrap_err(), TokenError::Unknown(t.id.clone()));
         let r = db.redeem_token(&t.token, "n1", 1001).unwrap();
         assert_eq!((r.node.as_deref(), r.labels), (Some("n1"), labels));
-        assert_eq!(
-            db.redeem_token(&t.token, "n1", 1002).unwrap_err(),
-            TokenError::Used(t.id.clone())
-        );
+        assert_eq!(db.redeem_token(&t.token, "n1", 1002).unwrap_err(), TokenError::Used(t.id.clone()));
 
-        let old = db
-            .create_token(None, &BTreeMap::new(), Duration::from_secs(60), 1000)
-            .unwrap();
-        assert!(matches!(
-            db.redeem_token(&old.token, "x", 1060),
-            Err(TokenError::Expired { .. })
-        ));
-        assert_eq!(
-            db.redeem_token("nonsense", "x", 0).unwrap_err(),
-            TokenError::Malformed
-        );
-        assert_eq!(
-            db.redeem_token("glt1.zz.y", "x", 0).unwrap_err(),
-            TokenError::Malformed
-        );
+        let old = db.create_token(None, &BTreeMap::new(), Duration::from_secs(60), 1000).unwrap();
+        assert!(matches!(db.redeem_token(&old.token, "x", 1060), Err(TokenError::Expired { .. })));
+        assert_eq!(db.redeem_token("nonsense", "x", 0).unwrap_err(), TokenError::Malformed);
+        assert_eq!(db.redeem_token("glt1.zz.y", "x", 0).unwrap_err(), TokenError::Malformed);
     }
 }

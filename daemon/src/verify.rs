@@ -14,18 +14,14 @@ pub fn verify_db(db: &Path, key: &VerifierKey, progress: bool) -> Result<Result<
     if !db.exists() {
         anyhow::bail!("audit database {} does not exist", db.display());
     }
-    let store = AuditStore::open_read_only(db)
-        .with_context(|| format!("cannot open audit database {}", db.display()))?;
-    let total = store
-        .count()
-        .with_context(|| format!("{} is not a Grantline audit database", db.display()))?;
+    let store =
+        AuditStore::open_read_only(db).with_context(|| format!("cannot open audit database {}", db.display()))?;
+    let total = store.count().with_context(|| format!("{} is not a Grantline audit database", db.display()))?;
     let bar = if progress && total >= 10_000 {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "verifying {bar:40} {pos}/{len} entries ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("verifying {bar:40} {pos}/{len} entries ({per_sec}, eta {eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(bar)
     } else {

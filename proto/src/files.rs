@@ -35,12 +35,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.write_all(contents)?;
     f.sync_all()?;
-    fs::rename(&tmp, path).map_err(|e| {
-        context(
-            e,
-            format!("cannot rename {} to {}", tmp.display(), path.display()),
-        )
-    })?;
+    fs::rename(&tmp, path).map_err(|e| context(e, format!("cannot rename {} to {}", tmp.display(), path.display())))?;
     // Make the rename itself durable.
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
@@ -75,10 +70,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k");
         write_secret(&p, b"s3cret").unwrap();
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_secret(&p).unwrap(), "s3cret");
         write_secret(&p, b"new").unwrap();
         assert_eq!(read_secret(&p).unwrap(), "new");

@@ -36,24 +36,16 @@ pub fn decode<M: Message + Default>(buf: &[u8]) -> Result<M, FrameError> {
         return Err(FrameError::TooLarge { len: buf.len() });
     }
     let mut rest = buf;
-    let declared = prost::encoding::decode_varint(&mut rest)
-        .map_err(|e| FrameError::BadLength(e.to_string()))?;
-    let declared =
-        usize::try_from(declared).map_err(|_| FrameError::TooLarge { len: usize::MAX })?;
+    let declared = prost::encoding::decode_varint(&mut rest).map_err(|e| FrameError::BadLength(e.to_string()))?;
+    let declared = usize::try_from(declared).map_err(|_| FrameError::TooLarge { len: usize::MAX })?;
     if declared > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge { len: declared });
     }
     if declared != rest.len() {
-        return Err(FrameError::LengthMismatch {
-            declared,
-            actual: rest.len(),
-        });
+        return Err(FrameError::LengthMismatch { declared, actual: rest.len() });
     }
     M::decode(rest).map_err(|e| FrameError::Decode {
-        what: std::any::type_name::<M>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("protobuf"),
+        what: std::any::type_name::<M>().rsplit("::").next().unwrap_or("protobuf"),
         reason: e.to_string(),
     })
 }
@@ -84,27 +76,15 @@ mod tests {
     #[test]
     fn rejects_truncated_trailing_and_garbage() {
         let bytes = encode(&sample());
-        assert!(matches!(
-            decode::<wire::Request>(&bytes[..bytes.len() - 1]),
-            Err(FrameError::LengthMismatch { .. })
-        ));
+        assert!(matches!(decode::<wire::Request>(&bytes[..bytes.len() - 1]), Err(FrameError::LengthMismatch { .. })));
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(
-            decode::<wire::Request>(&longer),
-            Err(FrameError::LengthMismatch { .. })
-        ));
+        assert!(matches!(decode::<wire::Request>(&longer), Err(FrameError::LengthMismatch { .. })));
         assert_eq!(decode::<wire::Request>(&[]), Err(FrameError::Empty));
-        assert!(matches!(
-            decode::<wire::Request>(&[0xff; 11]),
-            Err(FrameError::BadLength(_))
-        ));
+        assert!(matches!(decode::<wire::Request>(&[0xff; 11]), Err(FrameError::BadLength(_))));
         // A well-framed body that is not a protobuf message.
         let junk = [4u8, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(
-            decode::<wire::Request>(&junk),
-            Err(FrameError::Decode { .. })
-        ));
+        assert!(matches!(decode::<wire::Request>(&junk), Err(FrameError::Decode { .. })));
     }
 
     #[test]
@@ -112,10 +92,7 @@ mod tests {
         let mut buf = Vec::new();
         prost::encoding::encode_varint((MAX_FRAME_LEN + 1) as u64, &mut buf);
         buf.extend_from_slice(&[0; 16]);
-        assert!(matches!(
-            decode::<wire::Request>(&buf),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(decode::<wire::Request>(&buf), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]

@@ -22,20 +22,13 @@ impl wire::Error {
     /// Builds an error reply.
     pub fn new(code: wire::ErrorCode, message: impl Into<String>) -> Self {
         let retryable = matches!(code, wire::ErrorCode::Unavailable);
-        Self {
-            code: code as i32,
-            message: message.into(),
-            retryable,
-            retry_after_ms: if retryable { 1000 } else { 0 },
-        }
+        Self { code: code as i32, message: message.into(), retryable, retry_after_ms: if retryable { 1000 } else { 0 } }
     }
 }
 
 impl std::fmt::Display for wire::Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let code = wire::ErrorCode::try_from(self.code)
-            .map(|c| c.as_str_name())
-            .unwrap_or("UNKNOWN");
+        let code = wire::ErrorCode::try_from(self.code).map(|c| c.as_str_name()).unwrap_or("UNKNOWN");
         write!(f, "{code}: {}", self.message)?;
         if self.retryable {
             write!(f, " (retryable, after {} ms)", self.retry_after_ms)?;

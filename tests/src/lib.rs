@@ -1,1 +1,261 @@
+//! Harness for end-to-end tests: real `grantlined`, `grantline-agent` and
+//! `grantline` processes from the release build, on loopback ports of their
+//! own, stopped on drop. Readiness is read from the processes' stdout lines,
+//! never guessed with sleeps.
+#![allow(clippy::unwrap_used)]
 
+pub mod raw;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use grantline_proto::audit::{Entry, Event};
+
+/// How long a process may take to print a readiness line.
+pub const READY: Duration = Duration::from_secs(30);
+
+/// A binary of the release build (or of `GRANTLINE_BIN_DIR`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("GRANTLINE_BIN_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"), PathBuf::from);
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found; build the binaries first: cargo build --release --bins (or set GRANTLINE_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// A child process whose stdout lines arrive on a channel.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, name }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = std::time::Instant::now() + READY;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(e) => {
+                    panic!("{} did not print {prefix:?} ({e:?}); exit status {:?}", self.name, self.child.try_wait())
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A dev broker in a temporary state directory.
+pub struct Broker {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (proc, addr) = Self::spawn(dir.path(), "127.0.0.1:0");
+        Self { proc, dir, addr }
+    }
+
+    fn spawn(dir: &Path, listen: &str) -> (Proc, String) {
+        let mut proc = Proc::spawn(
+            "grantlined",
+            Command::new(bin("grantlined")).args(["dev", "--state-dir"]).arg(dir).args(["--listen", listen]),
+        );
+        let addr = proc.wait_line("grantlined ready on");
+        (proc, addr)
+    }
+
+    /// Kills the broker with SIGKILL and starts it again on the same port.
+    pub fn kill9_and_restart(&mut self) {
+        self.proc.kill9();
+        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr);
+        assert_eq!(addr, self.addr);
+        self.proc = proc;
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The join token `grantlined dev` wrote.
+    pub fn join_token(&self) -> String {
+        std::fs::read_to_string(self.path("join-token")).unwrap().trim().to_owned()
+    }
+
+    /// A fresh token from `grantline token create`.
+    pub fn new_token(&self, extra: &[&str]) -> String {
+        let out = grantline(&["token", "create", "--state-dir", self.dir.path().to_str().unwrap()], extra);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `grantline audit verify --json` on this broker's log.
+    pub fn verify(&self) -> (bool, serde_json::Value) {
+        verify_db(&self.path("audit.db"), &self.path("audit.vkey"))
+    }
+
+    /// Every event in the audit log, in order.
+    pub fn events(&self) -> Vec<Event> {
+        events(&self.path("audit.db"))
+    }
+}
+
+pub fn grantline(args: &[&str], extra: &[&str]) -> Output {
+    Command::new(bin("grantline")).args(args).args(extra).output().unwrap()
+}
+
+pub fn verify_db(db: &Path, key: &Path) -> (bool, serde_json::Value) {
+    let out = Command::new(bin("grantline"))
+        .args(["audit", "verify", "--json", "--db"])
+        .arg(db)
+        .arg("--key-file")
+        .arg(key)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(out.status.success(), json["ok"] == true, "exit status and verdict disagree: {json}");
+    (out.status.success(), json)
+}
+
+pub fn events(db: &Path) -> Vec<Event> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut stmt = conn.prepare("SELECT entry FROM entries ORDER BY seq").unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+    rows.map(|r| Entry::decode(&r.unwrap()).unwrap().event().unwrap()).collect()
+}
+
+/// An agent with its own state directory and socket.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Enrolls with `token` (exit status and output returned for checks).
+    pub fn enroll_with(broker: &Broker, token: &str, name: &str) -> (Self, Output) {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(bin("grantline-agent"))
+            .args(["enroll", "--broker", &broker.addr, "--token", token, "--ca-file"])
+            .arg(broker.path("ca.pem"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["--name", name])
+            .output()
+            .unwrap();
+        (Self { dir, proc: None }, out)
+    }
+
+    /// Enrolls with a fresh token and starts `run`, waiting until connected.
+    pub fn start(broker: &Broker, name: &str) -> Self {
+        let token = broker.new_token(&[]);
+        let (mut agent, out) = Self::enroll_with(broker, &token, name);
+        assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        agent.run();
+        agent
+    }
+
+    pub fn run(&mut self) {
+        let mut proc = Proc::spawn(
+            "grantline-agent",
+            Command::new(bin("grantline-agent"))
+                .args(["run", "--state-dir"])
+                .arg(self.dir.path())
+                .arg("--socket")
+                .arg(self.socket()),
+        );
+        proc.wait_line("grantline-agent ready on");
+        proc.wait_line("grantline-agent connected to");
+        self.proc = Some(proc);
+    }
+
+    /// Waits until the agent reports a (re)connection.
+    pub fn wait_connected(&mut self) {
+        self.proc.as_mut().unwrap().wait_line("grantline-agent connected to");
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// Runs `grantline-agent get KIND ... --socket ours`.
+    pub fn get(&self, args: &[&str]) -> Output {
+        Command::new(bin("grantline-agent")).arg("get").args(args).arg("--socket").arg(self.socket()).output().unwrap()
+    }
+}
+
+/// SHA-256 of the first certificate in a PEM file, hex: the fingerprint the
+/// broker records for an X.509 grant.
+pub fn pem_fingerprint(path: &Path) -> String {
+    use sha2::Digest;
+    let pem = std::fs::read(path).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
+    hex::encode(sha2::Sha256::digest(&der))
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -44,10 +44,8 @@ impl AuditStore {
 
     /// Opens an audit database read-only, for verification.
     pub fn open_read_only(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Self { conn })
     }
@@ -55,21 +53,13 @@ impl AuditStore {
     /// The last entry, if any.
     pub fn last(&self) -> rusqlite::Result<Option<StoredEntry>> {
         self.conn
-            .query_row(
-                "SELECT seq, entry, hash, signature FROM entries ORDER BY seq DESC LIMIT 1",
-                [],
-                row_to_entry,
-            )
+            .query_row("SELECT seq, entry, hash, signature FROM entries ORDER BY seq DESC LIMIT 1", [], row_to_entry)
             .optional()
     }
 
     pub fn first(&self) -> rusqlite::Result<Option<StoredEntry>> {
         self.conn
-            .query_row(
-                "SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC LIMIT 1",
-                [],
-                row_to_entry,
-            )
+            .query_row("SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC LIMIT 1", [], row_to_entry)
             .optional()
     }
 
@@ -83,9 +73,8 @@ impl AuditStore {
     pub fn append(&mut self, batch: &[NewEntry]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO entries (seq, hash, entry, signature) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut stmt =
+                tx.prepare_cached("INSERT INTO entries (seq, hash, entry, signature) VALUES (?1, ?2, ?3, ?4)")?;
             for e in batch {
                 stmt.execute(params![
                     i64::try_from(e.seq).unwrap_or(i64::MAX),
@@ -99,14 +88,8 @@ impl AuditStore {
     }
 
     /// Calls `f` for every entry in seq order, stopping at its first error.
-    pub fn for_each<E>(
-        &self,
-        mut f: impl FnMut(StoredEntry) -> Result<(), E>,
-    ) -> Result<rusqlite::Result<()>, E> {
-        let mut stmt = match self
-            .conn
-            .prepare("SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC")
-        {
+    pub fn for_each<E>(&self, mut f: impl FnMut(StoredEntry) -> Result<(), E>) -> Result<rusqlite::Result<()>, E> {
+        let mut stmt = match self.conn.prepare("SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC") {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
@@ -125,12 +108,7 @@ impl AuditStore {
 }
 
 fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
-    Ok(StoredEntry {
-        seq: r.get(0)?,
-        entry: r.get(1)?,
-        hash: r.get(2)?,
-        signature: r.get(3)?,
-    })
+    Ok(StoredEntry { seq: r.get(0)?, entry: r.get(1)?, hash: r.get(2)?, signature: r.get(3)? })
 }
 
 #[cfg(test)]
@@ -141,40 +119,16 @@ mod tests {
     fn rows_cannot_be_updated_or_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = AuditStore::open(&dir.path().join("a.db")).unwrap();
-        s.append(&[NewEntry {
-            seq: 0,
-            hash: [1; 32],
-            entry: b"e".to_vec(),
-            signature: [2; 64],
-        }])
-        .unwrap();
-        let upd = s
-            .conn
-            .execute("UPDATE entries SET entry = x'00'", [])
-            .unwrap_err()
-            .to_string();
+        s.append(&[NewEntry { seq: 0, hash: [1; 32], entry: b"e".to_vec(), signature: [2; 64] }]).unwrap();
+        let upd = s.conn.execute("UPDATE entries SET entry = x'00'", []).unwrap_err().to_string();
         assert!(upd.contains("append-only"), "{upd}");
-        let del = s
-            .conn
-            .execute("DELETE FROM entries", [])
-            .unwrap_err()
-            .to_string();
+        let del = s.conn.execute("DELETE FROM entries", []).unwrap_err().to_string();
         assert!(del.contains("append-only"), "{del}");
         assert_eq!(s.count().unwrap(), 1);
         // A duplicate seq is refused and leaves nothing half-written.
         let dup = [
-            NewEntry {
-                seq: 1,
-                hash: [1; 32],
-                entry: b"f".to_vec(),
-                signature: [2; 64],
-            },
-            NewEntry {
-                seq: 0,
-                hash: [1; 32],
-                entry: b"g".to_vec(),
-                signature: [2; 64],
-            },
+            NewEntry { seq: 1, hash: [1; 32], entry: b"f".to_vec(), signature: [2; 64] },
+            NewEntry { seq: 0, hash: [1; 32], entry: b"g".to_vec(), signature: [2; 64] },
         ];
         assert!(s.append(&dup).is_err());
         assert_eq!(s.count().unwrap(), 1);

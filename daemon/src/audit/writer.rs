@@ -46,18 +46,12 @@ impl AuditLog {
     /// Opens the log at `path` and starts the writer thread. A new log gets its
     /// genesis entry, naming `key`, before this returns.
     pub fn start(path: &Path, key: SignerKey, software: &str) -> Result<(Self, JoinHandle<()>)> {
-        let mut store = AuditStore::open(path)
-            .with_context(|| format!("cannot open audit log {}", path.display()))?;
+        let mut store = AuditStore::open(path).with_context(|| format!("cannot open audit log {}", path.display()))?;
         let mut state = ChainState::resume(&store, &key)?;
         if state.next_seq == 0 {
-            let genesis = Event::Genesis {
-                vkey: key.verifier().to_string(),
-                software: software.to_owned(),
-            };
+            let genesis = Event::Genesis { vkey: key.verifier().to_string(), software: software.to_owned() };
             let entry = state.seal(&key, &genesis);
-            store
-                .append(std::slice::from_ref(&entry))
-                .context("cannot write the audit log's genesis entry")?;
+            store.append(std::slice::from_ref(&entry)).context("cannot write the audit log's genesis entry")?;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         let handle = std::thread::Builder::new()
@@ -70,10 +64,7 @@ impl AuditLog {
     /// Appends `event`; returns its signed receipt once the entry is durable.
     pub async fn append(&self, event: Event) -> Result<wire::Receipt, AuditError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Append { event, reply })
-            .await
-            .map_err(|_| AuditError::Stopped)?;
+        self.tx.send(Append { event, reply }).await.map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)?
     }
 }
@@ -90,16 +81,10 @@ impl ChainState {
     fn resume(store: &AuditStore, key: &SignerKey) -> Result<Self> {
         let origin = key.verifier().name().to_owned();
         let Some(last) = store.last()? else {
-            return Ok(Self {
-                origin,
-                next_seq: 0,
-                prev: ZERO_HASH,
-                last_time: 0,
-            });
+            return Ok(Self { origin, next_seq: 0, prev: ZERO_HASH, last_time: 0 });
         };
         if let Some(first) = store.first()? {
-            let entry =
-                Entry::decode(&first.entry).context("the audit log's first entry is malformed")?;
+            let entry = Entry::decode(&first.entry).context("the audit log's first entry is malformed")?;
             match entry.event() {
                 Ok(Event::Genesis { vkey, .. }) if vkey == key.verifier().to_string() => {}
                 Ok(Event::Genesis { vkey, .. }) => bail!(
@@ -113,14 +98,11 @@ impl ChainState {
             .context("the audit log's last entry is malformed; run 'grantline audit verify'")?;
         let seq = u64::try_from(last.seq).unwrap_or(0);
         if entry.seq != seq || entry.origin != origin {
-            bail!("the audit log's last entry (seq {seq}) does not belong to log {origin}; run 'grantline audit verify'");
+            bail!(
+                "the audit log's last entry (seq {seq}) does not belong to log {origin}; run 'grantline audit verify'"
+            );
         }
-        Ok(Self {
-            origin,
-            next_seq: seq + 1,
-            prev: leaf_hash(&last.entry),
-            last_time: entry.time_ms,
-        })
+        Ok(Self { origin, next_seq: seq + 1, prev: leaf_hash(&last.entry), last_time: entry.time_ms })
     }
 
     /// Encodes and signs the next entry and moves the chain past it; the
@@ -138,21 +120,11 @@ impl ChainState {
         self.prev = hash;
         self.next_seq += 1;
         self.last_time = time;
-        NewEntry {
-            seq: self.next_seq - 1,
-            hash,
-            entry,
-            signature,
-        }
+        NewEntry { seq: self.next_seq - 1, hash, entry, signature }
     }
 }
 
-fn run(
-    mut store: AuditStore,
-    key: SignerKey,
-    mut state: ChainState,
-    mut rx: mpsc::Receiver<Append>,
-) {
+fn run(mut store: AuditStore, key: SignerKey, mut state: ChainState, mut rx: mpsc::Receiver<Append>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -167,10 +139,7 @@ fn run(
         match store.append(&entries) {
             Ok(()) => {
                 for (a, e) in batch.drain(..).zip(entries) {
-                    let _ = a.reply.send(Ok(wire::Receipt {
-                        entry: e.entry,
-                        signature: e.signature.to_vec(),
-                    }));
+                    let _ = a.reply.send(Ok(wire::Receipt { entry: e.entry, signature: e.signature.to_vec() }));
                 }
             }
             Err(err) => {

@@ -72,22 +72,16 @@ const EX_SOFTWARE: u8 = 70;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Token(TokenCommand::Create {
-            state_dir,
-            config: cfg,
-            node,
-            labels,
-            ttl,
-        }) => match create_token(state_dir, &cfg, node, &labels, ttl.into()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("grantline: {e:#}");
-                ExitCode::from(EX_SOFTWARE)
+        Command::Token(TokenCommand::Create { state_dir, config: cfg, node, labels, ttl }) => {
+            match create_token(state_dir, &cfg, node, &labels, ttl.into()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("grantline: {e:#}");
+                    ExitCode::from(EX_SOFTWARE)
+                }
             }
-        },
-        Command::Audit(AuditCommand::Verify { db, key_file, json }) => {
-            audit_verify(&db, &key_file, json)
         }
+        Command::Audit(AuditCommand::Verify { db, key_file, json }) => audit_verify(&db, &key_file, json),
     }
 }
 
@@ -104,39 +98,26 @@ fn create_token(
     };
     let mut map = BTreeMap::new();
     for l in labels {
-        let Some((k, v)) = l.split_once('=') else {
-            bail!("label {l:?} is not KEY=VALUE")
-        };
+        let Some((k, v)) = l.split_once('=') else { bail!("label {l:?} is not KEY=VALUE") };
         map.insert(k.to_owned(), v.to_owned());
     }
     let db = dir.join("state.db");
     if !db.exists() {
-        bail!(
-            "{} does not exist; start the broker once so it creates its state",
-            db.display()
-        );
+        bail!("{} does not exist; start the broker once so it creates its state", db.display());
     }
     let state = StateDb::open(&db)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let t = state
-        .create_token(node.as_deref(), &map, ttl, now)
-        .context("cannot store the token")?;
+    let t = state.create_token(node.as_deref(), &map, ttl, now).context("cannot store the token")?;
     println!("{}", t.token);
-    eprintln!(
-        "token {} expires at {}; it can be used once",
-        t.id,
-        rfc3339(t.expires_at)
-    );
+    eprintln!("token {} expires at {}; it can be used once", t.id, rfc3339(t.expires_at));
     Ok(())
 }
 
 fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) -> ExitCode {
     let key = match std::fs::read_to_string(key_file)
         .with_context(|| format!("cannot read key file {}", key_file.display()))
-        .and_then(|s| {
-            VerifierKey::parse(&s)
-                .with_context(|| format!("{} is not a verifier key", key_file.display()))
-        }) {
+        .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", key_file.display())))
+    {
         Ok(k) => k,
         Err(e) => return report_error(json, EX_NOINPUT, &e),
     };
@@ -149,19 +130,13 @@ fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) ->
                     serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
                 );
             } else {
-                println!(
-                    "OK: {} entries in log {}, head {}",
-                    s.entries, s.origin, s.head
-                );
+                println!("OK: {} entries in log {}, head {}", s.entries, s.origin, s.head);
             }
             ExitCode::SUCCESS
         }
         Ok(Err(f)) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "seq": f.seq, "reason": f.reason})
-                );
+                println!("{}", serde_json::json!({"ok": false, "seq": f.seq, "reason": f.reason}));
             } else {
                 println!("FAILED at seq {}: {}", f.seq, f.reason);
             }
@@ -172,10 +147,7 @@ fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) ->
 
 fn report_error(json: bool, code: u8, e: &anyhow::Error) -> ExitCode {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"ok": false, "error": format!("{e:#}")})
-        );
+        println!("{}", serde_json::json!({"ok": false, "error": format!("{e:#}")}));
     } else {
         eprintln!("grantline: {e:#}");
     }

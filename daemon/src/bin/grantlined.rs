@@ -40,11 +40,9 @@ const EX_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let (opts, dev) = match &cli.command {
@@ -57,10 +55,7 @@ fn main() -> ExitCode {
             Err(e) => return fail(EX_CONFIG, &e),
         },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(EX_UNAVAILABLE, &e.into()),
     };
@@ -85,8 +80,7 @@ fn prepare_dev(state_dir: &std::path::Path, listen: &str) -> Result<BrokerOption
     std::fs::create_dir_all(state_dir.join("anchor"))?;
     let policy = state_dir.join("policy.toml");
     if !policy.exists() {
-        std::fs::write(&policy, DEV_POLICY)
-            .with_context(|| format!("cannot write {}", policy.display()))?;
+        std::fs::write(&policy, DEV_POLICY).with_context(|| format!("cannot write {}", policy.display()))?;
     }
     config::dev_options(state_dir, listen)
 }
@@ -111,10 +105,7 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
         return std::future::pending().await;
     };

@@ -24,35 +24,20 @@ impl EmbeddedIssuer {
         Self { pki }
     }
 
-    fn x509(
-        &self,
-        sans: &[String],
-        csr: &super::CheckedCsr,
-        ttl: Duration,
-    ) -> Result<Issued, IssueError> {
+    fn x509(&self, sans: &[String], csr: &super::CheckedCsr, ttl: Duration) -> Result<Issued, IssueError> {
         let now = SystemTime::now();
         let mut p = CertificateParams::default();
-        p.subject_alt_names = sans
-            .iter()
-            .map(|s| parse_san(s))
-            .collect::<Result<_, _>>()
-            .map_err(IssueError::BadRequest)?;
+        p.subject_alt_names =
+            sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>().map_err(IssueError::BadRequest)?;
         if let Some(first) = sans.first() {
-            p.distinguished_name
-                .push(DnType::CommonName, first.as_str());
+            p.distinguished_name.push(DnType::CommonName, first.as_str());
         }
         p.not_before = (now - BACKDATE).into();
         p.not_after = (now + ttl).into();
         let serial = random_serial();
         p.serial_number = Some(serial.clone());
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let cert = p
             .signed_by(&csr.public_key, &self.pki.x509_ca.issuer)
@@ -80,8 +65,7 @@ impl EmbeddedIssuer {
         let now = SystemTime::now();
         let valid_after = unix(now - BACKDATE);
         let valid_before = unix(now + ttl);
-        let bad =
-            |e: ssh_key::Error| IssueError::BadRequest(format!("cannot certify this SSH key: {e}"));
+        let bad = |e: ssh_key::Error| IssueError::BadRequest(format!("cannot certify this SSH key: {e}"));
         let mut b = ssh_key::certificate::Builder::new_with_random_nonce(
             &mut rand_core::OsRng,
             key.key_data().clone(),
@@ -91,29 +75,18 @@ impl EmbeddedIssuer {
         .map_err(bad)?;
         let serial: u64 = rand::random();
         b.serial(serial).map_err(bad)?;
-        b.key_id(format!("grantline:{node}:{role}:{serial}"))
+        b.key_id(format!("grantline:{node}:{role}:{serial}")).map_err(bad)?;
+        b.cert_type(if host { ssh_key::certificate::CertType::Host } else { ssh_key::certificate::CertType::User })
             .map_err(bad)?;
-        b.cert_type(if host {
-            ssh_key::certificate::CertType::Host
-        } else {
-            ssh_key::certificate::CertType::User
-        })
-        .map_err(bad)?;
         for p in principals {
             b.valid_principal(p.as_str()).map_err(bad)?;
         }
         if !host {
             b.extension("permit-pty", "").map_err(bad)?;
         }
-        let cert = b
-            .sign(&self.pki.ssh_ca)
-            .map_err(|e| IssueError::Internal(format!("SSH signing failed: {e}")))?;
-        let blob = cert
-            .to_bytes()
-            .map_err(|e| IssueError::Internal(e.to_string()))?;
-        let line = cert
-            .to_openssh()
-            .map_err(|e| IssueError::Internal(e.to_string()))?;
+        let cert = b.sign(&self.pki.ssh_ca).map_err(|e| IssueError::Internal(format!("SSH signing failed: {e}")))?;
+        let blob = cert.to_bytes().map_err(|e| IssueError::Internal(e.to_string()))?;
+        let line = cert.to_openssh().map_err(|e| IssueError::Internal(e.to_string()))?;
         Ok(Issued {
             serial: serial.to_string(),
             fingerprint: hex::encode(Sha256::digest(&blob)),
@@ -131,21 +104,14 @@ impl Issuer for EmbeddedIssuer {
         Box::pin(async move {
             match order {
                 Order::X509 { csr, sans, ttl, .. } => self.x509(sans, csr, *ttl),
-                Order::Ssh {
-                    node,
-                    role,
-                    public_key,
-                    principals,
-                    ttl,
-                    host,
-                } => self.ssh(node, role, public_key, principals, *ttl, *host),
+                Order::Ssh { node, role, public_key, principals, ttl, host } => {
+                    self.ssh(node, role, public_key, principals, *ttl, *host)
+                }
             }
         })
     }
 }
 
 pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
 }

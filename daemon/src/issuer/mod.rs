@@ -84,11 +84,7 @@ pub fn check_csr(der: &[u8]) -> Result<CheckedCsr, String> {
             _ => None,
         })
         .collect();
-    Ok(CheckedCsr {
-        der: der.to_vec(),
-        public_key: parsed.public_key,
-        sans,
-    })
+    Ok(CheckedCsr { der: der.to_vec(), public_key: parsed.public_key, sans })
 }
 
 #[cfg(test)]

@@ -123,21 +123,15 @@ pub const MAX_POLICY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Policy {
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile =
-            toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
+        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
         let mut rules = Vec::with_capacity(file.rules.len());
         for r in file.rules {
-            let bad = |problem: String| PolicyError::Rule {
-                rule: r.name.clone(),
-                problem,
-            };
+            let bad = |problem: String| PolicyError::Rule { rule: r.name.clone(), problem };
             if r.name.is_empty() {
                 return Err(bad("rule name is empty".into()));
             }
             if r.allow.is_empty() {
-                return Err(bad(
-                    "has no [[rule.allow]] entries, so it allows nothing".into()
-                ));
+                return Err(bad("has no [[rule.allow]] entries, so it allows nothing".into()));
             }
             let mut allow = Vec::with_capacity(r.allow.len());
             for a in &r.allow {
@@ -145,17 +139,11 @@ impl Policy {
                     .kinds
                     .iter()
                     .map(|k| {
-                        Kind::parse(k).ok_or_else(|| {
-                            bad(format!(
-                                "unknown kind {k:?}; use x509, ssh-user or ssh-host"
-                            ))
-                        })
+                        Kind::parse(k).ok_or_else(|| bad(format!("unknown kind {k:?}; use x509, ssh-user or ssh-host")))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 if kinds.is_empty() || a.roles.is_empty() {
-                    return Err(bad(
-                        "an allow entry needs at least one kind and one role".into()
-                    ));
+                    return Err(bad("an allow entry needs at least one kind and one role".into()));
                 }
                 let max_ttl = parse_ttl(&a.max_ttl).map_err(|e| bad(format!("max_ttl: {e}")))?;
                 let default_ttl = match &a.default_ttl {
@@ -172,11 +160,7 @@ impl Policy {
                 if kinds.contains(&Kind::X509) && a.sans.is_empty() {
                     return Err(bad("allows x509 but lists no sans patterns".into()));
                 }
-                if kinds
-                    .iter()
-                    .any(|k| matches!(k, Kind::SshUser | Kind::SshHost))
-                    && a.principals.is_empty()
-                {
+                if kinds.iter().any(|k| matches!(k, Kind::SshUser | Kind::SshHost)) && a.principals.is_empty() {
                     return Err(bad("allows ssh but lists no principals patterns".into()));
                 }
                 allow.push(Allow {
@@ -188,17 +172,8 @@ impl Policy {
                     principals: a.principals.clone(),
                 });
             }
-            let nodes = if r.nodes.is_empty() {
-                vec!["*".to_owned()]
-            } else {
-                r.nodes.clone()
-            };
-            rules.push(Rule {
-                name: r.name,
-                nodes,
-                labels: r.labels,
-                allow,
-            });
+            let nodes = if r.nodes.is_empty() { vec!["*".to_owned()] } else { r.nodes.clone() };
+            rules.push(Rule { name: r.name, nodes, labels: r.labels, allow });
         }
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(Self { rules, hash })
@@ -210,15 +185,12 @@ impl Policy {
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like \"10m\": {e}"))?;
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like \"10m\": {e}"))?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
     }
     if d > MAX_POLICY_TTL {
-        return Err(format!(
-            "{s} is longer than the 7-day limit on any credential"
-        ));
+        return Err(format!("{s} is longer than the 7-day limit on any credential"));
     }
     Ok(d)
 }

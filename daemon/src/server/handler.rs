@@ -20,17 +20,12 @@ pub(crate) fn now_unix() -> i64 {
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Reply {
-    Reply {
-        body: Some(Resp::Error(wire::Error::new(code, msg))),
-    }
+    Reply { body: Some(Resp::Error(wire::Error::new(code, msg))) }
 }
 
 pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::Request) -> Reply {
     match req.body {
-        None => err(
-            ErrorCode::BadRequest,
-            "empty request: set one of enroll, renew_identity, grant",
-        ),
+        None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant"),
         Some(Req::Enroll(r)) => enroll(shared, r).await,
         Some(Req::RenewIdentity(r)) => match authenticate(shared, peer) {
             Ok(node) => renew_identity(shared, &node, r).await,
@@ -55,29 +50,14 @@ fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, R
     if peer.not_after <= now_unix() {
         return Err(err(
             ErrorCode::Unauthenticated,
-            format!(
-                "node identity of {} expired; reconnect with a renewed identity or enroll again",
-                peer.name
-            ),
+            format!("node identity of {} expired; reconnect with a renewed identity or enroll again", peer.name),
         ));
     }
-    let nodes = shared
-        .nodes
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     match nodes.get(&peer.name) {
-        Some(n) if n.revoked => Err(err(
-            ErrorCode::Revoked,
-            format!("node {} has been revoked", peer.name),
-        )),
-        Some(n) => Ok(NodeAttrs {
-            name: n.name.clone(),
-            labels: n.labels.clone(),
-        }),
-        None => Err(err(
-            ErrorCode::Unauthenticated,
-            format!("node {} is not enrolled with this broker", peer.name),
-        )),
+        Some(n) if n.revoked => Err(err(ErrorCode::Revoked, format!("node {} has been revoked", peer.name))),
+        Some(n) => Ok(NodeAttrs { name: n.name.clone(), labels: n.labels.clone() }),
+        None => Err(err(ErrorCode::Unauthenticated, format!("node {} is not enrolled with this broker", peer.name))),
     }
 }
 
@@ -106,51 +86,23 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         reason,
         caller: None,
     };
-    let redeemed = match shared
-        .state
-        .redeem_token(&r.token, &r.node_name, now_unix())
-    {
+    let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix()) {
         Ok(t) => t,
         Err(e) => {
             audit_denial(shared, deny(e.to_string(), &r.node_name)).await;
-            let code = if matches!(e, TokenError::Store(_)) {
-                ErrorCode::Unavailable
-            } else {
-                ErrorCode::InvalidToken
-            };
+            let code = if matches!(e, TokenError::Store(_)) { ErrorCode::Unavailable } else { ErrorCode::InvalidToken };
             return err(code, e.to_string());
         }
     };
-    let Some(name) = redeemed
-        .node
-        .clone()
-        .or_else(|| Some(r.node_name.clone()).filter(|n| !n.is_empty()))
-    else {
-        audit_denial(
-            shared,
-            deny(
-                "the token pins no node name and the request gave none".into(),
-                "",
-            ),
-        )
-        .await;
-        return err(
-            ErrorCode::BadRequest,
-            "the token pins no node name, so the request must give one (--name)",
-        );
+    let Some(name) = redeemed.node.clone().or_else(|| Some(r.node_name.clone()).filter(|n| !n.is_empty())) else {
+        audit_denial(shared, deny("the token pins no node name and the request gave none".into(), "")).await;
+        return err(ErrorCode::BadRequest, "the token pins no node name, so the request must give one (--name)");
     };
-    let revoked = shared
-        .nodes
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&name)
-        .is_some_and(|n| n.revoked);
+    let revoked =
+        shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&name).is_some_and(|n| n.revoked);
     if revoked {
         audit_denial(shared, deny(format!("node {name} has been revoked"), &name)).await;
-        return err(
-            ErrorCode::Revoked,
-            format!("node {name} has been revoked and cannot enroll again"),
-        );
+        return err(ErrorCode::Revoked, format!("node {name} has been revoked and cannot enroll again"));
     }
     let id = match issue_identity(&shared.pki, &name, &csr, shared.identity_ttl) {
         Ok(id) => id,
@@ -176,16 +128,9 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         revoked: false,
     };
     if let Err(e) = shared.state.upsert_node(&record, now_unix()) {
-        return err(
-            ErrorCode::Unavailable,
-            format!("cannot record the node: {e}"),
-        );
+        return err(ErrorCode::Unavailable, format!("cannot record the node: {e}"));
     }
-    shared
-        .nodes
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(name.clone(), record);
+    shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), record);
     tracing::info!(node = %name, token = %redeemed.id, "node enrolled");
     Reply {
         body: Some(Resp::Enroll(wire::EnrollResponse {
@@ -228,16 +173,9 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentit
         revoked: false,
     };
     if let Err(e) = shared.state.upsert_node(&record, now_unix()) {
-        return err(
-            ErrorCode::Unavailable,
-            format!("cannot record the renewed identity: {e}"),
-        );
+        return err(ErrorCode::Unavailable, format!("cannot record the renewed identity: {e}"));
     }
-    shared
-        .nodes
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(node.name.clone(), record);
+    shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.name.clone(), record);
     Reply {
         body: Some(Resp::RenewIdentity(wire::RenewIdentityResponse {
             identity: Some(wire::NodeIdentity {
@@ -263,12 +201,7 @@ fn parse_grant(node: &NodeAttrs, r: &wire::GrantRequest) -> Result<Parsed, Strin
         Ok(wire::CredentialKind::X509) => Kind::X509,
         Ok(wire::CredentialKind::SshUser) => Kind::SshUser,
         Ok(wire::CredentialKind::SshHost) => Kind::SshHost,
-        _ => {
-            return Err(format!(
-                "unknown credential kind {}; use x509, ssh-user or ssh-host",
-                r.kind
-            ))
-        }
+        _ => return Err(format!("unknown credential kind {}; use x509, ssh-user or ssh-host", r.kind)),
     };
     if r.role.is_empty() {
         return Err("the request names no role".into());
@@ -277,32 +210,18 @@ fn parse_grant(node: &NodeAttrs, r: &wire::GrantRequest) -> Result<Parsed, Strin
     match kind {
         Kind::X509 => {
             let csr = check_csr(&r.csr_der)?;
-            let names = if r.sans.is_empty() {
-                csr.sans.clone()
-            } else {
-                r.sans.clone()
-            };
+            let names = if r.sans.is_empty() { csr.sans.clone() } else { r.sans.clone() };
             for n in &names {
                 crate::pki::parse_san(n)?;
             }
-            let order = Order::X509 {
-                node: node.name.clone(),
-                role: r.role.clone(),
-                csr,
-                sans: names.clone(),
-                ttl,
-            };
+            let order = Order::X509 { node: node.name.clone(), role: r.role.clone(), csr, sans: names.clone(), ttl };
             Ok(Parsed { kind, names, order })
         }
         Kind::SshUser | Kind::SshHost => {
             let key = ssh_key::PublicKey::from_openssh(&r.ssh_public_key)
                 .map_err(|e| format!("ssh_public_key is not an OpenSSH public key: {e}"))?;
             for p in &r.principals {
-                if p.is_empty()
-                    || p.len() > 256
-                    || p.chars()
-                        .any(|c| c.is_whitespace() || c.is_control() || c == ',')
-                {
+                if p.is_empty() || p.len() > 256 || p.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
                     return Err(format!("principal {p:?} is not valid"));
                 }
             }
@@ -314,63 +233,24 @@ fn parse_grant(node: &NodeAttrs, r: &wire::GrantRequest) -> Result<Parsed, Strin
                 ttl,
                 host: kind == Kind::SshHost,
             };
-            Ok(Parsed {
-                kind,
-                names: r.principals.clone(),
-                order,
-            })
+            Ok(Parsed { kind, names: r.principals.clone(), order })
         }
     }
 }
 
 fn with_ttl(order: Order, capped: Duration) -> Order {
     match order {
-        Order::X509 {
-            node,
-            role,
-            csr,
-            sans,
-            ..
-        } => Order::X509 {
-            node,
-            role,
-            csr,
-            sans,
-            ttl: capped,
-        },
-        Order::Ssh {
-            node,
-            role,
-            public_key,
-            principals,
-            host,
-            ..
-        } => Order::Ssh {
-            node,
-            role,
-            public_key,
-            principals,
-            ttl: capped,
-            host,
-        },
+        Order::X509 { node, role, csr, sans, .. } => Order::X509 { node, role, csr, sans, ttl: capped },
+        Order::Ssh { node, role, public_key, principals, host, .. } => {
+            Order::Ssh { node, role, public_key, principals, ttl: capped, host }
+        }
     }
 }
 
 async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Reply {
-    let policy = shared
-        .policy
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let caller = r.caller.as_ref().map(|c| CallerInfo {
-        uid: c.uid,
-        gid: c.gid,
-        pid: c.pid,
-        exe: c.exe.clone(),
-    });
-    let kind_name = wire::CredentialKind::try_from(r.kind)
-        .map(|k| k.policy_name())
-        .unwrap_or("unknown");
+    let policy = shared.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let caller = r.caller.as_ref().map(|c| CallerInfo { uid: c.uid, gid: c.gid, pid: c.pid, exe: c.exe.clone() });
+    let kind_name = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
     let denial = |reason: String| Event::Denial {
         action: "grant".into(),
         node: node.name.clone(),

@@ -21,23 +21,10 @@ pub struct PeerNode {
 
 impl PeerNode {
     pub fn from_connection(conn: &quinn::Connection) -> Option<Self> {
-        let certs = conn
-            .peer_identity()?
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .ok()?;
+        let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
-        let name = cert
-            .subject()
-            .iter_common_name()
-            .next()?
-            .as_str()
-            .ok()?
-            .to_owned();
-        Some(Self {
-            name,
-            serial: hex::encode(cert.raw_serial()),
-            not_after: cert.validity().not_after.timestamp(),
-        })
+        let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+        Some(Self { name, serial: hex::encode(cert.raw_serial()), not_after: cert.validity().not_after.timestamp() })
     }
 }
 
@@ -45,16 +32,12 @@ impl PeerNode {
 pub fn check_node_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
         && !name.starts_with(['-', '.']);
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "node name {name:?} is not valid: use 1-64 letters, digits, '-', '.', '_'"
-        ))
+        Err(format!("node name {name:?} is not valid: use 1-64 letters, digits, '-', '.', '_'"))
     }
 }
 
@@ -66,19 +49,12 @@ pub struct IssuedIdentity {
 }
 
 /// Issues a node identity certificate (client auth only) from the node CA.
-pub fn issue_identity(
-    pki: &Pki,
-    name: &str,
-    csr: &CheckedCsr,
-    ttl: Duration,
-) -> Result<IssuedIdentity, String> {
+pub fn issue_identity(pki: &Pki, name: &str, csr: &CheckedCsr, ttl: Duration) -> Result<IssuedIdentity, String> {
     let now = SystemTime::now();
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, name);
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Grantline node");
-    let uri = rcgen::string::Ia5String::try_from(format!("urn:grantline:node:{name}"))
-        .map_err(|e| e.to_string())?;
+    p.distinguished_name.push(DnType::OrganizationName, "Grantline node");
+    let uri = rcgen::string::Ia5String::try_from(format!("urn:grantline:node:{name}")).map_err(|e| e.to_string())?;
     p.subject_alt_names = vec![SanType::URI(uri)];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -92,11 +68,7 @@ pub fn issue_identity(
         .map_err(|e| format!("signing the node identity failed: {e}"))?;
     Ok(IssuedIdentity {
         fingerprint: hex::encode(Sha256::digest(cert.der())),
-        chain_der: vec![
-            cert.der().to_vec(),
-            pki.node_ca.cert_der.to_vec(),
-            pki.root.cert_der.to_vec(),
-        ],
+        chain_der: vec![cert.der().to_vec(), pki.node_ca.cert_der.to_vec(), pki.root.cert_der.to_vec()],
         serial: hex::encode(serial.to_bytes()),
         not_after: unix(now + ttl),
     })

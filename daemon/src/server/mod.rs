@@ -62,31 +62,17 @@ impl Broker {
     /// Loads or creates keys and CAs, opens the audit log and state, and binds
     /// the QUIC listener.
     pub fn open(opts: &BrokerOptions) -> Result<Self> {
-        std::fs::create_dir_all(&opts.state_dir).with_context(|| {
-            format!("cannot create state directory {}", opts.state_dir.display())
-        })?;
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
         let policy = load_policy(&opts.policy_path)?;
         let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
         let state = StateDb::open(&opts.state_dir.join("state.db"))?;
-        let nodes = state
-            .nodes()?
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect();
-        let (audit, audit_thread) = AuditLog::start(
-            &opts.state_dir.join("audit.db"),
-            key,
-            concat!("grantlined ", env!("CARGO_PKG_VERSION")),
-        )?;
-        let endpoint =
-            quinn::Endpoint::server(server_config(&pki)?, opts.listen).with_context(|| {
-                format!(
-                    "cannot listen on {} (is another broker running there?)",
-                    opts.listen
-                )
-            })?;
+        let nodes = state.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let (audit, audit_thread) =
+            AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
+        let endpoint = bind(&opts.state_dir, server_config(&pki)?, opts.listen)?;
         let shared = Arc::new(Shared {
             issuer: Box::new(EmbeddedIssuer::new(pki.clone())),
             pki,
@@ -98,11 +84,7 @@ impl Broker {
             vkey,
             requests: TaskTracker::new(),
         });
-        Ok(Self {
-            shared,
-            endpoint,
-            audit_thread,
-        })
+        Ok(Self { shared, endpoint, audit_thread })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -115,11 +97,7 @@ impl Broker {
 
     /// Creates a join token in this broker's state.
     pub fn create_token(&self, ttl: Duration) -> Result<String> {
-        Ok(self
-            .shared
-            .state
-            .create_token(None, &Default::default(), ttl, handler::now_unix())?
-            .token)
+        Ok(self.shared.state.create_token(None, &Default::default(), ttl, handler::now_unix())?.token)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -140,10 +118,7 @@ impl Broker {
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         self.endpoint.set_server_config(None);
         self.shared.requests.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.shared.requests.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), self.shared.requests.wait()).await.is_err() {
             tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
         }
         self.endpoint.close(0u32.into(), b"broker shutting down");
@@ -151,17 +126,14 @@ impl Broker {
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         drop(self.shared);
-        tokio::task::spawn_blocking(move || self.audit_thread.join())
-            .await
-            .ok();
+        tokio::task::spawn_blocking(move || self.audit_thread.join()).await.ok();
         tracing::info!("stopped");
         Ok(())
     }
 }
 
 pub fn load_policy(path: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read policy file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
     Policy::parse(&text).with_context(|| format!("policy file {} is invalid", path.display()))
 }
 
@@ -176,12 +148,43 @@ fn load_or_create_audit_key(dir: &Path, origin: &str) -> Result<SignerKey> {
         write_secret(&path, key.to_private_string().as_bytes())?;
         key
     };
-    write_atomic(
-        &dir.join("audit.vkey"),
-        format!("{}\n", key.verifier()).as_bytes(),
-        0o644,
-    )?;
+    write_atomic(&dir.join("audit.vkey"), format!("{}\n", key.verifier()).as_bytes(), 0o644)?;
     Ok(key)
+}
+
+/// Binds the QUIC endpoint with a stateless-reset key kept in the state
+/// directory: after a restart (even a SIGKILL) the broker answers packets of
+/// connections it no longer knows with a reset the agents recognize, so they
+/// reconnect at once instead of waiting out the idle timeout.
+fn bind(dir: &Path, cfg: quinn::ServerConfig, listen: SocketAddr) -> Result<quinn::Endpoint> {
+    let path = dir.join("quic-reset.key");
+    let secret = if path.exists() {
+        hex::decode(read_secret(&path)?.trim())
+            .ok()
+            .filter(|k| k.len() == 32)
+            .with_context(|| format!("{} is not 32 hex-encoded bytes", path.display()))?
+    } else {
+        let k = rand::random::<[u8; 32]>().to_vec();
+        write_secret(&path, hex::encode(&k).as_bytes())?;
+        k
+    };
+    let reset_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret);
+    // Connection IDs carry a MAC under a key derived from the same secret, so
+    // a restarted broker still recognizes its old IDs as its own and answers
+    // them with a stateless reset instead of dropping them.
+    let cid_key = u64::from_be_bytes(
+        aws_lc_rs::hmac::sign(&reset_key, b"grantline quic connection id key").as_ref()[..8].try_into()?,
+    );
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let socket = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("cannot listen on {listen} (is another broker running there?)"))?;
+    Ok(quinn::Endpoint::new(
+        endpoint_config,
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }
 
 fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
@@ -211,20 +214,17 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
 
 async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
-    let conn =
-        match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await })
-            .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::info!(%remote, error = %e, "handshake refused");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%remote, "handshake timed out");
-                return;
-            }
-        };
+    let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "handshake timed out");
+            return;
+        }
+    };
     let peer = PeerNode::from_connection(&conn);
     tracing::debug!(%remote, node = peer.as_ref().map(|p| p.name.as_str()), "connected");
     loop {
@@ -232,9 +232,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
             Ok((send, recv)) => {
                 let shared2 = shared.clone();
                 let peer = peer.clone();
-                shared
-                    .requests
-                    .spawn(async move { serve_stream(shared2, peer, send, recv).await });
+                shared.requests.spawn(async move { serve_stream(shared2, peer, send, recv).await });
             }
             Err(e) => {
                 tracing::debug!(%remote, reason = %e, "connection closed");
@@ -250,20 +248,13 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let reply = match tokio::time::timeout(
-        Duration::from_secs(10),
-        recv.read_to_end(frame::MAX_FRAME_LEN + 16),
-    )
-    .await
-    {
-        Err(_) => error(
-            wire::ErrorCode::BadRequest,
-            "request not received within 10 s; send one frame and finish the stream",
-        ),
-        Ok(Err(quinn::ReadToEndError::TooLong)) => error(
-            wire::ErrorCode::BadRequest,
-            format!("request larger than {} bytes", frame::MAX_FRAME_LEN),
-        ),
+    let reply = match tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(frame::MAX_FRAME_LEN + 16)).await {
+        Err(_) => {
+            error(wire::ErrorCode::BadRequest, "request not received within 10 s; send one frame and finish the stream")
+        }
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            error(wire::ErrorCode::BadRequest, format!("request larger than {} bytes", frame::MAX_FRAME_LEN))
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "stream failed before a request arrived");
             return;
@@ -281,7 +272,5 @@ async fn serve_stream(
 }
 
 fn error(code: wire::ErrorCode, msg: impl Into<String>) -> wire::Response {
-    wire::Response {
-        body: Some(wire::response::Body::Error(wire::Error::new(code, msg))),
-    }
+    wire::Response { body: Some(wire::response::Body::Error(wire::Error::new(code, msg))) }
 }

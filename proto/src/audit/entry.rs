@@ -65,8 +65,7 @@ impl<'a> Entry<'a> {
         let origin_len = u16::try_from(origin.len()).unwrap_or(u16::MAX);
         let origin = &origin.as_bytes()[..usize::from(origin_len)];
         let event_len = u32::try_from(json.len()).unwrap_or(u32::MAX);
-        let mut out =
-            Vec::with_capacity(MAGIC.len() + 1 + 2 + origin.len() + 8 + 8 + 32 + 4 + json.len());
+        let mut out = Vec::with_capacity(MAGIC.len() + 1 + 2 + origin.len() + 8 + 8 + 32 + 4 + json.len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.extend_from_slice(&origin_len.to_be_bytes());
@@ -86,10 +85,7 @@ impl<'a> Entry<'a> {
             return Err(EntryError::TooLarge(bytes.len()));
         }
         let mut r = Reader(bytes);
-        if r.take(MAGIC.len(), "magic")
-            .map_err(|_| EntryError::BadMagic)?
-            != MAGIC
-        {
+        if r.take(MAGIC.len(), "magic").map_err(|_| EntryError::BadMagic)? != MAGIC {
             return Err(EntryError::BadMagic);
         }
         let version = r.take(1, "version")?[0];
@@ -97,8 +93,7 @@ impl<'a> Entry<'a> {
             return Err(EntryError::BadVersion(version));
         }
         let origin_len = usize::from(u16::from_be_bytes(r.array("origin length")?));
-        let origin = std::str::from_utf8(r.take(origin_len, "origin")?)
-            .map_err(|_| EntryError::OriginNotUtf8)?;
+        let origin = std::str::from_utf8(r.take(origin_len, "origin")?).map_err(|_| EntryError::OriginNotUtf8)?;
         let seq = u64::from_be_bytes(r.array("seq")?);
         let time_ms = i64::from_be_bytes(r.array("time")?);
         let prev: Hash = r.array("prev hash")?;
@@ -107,13 +102,7 @@ impl<'a> Entry<'a> {
         if !r.0.is_empty() {
             return Err(EntryError::Trailing(r.0.len()));
         }
-        Ok(Self {
-            origin,
-            seq,
-            time_ms,
-            prev,
-            event_json,
-        })
+        Ok(Self { origin, seq, time_ms, prev, event_json })
     }
 
     pub fn event(&self) -> Result<Event, EntryError> {
@@ -153,10 +142,7 @@ mod tests {
     use super::*;
 
     fn event() -> Event {
-        Event::Genesis {
-            vkey: "k+00000000+AA".into(),
-            software: "test".into(),
-        }
+        Event::Genesis { vkey: "k+00000000+AA".into(), software: "test".into() }
     }
 
     #[test]
@@ -175,10 +161,7 @@ mod tests {
     fn every_truncation_and_extension_is_rejected() {
         let bytes = Entry::encode("o", 1, 2, &ZERO_HASH, &event());
         for n in 0..bytes.len() {
-            assert!(
-                Entry::decode(&bytes[..n]).is_err(),
-                "prefix of {n} bytes accepted"
-            );
+            assert!(Entry::decode(&bytes[..n]).is_err(), "prefix of {n} bytes accepted");
         }
         let mut longer = bytes.clone();
         longer.push(b' ');
@@ -191,9 +174,6 @@ mod tests {
     #[test]
     fn leaf_hash_is_rfc6962() {
         // RFC 6962 leaf hash of the empty string: SHA-256(0x00).
-        assert_eq!(
-            hex::encode(leaf_hash(b"")),
-            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
-        );
+        assert_eq!(hex::encode(leaf_hash(b"")), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
     }
 }

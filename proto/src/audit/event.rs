@@ -30,12 +30,7 @@ pub enum Event {
         not_after: i64,
     },
     /// A node renewed its identity certificate over its mTLS connection.
-    IdentityRenewal {
-        node: String,
-        serial: String,
-        fingerprint: String,
-        not_after: i64,
-    },
+    IdentityRenewal { node: String, serial: String, fingerprint: String, not_after: i64 },
     /// A credential was issued. `fingerprint` is SHA-256 over the certificate
     /// (DER for X.509, the wire blob for SSH), hex.
     Grant {

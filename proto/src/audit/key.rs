@@ -14,9 +14,7 @@ const ALG_ED25519: u8 = 0x01;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error(
-        "key name {0:?} is not usable: it must be non-empty and contain no '+' or white space"
-    )]
+    #[error("key name {0:?} is not usable: it must be non-empty and contain no '+' or white space")]
     BadName(String),
     #[error("malformed key {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
@@ -64,19 +62,14 @@ pub struct VerifierKey {
 impl VerifierKey {
     pub fn new(name: &str, key: VerifyingKey) -> Result<Self, KeyError> {
         check_name(name)?;
-        Ok(Self {
-            name: name.to_owned(),
-            id: key_id(name, &key),
-            key,
-        })
+        Ok(Self { name: name.to_owned(), id: key_id(name, &key), key })
     }
 
     /// Parses the C2SP verifier key string.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let s = s.trim();
         let mut parts = s.splitn(3, '+');
-        let (Some(name), Some(id_hex), Some(b64)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(name), Some(id_hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(KeyError::Malformed {
                 what: "verifier key",
                 reason: "expected <name>+<key id>+<base64 key>".into(),
@@ -91,10 +84,7 @@ impl VerifierKey {
         })?;
         let this = Self::new(name, key)?;
         if this.id != found {
-            return Err(KeyError::KeyIdMismatch {
-                found,
-                expected: this.id,
-            });
+            return Err(KeyError::KeyIdMismatch { found, expected: this.id });
         }
         Ok(this)
     }
@@ -147,16 +137,12 @@ impl SignerKey {
 
     /// Parses `PRIVATE+KEY+<name>+<id>+<base64>`.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
-        let rest = s
-            .trim()
-            .strip_prefix("PRIVATE+KEY+")
-            .ok_or_else(|| KeyError::Malformed {
-                what: "signer key",
-                reason: "expected it to start with PRIVATE+KEY+".into(),
-            })?;
+        let rest = s.trim().strip_prefix("PRIVATE+KEY+").ok_or_else(|| KeyError::Malformed {
+            what: "signer key",
+            reason: "expected it to start with PRIVATE+KEY+".into(),
+        })?;
         let mut parts = rest.splitn(3, '+');
-        let (Some(name), Some(id_hex), Some(b64)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(name), Some(id_hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(KeyError::Malformed {
                 what: "signer key",
                 reason: "expected PRIVATE+KEY+<name>+<key id>+<base64 seed>".into(),
@@ -166,10 +152,7 @@ impl SignerKey {
         let seed = decode_alg_key(b64, "signer key")?;
         let this = Self::from_signing_key(name, SigningKey::from_bytes(&seed))?;
         if this.verifier.id != found {
-            return Err(KeyError::KeyIdMismatch {
-                found,
-                expected: this.verifier.id,
-            });
+            return Err(KeyError::KeyIdMismatch { found, expected: this.verifier.id });
         }
         Ok(this)
     }
@@ -179,12 +162,7 @@ impl SignerKey {
         let mut raw = [0u8; 33];
         raw[0] = ALG_ED25519;
         raw[1..].copy_from_slice(self.key.as_bytes());
-        format!(
-            "PRIVATE+KEY+{}+{:08x}+{}",
-            self.verifier.name,
-            self.verifier.id,
-            B64.encode(raw)
-        )
+        format!("PRIVATE+KEY+{}+{:08x}+{}", self.verifier.name, self.verifier.id, B64.encode(raw))
     }
 
     pub fn verifier(&self) -> &VerifierKey {
@@ -204,40 +182,26 @@ impl std::fmt::Debug for SignerKey {
 
 fn parse_key_id(s: &str) -> Result<u32, KeyError> {
     if s.len() != 8 {
-        return Err(KeyError::Malformed {
-            what: "key id",
-            reason: format!("{s:?} is not 8 hex digits"),
-        });
+        return Err(KeyError::Malformed { what: "key id", reason: format!("{s:?} is not 8 hex digits") });
     }
-    u32::from_str_radix(s, 16).map_err(|_| KeyError::Malformed {
-        what: "key id",
-        reason: format!("{s:?} is not hex"),
-    })
+    u32::from_str_radix(s, 16).map_err(|_| KeyError::Malformed { what: "key id", reason: format!("{s:?} is not hex") })
 }
 
 fn decode_alg_key(b64: &str, what: &'static str) -> Result<[u8; 32], KeyError> {
-    let raw = B64.decode(b64).map_err(|e| KeyError::Malformed {
-        what,
-        reason: format!("bad base64: {e}"),
-    })?;
+    let raw = B64.decode(b64).map_err(|e| KeyError::Malformed { what, reason: format!("bad base64: {e}") })?;
     match raw.split_first() {
         Some((&ALG_ED25519, rest)) if rest.len() == 32 => {
             let mut out = [0u8; 32];
             out.copy_from_slice(rest);
             Ok(out)
         }
-        Some((&ALG_ED25519, rest)) => Err(KeyError::Malformed {
-            what,
-            reason: format!("ed25519 key is {} bytes, expected 32", rest.len()),
-        }),
-        Some((alg, _)) => Err(KeyError::Malformed {
-            what,
-            reason: format!("algorithm byte {alg:#04x} is not ed25519 (0x01)"),
-        }),
-        None => Err(KeyError::Malformed {
-            what,
-            reason: "empty key".into(),
-        }),
+        Some((&ALG_ED25519, rest)) => {
+            Err(KeyError::Malformed { what, reason: format!("ed25519 key is {} bytes, expected 32", rest.len()) })
+        }
+        Some((alg, _)) => {
+            Err(KeyError::Malformed { what, reason: format!("algorithm byte {alg:#04x} is not ed25519 (0x01)") })
+        }
+        None => Err(KeyError::Malformed { what, reason: "empty key".into() }),
     }
 }
 
@@ -259,18 +223,9 @@ mod tests {
 
         let s = k.verifier().to_string();
         let renamed = s.replacen("grantline.test/log", "grantline.test/other", 1);
-        assert!(matches!(
-            VerifierKey::parse(&renamed),
-            Err(KeyError::KeyIdMismatch { .. })
-        ));
-        assert!(matches!(
-            VerifierKey::parse("nonsense"),
-            Err(KeyError::Malformed { .. })
-        ));
-        assert!(matches!(
-            SignerKey::generate("has space"),
-            Err(KeyError::BadName(_))
-        ));
+        assert!(matches!(VerifierKey::parse(&renamed), Err(KeyError::KeyIdMismatch { .. })));
+        assert!(matches!(VerifierKey::parse("nonsense"), Err(KeyError::Malformed { .. })));
+        assert!(matches!(SignerKey::generate("has space"), Err(KeyError::BadName(_))));
     }
 
     /// Test vector from the C2SP signed-note spec / Go's note package.

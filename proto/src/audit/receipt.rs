@@ -29,25 +29,16 @@ pub struct CheckedReceipt {
 }
 
 /// Verifies a receipt's signature and origin and decodes its event.
-pub fn check(
-    receipt: Option<&wire::Receipt>,
-    key: &VerifierKey,
-) -> Result<CheckedReceipt, ReceiptError> {
+pub fn check(receipt: Option<&wire::Receipt>, key: &VerifierKey) -> Result<CheckedReceipt, ReceiptError> {
     let r = receipt.ok_or(ReceiptError::Missing)?;
     if !key.verify(&r.entry, &r.signature) {
         return Err(ReceiptError::BadSignature(key.to_string()));
     }
     let entry = Entry::decode(&r.entry)?;
     if entry.origin != key.name() {
-        return Err(ReceiptError::WrongOrigin {
-            found: entry.origin.into(),
-            expected: key.name().into(),
-        });
+        return Err(ReceiptError::WrongOrigin { found: entry.origin.into(), expected: key.name().into() });
     }
-    Ok(CheckedReceipt {
-        seq: entry.seq,
-        event: entry.event()?,
-    })
+    Ok(CheckedReceipt { seq: entry.seq, event: entry.event()? })
 }
 
 /// Checks that a receipt records the grant of the credential with `fingerprint`.

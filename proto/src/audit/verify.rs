@@ -78,20 +78,14 @@ impl ChainVerifier {
     pub fn push(&mut self, row: StoredEntry) -> Result<(), Failure> {
         if let Err(reason) = self.check_structure(&row) {
             self.flush()?;
-            return Err(Failure {
-                seq: row.seq,
-                reason,
-            });
+            return Err(Failure { seq: row.seq, reason });
         }
         if self.check_signatures {
             let Ok(sig) = Signature::from_slice(&row.signature) else {
                 self.flush()?;
                 return Err(Failure {
                     seq: row.seq,
-                    reason: format!(
-                        "signature is {} bytes, not an ed25519 signature",
-                        row.signature.len()
-                    ),
+                    reason: format!("signature is {} bytes, not an ed25519 signature", row.signature.len()),
                 });
             };
             self.pending.push((row.seq, row.entry, sig));
@@ -118,10 +112,7 @@ impl ChainVerifier {
         let expected = self.next_seq;
         if row.seq != i64::try_from(expected).unwrap_or(i64::MAX) {
             return Err(if row.seq > i64::try_from(expected).unwrap_or(i64::MAX) {
-                format!(
-                    "gap in the log: expected seq {expected} next, found {} (entries deleted?)",
-                    row.seq
-                )
+                format!("gap in the log: expected seq {expected} next, found {} (entries deleted?)", row.seq)
             } else {
                 format!(
                     "seq {} appears again after seq {} (duplicated or reordered entry)",
@@ -146,11 +137,7 @@ impl ChainVerifier {
             ));
         }
         if entry.origin != self.key.name() {
-            return Err(format!(
-                "entry is from log {:?}, not {:?}",
-                entry.origin,
-                self.key.name()
-            ));
+            return Err(format!("entry is from log {:?}, not {:?}", entry.origin, self.key.name()));
         }
         if entry.prev != self.prev {
             return Err(format!(
@@ -160,28 +147,17 @@ impl ChainVerifier {
             ));
         }
         if entry.time_ms < self.last_time {
-            return Err(format!(
-                "time goes backwards: {} ms after {} ms",
-                entry.time_ms, self.last_time
-            ));
+            return Err(format!("time goes backwards: {} ms after {} ms", entry.time_ms, self.last_time));
         }
         let event = entry.event().map_err(|e| e.to_string())?;
         match (&event, expected) {
             (Event::Genesis { vkey, .. }, 0) => {
                 if *vkey != self.key.to_string() {
-                    return Err(format!(
-                        "log was started by key {vkey}, not by the key given ({})",
-                        self.key
-                    ));
+                    return Err(format!("log was started by key {vkey}, not by the key given ({})", self.key));
                 }
             }
             (Event::Genesis { .. }, _) => return Err("a second genesis entry".into()),
-            (_, 0) => {
-                return Err(format!(
-                    "first entry is a {} event, not genesis",
-                    event.type_name()
-                ))
-            }
+            (_, 0) => return Err(format!("first entry is a {} event, not genesis", event.type_name())),
             _ => {}
         }
         self.first_time.get_or_insert(entry.time_ms);
@@ -208,17 +184,11 @@ impl ChainVerifier {
             if self.key.key().verify_strict(msg, sig).is_err() {
                 return Err(Failure {
                     seq: *seq,
-                    reason: format!(
-                        "signature does not verify under key {} (wrong key or forged entry)",
-                        self.key
-                    ),
+                    reason: format!("signature does not verify under key {} (wrong key or forged entry)", self.key),
                 });
             }
         }
-        Err(Failure {
-            seq: pending[0].0,
-            reason: "signature batch failed to verify".into(),
-        })
+        Err(Failure { seq: pending[0].0, reason: "signature batch failed to verify".into() })
     }
 }
 
@@ -245,20 +215,11 @@ mod tests {
         let mut out = Vec::new();
         for seq in 0..n {
             let event = if seq == 0 {
-                Event::Genesis {
-                    vkey: key.verifier().to_string(),
-                    software: "test".into(),
-                }
+                Event::Genesis { vkey: key.verifier().to_string(), software: "test".into() }
             } else {
                 grant(seq)
             };
-            let bytes = Entry::encode(
-                &origin,
-                seq,
-                1000 + i64::try_from(seq).unwrap(),
-                &prev,
-                &event,
-            );
+            let bytes = Entry::encode(&origin, seq, 1000 + i64::try_from(seq).unwrap(), &prev, &event);
             prev = leaf_hash(&bytes);
             out.push(StoredEntry {
                 seq: i64::try_from(seq).unwrap(),

@@ -1,0 +1,165 @@
+//! The audit log against real tampering of the SQLite file, and against
+//! SIGKILL during a burst of grants.
+
+use std::path::Path;
+use std::process::Command;
+
+use grantline_proto::audit::Event;
+use grantline_tests::{pem_fingerprint, stderr, verify_db, Agent, Broker};
+
+/// A broker with some history, stopped cleanly, and a copy of its log.
+fn log_with_history() -> (Broker, tempfile::TempDir) {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "n1");
+    for i in 0..4 {
+        let out = tempfile::tempdir().unwrap();
+        let san = format!("svc{i}.example.com");
+        let got = agent.get(&["x509", "--role", "dev", "--out", out.path().to_str().unwrap(), "--san", &san]);
+        assert!(got.status.success(), "{}", stderr(&got));
+    }
+    let copy = tempfile::tempdir().unwrap();
+    // VACUUM INTO gives a consistent single-file copy of a WAL database.
+    let conn = rusqlite::Connection::open(broker.path("audit.db")).unwrap();
+    conn.execute("VACUUM INTO ?1", [copy.path().join("audit.db").to_str().unwrap()]).unwrap();
+    (broker, copy)
+}
+
+/// Opens a copy as an attacker would: dropping the append-only triggers first.
+fn tamper(db: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch("DROP TRIGGER entries_no_update; DROP TRIGGER entries_no_delete;").unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn fresh_copy(src: &Path) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(src, d.path().join("audit.db")).unwrap();
+    d
+}
+
+#[test]
+fn verifier_accepts_untouched_log_and_names_each_kind_of_tampering() {
+    let (broker, copy) = log_with_history();
+    let db = copy.path().join("audit.db");
+    let key = broker.path("audit.vkey");
+
+    let (ok, v) = verify_db(&db, &key);
+    assert!(ok, "untouched log rejected: {v}");
+    let n = v["entries"].as_u64().unwrap();
+    assert!(n >= 6, "{v}"); // genesis, enrollment, four grants
+
+    // One event byte edited in place.
+    let edited = fresh_copy(&db);
+    tamper(
+        &edited.path().join("audit.db"),
+        "UPDATE entries SET entry = CAST(replace(CAST(entry AS TEXT), 'svc2', 'svc9') AS BLOB) WHERE seq = 4",
+    );
+    let (ok, v) = verify_db(&edited.path().join("audit.db"), &key);
+    assert!(!ok);
+    assert_eq!(v["seq"], 4, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("does not match"), "{v}");
+
+    // An entry deleted.
+    let deleted = fresh_copy(&db);
+    tamper(&deleted.path().join("audit.db"), "DELETE FROM entries WHERE seq = 3");
+    let (ok, v) = verify_db(&deleted.path().join("audit.db"), &key);
+    assert!(!ok);
+    assert_eq!(v["seq"], 4, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("gap"), "{v}");
+
+    // Two entries swapped (their rows exchange contents).
+    let swapped = fresh_copy(&db);
+    tamper(
+        &swapped.path().join("audit.db"),
+        "UPDATE entries SET seq = -1 WHERE seq = 3; UPDATE entries SET seq = 3 WHERE seq = 4; UPDATE entries SET seq = 4 WHERE seq = -1;",
+    );
+    let (ok, v) = verify_db(&swapped.path().join("audit.db"), &key);
+    assert!(!ok);
+    assert_eq!(v["seq"], 3, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("says it is seq 4"), "{v}");
+
+    // A wrong public key: another broker's.
+    let other = Broker::start();
+    let (ok, v) = verify_db(&db, &other.path("audit.vkey"));
+    assert!(!ok);
+    assert_eq!(v["seq"], 0, "{v}");
+
+    // The human form names the seq and exits 65.
+    let out = Command::new(grantline_tests::bin("grantline"))
+        .args(["audit", "verify", "--db"])
+        .arg(deleted.path().join("audit.db"))
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("FAILED at seq 4: gap"), "{:?}", out);
+}
+
+#[test]
+fn sigkill_during_a_burst_loses_no_issued_credential() {
+    let mut broker = Broker::start();
+    let mut agent = Agent::start(&broker, "burst");
+    let outs = tempfile::tempdir().unwrap();
+
+    // Four workers request certificates as fast as they can; the broker is
+    // killed once a batch of them has succeeded.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let agent_socket = agent.socket();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let stop = stop.clone();
+            let done_tx = done_tx.clone();
+            let socket = agent_socket.clone();
+            let base = outs.path().to_owned();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let dir = base.join(format!("w{w}-{i}"));
+                    i += 1;
+                    let out = Command::new(grantline_tests::bin("grantline-agent"))
+                        .args(["get", "x509", "--role", "dev", "--out"])
+                        .arg(&dir)
+                        .arg("--socket")
+                        .arg(&socket)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        got.push(dir);
+                        let _ = done_tx.send(());
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    for _ in 0..24 {
+        done_rx.recv().unwrap();
+    }
+    broker.kill9_and_restart();
+    agent.wait_connected();
+    // A few more after the restart, proving service resumed.
+    for _ in 0..4 {
+        done_rx.recv().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let received: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(received.len() >= 28);
+
+    let (ok, v) = broker.verify();
+    assert!(ok, "log does not verify after SIGKILL: {v}");
+    let logged: std::collections::HashSet<String> = broker
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Grant { fingerprint, .. } => Some(fingerprint),
+            _ => None,
+        })
+        .collect();
+    for dir in &received {
+        let fp = pem_fingerprint(&dir.join("cert.pem"));
+        assert!(logged.contains(&fp), "credential {} ({fp}) has no audit entry", dir.display());
+    }
+}
