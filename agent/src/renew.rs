@@ -8,7 +8,10 @@ use std::time::Duration;
 pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
     let lifetime = (not_after - not_before).max(0) as f64;
     let fraction = 0.5 + 0.05 * jitter.clamp(-1.0, 1.0);
-    not_before + (lifetime * fraction) as i64
+    // Lifetimes are at most days, far inside f64's exact integer range.
+    #[allow(clippy::cast_possible_truncation)]
+    let offset = (lifetime * fraction) as i64;
+    not_before + offset
 }
 
 /// Exponential backoff with full jitter: a uniform wait in [0, min(cap,

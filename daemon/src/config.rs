@@ -68,7 +68,10 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
 }
 
 /// The embedded defaults of `grantlined dev`.
-pub fn dev_options(state_dir: &Path, listen: &str) -> Result<BrokerOptions> {
+pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
+    if identity_ttl < Duration::from_secs(10) {
+        bail!("--node-identity-ttl must be at least 10s");
+    }
     let host = hostname();
     Ok(BrokerOptions {
         listen: parse_listen(listen)?,
@@ -76,7 +79,7 @@ pub fn dev_options(state_dir: &Path, listen: &str) -> Result<BrokerOptions> {
         policy_path: state_dir.join("policy.toml"),
         origin: format!("grantline-dev/{host}"),
         server_names: default_server_names(&host),
-        identity_ttl: Duration::from_secs(24 * 3600),
+        identity_ttl,
     })
 }
 

@@ -32,7 +32,7 @@ pub fn verify_db(db: &Path, key: &VerifierKey, progress: bool) -> Result<Result<
     let walked = store.for_each(|row| {
         n += 1;
         if let Some(b) = &bar {
-            if n % 4096 == 0 {
+            if n.is_multiple_of(4096) {
                 b.set_position(n);
             }
         }

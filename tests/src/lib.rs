@@ -109,15 +109,24 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A dev broker with extra `grantlined dev` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (proc, addr) = Self::spawn(dir.path(), "127.0.0.1:0");
+        let (proc, addr) = Self::spawn(dir.path(), "127.0.0.1:0", extra);
         Self { proc, dir, addr }
     }
 
-    fn spawn(dir: &Path, listen: &str) -> (Proc, String) {
+    fn spawn(dir: &Path, listen: &str, extra: &[&str]) -> (Proc, String) {
         let mut proc = Proc::spawn(
             "grantlined",
-            Command::new(bin("grantlined")).args(["dev", "--state-dir"]).arg(dir).args(["--listen", listen]),
+            Command::new(bin("grantlined"))
+                .args(["dev", "--state-dir"])
+                .arg(dir)
+                .args(["--listen", listen])
+                .args(extra),
         );
         let addr = proc.wait_line("grantlined ready on");
         (proc, addr)
@@ -126,7 +135,7 @@ impl Broker {
     /// Kills the broker with SIGKILL and starts it again on the same port.
     pub fn kill9_and_restart(&mut self) {
         self.proc.kill9();
-        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr);
+        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr, &[]);
         assert_eq!(addr, self.addr);
         self.proc = proc;
     }
@@ -229,7 +238,11 @@ impl Agent {
 
     /// Waits until the agent reports a (re)connection.
     pub fn wait_connected(&mut self) {
-        self.proc.as_mut().unwrap().wait_line("grantline-agent connected to");
+        self.wait_line("grantline-agent connected to");
+    }
+
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        self.proc.as_mut().unwrap().wait_line(prefix)
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -14,6 +14,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Client configuration trusting `ca_pem`, optionally presenting `identity`.
 pub fn client_config(ca_pem: &str, identity: Option<(Vec<CertificateDer<'static>>, String)>) -> quinn::ClientConfig {
+    client_config_alpn(ca_pem, identity, ALPN)
+}
+
+/// The same, speaking another ALPN protocol.
+pub fn client_config_alpn(
+    ca_pem: &str,
+    identity: Option<(Vec<CertificateDer<'static>>, String)>,
+    alpn: &[u8],
+) -> quinn::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -30,7 +39,7 @@ pub fn client_config(ca_pem: &str, identity: Option<(Vec<CertificateDer<'static>
         }
         None => b.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()))
 }
 

@@ -1,6 +1,8 @@
 //! The audit log against real tampering of the SQLite file, and against
 //! SIGKILL during a burst of grants.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Command;
 

@@ -1,6 +1,8 @@
 //! Who may talk to the broker: unenrolled clients, foreign and expired
 //! certificates, and reused or expired join tokens are all refused.
 
+#![allow(clippy::unwrap_used)]
+
 use grantline_proto::audit::Event;
 use grantline_proto::{frame, wire};
 use grantline_tests::raw::{client_config, connect, error_of, runtime, send_raw};
@@ -66,7 +68,7 @@ fn certificate_from_another_ca_is_refused_at_handshake() {
         // auth completes after the client's handshake returns).
         let outcome = match connect(&broker.addr, client_config(&ca, Some((vec![cert], key)))).await {
             Err(e) => e,
-            Ok(conn) => send_raw(&conn, &grant_request()).await.err().expect("a foreign certificate was accepted"),
+            Ok(conn) => send_raw(&conn, &grant_request()).await.expect_err("a foreign certificate was accepted"),
         };
         assert!(!outcome.is_empty());
     });
@@ -88,7 +90,7 @@ fn expired_node_certificate_is_refused() {
     runtime().block_on(async {
         let outcome = match connect(&broker.addr, client_config(&ca, Some((vec![cert], key)))).await {
             Err(e) => e,
-            Ok(conn) => send_raw(&conn, &grant_request()).await.err().expect("an expired certificate was accepted"),
+            Ok(conn) => send_raw(&conn, &grant_request()).await.expect_err("an expired certificate was accepted"),
         };
         assert!(!outcome.is_empty());
     });

@@ -1,9 +1,11 @@
 //! Malformed frames and garbage on QUIC streams get an error reply, and the
 //! broker keeps serving other agents.
 
+#![allow(clippy::unwrap_used)]
+
 use grantline_proto::wire::{self, ErrorCode};
 use grantline_proto::{frame, ALPN};
-use grantline_tests::raw::{client_config, connect, error_of, runtime, send_raw};
+use grantline_tests::raw::{client_config, client_config_alpn, connect, error_of, runtime, send_raw};
 use grantline_tests::{stderr, Agent, Broker};
 
 #[test]
@@ -63,25 +65,8 @@ fn garbage_gets_error_replies_and_other_agents_are_unaffected() {
         assert_eq!(error_of(&resp).0, ErrorCode::BadRequest);
 
         // A client speaking another ALPN is refused at the handshake.
-        let mut other = client_config(&ca, None);
-        let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates({
-            let mut r = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut ca.as_bytes()) {
-                r.add(c.unwrap()).unwrap();
-            }
-            r
-        })
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h3".to_vec()];
         assert_ne!(ALPN, b"h3");
-        other = quinn::ClientConfig::new(std::sync::Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        ));
+        let other = client_config_alpn(&ca, None, b"h3");
         assert!(connect(&broker.addr, other).await.is_err());
     });
 

@@ -31,6 +31,9 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long, default_value = config::DEFAULT_DEV_LISTEN)]
         listen: String,
+        /// Lifetime of node identity certificates (agents renew at half of it).
+        #[arg(long, default_value = "24h")]
+        node_identity_ttl: humantime::Duration,
     },
 }
 
@@ -46,10 +49,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let (opts, dev) = match &cli.command {
-        Some(Command::Dev { state_dir, listen }) => match prepare_dev(state_dir, listen) {
-            Ok(o) => (o, true),
-            Err(e) => return fail(EX_CONFIG, &e),
-        },
+        Some(Command::Dev { state_dir, listen, node_identity_ttl }) => {
+            match prepare_dev(state_dir, listen, (*node_identity_ttl).into()) {
+                Ok(o) => (o, true),
+                Err(e) => return fail(EX_CONFIG, &e),
+            }
+        }
         None => match config::load(&cli.config) {
             Ok(o) => (o, false),
             Err(e) => return fail(EX_CONFIG, &e),
@@ -70,7 +75,7 @@ fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn prepare_dev(state_dir: &std::path::Path, listen: &str) -> Result<BrokerOptions> {
+fn prepare_dev(state_dir: &std::path::Path, listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -82,7 +87,7 @@ fn prepare_dev(state_dir: &std::path::Path, listen: &str) -> Result<BrokerOption
     if !policy.exists() {
         std::fs::write(&policy, DEV_POLICY).with_context(|| format!("cannot write {}", policy.display()))?;
     }
-    config::dev_options(state_dir, listen)
+    config::dev_options(state_dir, listen, identity_ttl)
 }
 
 async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {

@@ -40,6 +40,8 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
 
 /// The node behind the connection: certificate verified by rustls, enrolled,
 /// not revoked, and not expired since the handshake.
+// The error is the reply itself, built once per refused request.
+#[allow(clippy::result_large_err)]
 fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, Reply> {
     let Some(peer) = peer else {
         return Err(err(

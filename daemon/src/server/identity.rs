@@ -58,7 +58,9 @@ pub fn issue_identity(pki: &Pki, name: &str, csr: &CheckedCsr, ttl: Duration) ->
     p.subject_alt_names = vec![SanType::URI(uri)];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.not_before = (now - Duration::from_secs(60)).into();
+    // No backdating: only the broker checks this certificate, with its own
+    // clock, and the agent's renewal schedule is a fraction of its lifetime.
+    p.not_before = now.into();
     p.not_after = (now + ttl).into();
     let serial = random_serial();
     p.serial_number = Some(serial.clone());

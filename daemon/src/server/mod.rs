@@ -179,12 +179,7 @@ fn bind(dir: &Path, cfg: quinn::ServerConfig, listen: SocketAddr) -> Result<quin
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let socket = std::net::UdpSocket::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (is another broker running there?)"))?;
-    Ok(quinn::Endpoint::new(
-        endpoint_config,
-        Some(cfg),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?)
+    Ok(quinn::Endpoint::new(endpoint_config, Some(cfg), socket, Arc::new(quinn::TokioRuntime))?)
 }
 
 fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {

@@ -151,11 +151,10 @@ impl ChainVerifier {
         }
         let event = entry.event().map_err(|e| e.to_string())?;
         match (&event, expected) {
-            (Event::Genesis { vkey, .. }, 0) => {
-                if *vkey != self.key.to_string() {
-                    return Err(format!("log was started by key {vkey}, not by the key given ({})", self.key));
-                }
+            (Event::Genesis { vkey, .. }, 0) if *vkey != self.key.to_string() => {
+                return Err(format!("log was started by key {vkey}, not by the key given ({})", self.key));
             }
+            (Event::Genesis { .. }, 0) => {}
             (Event::Genesis { .. }, _) => return Err("a second genesis entry".into()),
             (_, 0) => return Err(format!("first entry is a {} event, not genesis", event.type_name())),
             _ => {}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and end-to-end tests against real
+# processes on loopback. The release binaries are built once and shared by
+# every end-to-end test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-test-deps.sh
+cargo build --release --locked --workspace --bins
+cargo test --release --locked --workspace "$@"
