@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::server::BrokerOptions;
+use crate::server::{load_policy, BrokerOptions};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:7443";
@@ -57,10 +57,12 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     for n in &server_names {
         crate::pki::parse_san(n).map_err(|e| anyhow::anyhow!("server_names: {e}"))?;
     }
+    let policy_path = file.policy.unwrap_or_else(|| DEFAULT_POLICY.into());
     Ok(BrokerOptions {
         listen,
         state_dir: file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-        policy_path: file.policy.unwrap_or_else(|| DEFAULT_POLICY.into()),
+        policy: load_policy(&policy_path)?,
+        policy_path,
         origin,
         server_names,
         identity_ttl,
@@ -76,6 +78,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
     Ok(BrokerOptions {
         listen: parse_listen(listen)?,
         state_dir: state_dir.to_owned(),
+        policy: load_policy(&state_dir.join("policy.toml"))?,
         policy_path: state_dir.join("policy.toml"),
         origin: format!("grantline-dev/{host}"),
         server_names: default_server_names(&host),
@@ -111,13 +114,19 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<BrokerOptions> {
-        options(toml::from_str(text)?)
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, crate::policy::DEV_POLICY)?;
+        let mut file: ConfigFile = toml::from_str(text)?;
+        file.policy.get_or_insert(policy);
+        options(file)
     }
 
     #[test]
     fn defaults_and_errors() {
         let o = parse("").unwrap();
         assert_eq!(o.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(o.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(o.identity_ttl, Duration::from_secs(86_400));
         for (text, want) in [
             ("listen = 'nowhere'", "IP:PORT"),
@@ -126,6 +135,7 @@ mod tests {
             ("origin = 'a b'", "origin"),
             ("server_names = ['*.x']", "server_names"),
             ("lisen = '1.2.3.4:5'", "unknown field"),
+            ("policy = '/nonexistent/policy.toml'", "cannot read policy file /nonexistent/policy.toml"),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

@@ -33,6 +33,8 @@ pub struct BrokerOptions {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub policy_path: PathBuf,
+    /// The policy read from `policy_path` when the options were validated.
+    pub policy: Policy,
     /// The audit log's origin when the log is created; later starts use the
     /// name in `audit.key`.
     pub origin: String,
@@ -64,7 +66,6 @@ impl Broker {
     pub fn open(opts: &BrokerOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
-        let policy = load_policy(&opts.policy_path)?;
         let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
@@ -77,7 +78,7 @@ impl Broker {
             issuer: Box::new(EmbeddedIssuer::new(pki.clone())),
             pki,
             audit,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: RwLock::new(Arc::new(opts.policy.clone())),
             state,
             nodes: RwLock::new(nodes),
             identity_ttl: opts.identity_ttl,
