@@ -1,0 +1,111 @@
+//! The broker's hot path, piece by piece: policy decision, CSR check, leaf and
+//! SSH signing, and durable audit appends with group commit.
+//! `cargo bench -p grantline-daemon --bench broker`
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use divan::counter::ItemsCount;
+use grantline_daemon::audit::AuditLog;
+use grantline_daemon::issuer::embedded::EmbeddedIssuer;
+use grantline_daemon::issuer::{check_csr, Issuer, Order};
+use grantline_daemon::pki::Pki;
+use grantline_daemon::policy::{decide, Kind, NodeAttrs, Policy, PolicyRequest, DEV_POLICY};
+use grantline_proto::audit::{Event, SignerKey};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pki: Arc<Pki>,
+    csr_der: Vec<u8>,
+    ssh_key: ssh_key::PublicKey,
+}
+
+static FIX: LazyLock<Fixture> = LazyLock::new(|| {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Arc::new(Pki::load_or_create(dir.path(), &["localhost".into()]).unwrap());
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["svc.example.com".into()]).unwrap().serialize_request(&key).unwrap();
+    let ssh = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+    Fixture { _dir: dir, pki, csr_der: csr.der().to_vec(), ssh_key: ssh.public_key().clone() }
+});
+
+fn main() {
+    divan::main();
+}
+
+#[divan::bench]
+fn policy_decide(bencher: divan::Bencher) {
+    let policy = Policy::parse(DEV_POLICY).unwrap();
+    let node = NodeAttrs { name: "web-1".into(), labels: Default::default() };
+    let names = vec!["web-1.example.com".to_owned()];
+    bencher
+        .bench(|| decide(&policy, &PolicyRequest { kind: Kind::X509, role: "dev", ttl: None, names: &names }, &node));
+}
+
+#[divan::bench]
+fn csr_check(bencher: divan::Bencher) {
+    let der = FIX.csr_der.clone();
+    bencher.bench(|| check_csr(&der).unwrap());
+}
+
+#[divan::bench]
+fn x509_leaf_sign(bencher: divan::Bencher) {
+    let issuer = EmbeddedIssuer::new(FIX.pki.clone());
+    let order = Order::X509 {
+        node: "web-1".into(),
+        role: "dev".into(),
+        csr: check_csr(&FIX.csr_der).unwrap(),
+        sans: vec!["svc.example.com".into()],
+        ttl: Duration::from_secs(600),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    bencher.bench(|| rt.block_on(issuer.issue(&order)).unwrap());
+}
+
+#[divan::bench]
+fn ssh_cert_sign(bencher: divan::Bencher) {
+    let issuer = EmbeddedIssuer::new(FIX.pki.clone());
+    let order = Order::Ssh {
+        node: "web-1".into(),
+        role: "dev".into(),
+        public_key: FIX.ssh_key.clone(),
+        principals: vec!["alice".into()],
+        ttl: Duration::from_secs(600),
+        host: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    bencher.bench(|| rt.block_on(issuer.issue(&order)).unwrap());
+}
+
+/// 4,096 appends in flight at once, each awaited until durable: the rate the
+/// single writer sustains with group commit and synchronous=FULL on this disk.
+#[divan::bench(sample_count = 10)]
+fn audit_append_durable(bencher: divan::Bencher) {
+    const IN_FLIGHT: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let key = SignerKey::generate("bench.example/log").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let (log, _writer) = AuditLog::start(&dir.path().join("audit.db"), key, "bench").unwrap();
+    let event = Event::Denial {
+        action: "grant".into(),
+        node: "web-1".into(),
+        kind: "x509".into(),
+        role: "dev".into(),
+        policy: "9f".repeat(32),
+        reason: "bench".into(),
+        caller: None,
+    };
+    bencher.counter(ItemsCount::new(IN_FLIGHT)).bench(|| {
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..IN_FLIGHT {
+                let log = log.clone();
+                let event = event.clone();
+                set.spawn(async move { log.append(event).await.unwrap() });
+            }
+            while set.join_next().await.is_some() {}
+        });
+    });
+}
