@@ -7,7 +7,6 @@ need=()
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
