@@ -48,9 +48,22 @@ fn x509_leaf_verifies_with_openssl_and_matches_request_and_policy() {
     let pem = std::fs::read(out.path().join("cert.pem")).unwrap();
     let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let sans: Vec<String> =
-        cert.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|g| g.to_string()).collect();
-    assert_eq!(sans, ["DNSName(web-1.example.com)", "IPAddress(10.1.2.3)"]);
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|g| match g {
+            x509_parser::extensions::GeneralName::DNSName(d) => format!("dns:{d}"),
+            x509_parser::extensions::GeneralName::IPAddress(b) => {
+                format!("ip:{}", std::net::IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()))
+            }
+            other => format!("other:{other:?}"),
+        })
+        .collect();
+    assert_eq!(sans, ["dns:web-1.example.com", "ip:10.1.2.3"]);
     let not_after = cert.validity().not_after.timestamp();
     assert!((before + 300..=now() + 300).contains(&not_after), "not_after {not_after} is not 5 minutes out");
     assert_eq!(mode(&out.path().join("key.pem")), 0o600);
