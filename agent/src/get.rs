@@ -58,7 +58,12 @@ fn prepare_out(out: &Path) -> Result<()> {
 pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
     prepare_out(&args.out)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let params = rcgen::CertificateParams::new(args.sans.clone()).context("invalid --san")?;
+    let mut params = rcgen::CertificateParams::new(args.sans.clone()).context("invalid --san")?;
+    // The CSR names only what is requested: the SANs, and the first as CN.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(first) = args.sans.first() {
+        params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
+    }
     let csr = params.serialize_request(&key)?;
     let gr = grant(
         &args.socket,
@@ -109,4 +114,79 @@ pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
     write_atomic(&args.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
     write_atomic(&args.out.join("id_ed25519-cert.pub"), format!("{}\n", gr.ssh_certificate).as_bytes(), 0o644)?;
     Ok(gr)
+}
+
+pub struct GetToken {
+    pub role: String,
+    pub policies: Vec<String>,
+    pub out: PathBuf,
+    pub socket: PathBuf,
+    pub ttl: Option<Duration>,
+    pub uses: u32,
+}
+
+/// A Vault token: writes `token` (0600) and `token.json` (accessor, expiry; 0600).
+pub async fn get_token(args: GetToken) -> Result<wire::GrantResponse> {
+    prepare_out(&args.out)?;
+    let gr = grant(
+        &args.socket,
+        wire::GrantRequest {
+            kind: wire::CredentialKind::VaultToken as i32,
+            role: args.role,
+            ttl_seconds: ttl_seconds(args.ttl)?,
+            vault_policies: args.policies.clone(),
+            num_uses: args.uses,
+            ..Default::default()
+        },
+    )
+    .await?;
+    if gr.vault_token.is_empty() {
+        bail!("the reply holds no token");
+    }
+    write_secret(&args.out.join("token"), format!("{}\n", gr.vault_token).as_bytes())?;
+    let meta = serde_json::json!({
+        "accessor": gr.token_accessor,
+        "policies": args.policies,
+        "not_after_unix": gr.not_after_unix,
+    });
+    write_secret(&args.out.join("token.json"), format!("{meta:#}\n").as_bytes())?;
+    Ok(gr)
+}
+
+pub struct GetSecret {
+    pub role: String,
+    pub out: PathBuf,
+    pub socket: PathBuf,
+    pub ttl: Option<Duration>,
+}
+
+/// A dynamic secret: writes `secret.json` (0600) with the data, lease id and expiry.
+pub async fn get_secret(args: GetSecret) -> Result<wire::GrantResponse> {
+    prepare_out(&args.out)?;
+    let gr = grant(
+        &args.socket,
+        wire::GrantRequest {
+            kind: wire::CredentialKind::DynamicSecret as i32,
+            role: args.role,
+            ttl_seconds: ttl_seconds(args.ttl)?,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let data: serde_json::Value = serde_json::from_str(&gr.secret_json).context("the secret is not JSON")?;
+    let doc = serde_json::json!({ "data": data, "lease_id": gr.lease_id, "not_after_unix": gr.not_after_unix });
+    write_secret(&args.out.join("secret.json"), format!("{doc:#}\n").as_bytes())?;
+    Ok(gr)
+}
+
+/// Gives a dynamic secret back: the broker revokes its lease.
+pub async fn release(socket: &Path, lease_id: &str) -> Result<()> {
+    let req = wire::LocalRequest {
+        body: Some(LocalReq::Release(wire::ReleaseRequest { lease_id: lease_id.to_owned() })),
+    };
+    match request(socket, &req).await?.body {
+        Some(LocalResp::Release(_)) => Ok(()),
+        Some(LocalResp::Error(e)) => Err(Refused(e).into()),
+        _ => bail!("the agent answered with an unexpected message"),
+    }
 }

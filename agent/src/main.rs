@@ -44,6 +44,13 @@ enum Command {
     /// Ask the running agent for a credential and write it to --out.
     #[command(subcommand)]
     Get(GetCommand),
+    /// Give a dynamic secret back before it expires (its lease is revoked).
+    Release {
+        #[arg(long)]
+        lease_id: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Show the running agent's node, connection and identity expiry.
     Status {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -84,6 +91,34 @@ enum GetCommand {
         /// A host certificate instead of a user certificate.
         #[arg(long)]
         host: bool,
+    },
+    /// A Vault token: writes token (0600) and token.json.
+    Token {
+        #[arg(long)]
+        role: String,
+        /// Vault policy for the token; repeatable.
+        #[arg(long = "policy", required = true)]
+        policies: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+        /// How many times the token may be used (0: the policy's cap, or unlimited).
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+    },
+    /// A dynamic secret such as database credentials: writes secret.json (0600).
+    Secret {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
     },
 }
 
@@ -161,6 +196,21 @@ fn main() -> ExitCode {
                     out.display(),
                     rfc3339(gr.not_after_unix)
                 );
+                Ok(())
+            }
+            Command::Get(GetCommand::Token { role, policies, out, socket, ttl, uses }) => {
+                let gr = get::get_token(get::GetToken { role, policies, out: out.clone(), socket, ttl: ttl.map(Into::into), uses }).await?;
+                println!("wrote {}/token, token.json; valid until {}", out.display(), rfc3339(gr.not_after_unix));
+                Ok(())
+            }
+            Command::Get(GetCommand::Secret { role, out, socket, ttl }) => {
+                let gr = get::get_secret(get::GetSecret { role, out: out.clone(), socket, ttl: ttl.map(Into::into) }).await?;
+                println!("wrote {}/secret.json (lease {}); valid until {}", out.display(), gr.lease_id, rfc3339(gr.not_after_unix));
+                Ok(())
+            }
+            Command::Release { lease_id, socket } => {
+                get::release(&socket, &lease_id).await?;
+                println!("lease {lease_id} revoked");
                 Ok(())
             }
             Command::Status { socket } => {

@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use grantline_proto::audit::{receipt, VerifierKey};
+use grantline_proto::audit::event::vault_fingerprint;
+use grantline_proto::audit::{receipt, Event, VerifierKey};
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
 use grantline_proto::{frame, wire::ErrorCode};
@@ -250,6 +251,26 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
                 })),
             }
         }
+        Some(LocalReq::Release(r)) => {
+            let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
+                return wire::LocalResponse { body: Some(LocalResp::Error(CallError::NotConnected.to_wire())) };
+            };
+            let fingerprint = vault_fingerprint("lease", &r.lease_id);
+            match call(&conn, &wire::Request { body: Some(Req::Release(r)) }).await {
+                Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
+                Ok(wire::Response { body: Some(Resp::Release(rr)) }) => {
+                    match receipt::check(rr.receipt.as_ref(), &agent.audit_key) {
+                        Ok(c) if matches!(&c.event, Event::LeaseRevocation { lease, .. } if *lease == fingerprint) => {
+                            wire::LocalResponse { body: Some(LocalResp::Release(rr)) }
+                        }
+                        Ok(_) => local_error(ErrorCode::Internal, "the broker's receipt names another lease"),
+                        Err(e) => local_error(ErrorCode::Internal, format!("the broker's receipt does not check out: {e}")),
+                    }
+                }
+                Ok(wire::Response { body: Some(Resp::Error(e)) }) => wire::LocalResponse { body: Some(LocalResp::Error(e)) },
+                Ok(_) => local_error(ErrorCode::Internal, "unexpected reply from the broker"),
+            }
+        }
         Some(LocalReq::Grant(mut g)) => {
             g.caller = caller;
             let is_x509 = g.kind == wire::CredentialKind::X509 as i32;
@@ -284,6 +305,12 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
 
 /// The SHA-256 fingerprint the broker recorded for a granted credential.
 pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
+    if !gr.lease_id.is_empty() {
+        return Ok(vault_fingerprint("lease", &gr.lease_id));
+    }
+    if !gr.token_accessor.is_empty() {
+        return Ok(vault_fingerprint("token-accessor", &gr.token_accessor));
+    }
     if !gr.ssh_certificate.is_empty() {
         let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate).context("SSH certificate does not parse")?;
         return Ok(hex::encode(Sha256::digest(cert.to_bytes()?)));

@@ -31,6 +31,8 @@ pub struct ConfigFile {
     pub server_names: Option<Vec<String>>,
     /// Lifetime of node identity certificates; agents renew at half of it.
     pub node_identity_ttl: Option<String>,
+    /// Vault/OpenBao as a credential source (RFD 0004).
+    pub vault: Option<crate::vault::config::VaultFile>,
 }
 
 pub fn load(path: &Path) -> Result<BrokerOptions> {
@@ -57,6 +59,7 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     for n in &server_names {
         crate::pki::parse_san(n).map_err(|e| anyhow::anyhow!("server_names: {e}"))?;
     }
+    let vault = file.vault.map(crate::vault::VaultConfig::from_file).transpose()?;
     let policy_path = file.policy.unwrap_or_else(|| DEFAULT_POLICY.into());
     Ok(BrokerOptions {
         listen,
@@ -66,6 +69,7 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
         origin,
         server_names,
         identity_ttl,
+        vault,
     })
 }
 
@@ -83,6 +87,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         origin: format!("grantline-dev/{host}"),
         server_names: default_server_names(&host),
         identity_ttl,
+        vault: None,
     })
 }
 

@@ -9,4 +9,5 @@ pub mod pki;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod vault;
 pub mod verify;

@@ -31,6 +31,14 @@ CREATE TABLE IF NOT EXISTS nodes (
     enrolled_at INTEGER NOT NULL,
     revoked_at  INTEGER
 ) STRICT;
+CREATE TABLE IF NOT EXISTS leases (
+    lease_id    TEXT PRIMARY KEY,
+    node        TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+) STRICT;
+CREATE INDEX IF NOT EXISTS leases_by_node ON leases (node) WHERE revoked_at IS NULL;
 "#;
 
 /// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
@@ -70,6 +78,15 @@ pub struct NodeRecord {
     pub serial: String,
     pub not_after: i64,
     pub revoked: bool,
+}
+
+/// A Vault lease the broker handed out, kept so it can be revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    pub node: String,
+    pub fingerprint: String,
+    pub expires_at: i64,
 }
 
 pub struct StateDb {
@@ -171,6 +188,43 @@ impl StateDb {
         Ok(())
     }
 
+    pub fn record_lease(&self, l: &LeaseRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO leases (lease_id, node, fingerprint, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![l.lease_id, l.node, l.fingerprint, l.expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// A lease that has not been revoked.
+    pub fn lease(&self, lease_id: &str) -> Result<Option<LeaseRecord>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT lease_id, node, fingerprint, expires_at FROM leases WHERE lease_id = ?1 AND revoked_at IS NULL",
+                [lease_id],
+                |r| Ok(LeaseRecord { lease_id: r.get(0)?, node: r.get(1)?, fingerprint: r.get(2)?, expires_at: r.get(3)? }),
+            )
+            .optional()?)
+    }
+
+    /// The leases of a node that are neither revoked nor expired.
+    pub fn live_leases(&self, node: &str, now: i64) -> Result<Vec<LeaseRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT lease_id, node, fingerprint, expires_at FROM leases WHERE node = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+        )?;
+        let rows = stmt.query_map(params![node, now], |r| {
+            Ok(LeaseRecord { lease_id: r.get(0)?, node: r.get(1)?, fingerprint: r.get(2)?, expires_at: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_lease_revoked(&self, lease_id: &str, now: i64) -> Result<()> {
+        self.conn().execute("UPDATE leases SET revoked_at = ?1 WHERE lease_id = ?2", params![now, lease_id])?;
+        Ok(())
+    }
+
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT name, labels, serial, not_after, revoked_at FROM nodes")?;
@@ -230,5 +284,21 @@ mod tests {
         assert!(matches!(db.redeem_token(&old.token, "x", 1060), Err(TokenError::Expired { .. })));
         assert_eq!(db.redeem_token("nonsense", "x", 0).unwrap_err(), TokenError::Malformed);
         assert_eq!(db.redeem_token("glt1.zz.y", "x", 0).unwrap_err(), TokenError::Malformed);
+    }
+
+    #[test]
+    fn leases_are_found_by_id_and_node_until_revoked_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("s.db")).unwrap();
+        let l = LeaseRecord { lease_id: "database/creds/ro/abc".into(), node: "n1".into(), fingerprint: "f".into(), expires_at: 100 };
+        db.record_lease(&l).unwrap();
+        assert!(db.record_lease(&l).is_err(), "a lease id is recorded once");
+        assert_eq!(db.lease(&l.lease_id).unwrap(), Some(l.clone()));
+        assert_eq!(db.live_leases("n1", 50).unwrap(), vec![l.clone()]);
+        assert!(db.live_leases("n1", 100).unwrap().is_empty());
+        assert!(db.live_leases("n2", 50).unwrap().is_empty());
+        db.mark_lease_revoked(&l.lease_id, 60).unwrap();
+        assert_eq!(db.lease(&l.lease_id).unwrap(), None);
+        assert!(db.live_leases("n1", 50).unwrap().is_empty());
     }
 }

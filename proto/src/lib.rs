@@ -47,6 +47,8 @@ impl wire::CredentialKind {
             Self::X509 => "x509",
             Self::SshUser => "ssh-user",
             Self::SshHost => "ssh-host",
+            Self::VaultToken => "vault-token",
+            Self::DynamicSecret => "secret",
         }
     }
 }

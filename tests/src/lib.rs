@@ -4,7 +4,10 @@
 //! never guessed with sleeps.
 #![allow(clippy::unwrap_used)]
 
+pub mod openbao;
+pub mod postgres;
 pub mod raw;
+pub mod sshd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -59,18 +62,23 @@ impl Proc {
 
     /// Waits for a stdout line starting with `prefix`; returns the rest.
     pub fn wait_line(&mut self, prefix: &str) -> String {
+        let line = self.wait_for(prefix, |l| l.starts_with(prefix));
+        line[prefix.len()..].trim().to_owned()
+    }
+
+    /// Waits for a stdout line containing `needle`; returns the line.
+    pub fn wait_line_containing(&mut self, needle: &str) -> String {
+        self.wait_for(needle, |l| l.contains(needle))
+    }
+
+    fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + READY;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.trim().to_owned();
-                    }
-                }
-                Err(e) => {
-                    panic!("{} did not print {prefix:?} ({e:?}); exit status {:?}", self.name, self.child.try_wait())
-                }
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("{} did not print {what:?} ({e:?}); exit status {:?}", self.name, self.child.try_wait()),
             }
         }
     }
@@ -130,6 +138,26 @@ impl Broker {
         );
         let addr = proc.wait_line("grantlined ready on");
         (proc, addr)
+    }
+
+    /// A broker from a production configuration in a temporary state
+    /// directory: `policy` is its policy file, `extra` is appended to its
+    /// grantlined.toml (e.g. a `[vault]` section).
+    pub fn start_config(policy: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+        let cfg = dir.path().join("grantlined.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/broker\"\nserver_names = [\"127.0.0.1\"]\n{extra}",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut proc = Proc::spawn("grantlined", Command::new(bin("grantlined")).arg("--config").arg(&cfg));
+        let addr = proc.wait_line("grantlined ready on");
+        Self { proc, dir, addr }
     }
 
     /// Kills the broker with SIGKILL and starts it again on the same port.

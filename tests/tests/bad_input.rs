@@ -42,6 +42,23 @@ fn garbage_gets_error_replies_and_other_agents_are_unaffected() {
         })),
     });
     let too_big_stream = vec![7u8; frame::MAX_FRAME_LEN * 2];
+    // A CSR that smuggles a name the request (and so policy) never saw.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let smuggling_csr = rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let smuggler = frame::encode(&wire::Request {
+        body: Some(wire::request::Body::Grant(wire::GrantRequest {
+            kind: wire::CredentialKind::X509 as i32,
+            role: "dev".into(),
+            csr_der: smuggling_csr,
+            sans: vec!["ok.example.com".into()],
+            ..Default::default()
+        })),
+    });
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("random bytes", vec![0xde, 0xad, 0xbe, 0xef, 0x01, 0x02], "frame"),
         ("empty stream", vec![], "empty frame"),
@@ -51,6 +68,7 @@ fn garbage_gets_error_replies_and_other_agents_are_unaffected() {
         ("empty request", valid, "empty request"),
         ("bad CSR", bad_csr, "CSR"),
         ("unknown kind", bad_kind, "unknown credential kind"),
+        ("CSR with names not requested", smuggler, "the CSR names \"evil.example.com\""),
     ];
     runtime().block_on(async {
         let conn = connect(&broker.addr, client_config(&ca, Some((chain, key)))).await.unwrap();

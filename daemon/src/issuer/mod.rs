@@ -1,6 +1,8 @@
-//! Credential minting behind one trait. The embedded CA implements it today;
-//! Vault/OpenBao backends implement the same trait (RFD 0004).
+//! Credential minting behind one trait, implemented by the embedded CA, by
+//! Vault/OpenBao (`crate::vault`), and by [`backends::Backends`], which routes
+//! each kind to the issuer configured for it (RFD 0004).
 
+pub mod backends;
 pub mod embedded;
 
 use std::future::Future;
@@ -10,23 +12,34 @@ use std::time::Duration;
 /// A checked request to mint one credential. Policy has already allowed it,
 /// and `ttl` is already capped.
 #[derive(Debug, Clone)]
-pub enum Order {
+pub struct Order {
+    pub node: String,
+    pub role: String,
+    pub ttl: Duration,
+    pub what: What,
+}
+
+/// The kind-specific part of an order.
+#[derive(Debug, Clone)]
+pub enum What {
     X509 {
-        node: String,
-        role: String,
-        /// The CSR's subject public key, SubjectPublicKeyInfo DER, from a CSR
-        /// whose signature was verified.
+        /// From a CSR whose signature was verified.
         csr: CheckedCsr,
         sans: Vec<String>,
-        ttl: Duration,
     },
     Ssh {
-        node: String,
-        role: String,
         public_key: ssh_key::PublicKey,
         principals: Vec<String>,
-        ttl: Duration,
         host: bool,
+    },
+    VaultToken {
+        policies: Vec<String>,
+        /// 0: unlimited.
+        num_uses: u32,
+    },
+    Secret {
+        /// The leased Vault path, e.g. `database/creds/readonly`.
+        path: String,
     },
 }
 
@@ -35,20 +48,56 @@ pub enum Order {
 pub struct CheckedCsr {
     pub der: Vec<u8>,
     pub public_key: rcgen::PublicKey,
+    /// DNS and IP SANs the CSR asks for.
     pub sans: Vec<String>,
+    /// The subject common name the CSR asks for, if any.
+    pub common_name: Option<String>,
 }
 
-/// What was minted. Fields other than the certificate are for the audit entry.
-#[derive(Debug, Clone)]
+impl CheckedCsr {
+    /// Every name the CSR carries must be among `allowed` (the names policy
+    /// checked): a backend that honours CSR names (Vault's `pki/sign` does)
+    /// must not be handed a name policy never saw.
+    pub fn names_within(&self, allowed: &[String]) -> Result<(), String> {
+        for name in self.sans.iter().chain(self.common_name.iter()) {
+            if !allowed.contains(name) {
+                return Err(format!(
+                    "the CSR names {name:?}, which the request does not ask for; put every name in the request's SANs"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What was minted. `serial` and `fingerprint` go into the audit entry; the
+/// rest goes only to the requester.
+#[derive(Clone, Default)]
 pub struct Issued {
     pub serial: String,
-    /// SHA-256 over the certificate bytes, hex.
+    /// SHA-256 over the certificate bytes, or the Vault fingerprint of the
+    /// token accessor or lease id (`grantline_proto::audit::event::vault_fingerprint`), hex.
     pub fingerprint: String,
     pub not_before: i64,
     pub not_after: i64,
     pub cert_pem: String,
     pub chain_pem: String,
     pub ssh_certificate: String,
+    pub vault_token: String,
+    pub token_accessor: String,
+    pub secret_json: String,
+    pub lease_id: String,
+}
+
+/// Never prints tokens or secret data.
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("serial", &self.serial)
+            .field("fingerprint", &self.fingerprint)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +127,20 @@ pub fn check_csr(der: &[u8]) -> Result<CheckedCsr, String> {
         .params
         .subject_alt_names
         .iter()
-        .filter_map(|s| match s {
-            rcgen::SanType::DnsName(n) => Some(n.as_str().to_owned()),
-            rcgen::SanType::IpAddress(ip) => Some(ip.to_string()),
-            _ => None,
+        .map(|s| match s {
+            rcgen::SanType::DnsName(n) => Ok(n.as_str().to_owned()),
+            rcgen::SanType::IpAddress(ip) => Ok(ip.to_string()),
+            other => Err(format!("the CSR carries a {other:?} SAN; only DNS names and IP addresses are issued")),
         })
-        .collect();
-    Ok(CheckedCsr { der: der.to_vec(), public_key: parsed.public_key, sans })
+        .collect::<Result<_, _>>()?;
+    let common_name = match parsed.params.distinguished_name.get(&rcgen::DnType::CommonName) {
+        None => None,
+        Some(rcgen::DnValue::Utf8String(s)) => Some(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Some(s.as_str().to_owned()),
+        Some(rcgen::DnValue::Ia5String(s)) => Some(s.as_str().to_owned()),
+        Some(other) => Some(format!("{other:?}")),
+    };
+    Ok(CheckedCsr { der: der.to_vec(), public_key: parsed.public_key, sans, common_name })
 }
 
 #[cfg(test)]
@@ -98,6 +154,9 @@ mod tests {
         let csr = params.serialize_request(&key).unwrap();
         let checked = check_csr(csr.der()).unwrap();
         assert_eq!(checked.sans, vec!["a.example".to_owned()]);
+        assert_eq!(checked.common_name.as_deref(), Some("rcgen self signed cert"));
+        assert!(checked.names_within(&["a.example".into()]).unwrap_err().contains("rcgen self signed cert"));
+        assert!(checked.names_within(&["a.example".into(), "rcgen self signed cert".into()]).is_ok());
         let mut bad = csr.der().to_vec();
         let n = bad.len();
         bad[n - 5] ^= 0x55; // inside the signature

@@ -28,22 +28,36 @@ pub struct PolicyRequest<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { rule: String, ttl: Duration },
+    Allow(Allowed),
     Deny { reason: String },
 }
 
+/// What an allowing rule grants: TTL already capped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub rule: String,
+    pub ttl: Duration,
+    /// vault-token: the rule's cap on uses, if any.
+    pub max_uses: Option<u32>,
+    /// secret: the leased Vault path, `{role}` filled in.
+    pub path: String,
+}
+
 pub fn decide(policy: &Policy, req: &PolicyRequest<'_>, node: &NodeAttrs) -> Decision {
-    if req.names.is_empty() {
-        let what = if req.kind == Kind::X509 { "SAN" } else { "principal" };
-        return Decision::Deny { reason: format!("the request names no {what}") };
+    if req.names.is_empty() && req.kind != Kind::DynamicSecret {
+        return Decision::Deny { reason: format!("the request names no {}", req.kind.names_are()) };
     }
     let mut closest: Option<String> = None;
     for rule in policy.rules.iter().filter(|r| rule_matches_node(r, node)) {
         for allow in rule.allow.iter().filter(|a| a.kinds.contains(&req.kind) && role_matches(a, req.role)) {
             match names_allowed(allow, req, node) {
                 Ok(()) => {
-                    let ttl = req.ttl.unwrap_or(allow.default_ttl).min(allow.max_ttl);
-                    return Decision::Allow { rule: rule.name.clone(), ttl };
+                    return Decision::Allow(Allowed {
+                        rule: rule.name.clone(),
+                        ttl: req.ttl.unwrap_or(allow.default_ttl).min(allow.max_ttl),
+                        max_uses: allow.max_uses,
+                        path: allow.path.replace("{role}", req.role),
+                    });
                 }
                 Err(name) => {
                     closest.get_or_insert_with(|| {
@@ -77,7 +91,12 @@ fn role_matches(allow: &Allow, role: &str) -> bool {
 /// Every requested name must match one of the allowed patterns; returns the
 /// first name that does not.
 fn names_allowed<'r>(allow: &Allow, req: &PolicyRequest<'r>, node: &NodeAttrs) -> Result<(), &'r str> {
-    let patterns = if req.kind == Kind::X509 { &allow.sans } else { &allow.principals };
+    let patterns = match req.kind {
+        Kind::X509 => &allow.sans,
+        Kind::SshUser | Kind::SshHost => &allow.principals,
+        Kind::VaultToken => &allow.vault_policies,
+        Kind::DynamicSecret => return Ok(()),
+    };
     let patterns: Vec<WildMatch> = patterns.iter().map(|p| WildMatch::new(&p.replace("{node}", &node.name))).collect();
     for name in req.names {
         if !patterns.iter().any(|p| p.matches(name)) {
@@ -110,10 +129,29 @@ kinds = ["ssh-user"]
 roles = ["ops"]
 max_ttl = "30m"
 principals = ["ops", "deploy"]
+
+[[rule]]
+name = "apps"
+nodes = ["app-*"]
+[[rule.allow]]
+kinds = ["vault-token", "secret"]
+roles = ["readonly"]
+max_ttl = "15m"
+vault_policies = ["app-*"]
+max_uses = 5
 "#;
 
     fn node(name: &str, env: &str) -> NodeAttrs {
         NodeAttrs { name: name.into(), labels: [("env".to_owned(), env.to_owned())].into() }
+    }
+
+    fn allow(rule: &str, ttl: u64) -> Decision {
+        Decision::Allow(Allowed {
+            rule: rule.into(),
+            ttl: Duration::from_secs(ttl),
+            max_uses: if rule == "apps" { Some(5) } else { None },
+            path: format!("database/creds/{}", if rule == "apps" { "readonly" } else { rule }),
+        })
     }
 
     fn ask(kind: Kind, role: &str, ttl: Option<u64>, names: &[&str], n: &NodeAttrs) -> Decision {
@@ -125,18 +163,12 @@ principals = ["ops", "deploy"]
     #[test]
     fn allows_within_rule_and_caps_ttl() {
         let web = node("web-1", "prod");
-        assert_eq!(
-            ask(Kind::X509, "web", None, &["web-1.example.com"], &web),
-            Decision::Allow { rule: "web".into(), ttl: Duration::from_secs(300) }
-        );
-        assert_eq!(
-            ask(Kind::X509, "web", Some(86_400), &["a.svc.example.com"], &web),
-            Decision::Allow { rule: "web".into(), ttl: Duration::from_secs(3600) }
-        );
-        assert_eq!(
-            ask(Kind::SshUser, "ops", Some(60), &["deploy"], &web),
-            Decision::Allow { rule: "ops".into(), ttl: Duration::from_secs(60) }
-        );
+        assert_eq!(ask(Kind::X509, "web", None, &["web-1.example.com"], &web), allow("web", 300));
+        assert_eq!(ask(Kind::X509, "web", Some(86_400), &["a.svc.example.com"], &web), allow("web", 3600));
+        assert_eq!(ask(Kind::SshUser, "ops", Some(60), &["deploy"], &web), allow("ops", 60));
+        let app = node("app-1", "prod");
+        assert_eq!(ask(Kind::VaultToken, "readonly", Some(7200), &["app-read"], &app), allow("apps", 900));
+        assert_eq!(ask(Kind::DynamicSecret, "readonly", None, &[], &app), allow("apps", 600));
     }
 
     #[test]
@@ -155,6 +187,11 @@ principals = ["ops", "deploy"]
         assert!(reason(ask(Kind::SshHost, "ops", None, &["ops"], &web)).contains("ssh-host"));
         assert!(reason(ask(Kind::SshUser, "ops", None, &["root"], &web)).contains("root"));
         assert!(reason(ask(Kind::SshUser, "ops", None, &[], &web)).contains("no principal"));
+        let app = node("app-1", "prod");
+        assert!(reason(ask(Kind::VaultToken, "readonly", None, &["root"], &app)).contains("\"root\""));
+        assert!(reason(ask(Kind::VaultToken, "readonly", None, &[], &app)).contains("no Vault policy"));
+        assert!(reason(ask(Kind::DynamicSecret, "admin", None, &[], &app)).contains("no policy rule"));
+        assert!(reason(ask(Kind::DynamicSecret, "readonly", None, &[], &web)).contains("no policy rule"));
         let empty = Policy::parse("").unwrap();
         assert!(matches!(
             decide(&empty, &PolicyRequest { kind: Kind::X509, role: "x", ttl: None, names: &["a".into()] }, &web),
@@ -166,23 +203,32 @@ principals = ["ops", "deploy"]
     /// and every allowed name matches one of the rule's patterns.
     #[test]
     fn allow_never_exceeds_caps() {
-        let kinds = [Kind::X509, Kind::SshUser, Kind::SshHost];
+        let kinds = [Kind::X509, Kind::SshUser, Kind::SshHost, Kind::VaultToken, Kind::DynamicSecret];
         let roles = ["web", "ops", "db", ""];
-        let names = ["web-1.example.com", "x.svc.example.com", "ops", "deploy", "root", "*"];
-        let nodes = [node("web-1", "prod"), node("web-1", "dev"), node("ops-1", "prod")];
+        let names = ["web-1.example.com", "x.svc.example.com", "ops", "deploy", "root", "*", "app-read"];
+        let nodes = [node("web-1", "prod"), node("web-1", "dev"), node("ops-1", "prod"), node("app-1", "prod")];
         for k in kinds {
             for r in roles {
                 for n in names {
                     for nd in &nodes {
                         for ttl in [None, Some(1), Some(1800), Some(7200)] {
-                            if let Decision::Allow { rule, ttl: got } = ask(k, r, ttl, &[n], nd) {
-                                let cap = if rule == "web" { 3600 } else { 1800 };
-                                assert!(got.as_secs() <= cap);
-                                if rule == "web" {
-                                    assert!(nd.name.starts_with("web-") && k == Kind::X509 && r == "web");
-                                    assert!(n.ends_with(".example.com") && n != "*");
-                                } else {
-                                    assert!(k == Kind::SshUser && r == "ops" && (n == "ops" || n == "deploy"));
+                            if let Decision::Allow(a) = ask(k, r, ttl, &[n], nd) {
+                                let cap = match a.rule.as_str() {
+                                    "web" => 3600,
+                                    "ops" => 1800,
+                                    _ => 900,
+                                };
+                                assert!(a.ttl.as_secs() <= cap);
+                                match a.rule.as_str() {
+                                    "web" => {
+                                        assert!(nd.name.starts_with("web-") && k == Kind::X509 && r == "web");
+                                        assert!(n.ends_with(".example.com") && n != "*");
+                                    }
+                                    "ops" => assert!(k == Kind::SshUser && r == "ops" && (n == "ops" || n == "deploy")),
+                                    _ => {
+                                        assert!(nd.name.starts_with("app-") && r == "readonly");
+                                        assert!(k == Kind::DynamicSecret || (k == Kind::VaultToken && n.starts_with("app-")));
+                                    }
                                 }
                             }
                         }

@@ -14,6 +14,9 @@
 //! default_ttl = "10m"
 //! sans = ["{node}.example.com"]  # X.509 SAN globs; {node} is the node name
 //! principals = []                # SSH principal globs
+//! vault_policies = []            # vault-token: Vault policy globs
+//! max_uses = 10                  # vault-token: cap on num_uses
+//! path = "database/creds/{role}" # secret: the leased Vault path
 //! ```
 
 mod decide;
@@ -24,7 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-pub use decide::{decide, Decision, NodeAttrs, PolicyRequest};
+pub use decide::{decide, Allowed, Decision, NodeAttrs, PolicyRequest};
 
 /// A credential kind as policy names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +35,8 @@ pub enum Kind {
     X509,
     SshUser,
     SshHost,
+    VaultToken,
+    DynamicSecret,
 }
 
 impl Kind {
@@ -40,6 +45,8 @@ impl Kind {
             "x509" => Some(Self::X509),
             "ssh-user" => Some(Self::SshUser),
             "ssh-host" => Some(Self::SshHost),
+            "vault-token" => Some(Self::VaultToken),
+            "secret" => Some(Self::DynamicSecret),
             _ => None,
         }
     }
@@ -49,6 +56,18 @@ impl Kind {
             Self::X509 => "x509",
             Self::SshUser => "ssh-user",
             Self::SshHost => "ssh-host",
+            Self::VaultToken => "vault-token",
+            Self::DynamicSecret => "secret",
+        }
+    }
+
+    /// What the request's names are for this kind, for messages.
+    pub fn names_are(self) -> &'static str {
+        match self {
+            Self::X509 => "SAN",
+            Self::SshUser | Self::SshHost => "principal",
+            Self::VaultToken => "Vault policy",
+            Self::DynamicSecret => "name",
         }
     }
 }
@@ -76,7 +95,13 @@ struct Allow {
     default_ttl: Duration,
     sans: Vec<String>,
     principals: Vec<String>,
+    vault_policies: Vec<String>,
+    max_uses: Option<u32>,
+    path: String,
 }
+
+/// The default leased path for `secret` grants.
+pub const DEFAULT_SECRET_PATH: &str = "database/creds/{role}";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -116,6 +141,10 @@ struct AllowFile {
     sans: Vec<String>,
     #[serde(default)]
     principals: Vec<String>,
+    #[serde(default)]
+    vault_policies: Vec<String>,
+    max_uses: Option<u32>,
+    path: Option<String>,
 }
 
 /// The longest TTL any rule may grant: Grantline issues short-lived credentials.
@@ -163,6 +192,13 @@ impl Policy {
                 if kinds.iter().any(|k| matches!(k, Kind::SshUser | Kind::SshHost)) && a.principals.is_empty() {
                     return Err(bad("allows ssh but lists no principals patterns".into()));
                 }
+                if kinds.contains(&Kind::VaultToken) && a.vault_policies.is_empty() {
+                    return Err(bad("allows vault-token but lists no vault_policies patterns".into()));
+                }
+                let path = a.path.clone().unwrap_or_else(|| DEFAULT_SECRET_PATH.to_owned());
+                if path.is_empty() || path.starts_with('/') || path.contains("..") {
+                    return Err(bad(format!("path {path:?} is not a Vault path like \"database/creds/{{role}}\"")));
+                }
                 allow.push(Allow {
                     kinds,
                     roles: a.roles.clone(),
@@ -170,6 +206,9 @@ impl Policy {
                     default_ttl,
                     sans: a.sans.clone(),
                     principals: a.principals.clone(),
+                    vault_policies: a.vault_policies.clone(),
+                    max_uses: a.max_uses,
+                    path,
                 });
             }
             let nodes = if r.nodes.is_empty() { vec!["*".to_owned()] } else { r.nodes.clone() };
@@ -204,12 +243,14 @@ name = "dev"
 nodes = ["*"]
 
 [[rule.allow]]
-kinds = ["x509", "ssh-user", "ssh-host"]
+kinds = ["x509", "ssh-user", "ssh-host", "vault-token", "secret"]
 roles = ["dev"]
 max_ttl = "1h"
 default_ttl = "10m"
 sans = ["*"]
 principals = ["*"]
+vault_policies = ["*"]
+path = "database/creds/{role}"
 "#;
 
 #[cfg(test)]
@@ -232,6 +273,8 @@ mod tests {
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509']\nroles=['r']\nmax_ttl='1h'\n", "no sans"),
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['ssh-user']\nroles=['r']\nmax_ttl='30d'\nprincipals=['*']\n", "7-day"),
             ("[[rule]]\nname='a'\nnodez=['x']\n", "unknown field"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['vault-token']\nroles=['r']\nmax_ttl='1h'\n", "no vault_policies"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['r']\nmax_ttl='1h'\npath='../x'\n", "not a Vault path"),
             ("[[rule]\n", "TOML"),
         ];
         for (text, want) in cases {

@@ -9,9 +9,10 @@ use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, 
 
 use super::identity::{check_node_name, issue_identity, PeerNode};
 use super::Shared;
-use crate::issuer::{check_csr, IssueError, Order};
-use crate::policy::{decide, Decision, Kind, NodeAttrs, PolicyRequest};
-use crate::state::{NodeRecord, TokenError};
+use crate::issuer::{check_csr, IssueError, Issued, Issuer, Order, What};
+use crate::policy::{decide, Allowed, Decision, Kind, NodeAttrs, PolicyRequest};
+use crate::state::{LeaseRecord, NodeRecord, TokenError};
+use crate::vault::Vault;
 
 type Reply = wire::Response;
 
@@ -25,7 +26,7 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> Reply {
 
 pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::Request) -> Reply {
     match req.body {
-        None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant"),
+        None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant, release"),
         Some(Req::Enroll(r)) => enroll(shared, r).await,
         Some(Req::RenewIdentity(r)) => match authenticate(shared, peer) {
             Ok(node) => renew_identity(shared, &node, r).await,
@@ -33,6 +34,10 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
         },
         Some(Req::Grant(r)) => match authenticate(shared, peer) {
             Ok(node) => grant(shared, &node, r).await,
+            Err(reply) => reply,
+        },
+        Some(Req::Release(r)) => match authenticate(shared, peer) {
+            Ok(node) => release(shared, &node, r).await,
             Err(reply) => reply,
         },
     }
@@ -195,20 +200,30 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentit
 struct Parsed {
     kind: Kind,
     names: Vec<String>,
-    order: Order,
+    what: What,
 }
 
-fn parse_grant(node: &NodeAttrs, r: &wire::GrantRequest) -> Result<Parsed, String> {
+fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
     let kind = match wire::CredentialKind::try_from(r.kind) {
         Ok(wire::CredentialKind::X509) => Kind::X509,
         Ok(wire::CredentialKind::SshUser) => Kind::SshUser,
         Ok(wire::CredentialKind::SshHost) => Kind::SshHost,
-        _ => return Err(format!("unknown credential kind {}; use x509, ssh-user or ssh-host", r.kind)),
+        Ok(wire::CredentialKind::VaultToken) => Kind::VaultToken,
+        Ok(wire::CredentialKind::DynamicSecret) => Kind::DynamicSecret,
+        _ => return Err(format!("unknown credential kind {}; use x509, ssh-user, ssh-host, vault-token or secret", r.kind)),
     };
     if r.role.is_empty() {
         return Err("the request names no role".into());
     }
-    let ttl = Duration::from_secs(u64::from(r.ttl_seconds));
+    if !r.role.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) || r.role.len() > 128 {
+        return Err(format!("role {:?} is not valid: use letters, digits, '-', '_', '.'", r.role));
+    }
+    let plain = |what: &str, v: &str| -> Result<(), String> {
+        if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+            return Err(format!("{what} {v:?} is not valid"));
+        }
+        Ok(())
+    };
     match kind {
         Kind::X509 => {
             let csr = check_csr(&r.csr_der)?;
@@ -216,36 +231,44 @@ fn parse_grant(node: &NodeAttrs, r: &wire::GrantRequest) -> Result<Parsed, Strin
             for n in &names {
                 crate::pki::parse_san(n)?;
             }
-            let order = Order::X509 { node: node.name.clone(), role: r.role.clone(), csr, sans: names.clone(), ttl };
-            Ok(Parsed { kind, names, order })
+            csr.names_within(&names)?;
+            Ok(Parsed { kind, what: What::X509 { csr, sans: names.clone() }, names })
         }
         Kind::SshUser | Kind::SshHost => {
             let key = ssh_key::PublicKey::from_openssh(&r.ssh_public_key)
                 .map_err(|e| format!("ssh_public_key is not an OpenSSH public key: {e}"))?;
             for p in &r.principals {
-                if p.is_empty() || p.len() > 256 || p.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
-                    return Err(format!("principal {p:?} is not valid"));
-                }
+                plain("principal", p)?;
             }
-            let order = Order::Ssh {
-                node: node.name.clone(),
-                role: r.role.clone(),
-                public_key: key,
-                principals: r.principals.clone(),
-                ttl,
-                host: kind == Kind::SshHost,
-            };
-            Ok(Parsed { kind, names: r.principals.clone(), order })
+            let what = What::Ssh { public_key: key, principals: r.principals.clone(), host: kind == Kind::SshHost };
+            Ok(Parsed { kind, names: r.principals.clone(), what })
         }
+        Kind::VaultToken => {
+            for p in &r.vault_policies {
+                plain("Vault policy", p)?;
+            }
+            if r.vault_policies.iter().any(|p| p == "root") {
+                return Err("the root policy is never granted".into());
+            }
+            let what = What::VaultToken { policies: r.vault_policies.clone(), num_uses: r.num_uses };
+            Ok(Parsed { kind, names: r.vault_policies.clone(), what })
+        }
+        Kind::DynamicSecret => Ok(Parsed { kind, names: Vec::new(), what: What::Secret { path: String::new() } }),
     }
 }
 
-fn with_ttl(order: Order, capped: Duration) -> Order {
-    match order {
-        Order::X509 { node, role, csr, sans, .. } => Order::X509 { node, role, csr, sans, ttl: capped },
-        Order::Ssh { node, role, public_key, principals, host, .. } => {
-            Order::Ssh { node, role, public_key, principals, ttl: capped, host }
+/// Applies what policy allowed: caps on uses, the leased path.
+fn bind_to_policy(what: What, allowed: &Allowed) -> What {
+    match what {
+        What::VaultToken { policies, num_uses } => {
+            let num_uses = match allowed.max_uses {
+                Some(cap) if num_uses == 0 || num_uses > cap => cap,
+                _ => num_uses,
+            };
+            What::VaultToken { policies, num_uses }
         }
+        What::Secret { .. } => What::Secret { path: allowed.path.clone() },
+        other => other,
     }
 }
 
@@ -262,7 +285,7 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
         reason,
         caller: caller.clone(),
     };
-    let parsed = match parse_grant(node, &r) {
+    let parsed = match parse_grant(&r) {
         Ok(p) => p,
         Err(e) => {
             audit_denial(shared, denial(format!("bad request: {e}"))).await;
@@ -275,18 +298,24 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
         ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds))),
         names: &parsed.names,
     };
-    let (rule, ttl) = match decide(&policy, &ask, node) {
-        Decision::Allow { rule, ttl } => (rule, ttl),
+    let allowed = match decide(&policy, &ask, node) {
+        Decision::Allow(a) => a,
         Decision::Deny { reason } => {
             tracing::info!(node = %node.name, kind = kind_name, role = %r.role, %reason, "grant denied");
             audit_denial(shared, denial(reason.clone())).await;
             return err(ErrorCode::PermissionDenied, reason);
         }
     };
-    let order = with_ttl(parsed.order, ttl);
+    let order = Order {
+        node: node.name.clone(),
+        role: r.role.clone(),
+        ttl: allowed.ttl,
+        what: bind_to_policy(parsed.what, &allowed),
+    };
     let issued = match shared.issuer.issue(&order).await {
         Ok(i) => i,
         Err(e) => {
+            tracing::warn!(node = %node.name, kind = kind_name, role = %r.role, error = %e, "issuing failed");
             audit_denial(shared, denial(format!("issuer failed: {e}"))).await;
             let code = match e {
                 IssueError::BadRequest(_) => ErrorCode::BadRequest,
@@ -296,25 +325,45 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             return err(code, e.to_string());
         }
     };
+    let names = match &order.what {
+        What::Secret { path } => vec![path.clone()],
+        _ => parsed.names,
+    };
     let event = Event::Grant {
         node: node.name.clone(),
         kind: kind_name.into(),
         role: r.role.clone(),
-        rule,
+        rule: allowed.rule,
         policy: policy.hash().into(),
-        ttl_seconds: ttl.as_secs(),
+        ttl_seconds: u64::try_from(issued.not_after - now_unix()).unwrap_or(0).min(allowed.ttl.as_secs()),
         serial: issued.serial.clone(),
         fingerprint: issued.fingerprint.clone(),
-        names: parsed.names,
+        names,
         not_after: issued.not_after,
         caller,
     };
     let receipt = match shared.audit.append(event).await {
         Ok(r) => r,
-        // Fail closed: the credential is dropped here, never sent.
-        Err(e) => return err(ErrorCode::Unavailable, e.to_string()),
+        Err(e) => {
+            // Fail closed: the credential is never sent, and what Vault
+            // already created is withdrawn.
+            withdraw(shared, &issued).await;
+            return err(ErrorCode::Unavailable, e.to_string());
+        }
     };
-    tracing::info!(node = %node.name, kind = kind_name, role = %r.role, serial = %issued.serial, "granted");
+    if !issued.lease_id.is_empty() {
+        let lease = LeaseRecord {
+            lease_id: issued.lease_id.clone(),
+            node: node.name.clone(),
+            fingerprint: issued.fingerprint.clone(),
+            expires_at: issued.not_after,
+        };
+        if let Err(e) = shared.state.record_lease(&lease) {
+            withdraw(shared, &issued).await;
+            return err(ErrorCode::Unavailable, format!("cannot record the lease: {e}"));
+        }
+    }
+    tracing::info!(node = %node.name, kind = kind_name, role = %r.role, serial = %issued.serial, fingerprint = %issued.fingerprint, "granted");
     Reply {
         body: Some(Resp::Grant(wire::GrantResponse {
             kind: r.kind,
@@ -324,6 +373,71 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             not_before_unix: issued.not_before,
             not_after_unix: issued.not_after,
             receipt: Some(receipt),
+            vault_token: issued.vault_token,
+            token_accessor: issued.token_accessor,
+            secret_json: issued.secret_json,
+            lease_id: issued.lease_id,
         })),
     }
+}
+
+/// Revokes a Vault credential that will not be delivered.
+async fn withdraw(shared: &Shared, issued: &Issued) {
+    let Some(vault) = &shared.vault else { return };
+    let result = if !issued.lease_id.is_empty() {
+        vault.revoke_lease(&issued.lease_id).await
+    } else if !issued.token_accessor.is_empty() {
+        vault.revoke_accessor(&issued.token_accessor).await
+    } else {
+        return;
+    };
+    if let Err(e) = result {
+        tracing::error!(fingerprint = %issued.fingerprint, error = %e, "could not withdraw an undelivered Vault credential");
+    }
+}
+
+async fn release(shared: &Shared, node: &NodeAttrs, r: wire::ReleaseRequest) -> Reply {
+    let Some(vault) = &shared.vault else {
+        return err(ErrorCode::BadRequest, "this broker has no Vault backend, so it holds no leases");
+    };
+    let lease = match shared.state.lease(&r.lease_id) {
+        Ok(Some(l)) => l,
+        Ok(None) => return err(ErrorCode::BadRequest, "no such lease was granted by this broker"),
+        Err(e) => return err(ErrorCode::Unavailable, format!("cannot read leases: {e}")),
+    };
+    if lease.node != node.name {
+        let event = Event::Denial {
+            action: "release".into(),
+            node: node.name.clone(),
+            kind: "secret".into(),
+            role: String::new(),
+            policy: String::new(),
+            reason: format!("lease {} belongs to another node", lease.fingerprint),
+            caller: None,
+        };
+        audit_denial(shared, event).await;
+        return err(ErrorCode::PermissionDenied, "that lease was granted to another node");
+    }
+    match revoke_lease(shared, vault, &lease, "released by the node").await {
+        Ok(receipt) => Reply { body: Some(Resp::Release(wire::ReleaseResponse { receipt: Some(receipt) })) },
+        Err(reply) => reply,
+    }
+}
+
+/// Revokes one lease in Vault, marks it, and audits the revocation.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn revoke_lease(
+    shared: &Shared,
+    vault: &Vault,
+    lease: &LeaseRecord,
+    reason: &str,
+) -> Result<wire::Receipt, Reply> {
+    if let Err(e) = vault.revoke_lease(&lease.lease_id).await {
+        return Err(err(ErrorCode::Unavailable, format!("Vault did not revoke the lease: {e}")));
+    }
+    if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()) {
+        tracing::error!(error = %e, "lease revoked in Vault but not marked in state.db");
+    }
+    let event = Event::LeaseRevocation { node: lease.node.clone(), lease: lease.fingerprint.clone(), reason: reason.into() };
+    shared.audit.append(event).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))
 }

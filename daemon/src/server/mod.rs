@@ -17,8 +17,10 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
+use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
+use crate::vault::{Intermediate, Vault, VaultIssuer, X509Mode};
 use crate::pki::Pki;
 use crate::policy::Policy;
 use crate::state::{NodeRecord, StateDb};
@@ -40,11 +42,13 @@ pub struct BrokerOptions {
     pub origin: String,
     pub server_names: Vec<String>,
     pub identity_ttl: Duration,
+    pub vault: Option<crate::vault::VaultConfig>,
 }
 
 pub(crate) struct Shared {
     pki: Arc<Pki>,
-    issuer: Box<dyn Issuer>,
+    issuer: Backends,
+    vault: Option<Arc<Vault>>,
     audit: AuditLog,
     policy: RwLock<Arc<Policy>>,
     state: StateDb,
@@ -58,11 +62,13 @@ pub struct Broker {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     audit_thread: std::thread::JoinHandle<()>,
+    /// Vault token renewal and intermediate rotation.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Broker {
-    /// Loads or creates keys and CAs, opens the audit log and state, and binds
-    /// the QUIC listener.
+    /// Loads or creates keys and CAs, opens the audit log and state, binds the
+    /// QUIC listener and starts the Vault tasks. Call it inside a tokio runtime.
     pub fn open(opts: &BrokerOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
@@ -74,8 +80,30 @@ impl Broker {
         let (audit, audit_thread) =
             AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
         let endpoint = bind(&opts.state_dir, server_config(&pki)?, opts.listen)?;
+        let embedded: Arc<dyn Issuer> = Arc::new(EmbeddedIssuer::new(pki.clone()));
+        let mut background = Vec::new();
+        let (issuer, vault) = match &opts.vault {
+            None => (Backends { x509: embedded.clone(), ssh: embedded, vault: None }, None),
+            Some(cfg) => {
+                let vault = Vault::new(cfg.clone())?;
+                background.push(tokio::spawn(vault.clone().maintain_token()));
+                let via_vault: Arc<dyn Issuer> = Arc::new(VaultIssuer::new(vault.clone()));
+                let x509 = match cfg.x509 {
+                    X509Mode::Vault => via_vault.clone(),
+                    X509Mode::Embedded => embedded.clone(),
+                    X509Mode::Intermediate => {
+                        let intermediate = Intermediate::new(vault.clone(), audit.clone());
+                        background.push(tokio::spawn(intermediate.clone().maintain()));
+                        intermediate
+                    }
+                };
+                let ssh = if cfg.ssh_via_vault { via_vault.clone() } else { embedded };
+                (Backends { x509, ssh, vault: Some(via_vault) }, Some(vault))
+            }
+        };
         let shared = Arc::new(Shared {
-            issuer: Box::new(EmbeddedIssuer::new(pki.clone())),
+            issuer,
+            vault,
             pki,
             audit,
             policy: RwLock::new(Arc::new(opts.policy.clone())),
@@ -85,7 +113,7 @@ impl Broker {
             vkey,
             requests: TaskTracker::new(),
         });
-        Ok(Self { shared, endpoint, audit_thread })
+        Ok(Self { shared, endpoint, audit_thread, background })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -123,6 +151,9 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
         }
         self.endpoint.close(0u32.into(), b"broker shutting down");
+        for task in &self.background {
+            task.abort();
+        }
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;

@@ -48,9 +48,14 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         caller: Option<CallerInfo>,
     },
+    /// A leased credential was revoked before its expiry. `lease` is the
+    /// grant's fingerprint of the lease id.
+    LeaseRevocation { node: String, lease: String, reason: String },
+    /// An issuing CA was replaced, e.g. the intermediate obtained from Vault PKI.
+    CaRotation { ca: String, issuer: String, serial: String, fingerprint: String, not_after: i64 },
     /// A request was refused.
     Denial {
-        /// "enroll", "renew_identity" or "grant".
+        /// "enroll", "renew_identity", "grant" or "release".
         action: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         node: String,
@@ -75,6 +80,21 @@ impl Event {
             Self::IdentityRenewal { .. } => "identity_renewal",
             Self::Grant { .. } => "grant",
             Self::Denial { .. } => "denial",
+            Self::LeaseRevocation { .. } => "lease_revocation",
+            Self::CaRotation { .. } => "ca_rotation",
         }
     }
+}
+
+/// The fingerprint a grant records for a Vault lease or token accessor: a
+/// domain-separated SHA-256, so the log names the credential without holding
+/// anything that could be used against Vault.
+pub fn vault_fingerprint(what: &str, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"grantline/");
+    h.update(what.as_bytes());
+    h.update(b"\n");
+    h.update(id.as_bytes());
+    hex::encode(h.finalize())
 }

@@ -1,0 +1,29 @@
+//! Routes each credential kind to the issuer configured for it.
+
+use std::sync::Arc;
+
+use super::{IssueError, IssueFuture, Issuer, Order, What};
+
+pub struct Backends {
+    pub x509: Arc<dyn Issuer>,
+    pub ssh: Arc<dyn Issuer>,
+    /// Vault tokens and dynamic secrets; None without a `[vault]` section.
+    pub vault: Option<Arc<dyn Issuer>>,
+}
+
+impl Issuer for Backends {
+    fn issue<'a>(&'a self, order: &'a Order) -> IssueFuture<'a> {
+        match &order.what {
+            What::X509 { .. } => self.x509.issue(order),
+            What::Ssh { .. } => self.ssh.issue(order),
+            What::VaultToken { .. } | What::Secret { .. } => match &self.vault {
+                Some(v) => v.issue(order),
+                None => Box::pin(async {
+                    Err(IssueError::BadRequest(
+                        "this broker has no Vault backend; add a [vault] section to grantlined.toml".into(),
+                    ))
+                }),
+            },
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The broker's connection to Vault: its own token (from a file or an AppRole
+//! login), renewed at half its TTL, re-obtained when Vault refuses it; and one
+//! place where every call gets a timeout, bounded retries and an error that
+//! says whether retrying can help.
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use super::config::{VaultAuth, VaultConfig};
+use super::endpoints::{RenewLease, RevokeLease};
+use crate::issuer::IssueError;
+
+/// Attempts per call: one, and two retries for errors that can pass.
+const ATTEMPTS: u32 = 3;
+
+pub struct Vault {
+    pub(super) config: VaultConfig,
+    client: RwLock<Arc<VaultClient>>,
+    /// Serializes logins so a burst of 403s logs in once.
+    login_lock: tokio::sync::Mutex<()>,
+}
+
+impl Vault {
+    /// Builds the client. Logging in happens on first use and in the renewal
+    /// task, so a broker starts (and serves embedded kinds) while Vault is down.
+    pub fn new(config: VaultConfig) -> Result<Arc<Self>> {
+        let client = build_client(&config, "")?;
+        Ok(Arc::new(Self { config, client: RwLock::new(Arc::new(client)), login_lock: tokio::sync::Mutex::new(()) }))
+    }
+
+    fn client(&self) -> Arc<VaultClient> {
+        self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn has_token(&self) -> bool {
+        !self.client().settings.token.is_empty()
+    }
+
+    /// Logs in unless another task did while this one waited.
+    async fn ensure_logged_in(&self) -> Result<(), IssueError> {
+        let _guard = self.login_lock.lock().await;
+        if self.has_token() {
+            return Ok(());
+        }
+        self.login_locked().await.map(|_| ())
+    }
+
+    /// Obtains a fresh token; returns its TTL (zero: it does not expire).
+    pub async fn login(&self) -> Result<Duration, IssueError> {
+        let _guard = self.login_lock.lock().await;
+        self.login_locked().await
+    }
+
+    async fn login_locked(&self) -> Result<Duration, IssueError> {
+        let (token, ttl) = match &self.config.auth {
+            VaultAuth::Token { file } => {
+                let token = grantline_proto::files::read_secret(file)
+                    .map_err(|e| IssueError::Internal(format!("cannot read the Vault token file: {e}")))?
+                    .trim()
+                    .to_owned();
+                let probe = build_client(&self.config, &token).map_err(|e| IssueError::Internal(format!("{e:#}")))?;
+                let info = self.timed(vaultrs::token::lookup_self(&probe)).await?;
+                (token, Duration::from_secs(info.ttl))
+            }
+            VaultAuth::AppRole { mount, role_id, secret_id_file } => {
+                let secret_id = grantline_proto::files::read_secret(secret_id_file)
+                    .map_err(|e| IssueError::Internal(format!("cannot read the AppRole secret_id file: {e}")))?
+                    .trim()
+                    .to_owned();
+                let anon = self.client();
+                let auth = self.timed(vaultrs::auth::approle::login(&*anon, mount, role_id, &secret_id)).await?;
+                (auth.client_token, Duration::from_secs(auth.lease_duration))
+            }
+        };
+        let client = build_client(&self.config, &token).map_err(|e| IssueError::Internal(format!("{e:#}")))?;
+        *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(client);
+        tracing::info!(ttl_s = ttl.as_secs(), "logged in to Vault");
+        Ok(ttl)
+    }
+
+    async fn attempt<T>(&self, fut: impl Future<Output = Result<T, ClientError>>) -> Result<T, Failure> {
+        match tokio::time::timeout(self.config.timeout, fut).await {
+            Err(_) => Err(Failure::Timeout(self.config.timeout)),
+            Ok(r) => r.map_err(Failure::Vault),
+        }
+    }
+
+    async fn timed<T>(&self, fut: impl Future<Output = Result<T, ClientError>>) -> Result<T, IssueError> {
+        self.attempt(fut).await.map_err(classify)
+    }
+
+    /// Runs `op` against Vault: logs in first if needed, retries what can
+    /// pass (connection errors, timeouts, 5xx, sealed) with backoff, and logs
+    /// in again once when Vault refuses the broker's token.
+    pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, IssueError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        if !self.has_token() {
+            self.ensure_logged_in().await.map_err(|e| in_context("logging in to Vault", e))?;
+        }
+        let mut relogged = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.attempt(op(self.client())).await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Vault(ClientError::APIError { code: 403, .. })) if !relogged => {
+                    relogged = true;
+                    tracing::info!(what, "Vault refused the broker's token; logging in again");
+                    self.login().await.map_err(|e| in_context("logging in to Vault", e))?;
+                }
+                Err(f) => match classify(f) {
+                    IssueError::Unavailable(_) if attempt < ATTEMPTS => {
+                        tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
+                    }
+                    e => return Err(in_context(what, e)),
+                },
+            }
+        }
+    }
+
+    /// Keeps the broker's token alive: renews it at half its TTL, logs in
+    /// again when renewal fails, and retries with backoff while Vault is down.
+    pub async fn maintain_token(self: Arc<Self>) {
+        let mut ttl = match self.login().await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot log in to Vault yet; Vault kinds are unavailable until it answers");
+                None
+            }
+        };
+        let mut failures = 0u32;
+        loop {
+            let wait = match ttl {
+                Some(t) if t.is_zero() => return, // a token that never expires
+                Some(t) => t / 2,
+                None => Duration::from_millis(500 * 2u64.pow(failures.min(6))),
+            };
+            tokio::time::sleep(wait).await;
+            let renewed = match ttl {
+                Some(_) => self.timed(vaultrs::token::renew_self(&*self.client(), None)).await.map(|a| Duration::from_secs(a.lease_duration)),
+                None => Err(IssueError::Unavailable("not logged in".into())),
+            };
+            ttl = match renewed {
+                Ok(t) => Some(t),
+                Err(_) => match self.login().await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Vault login failed; retrying");
+                        None
+                    }
+                },
+            };
+            failures = if ttl.is_some() { 0 } else { failures + 1 };
+        }
+    }
+
+    pub async fn revoke_lease(&self, lease_id: &str) -> Result<(), IssueError> {
+        self.call("revoking a lease", |c| {
+            let e = RevokeLease { lease_id: lease_id.to_owned() };
+            async move { vaultrs::api::exec_with_empty(&*c, e).await }
+        })
+        .await
+    }
+
+    /// Sets a lease's TTL to `increment` from now; returns the TTL Vault granted.
+    pub async fn renew_lease(&self, lease_id: &str, increment: Duration) -> Result<Duration, IssueError> {
+        let r = self
+            .call("capping a lease", |c| {
+                let e = RenewLease { lease_id: lease_id.to_owned(), increment_secs: increment.as_secs() };
+                async move { vaultrs::api::exec_with_no_result(&*c, e).await }
+            })
+            .await?;
+        Ok(Duration::from_secs(u64::from(r.lease_duration)))
+    }
+
+    pub async fn revoke_accessor(&self, accessor: &str) -> Result<(), IssueError> {
+        self.call("revoking a token", |c| async move { vaultrs::token::revoke_accessor(&*c, accessor).await }).await
+    }
+}
+
+fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient> {
+    let mut b = VaultClientSettingsBuilder::default();
+    b.address(&config.address).token(token).timeout(Some(config.timeout));
+    if let Some(ca) = &config.ca_file {
+        b.ca_certs(vec![ca.display().to_string()]);
+    }
+    let settings = b.build().context("invalid Vault client settings")?;
+    VaultClient::new(settings).context("cannot build the Vault client")
+}
+
+enum Failure {
+    Timeout(Duration),
+    Vault(ClientError),
+}
+
+/// Sorts Vault failures into what the agent should do about them.
+fn classify(f: Failure) -> IssueError {
+    match f {
+        Failure::Timeout(t) => IssueError::Unavailable(format!("Vault did not answer within {t:?}")),
+        Failure::Vault(ClientError::APIError { code, errors }) => {
+            let msg = format!("Vault answered {code}: {}", errors.join("; "));
+            match code {
+                400 | 404 => IssueError::BadRequest(msg),
+                429 | 500..=599 => IssueError::Unavailable(msg),
+                _ => IssueError::Internal(msg),
+            }
+        }
+        Failure::Vault(e @ ClientError::RestClientError { .. }) => IssueError::Unavailable(format!("cannot reach Vault: {e}")),
+        Failure::Vault(other) => IssueError::Internal(format!("unexpected answer from Vault: {other}")),
+    }
+}
+
+fn in_context(what: &str, e: IssueError) -> IssueError {
+    match e {
+        IssueError::Unavailable(m) => IssueError::Unavailable(format!("{what}: {m}")),
+        IssueError::BadRequest(m) => IssueError::BadRequest(format!("{what}: {m}")),
+        IssueError::Internal(m) => IssueError::Internal(format!("{what}: {m}")),
+    }
+}
