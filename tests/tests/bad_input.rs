@@ -43,10 +43,10 @@ fn garbage_gets_error_replies_and_other_agents_are_unaffected() {
     });
     let too_big_stream = vec![7u8; frame::MAX_FRAME_LEN * 2];
     // A CSR that smuggles a name the request (and so policy) never saw.
-    let key = rcgen::KeyPair::generate().unwrap();
+    let smuggler_key = rcgen::KeyPair::generate().unwrap();
     let smuggling_csr = rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()])
         .unwrap()
-        .serialize_request(&key)
+        .serialize_request(&smuggler_key)
         .unwrap()
         .der()
         .to_vec();
