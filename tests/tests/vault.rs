@@ -110,3 +110,219 @@ fn x509_in_intermediate_mode_verifies_and_the_rotation_is_audited() {
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
 }
+
+fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().name
+}
+
+#[test]
+fn ssh_certificate_from_vault_logs_in_to_sshd_until_it_expires() {
+    let bao = OpenBao::start();
+    let ca = bao.setup_ssh();
+    let sshd = Sshd::start(&ca);
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\n");
+    let agent = Agent::start(&broker, "ops-1");
+    let user = current_user();
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["ssh", "--role", "ops", "--principal", &user, "--ttl", "4s", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let key = out.path().join("id_ed25519");
+    let cert = out.path().join("id_ed25519-cert.pub");
+    let login = sshd.login(&user, &key, &cert);
+    assert!(login.status.success(), "ssh login with a fresh certificate failed: {}", stderr(&login));
+
+    // Wait out the certificate's validity (read from the certificate), then the
+    // same login is refused.
+    let listing = Command::new("ssh-keygen").arg("-L").arg("-f").arg(&cert).output().unwrap();
+    let text = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(text.contains("Signing CA: ED25519"), "{text}");
+    let valid_before = ssh_valid_before(&cert);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(valid_before <= now + 5, "certificate valid past its 4 s TTL: {text}");
+    std::thread::sleep(std::time::Duration::from_secs(valid_before.saturating_sub(now) + 1));
+    let login = sshd.login(&user, &key, &cert);
+    assert!(!login.status.success(), "an expired certificate still logs in");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
+/// The certificate's valid-before time, from its own bytes.
+fn ssh_valid_before(path: &std::path::Path) -> u64 {
+    let line = std::fs::read_to_string(path).unwrap();
+    let b64 = line.split_whitespace().nth(1).unwrap();
+    let blob = base64_decode(b64);
+    // ssh-ed25519-cert-v01: string type, string nonce, string pk, uint64 serial,
+    // uint32 type, string key id, string principals, uint64 valid after, uint64 valid before.
+    let mut r = &blob[..];
+    let mut take_string = |r: &mut &[u8]| {
+        let n = u32::from_be_bytes(r[..4].try_into().unwrap()) as usize;
+        *r = &r[4 + n..];
+    };
+    take_string(&mut r); // type
+    take_string(&mut r); // nonce
+    take_string(&mut r); // public key
+    r = &r[8 + 4..]; // serial, cert type
+    take_string(&mut r); // key id
+    take_string(&mut r); // principals
+    u64::from_be_bytes(r[8..16].try_into().unwrap())
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let out = Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn();
+    let mut child = out.unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+#[test]
+fn vault_token_has_the_capped_ttl_uses_and_policies() {
+    let bao = OpenBao::start();
+    bao.put_policy("app-read", "path \"secret/data/app/*\" { capabilities = [\"read\"] }");
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let agent = Agent::start(&broker, "app-1");
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["token", "--role", "app", "--policy", "app-read", "--ttl", "2h", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    assert_eq!(grantline_tests::mode(&out.path().join("token")), 0o600);
+    let token = std::fs::read_to_string(out.path().join("token")).unwrap().trim().to_owned();
+
+    // The token carries only the policies granted (not even `default`), so it
+    // is looked up with the root token.
+    let lookup = bao.cli(grantline_tests::openbao::ROOT_TOKEN, &["token", "lookup", "-format=json", &token]);
+    assert!(lookup.status.success(), "bao token lookup: {}", stderr(&lookup));
+    let info: serde_json::Value = serde_json::from_slice(&lookup.stdout).unwrap();
+    let data = &info["data"];
+    let ttl = data["ttl"].as_u64().unwrap();
+    assert!(ttl <= 900 && ttl > 800, "TTL {ttl} is not capped at the policy's 15 minutes");
+    assert_eq!(data["policies"], json!(["app-read"]));
+    assert_eq!(data["orphan"], json!(true));
+    assert_eq!(data["num_uses"], json!(7), "uses are capped by the rule's max_uses");
+
+    // The log names the token by a fingerprint of its accessor, never the token.
+    let accessor = data["accessor"].as_str().unwrap();
+    let fp = grantline_proto::audit::event::vault_fingerprint("token-accessor", accessor);
+    assert!(broker.events().iter().any(|e| matches!(e, Event::Grant { fingerprint, kind, .. } if *fingerprint == fp && kind == "vault-token")));
+    let db = std::fs::read(broker.path("audit.db")).unwrap();
+    for secret in [token.as_str(), accessor] {
+        assert!(!db.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} is in the audit log");
+    }
+
+    // A policy outside the rule is refused.
+    let got = agent.get(&["token", "--role", "app", "--policy", "admin", "--out", out.path().to_str().unwrap()]);
+    assert_eq!(got.status.code(), Some(77), "{}", stderr(&got));
+}
+
+#[test]
+fn database_credentials_log_in_to_postgres_until_released() {
+    let pg = Postgres::start();
+    let bao = OpenBao::start();
+    bao.api("POST", "sys/mounts/database", Some(json!({"type": "database"})));
+    bao.api(
+        "POST",
+        "database/config/pg",
+        Some(json!({
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
+            "username": "postgres",
+            "password": SUPERUSER_PASSWORD,
+            "allowed_roles": ["readonly"],
+        })),
+    );
+    bao.api(
+        "POST",
+        "database/roles/readonly",
+        Some(json!({
+            "db_name": "pg",
+            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+            "default_ttl": "5m",
+            "max_ttl": "1h",
+        })),
+    );
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let agent = Agent::start(&broker, "db-client");
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    assert_eq!(grantline_tests::mode(&out.path().join("secret.json")), 0o600);
+    let secret: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
+    let user = secret["data"]["username"].as_str().unwrap();
+    let password = secret["data"]["password"].as_str().unwrap();
+    let lease_id = secret["lease_id"].as_str().unwrap();
+    assert!(lease_id.starts_with("database/creds/readonly/"), "{lease_id}");
+
+    let psql = pg.psql(user, password, "SELECT current_user");
+    assert!(psql.status.success(), "psql with the issued credentials: {}", stderr(&psql));
+    assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), user);
+
+    // The lease is the node's: releasing it revokes it in Vault, and the
+    // database user is gone.
+    let released = Command::new(grantline_tests::bin("grantline-agent"))
+        .args(["release", "--lease-id", lease_id, "--socket"])
+        .arg(agent.socket())
+        .output()
+        .unwrap();
+    assert!(released.status.success(), "{}", stderr(&released));
+    let psql = pg.psql(user, password, "SELECT 1");
+    assert!(!psql.status.success(), "the released credentials still log in");
+
+    let fp = grantline_proto::audit::event::vault_fingerprint("lease", lease_id);
+    let events = broker.events();
+    assert!(events.iter().any(|e| matches!(e, Event::Grant { fingerprint, .. } if *fingerprint == fp)));
+    assert!(events.iter().any(|e| matches!(e, Event::LeaseRevocation { lease, .. } if *lease == fp)));
+    let db = std::fs::read(broker.path("audit.db")).unwrap();
+    assert!(!db.windows(password.len()).any(|w| w == password.as_bytes()), "the password is in the audit log");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn vault_outage_fails_vault_kinds_retryably_keeps_embedded_kinds_and_recovers() {
+    let bao = OpenBao::start();
+    bao.setup_ssh();
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\n");
+    let agent = Agent::start(&broker, "web-ops-2");
+    let user = current_user();
+    let ssh = |out: &std::path::Path| {
+        agent.get(&["ssh", "--role", "ops", "--principal", &user, "--out", out.to_str().unwrap()])
+    };
+    let x509 = |out: &std::path::Path| {
+        agent.get(&["x509", "--role", "web", "--san", "a.example.com", "--out", out.to_str().unwrap()])
+    };
+    let out = tempfile::tempdir().unwrap();
+    assert!(ssh(out.path()).status.success());
+
+    // Vault stops answering (SIGSTOP: requests hang, as with a dead host).
+    bao.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let down = ssh(out.path());
+    assert_eq!(down.status.code(), Some(69), "{}", stderr(&down));
+    assert!(stderr(&down).contains("UNAVAILABLE") && stderr(&down).contains("retryable"), "{}", stderr(&down));
+    // Embedded kinds are served all the while.
+    let embedded = x509(out.path());
+    assert!(embedded.status.success(), "embedded x509 failed during the Vault outage: {}", stderr(&embedded));
+
+    // Vault returns; the next request succeeds with no restart.
+    bao.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    let back = ssh(out.path());
+    assert!(back.status.success(), "{}", stderr(&back));
+
+    // Sealed Vault: a clear retryable error too, and recovery after unseal.
+    let seal = bao.cli(grantline_tests::openbao::ROOT_TOKEN, &["operator", "seal"]);
+    assert!(seal.status.success(), "{}", stderr(&seal));
+    let sealed = ssh(out.path());
+    assert_eq!(sealed.status.code(), Some(69), "{}", stderr(&sealed));
+    let unseal = bao.cli(grantline_tests::openbao::ROOT_TOKEN, &["operator", "unseal", &bao.unseal_key]);
+    assert!(unseal.status.success(), "{}", stderr(&unseal));
+    let back = ssh(out.path());
+    assert!(back.status.success(), "{}", stderr(&back));
+
+    // Every failure is in the log as a denial naming Vault.
+    let failures = broker
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Denial { reason, .. } if reason.contains("unavailable")))
+        .count();
+    assert!(failures >= 2, "outages not audited");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}

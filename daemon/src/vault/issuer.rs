@@ -71,8 +71,7 @@ impl VaultIssuer {
                 let mut opts = SignSSHKeyRequest::builder();
                 opts.cert_type(if host { "host" } else { "user" })
                     .valid_principals(principals.join(","))
-                    .ttl(format!("{}s", order.ttl.as_secs()))
-                    .key_id(format!("grantline:{}:{}", order.node, order.role));
+                    .ttl(format!("{}s", order.ttl.as_secs()));
                 let public = public.clone();
                 async move { vaultrs::ssh::ca::sign(&*c, mount, &order.role, &public, Some(&mut opts)).await }
             })
