@@ -181,9 +181,8 @@ pub async fn get_secret(args: GetSecret) -> Result<wire::GrantResponse> {
 
 /// Gives a dynamic secret back: the broker revokes its lease.
 pub async fn release(socket: &Path, lease_id: &str) -> Result<()> {
-    let req = wire::LocalRequest {
-        body: Some(LocalReq::Release(wire::ReleaseRequest { lease_id: lease_id.to_owned() })),
-    };
+    let req =
+        wire::LocalRequest { body: Some(LocalReq::Release(wire::ReleaseRequest { lease_id: lease_id.to_owned() })) };
     match request(socket, &req).await?.body {
         Some(LocalResp::Release(_)) => Ok(()),
         Some(LocalResp::Error(e)) => Err(Refused(e).into()),

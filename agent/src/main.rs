@@ -199,13 +199,27 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Get(GetCommand::Token { role, policies, out, socket, ttl, uses }) => {
-                let gr = get::get_token(get::GetToken { role, policies, out: out.clone(), socket, ttl: ttl.map(Into::into), uses }).await?;
+                let gr = get::get_token(get::GetToken {
+                    role,
+                    policies,
+                    out: out.clone(),
+                    socket,
+                    ttl: ttl.map(Into::into),
+                    uses,
+                })
+                .await?;
                 println!("wrote {}/token, token.json; valid until {}", out.display(), rfc3339(gr.not_after_unix));
                 Ok(())
             }
             Command::Get(GetCommand::Secret { role, out, socket, ttl }) => {
-                let gr = get::get_secret(get::GetSecret { role, out: out.clone(), socket, ttl: ttl.map(Into::into) }).await?;
-                println!("wrote {}/secret.json (lease {}); valid until {}", out.display(), gr.lease_id, rfc3339(gr.not_after_unix));
+                let gr = get::get_secret(get::GetSecret { role, out: out.clone(), socket, ttl: ttl.map(Into::into) })
+                    .await?;
+                println!(
+                    "wrote {}/secret.json (lease {}); valid until {}",
+                    out.display(),
+                    gr.lease_id,
+                    rfc3339(gr.not_after_unix)
+                );
                 Ok(())
             }
             Command::Release { lease_id, socket } => {

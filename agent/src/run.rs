@@ -264,10 +264,14 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
                             wire::LocalResponse { body: Some(LocalResp::Release(rr)) }
                         }
                         Ok(_) => local_error(ErrorCode::Internal, "the broker's receipt names another lease"),
-                        Err(e) => local_error(ErrorCode::Internal, format!("the broker's receipt does not check out: {e}")),
+                        Err(e) => {
+                            local_error(ErrorCode::Internal, format!("the broker's receipt does not check out: {e}"))
+                        }
                     }
                 }
-                Ok(wire::Response { body: Some(Resp::Error(e)) }) => wire::LocalResponse { body: Some(LocalResp::Error(e)) },
+                Ok(wire::Response { body: Some(Resp::Error(e)) }) => {
+                    wire::LocalResponse { body: Some(LocalResp::Error(e)) }
+                }
                 Ok(_) => local_error(ErrorCode::Internal, "unexpected reply from the broker"),
             }
         }

@@ -55,20 +55,8 @@ impl Identity {
     }
 
     pub fn chain_pem(&self) -> String {
-        self.chain.iter().map(|c| pem_cert(c)).collect()
+        self.chain.iter().map(|c| grantline_proto::pem::encode("CERTIFICATE", c)).collect()
     }
-}
-
-pub fn pem_cert(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 impl AgentState {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use divan::counter::ItemsCount;
 use grantline_daemon::audit::AuditLog;
 use grantline_daemon::issuer::embedded::EmbeddedIssuer;
-use grantline_daemon::issuer::{check_csr, Issuer, Order};
+use grantline_daemon::issuer::{check_csr, Issuer, Order, What};
 use grantline_daemon::pki::Pki;
 use grantline_daemon::policy::{decide, Kind, NodeAttrs, Policy, PolicyRequest, DEV_POLICY};
 use grantline_proto::audit::{Event, SignerKey};
@@ -53,12 +53,11 @@ fn csr_check(bencher: divan::Bencher) {
 #[divan::bench]
 fn x509_leaf_sign(bencher: divan::Bencher) {
     let issuer = EmbeddedIssuer::new(FIX.pki.clone());
-    let order = Order::X509 {
+    let order = Order {
         node: "web-1".into(),
         role: "dev".into(),
-        csr: check_csr(&FIX.csr_der).unwrap(),
-        sans: vec!["svc.example.com".into()],
         ttl: Duration::from_secs(600),
+        what: What::X509 { csr: check_csr(&FIX.csr_der).unwrap(), sans: vec!["svc.example.com".into()] },
     };
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     bencher.bench(|| rt.block_on(issuer.issue(&order)).unwrap());
@@ -67,13 +66,11 @@ fn x509_leaf_sign(bencher: divan::Bencher) {
 #[divan::bench]
 fn ssh_cert_sign(bencher: divan::Bencher) {
     let issuer = EmbeddedIssuer::new(FIX.pki.clone());
-    let order = Order::Ssh {
+    let order = Order {
         node: "web-1".into(),
         role: "dev".into(),
-        public_key: FIX.ssh_key.clone(),
-        principals: vec!["alice".into()],
         ttl: Duration::from_secs(600),
-        host: false,
+        what: What::Ssh { public_key: FIX.ssh_key.clone(), principals: vec!["alice".into()], host: false },
     };
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     bencher.bench(|| rt.block_on(issuer.issue(&order)).unwrap());

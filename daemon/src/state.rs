@@ -203,7 +203,14 @@ impl StateDb {
             .query_row(
                 "SELECT lease_id, node, fingerprint, expires_at FROM leases WHERE lease_id = ?1 AND revoked_at IS NULL",
                 [lease_id],
-                |r| Ok(LeaseRecord { lease_id: r.get(0)?, node: r.get(1)?, fingerprint: r.get(2)?, expires_at: r.get(3)? }),
+                |r| {
+                    Ok(LeaseRecord {
+                        lease_id: r.get(0)?,
+                        node: r.get(1)?,
+                        fingerprint: r.get(2)?,
+                        expires_at: r.get(3)?,
+                    })
+                },
             )
             .optional()?)
     }
@@ -290,7 +297,12 @@ mod tests {
     fn leases_are_found_by_id_and_node_until_revoked_or_expired() {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(&dir.path().join("s.db")).unwrap();
-        let l = LeaseRecord { lease_id: "database/creds/ro/abc".into(), node: "n1".into(), fingerprint: "f".into(), expires_at: 100 };
+        let l = LeaseRecord {
+            lease_id: "database/creds/ro/abc".into(),
+            node: "n1".into(),
+            fingerprint: "f".into(),
+            expires_at: 100,
+        };
         db.record_lease(&l).unwrap();
         assert!(db.record_lease(&l).is_err(), "a lease id is recorded once");
         assert_eq!(db.lease(&l.lease_id).unwrap(), Some(l.clone()));

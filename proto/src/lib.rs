@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod files;
 pub mod frame;
+pub mod pem;
 
 /// Generated wire messages (`proto/grantline/v1/wire.proto`).
 #[allow(clippy::all, clippy::pedantic)]

@@ -4,6 +4,7 @@
 //! never guessed with sleeps.
 #![allow(clippy::unwrap_used)]
 
+pub mod load;
 pub mod openbao;
 pub mod postgres;
 pub mod raw;
@@ -78,7 +79,9 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if matches(&line) => return line,
                 Ok(_) => {}
-                Err(e) => panic!("{} did not print {what:?} ({e:?}); exit status {:?}", self.name, self.child.try_wait()),
+                Err(e) => {
+                    panic!("{} did not print {what:?} ({e:?}); exit status {:?}", self.name, self.child.try_wait())
+                }
             }
         }
     }

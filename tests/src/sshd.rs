@@ -17,7 +17,8 @@ impl Sshd {
     pub fn start(ca_pub: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let host_key = dir.path().join("host_ed25519");
-        let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&host_key).output().unwrap();
+        let keygen =
+            Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&host_key).output().unwrap();
         assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
         std::fs::write(dir.path().join("user_ca.pub"), format!("{ca_pub}\n")).unwrap();
         // sshd wants its privilege separation directory.
@@ -52,8 +53,16 @@ impl Sshd {
             .arg("-o")
             .arg(format!("CertificateFile={}", cert.display()))
             .args([
-                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
-                "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=5",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "ConnectTimeout=5",
             ])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()))

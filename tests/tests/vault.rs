@@ -81,12 +81,26 @@ fn x509_from_vault_pki_sign_verifies_against_the_vault_chain() {
     let broker = broker_with_vault(&bao, "x509 = \"vault\"\n");
     let agent = Agent::start(&broker, "web-1");
     let out = tempfile::tempdir().unwrap();
-    let got = agent.get(&["x509", "--role", "web", "--san", "api.example.com", "--ttl", "20m", "--out", out.path().to_str().unwrap()]);
+    let got = agent.get(&[
+        "x509",
+        "--role",
+        "web",
+        "--san",
+        "api.example.com",
+        "--ttl",
+        "20m",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     assert!(got.status.success(), "{}", stderr(&got));
     let v = openssl_verify(&root, out.path());
     assert!(v.status.success(), "openssl verify: {}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
     // Issued by Vault: the issuer is the Vault root, not the embedded CA.
-    let text = Command::new("openssl").args(["x509", "-noout", "-issuer", "-in"]).arg(out.path().join("cert.pem")).output().unwrap();
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-issuer", "-in"])
+        .arg(out.path().join("cert.pem"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("OpenBao test root"), "{:?}", text);
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
@@ -103,7 +117,11 @@ fn x509_in_intermediate_mode_verifies_and_the_rotation_is_audited() {
     assert!(got.status.success(), "{}", stderr(&got));
     let v = openssl_verify(&root, out.path());
     assert!(v.status.success(), "openssl verify: {}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
-    let text = Command::new("openssl").args(["x509", "-noout", "-issuer", "-in"]).arg(out.path().join("cert.pem")).output().unwrap();
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-issuer", "-in"])
+        .arg(out.path().join("cert.pem"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("Grantline intermediate CA"), "{:?}", text);
     let rotations: Vec<_> = broker.events().into_iter().filter(|e| matches!(e, Event::CaRotation { .. })).collect();
     assert_eq!(rotations.len(), 1, "{rotations:?}");
@@ -124,7 +142,17 @@ fn ssh_certificate_from_vault_logs_in_to_sshd_until_it_expires() {
     let agent = Agent::start(&broker, "ops-1");
     let user = current_user();
     let out = tempfile::tempdir().unwrap();
-    let got = agent.get(&["ssh", "--role", "ops", "--principal", &user, "--ttl", "4s", "--out", out.path().to_str().unwrap()]);
+    let got = agent.get(&[
+        "ssh",
+        "--role",
+        "ops",
+        "--principal",
+        &user,
+        "--ttl",
+        "4s",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     assert!(got.status.success(), "{}", stderr(&got));
     let key = out.path().join("id_ed25519");
     let cert = out.path().join("id_ed25519-cert.pub");
@@ -148,31 +176,7 @@ fn ssh_certificate_from_vault_logs_in_to_sshd_until_it_expires() {
 
 /// The certificate's valid-before time, from its own bytes.
 fn ssh_valid_before(path: &std::path::Path) -> u64 {
-    let line = std::fs::read_to_string(path).unwrap();
-    let b64 = line.split_whitespace().nth(1).unwrap();
-    let blob = base64_decode(b64);
-    // ssh-ed25519-cert-v01: string type, string nonce, string pk, uint64 serial,
-    // uint32 type, string key id, string principals, uint64 valid after, uint64 valid before.
-    let mut r = &blob[..];
-    let mut take_string = |r: &mut &[u8]| {
-        let n = u32::from_be_bytes(r[..4].try_into().unwrap()) as usize;
-        *r = &r[4 + n..];
-    };
-    take_string(&mut r); // type
-    take_string(&mut r); // nonce
-    take_string(&mut r); // public key
-    r = &r[8 + 4..]; // serial, cert type
-    take_string(&mut r); // key id
-    take_string(&mut r); // principals
-    u64::from_be_bytes(r[8..16].try_into().unwrap())
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let out = Command::new("base64").arg("-d").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn();
-    let mut child = out.unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    child.wait_with_output().unwrap().stdout
+    ssh_key::Certificate::read_file(path).unwrap().valid_before()
 }
 
 #[test]
@@ -182,7 +186,17 @@ fn vault_token_has_the_capped_ttl_uses_and_policies() {
     let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
     let agent = Agent::start(&broker, "app-1");
     let out = tempfile::tempdir().unwrap();
-    let got = agent.get(&["token", "--role", "app", "--policy", "app-read", "--ttl", "2h", "--out", out.path().to_str().unwrap()]);
+    let got = agent.get(&[
+        "token",
+        "--role",
+        "app",
+        "--policy",
+        "app-read",
+        "--ttl",
+        "2h",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     assert!(got.status.success(), "{}", stderr(&got));
     assert_eq!(grantline_tests::mode(&out.path().join("token")), 0o600);
     let token = std::fs::read_to_string(out.path().join("token")).unwrap().trim().to_owned();
@@ -202,7 +216,10 @@ fn vault_token_has_the_capped_ttl_uses_and_policies() {
     // The log names the token by a fingerprint of its accessor, never the token.
     let accessor = data["accessor"].as_str().unwrap();
     let fp = grantline_proto::audit::event::vault_fingerprint("token-accessor", accessor);
-    assert!(broker.events().iter().any(|e| matches!(e, Event::Grant { fingerprint, kind, .. } if *fingerprint == fp && kind == "vault-token")));
+    assert!(broker
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Grant { fingerprint, kind, .. } if *fingerprint == fp && kind == "vault-token")));
     let db = std::fs::read(broker.path("audit.db")).unwrap();
     for secret in [token.as_str(), accessor] {
         assert!(!db.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} is in the audit log");
@@ -245,7 +262,8 @@ fn database_credentials_log_in_to_postgres_until_released() {
     let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
     assert!(got.status.success(), "{}", stderr(&got));
     assert_eq!(grantline_tests::mode(&out.path().join("secret.json")), 0o600);
-    let secret: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
+    let secret: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
     let user = secret["data"]["username"].as_str().unwrap();
     let password = secret["data"]["password"].as_str().unwrap();
     let lease_id = secret["lease_id"].as_str().unwrap();

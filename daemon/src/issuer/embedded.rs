@@ -37,7 +37,8 @@ pub fn sign_leaf(
 ) -> Result<Issued, IssueError> {
     let now = SystemTime::now();
     let mut p = CertificateParams::default();
-    p.subject_alt_names = sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>().map_err(IssueError::BadRequest)?;
+    p.subject_alt_names =
+        sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>().map_err(IssueError::BadRequest)?;
     if let Some(first) = sans.first() {
         p.distinguished_name.push(DnType::CommonName, first.as_str());
     }
@@ -48,9 +49,8 @@ pub fn sign_leaf(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     p.use_authority_key_identifier_extension = true;
-    let cert = p
-        .signed_by(&csr.public_key, ca)
-        .map_err(|e| IssueError::Internal(format!("signing the leaf failed: {e}")))?;
+    let cert =
+        p.signed_by(&csr.public_key, ca).map_err(|e| IssueError::Internal(format!("signing the leaf failed: {e}")))?;
     Ok(Issued {
         serial: hex::encode(serial.to_bytes()),
         fingerprint: hex::encode(Sha256::digest(cert.der())),
@@ -69,7 +69,12 @@ pub struct SshParams<'a> {
     pub host: bool,
 }
 
-fn sign_ssh(ca: &ssh_key::PrivateKey, key: &ssh_key::PublicKey, params: &SshParams<'_>, ttl: Duration) -> Result<Issued, IssueError> {
+fn sign_ssh(
+    ca: &ssh_key::PrivateKey,
+    key: &ssh_key::PublicKey,
+    params: &SshParams<'_>,
+    ttl: Duration,
+) -> Result<Issued, IssueError> {
     let now = SystemTime::now();
     let valid_after = unix(now - BACKDATE);
     let valid_before = unix(now + ttl);
@@ -84,7 +89,8 @@ fn sign_ssh(ca: &ssh_key::PrivateKey, key: &ssh_key::PublicKey, params: &SshPara
     let serial: u64 = rand::random();
     b.serial(serial).map_err(bad)?;
     b.key_id(format!("{}:{serial}", params.key_id)).map_err(bad)?;
-    let cert_type = if params.host { ssh_key::certificate::CertType::Host } else { ssh_key::certificate::CertType::User };
+    let cert_type =
+        if params.host { ssh_key::certificate::CertType::Host } else { ssh_key::certificate::CertType::User };
     b.cert_type(cert_type).map_err(bad)?;
     for p in params.principals {
         b.valid_principal(p.as_str()).map_err(bad)?;
@@ -112,8 +118,11 @@ impl Issuer for EmbeddedIssuer {
                     sign_leaf(&self.pki.x509_ca.issuer, &self.pki.x509_chain_pem(), csr, sans, order.ttl)
                 }
                 What::Ssh { public_key, principals, host } => {
-                    let params =
-                        SshParams { key_id: format!("grantline:{}:{}", order.node, order.role), principals, host: *host };
+                    let params = SshParams {
+                        key_id: format!("grantline:{}:{}", order.node, order.role),
+                        principals,
+                        host: *host,
+                    };
                     sign_ssh(&self.pki.ssh_ca, public_key, &params, order.ttl)
                 }
                 What::VaultToken { .. } | What::Secret { .. } => {

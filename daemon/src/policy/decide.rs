@@ -227,7 +227,10 @@ max_uses = 5
                                     "ops" => assert!(k == Kind::SshUser && r == "ops" && (n == "ops" || n == "deploy")),
                                     _ => {
                                         assert!(nd.name.starts_with("app-") && r == "readonly");
-                                        assert!(k == Kind::DynamicSecret || (k == Kind::VaultToken && n.starts_with("app-")));
+                                        assert!(
+                                            k == Kind::DynamicSecret
+                                                || (k == Kind::VaultToken && n.starts_with("app-"))
+                                        );
                                     }
                                 }
                             }

@@ -210,7 +210,12 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
         Ok(wire::CredentialKind::SshHost) => Kind::SshHost,
         Ok(wire::CredentialKind::VaultToken) => Kind::VaultToken,
         Ok(wire::CredentialKind::DynamicSecret) => Kind::DynamicSecret,
-        _ => return Err(format!("unknown credential kind {}; use x509, ssh-user, ssh-host, vault-token or secret", r.kind)),
+        _ => {
+            return Err(format!(
+                "unknown credential kind {}; use x509, ssh-user, ssh-host, vault-token or secret",
+                r.kind
+            ))
+        }
     };
     if r.role.is_empty() {
         return Err("the request names no role".into());
@@ -438,6 +443,7 @@ pub(crate) async fn revoke_lease(
     if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()) {
         tracing::error!(error = %e, "lease revoked in Vault but not marked in state.db");
     }
-    let event = Event::LeaseRevocation { node: lease.node.clone(), lease: lease.fingerprint.clone(), reason: reason.into() };
+    let event =
+        Event::LeaseRevocation { node: lease.node.clone(), lease: lease.fingerprint.clone(), reason: reason.into() };
     shared.audit.append(event).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))
 }

@@ -20,10 +20,10 @@ use crate::audit::AuditLog;
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
-use crate::vault::{Intermediate, Vault, VaultIssuer, X509Mode};
 use crate::pki::Pki;
 use crate::policy::Policy;
 use crate::state::{NodeRecord, StateDb};
+use crate::vault::{Intermediate, Vault, VaultIssuer, X509Mode};
 use grantline_proto::files::{read_secret, write_atomic, write_secret};
 
 pub use identity::PeerNode;

@@ -145,7 +145,10 @@ impl Vault {
             };
             tokio::time::sleep(wait).await;
             let renewed = match ttl {
-                Some(_) => self.timed(vaultrs::token::renew_self(&*self.client(), None)).await.map(|a| Duration::from_secs(a.lease_duration)),
+                Some(_) => self
+                    .timed(vaultrs::token::renew_self(&*self.client(), None))
+                    .await
+                    .map(|a| Duration::from_secs(a.lease_duration)),
                 None => Err(IssueError::Unavailable("not logged in".into())),
             };
             ttl = match renewed {
@@ -213,7 +216,9 @@ fn classify(f: Failure) -> IssueError {
                 _ => IssueError::Internal(msg),
             }
         }
-        Failure::Vault(e @ ClientError::RestClientError { .. }) => IssueError::Unavailable(format!("cannot reach Vault: {e}")),
+        Failure::Vault(e @ ClientError::RestClientError { .. }) => {
+            IssueError::Unavailable(format!("cannot reach Vault: {e}"))
+        }
         Failure::Vault(other) => IssueError::Internal(format!("unexpected answer from Vault: {other}")),
     }
 }

@@ -75,7 +75,9 @@ pub struct VaultConfig {
 fn duration(what: &str, s: Option<&str>, default: Duration) -> Result<Duration> {
     match s {
         None => Ok(default),
-        Some(s) => humantime::parse_duration(s).with_context(|| format!("vault.{what} {s:?} is not a duration like \"10s\"")),
+        Some(s) => {
+            humantime::parse_duration(s).with_context(|| format!("vault.{what} {s:?} is not a duration like \"10s\""))
+        }
     }
 }
 
@@ -89,8 +91,9 @@ fn mount(what: &str, s: Option<String>, default: &str) -> Result<String> {
 
 impl VaultConfig {
     pub fn from_file(f: VaultFile) -> Result<Self> {
-        let url = url::Url::parse(&f.address)
-            .with_context(|| format!("vault.address {:?} is not a URL like https://vault.example.com:8200", f.address))?;
+        let url = url::Url::parse(&f.address).with_context(|| {
+            format!("vault.address {:?} is not a URL like https://vault.example.com:8200", f.address)
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             bail!("vault.address must be http:// or https://, not {}", url.scheme());
         }
@@ -124,7 +127,8 @@ impl VaultConfig {
         if timeout.is_zero() || timeout > Duration::from_secs(120) {
             bail!("vault.timeout must be between 1ms and 2 minutes");
         }
-        let intermediate_ttl = duration("intermediate_ttl", f.intermediate_ttl.as_deref(), Duration::from_secs(24 * 3600))?;
+        let intermediate_ttl =
+            duration("intermediate_ttl", f.intermediate_ttl.as_deref(), Duration::from_secs(24 * 3600))?;
         if intermediate_ttl < Duration::from_secs(60) {
             bail!("vault.intermediate_ttl must be at least 1 minute");
         }
@@ -155,7 +159,10 @@ mod tests {
         let c = parse("address = 'http://127.0.0.1:8200'\ntoken_file = '/t'\n").unwrap();
         assert_eq!((c.x509, c.ssh_via_vault, c.pki_mount.as_str()), (X509Mode::Vault, true, "pki"));
         let c = parse("address = 'https://v:8200'\napprole = { role_id = 'r', secret_id_file = '/s' }\nx509 = 'intermediate'\nssh = 'embedded'\n").unwrap();
-        assert_eq!(c.auth, VaultAuth::AppRole { mount: "approle".into(), role_id: "r".into(), secret_id_file: "/s".into() });
+        assert_eq!(
+            c.auth,
+            VaultAuth::AppRole { mount: "approle".into(), role_id: "r".into(), secret_id_file: "/s".into() }
+        );
         assert_eq!((c.x509, c.ssh_via_vault), (X509Mode::Intermediate, false));
         for (text, want) in [
             ("address = 'nowhere'\ntoken_file = '/t'\n", "not a URL"),

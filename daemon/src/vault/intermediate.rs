@@ -11,7 +11,6 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignIntermediateRequest;
 
-use super::issuer::pem_block;
 use super::Vault;
 use crate::audit::AuditLog;
 use crate::issuer::embedded::{sign_leaf, unix};
@@ -49,11 +48,12 @@ impl Intermediate {
 
     /// Obtains a new intermediate from Vault and switches to it.
     pub async fn rotate(&self) -> Result<(), IssueError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| IssueError::Internal(e.to_string()))?;
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| IssueError::Internal(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, "Grantline intermediate CA");
         let csr = params.serialize_request(&key).map_err(|e| IssueError::Internal(e.to_string()))?;
-        let csr_pem = pem_block("CERTIFICATE REQUEST", csr.der());
+        let csr_pem = grantline_proto::pem::encode("CERTIFICATE REQUEST", csr.der());
         let mount = &self.vault.config.pki_mount;
         let ttl = format!("{}s", self.vault.config.intermediate_ttl.as_secs());
         let r = self
@@ -63,7 +63,14 @@ impl Intermediate {
                 opts.ttl(ttl.clone()).max_path_length(0).use_csr_values(true);
                 let csr_pem = csr_pem.clone();
                 async move {
-                    vaultrs::pki::cert::ca::sign_intermediate(&*c, mount, &csr_pem, "Grantline intermediate CA", Some(&mut opts)).await
+                    vaultrs::pki::cert::ca::sign_intermediate(
+                        &*c,
+                        mount,
+                        &csr_pem,
+                        "Grantline intermediate CA",
+                        Some(&mut opts),
+                    )
+                    .await
                 }
             })
             .await?;
@@ -134,7 +141,9 @@ impl Issuer for Intermediate {
             };
             let now = unix(SystemTime::now());
             if ca.not_after <= now {
-                return Err(IssueError::Unavailable("the intermediate CA expired and Vault has not signed a new one".into()));
+                return Err(IssueError::Unavailable(
+                    "the intermediate CA expired and Vault has not signed a new one".into(),
+                ));
             }
             // A leaf never outlives its issuer.
             let left = Duration::from_secs(u64::try_from(ca.not_after - now).unwrap_or(0));

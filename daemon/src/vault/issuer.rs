@@ -26,21 +26,23 @@ impl VaultIssuer {
     }
 
     async fn x509(&self, role: &str, csr: &CheckedCsr, sans: &[String], ttl: Duration) -> Result<Issued, IssueError> {
-        let csr_pem = pem_block("CERTIFICATE REQUEST", &csr.der);
+        let csr_pem = grantline_proto::pem::encode("CERTIFICATE REQUEST", &csr.der);
         let (ips, dns): (Vec<&String>, Vec<&String>) = sans.iter().partition(|s| s.parse::<std::net::IpAddr>().is_ok());
         let common_name = dns.first().or(ips.first()).map(|s| s.as_str()).unwrap_or_default().to_owned();
         let mount = &self.vault.config.pki_mount;
-        let r = self
-            .vault
-            .call("pki sign", |c| {
-                let mut opts = SignCertificateRequest::builder();
-                opts.alt_names(dns.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
-                    .ip_sans(ips.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
-                    .ttl(format!("{}s", ttl.as_secs()));
-                let (csr_pem, common_name) = (csr_pem.clone(), common_name.clone());
-                async move { vaultrs::pki::cert::ca::sign(&*c, mount, role, &csr_pem, &common_name, Some(&mut opts)).await }
-            })
-            .await?;
+        let r =
+            self.vault
+                .call("pki sign", |c| {
+                    let mut opts = SignCertificateRequest::builder();
+                    opts.alt_names(dns.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
+                        .ip_sans(ips.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
+                        .ttl(format!("{}s", ttl.as_secs()));
+                    let (csr_pem, common_name) = (csr_pem.clone(), common_name.clone());
+                    async move {
+                        vaultrs::pki::cert::ca::sign(&*c, mount, role, &csr_pem, &common_name, Some(&mut opts)).await
+                    }
+                })
+                .await?;
         let der = rustls_pemfile::certs(&mut r.certificate.as_bytes())
             .next()
             .and_then(Result::ok)
@@ -62,7 +64,13 @@ impl VaultIssuer {
         })
     }
 
-    async fn ssh(&self, order: &Order, key: &ssh_key::PublicKey, principals: &[String], host: bool) -> Result<Issued, IssueError> {
+    async fn ssh(
+        &self,
+        order: &Order,
+        key: &ssh_key::PublicKey,
+        principals: &[String],
+        host: bool,
+    ) -> Result<Issued, IssueError> {
         let public = key.to_openssh().map_err(|e| IssueError::BadRequest(e.to_string()))?;
         let mount = &self.vault.config.ssh_mount;
         let r = self
@@ -102,7 +110,10 @@ impl VaultIssuer {
                     .no_default_policy(true)
                     .renewable(false)
                     .display_name(format!("grantline-{}", order.node))
-                    .meta(std::collections::HashMap::from([("node".to_owned(), order.node.clone()), ("role".to_owned(), order.role.clone())]));
+                    .meta(std::collections::HashMap::from([
+                        ("node".to_owned(), order.node.clone()),
+                        ("role".to_owned(), order.role.clone()),
+                    ]));
                 async move { vaultrs::token::new_orphan(&*c, Some(&mut opts)).await }
             })
             .await?;
@@ -170,16 +181,4 @@ impl Issuer for VaultIssuer {
             }
         })
     }
-}
-
-pub fn pem_block(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }

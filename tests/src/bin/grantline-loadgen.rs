@@ -1,0 +1,62 @@
+//! grantline-loadgen: load against a broker or OpenBao, one JSON object out.
+//!
+//! ```text
+//! grantline-loadgen grants --broker ADDR --ca-file CA --identity-dir AGENT_STATE --role R --san NAME \
+//!     [--connections 4] [--concurrency 64] [--requests 5000]
+//! grantline-loadgen vault-pki --vault URL --token T --role R --san NAME [--concurrency 64] [--requests 5000]
+//! ```
+#![allow(clippy::unwrap_used)]
+
+use grantline_tests::load::{broker_grants, vault_pki, BrokerLoad, VaultLoad};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn req_arg(args: &[String], name: &str) -> String {
+    arg(args, name).unwrap_or_else(|| {
+        eprintln!("grantline-loadgen: {name} is required");
+        std::process::exit(64)
+    })
+}
+
+fn num(args: &[String], name: &str, default: usize) -> usize {
+    arg(args, name).map_or(default, |v| {
+        v.parse().unwrap_or_else(|_| {
+            eprintln!("grantline-loadgen: {name} must be a number");
+            std::process::exit(64)
+        })
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let out = match args.get(1).map(String::as_str) {
+        Some("grants") => broker_grants(
+            &BrokerLoad {
+                broker: req_arg(&args, "--broker"),
+                ca_pem: std::fs::read_to_string(req_arg(&args, "--ca-file")).unwrap(),
+                identity_dir: req_arg(&args, "--identity-dir").into(),
+                role: req_arg(&args, "--role"),
+                san: req_arg(&args, "--san"),
+                connections: num(&args, "--connections", 4),
+                concurrency: num(&args, "--concurrency", 64),
+                requests: num(&args, "--requests", 5000),
+            },
+            "broker-grants",
+        ),
+        Some("vault-pki") => vault_pki(&VaultLoad {
+            vault: req_arg(&args, "--vault"),
+            token: req_arg(&args, "--token"),
+            role: req_arg(&args, "--role"),
+            san: req_arg(&args, "--san"),
+            concurrency: num(&args, "--concurrency", 64),
+            requests: num(&args, "--requests", 5000),
+        }),
+        _ => {
+            eprintln!("usage: grantline-loadgen grants|vault-pki ... (see the source header)");
+            std::process::exit(64);
+        }
+    };
+    println!("{out}");
+}
