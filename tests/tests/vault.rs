@@ -129,6 +129,71 @@ fn x509_in_intermediate_mode_verifies_and_the_rotation_is_audited() {
     assert!(ok, "{v}");
 }
 
+/// The serial of the CA that issued the certificate in `dir/cert.pem`
+/// (its authority key identifier).
+fn issuer_key_id(dir: &std::path::Path) -> Vec<u8> {
+    let pem = std::fs::read(dir.join("cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn intermediate_is_rotated_before_it_expires_and_leaves_never_outlive_it() {
+    let bao = OpenBao::start();
+    let root = bao.setup_pki();
+    // A 15 s intermediate is rotated 10 s after it was issued.
+    let broker = broker_with_vault(&bao, "x509 = \"intermediate\"\nintermediate_ttl = \"15s\"\n");
+    let agent = Agent::start(&broker, "web-3");
+    let first = tempfile::tempdir().unwrap();
+    let got = agent.get(&[
+        "x509",
+        "--role",
+        "web",
+        "--san",
+        "a.example.com",
+        "--ttl",
+        "30m",
+        "--out",
+        first.path().to_str().unwrap(),
+    ]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let pem = std::fs::read(first.path().join("cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let rotations =
+        || broker.events().into_iter().filter(|e| matches!(e, Event::CaRotation { .. })).collect::<Vec<_>>();
+    let Event::CaRotation { not_after: ca_not_after, .. } = rotations()[0].clone() else { unreachable!() };
+    assert!(cert.validity().not_after.timestamp() <= ca_not_after, "the leaf outlives its intermediate");
+
+    // Wait (bounded) for the rotation to be in the log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rotations().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no rotation within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let second = tempfile::tempdir().unwrap();
+    let got = agent.get(&["x509", "--role", "web", "--san", "b.example.com", "--out", second.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let v = openssl_verify(&root, second.path());
+    assert!(v.status.success(), "openssl verify after rotation: {}{}", String::from_utf8_lossy(&v.stdout), stderr(&v));
+    assert_ne!(
+        issuer_key_id(first.path()),
+        issuer_key_id(second.path()),
+        "the second leaf was not signed by the new intermediate"
+    );
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
 fn current_user() -> String {
     nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().name
 }
@@ -333,6 +398,11 @@ fn vault_outage_fails_vault_kinds_retryably_keeps_embedded_kinds_and_recovers() 
     assert!(unseal.status.success(), "{}", stderr(&unseal));
     let back = ssh(out.path());
     assert!(back.status.success(), "{}", stderr(&back));
+
+    // Vault revokes the broker's own token: the broker logs in again by itself.
+    bao.api("POST", "sys/leases/revoke-prefix/auth/approle/login", None);
+    let relogged = ssh(out.path());
+    assert!(relogged.status.success(), "no recovery after the broker's token was revoked: {}", stderr(&relogged));
 
     // Every failure is in the log as a denial naming Vault.
     let failures = broker

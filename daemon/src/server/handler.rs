@@ -7,9 +7,9 @@ use grantline_proto::audit::event::CallerInfo;
 use grantline_proto::audit::Event;
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, ErrorCode};
 
-use super::identity::{check_node_name, issue_identity, PeerNode};
+use super::identity::{check_node_name, issue_identity, IssuedIdentity, PeerNode};
 use super::Shared;
-use crate::issuer::{check_csr, IssueError, Issued, Issuer, Order, What};
+use crate::issuer::{check_csr, CheckedCsr, IssueError, Issued, Issuer, Order, What};
 use crate::policy::{decide, Allowed, Decision, Kind, NodeAttrs, PolicyRequest};
 use crate::state::{LeaseRecord, NodeRecord, TokenError};
 use crate::vault::Vault;
@@ -111,67 +111,42 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         audit_denial(shared, deny(format!("node {name} has been revoked"), &name)).await;
         return err(ErrorCode::Revoked, format!("node {name} has been revoked and cannot enroll again"));
     }
-    let id = match issue_identity(&shared.pki, &name, &csr, shared.identity_ttl) {
-        Ok(id) => id,
-        Err(e) => return err(ErrorCode::BadRequest, e),
-    };
-    let event = Event::Enrollment {
-        node: name.clone(),
-        labels: redeemed.labels.clone(),
+    let node = NodeAttrs { name, labels: redeemed.labels };
+    let event = |id: &IssuedIdentity| Event::Enrollment {
+        node: node.name.clone(),
+        labels: node.labels.clone(),
         token_id: redeemed.id.clone(),
         serial: id.serial.clone(),
         fingerprint: id.fingerprint.clone(),
         not_after: id.not_after,
     };
-    let receipt = match shared.audit.append(event).await {
-        Ok(r) => r,
-        Err(e) => return err(ErrorCode::Unavailable, e.to_string()),
-    };
-    let record = NodeRecord {
-        name: name.clone(),
-        labels: redeemed.labels.clone(),
-        serial: id.serial,
-        not_after: id.not_after,
-        revoked: false,
-    };
-    if let Err(e) = shared.state.upsert_node(&record, now_unix()) {
-        return err(ErrorCode::Unavailable, format!("cannot record the node: {e}"));
-    }
-    shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), record);
-    tracing::info!(node = %name, token = %redeemed.id, "node enrolled");
-    Reply {
-        body: Some(Resp::Enroll(wire::EnrollResponse {
-            identity: Some(wire::NodeIdentity {
-                node_name: name,
-                labels: redeemed.labels.into_iter().collect(),
-                chain_der: id.chain_der,
-                not_after_unix: id.not_after,
-            }),
-            receipt: Some(receipt),
-            audit_vkey: shared.vkey.to_string(),
-        })),
+    match grant_identity(shared, &node, &csr, event).await {
+        Ok((identity, receipt)) => {
+            tracing::info!(node = %node.name, token = %redeemed.id, "node enrolled");
+            Reply {
+                body: Some(Resp::Enroll(wire::EnrollResponse {
+                    identity: Some(identity),
+                    receipt: Some(receipt),
+                    audit_vkey: shared.vkey.to_string(),
+                })),
+            }
+        }
+        Err(reply) => reply,
     }
 }
 
-async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentityRequest) -> Reply {
-    let csr = match check_csr(&r.csr_der) {
-        Ok(c) => c,
-        Err(e) => return err(ErrorCode::BadRequest, e),
-    };
-    let id = match issue_identity(&shared.pki, &node.name, &csr, shared.identity_ttl) {
-        Ok(id) => id,
-        Err(e) => return err(ErrorCode::BadRequest, e),
-    };
-    let event = Event::IdentityRenewal {
-        node: node.name.clone(),
-        serial: id.serial.clone(),
-        fingerprint: id.fingerprint.clone(),
-        not_after: id.not_after,
-    };
-    let receipt = match shared.audit.append(event).await {
-        Ok(r) => r,
-        Err(e) => return err(ErrorCode::Unavailable, e.to_string()),
-    };
+/// Issues a node identity for `node`, audits it with `event`, records the
+/// node, and returns what goes on the wire.
+#[allow(clippy::result_large_err)]
+async fn grant_identity(
+    shared: &Shared,
+    node: &NodeAttrs,
+    csr: &CheckedCsr,
+    event: impl FnOnce(&IssuedIdentity) -> Event,
+) -> Result<(wire::NodeIdentity, wire::Receipt), Reply> {
+    let id =
+        issue_identity(&shared.pki, &node.name, csr, shared.identity_ttl).map_err(|e| err(ErrorCode::BadRequest, e))?;
+    let receipt = shared.audit.append(event(&id)).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
     let record = NodeRecord {
         name: node.name.clone(),
         labels: node.labels.clone(),
@@ -179,20 +154,39 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentit
         not_after: id.not_after,
         revoked: false,
     };
-    if let Err(e) = shared.state.upsert_node(&record, now_unix()) {
-        return err(ErrorCode::Unavailable, format!("cannot record the renewed identity: {e}"));
-    }
+    shared
+        .state
+        .upsert_node(&record, now_unix())
+        .map_err(|e| err(ErrorCode::Unavailable, format!("cannot record the node: {e}")))?;
     shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.name.clone(), record);
-    Reply {
-        body: Some(Resp::RenewIdentity(wire::RenewIdentityResponse {
-            identity: Some(wire::NodeIdentity {
-                node_name: node.name.clone(),
-                labels: node.labels.clone().into_iter().collect(),
-                chain_der: id.chain_der,
-                not_after_unix: id.not_after,
-            }),
-            receipt: Some(receipt),
-        })),
+    let identity = wire::NodeIdentity {
+        node_name: node.name.clone(),
+        labels: node.labels.clone().into_iter().collect(),
+        chain_der: id.chain_der,
+        not_after_unix: id.not_after,
+    };
+    Ok((identity, receipt))
+}
+
+async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentityRequest) -> Reply {
+    let csr = match check_csr(&r.csr_der) {
+        Ok(c) => c,
+        Err(e) => return err(ErrorCode::BadRequest, e),
+    };
+    let event = |id: &IssuedIdentity| Event::IdentityRenewal {
+        node: node.name.clone(),
+        serial: id.serial.clone(),
+        fingerprint: id.fingerprint.clone(),
+        not_after: id.not_after,
+    };
+    match grant_identity(shared, node, &csr, event).await {
+        Ok((identity, receipt)) => Reply {
+            body: Some(Resp::RenewIdentity(wire::RenewIdentityResponse {
+                identity: Some(identity),
+                receipt: Some(receipt),
+            })),
+        },
+        Err(reply) => reply,
     }
 }
 

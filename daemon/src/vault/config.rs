@@ -129,8 +129,8 @@ impl VaultConfig {
         }
         let intermediate_ttl =
             duration("intermediate_ttl", f.intermediate_ttl.as_deref(), Duration::from_secs(24 * 3600))?;
-        if intermediate_ttl < Duration::from_secs(60) {
-            bail!("vault.intermediate_ttl must be at least 1 minute");
+        if intermediate_ttl < Duration::from_secs(10) {
+            bail!("vault.intermediate_ttl must be at least 10s");
         }
         Ok(Self {
             address: f.address,
