@@ -2,9 +2,12 @@
 //! signed-note formats, receipts and verification of the hash chain.
 //! Storage (SQLite) and the writer task live in the daemon.
 
+pub mod checkpoint;
 pub mod entry;
 pub mod event;
 pub mod key;
+pub mod merkle;
+pub mod note;
 pub mod receipt;
 pub mod verify;
 
