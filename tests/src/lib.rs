@@ -114,8 +114,23 @@ impl Drop for Proc {
 /// A dev broker in a temporary state directory.
 pub struct Broker {
     pub proc: Proc,
-    pub dir: tempfile::TempDir,
+    pub dir: BrokerDir,
     pub addr: String,
+}
+
+/// A broker's state directory: its own temporary one, or one it was given.
+pub enum BrokerDir {
+    Owned(tempfile::TempDir),
+    Borrowed(PathBuf),
+}
+
+impl BrokerDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Owned(t) => t.path(),
+            Self::Borrowed(p) => p,
+        }
+    }
 }
 
 impl Broker {
@@ -127,7 +142,7 @@ impl Broker {
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (proc, addr) = Self::spawn(dir.path(), "127.0.0.1:0", extra);
-        Self { proc, dir, addr }
+        Self { proc, dir: BrokerDir::Owned(dir), addr }
     }
 
     fn spawn(dir: &Path, listen: &str, extra: &[&str]) -> (Proc, String) {
@@ -160,7 +175,13 @@ impl Broker {
         .unwrap();
         let mut proc = Proc::spawn("grantlined", Command::new(bin("grantlined")).arg("--config").arg(&cfg));
         let addr = proc.wait_line("grantlined ready on");
-        Self { proc, dir, addr }
+        Self { proc, dir: BrokerDir::Owned(dir), addr }
+    }
+
+    /// A dev broker on an existing state directory, owned by the caller.
+    pub fn start_in(dir: &Path) -> Self {
+        let (proc, addr) = Self::spawn(dir, "127.0.0.1:0", &[]);
+        Self { proc, dir: BrokerDir::Borrowed(dir.to_owned()), addr }
     }
 
     /// Kills the broker with SIGKILL and starts it again on the same port.

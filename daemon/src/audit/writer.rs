@@ -7,15 +7,17 @@
 
 use std::path::Path;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use grantline_proto::audit::checkpoint::Checkpoint;
 use grantline_proto::audit::entry::leaf_hash;
+use grantline_proto::audit::merkle::Frontier;
 use grantline_proto::audit::{Entry, Event, Hash, SignerKey, ZERO_HASH};
 use grantline_proto::wire;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::store::{AuditStore, NewEntry};
+use super::store::{AuditStore, NewEntry, NewNode};
 
 /// How many appends may wait for the writer; beyond this, callers wait for room
 /// (back-pressure) instead of growing a queue without bound.
@@ -40,6 +42,7 @@ struct Append {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Append>,
+    checkpoints: watch::Receiver<Option<String>>,
 }
 
 impl AuditLog {
@@ -47,18 +50,37 @@ impl AuditLog {
     /// genesis entry, naming `key`, before this returns.
     pub fn start(path: &Path, key: SignerKey, software: &str) -> Result<(Self, JoinHandle<()>)> {
         let mut store = AuditStore::open(path).with_context(|| format!("cannot open audit log {}", path.display()))?;
-        let mut state = ChainState::resume(&store, &key)?;
+        let mut state = ChainState::resume(&mut store, &key)?;
         if state.next_seq == 0 {
             let genesis = Event::Genesis { vkey: key.verifier().to_string(), software: software.to_owned() };
-            let entry = state.seal(&key, &genesis);
-            store.append(std::slice::from_ref(&entry)).context("cannot write the audit log's genesis entry")?;
+            let (entry, nodes) = state.seal(&key, &genesis);
+            store.append(std::slice::from_ref(&entry), &nodes).context("cannot write the audit log's genesis entry")?;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
+        let latest = store.latest_checkpoint()?;
+        let size = match &latest {
+            Some(note) => {
+                Checkpoint::open(note, key.verifier())
+                    .context("the audit log's latest checkpoint does not verify")?
+                    .size
+            }
+            None => 0,
+        };
+        let (published, checkpoints) = watch::channel(latest);
+        // The first checkpoint (or one covering entries added before the
+        // last stop) is due at once.
+        let at = Instant::now().checked_sub(CHECKPOINT_EVERY).unwrap_or_else(Instant::now);
+        let checkpointer = Checkpointer { size, at, published };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(store, key, state, rx))
+            .spawn(move || run(store, key, state, rx, checkpointer))
             .context("cannot start the audit writer thread")?;
-        Ok((Self { tx }, handle))
+        Ok((Self { tx, checkpoints }, handle))
+    }
+
+    /// The latest signed checkpoint note, updated as the writer signs more.
+    pub fn checkpoints(&self) -> watch::Receiver<Option<String>> {
+        self.checkpoints.clone()
     }
 
     /// Appends `event`; returns its signed receipt once the entry is durable.
@@ -69,19 +91,22 @@ impl AuditLog {
     }
 }
 
+#[derive(Clone)]
 struct ChainState {
     origin: String,
     next_seq: u64,
     prev: Hash,
     last_time: i64,
+    /// The right edge of the Merkle tree over the committed entries.
+    tree: Frontier,
 }
 
 impl ChainState {
     /// Picks up where the stored log ends, refusing a log signed by another key.
-    fn resume(store: &AuditStore, key: &SignerKey) -> Result<Self> {
+    fn resume(store: &mut AuditStore, key: &SignerKey) -> Result<Self> {
         let origin = key.verifier().name().to_owned();
         let Some(last) = store.last()? else {
-            return Ok(Self { origin, next_seq: 0, prev: ZERO_HASH, last_time: 0 });
+            return Ok(Self { origin, next_seq: 0, prev: ZERO_HASH, last_time: 0, tree: Frontier::default() });
         };
         if let Some(first) = store.first()? {
             let entry = Entry::decode(&first.entry).context("the audit log's first entry is malformed")?;
@@ -102,12 +127,25 @@ impl ChainState {
                 "the audit log's last entry (seq {seq}) does not belong to log {origin}; run 'grantline audit verify'"
             );
         }
-        Ok(Self { origin, next_seq: seq + 1, prev: leaf_hash(&last.entry), last_time: entry.time_ms })
+        // The tree may lag the entries in a log written before it had one:
+        // add the missing leaves from the stored entry hashes.
+        let stored = store.tree_size()?;
+        let mut tree = Frontier::load(&*store, stored).context("the audit log's Merkle tree is damaged")?;
+        if stored < seq + 1 {
+            let mut nodes = Vec::new();
+            for hash in store.hashes_from(stored)? {
+                nodes.extend(tree.push(hash));
+            }
+            store.append(&[], &nodes).context("cannot add the missing Merkle tree nodes")?;
+            tracing::info!(from = stored, to = seq + 1, "Merkle tree brought up to date with the log");
+        }
+        Ok(Self { origin, next_seq: seq + 1, prev: leaf_hash(&last.entry), last_time: entry.time_ms, tree })
     }
 
-    /// Encodes and signs the next entry and moves the chain past it; the
-    /// caller restores the previous state if the entry is not committed.
-    fn seal(&mut self, key: &SignerKey, event: &Event) -> NewEntry {
+    /// Encodes and signs the next entry and moves the chain and tree past it;
+    /// returns the entry and the tree nodes it completes. The caller restores
+    /// the previous state if they are not committed.
+    fn seal(&mut self, key: &SignerKey, event: &Event) -> (NewEntry, Vec<NewNode>) {
         // Time never goes backwards in the log, even if the clock steps back.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -120,13 +158,81 @@ impl ChainState {
         self.prev = hash;
         self.next_seq += 1;
         self.last_time = time;
-        NewEntry { seq: self.next_seq - 1, hash, entry, signature }
+        let nodes = self.tree.push(hash);
+        (NewEntry { seq: self.next_seq - 1, hash, entry, signature }, nodes)
     }
 }
 
-fn run(mut store: AuditStore, key: SignerKey, mut state: ChainState, mut rx: mpsc::Receiver<Append>) {
+/// Checkpoints are signed at most this often while the log grows, and at
+/// least this often: a pending one is written when the interval has passed
+/// even if no more entries arrive.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+struct Checkpointer {
+    size: u64,
+    at: Instant,
+    published: watch::Sender<Option<String>>,
+}
+
+impl Checkpointer {
+    /// Signs and stores a checkpoint of the committed tree when it grew and
+    /// the interval has passed (or always, when `force`).
+    fn maybe(&mut self, store: &AuditStore, key: &SignerKey, state: &ChainState, force: bool) {
+        let size = state.tree.size();
+        if size == self.size || (!force && self.at.elapsed() < CHECKPOINT_EVERY) {
+            return;
+        }
+        let cp = Checkpoint { origin: state.origin.clone(), size, root: state.tree.root() };
+        let note = match cp.sign(key) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a checkpoint");
+                return;
+            }
+        };
+        match store.add_checkpoint(size, state.last_time, &note) {
+            Ok(()) => {
+                self.size = size;
+                self.at = Instant::now();
+                self.published.send_replace(Some(note));
+            }
+            Err(e) => tracing::error!(error = %e, size, "cannot store a checkpoint; will retry"),
+        }
+    }
+
+    /// How long the writer may wait for work before a checkpoint is due.
+    fn wait(&self, state: &ChainState) -> Duration {
+        if state.tree.size() == self.size {
+            Duration::from_secs(3600)
+        } else {
+            CHECKPOINT_EVERY.saturating_sub(self.at.elapsed())
+        }
+    }
+}
+
+fn run(
+    mut store: AuditStore,
+    key: SignerKey,
+    mut state: ChainState,
+    mut rx: mpsc::Receiver<Append>,
+    mut cp: Checkpointer,
+) {
+    // A small runtime of the writer's own, for receiving with a timeout.
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
+        tracing::error!("cannot start the audit writer's timer; the writer stops");
+        return;
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let wait = cp.wait(&state);
+        let first = match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+            Ok(Some(first)) => first,
+            Ok(None) => break,
+            Err(_) => {
+                cp.maybe(&store, &key, &state, false);
+                continue;
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -134,16 +240,23 @@ fn run(mut store: AuditStore, key: SignerKey, mut state: ChainState, mut rx: mps
                 Err(_) => break,
             }
         }
-        let saved = (state.next_seq, state.prev, state.last_time);
-        let entries: Vec<NewEntry> = batch.iter().map(|a| state.seal(&key, &a.event)).collect();
-        match store.append(&entries) {
+        let saved = state.clone();
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut nodes = Vec::with_capacity(batch.len() * 2);
+        for a in &batch {
+            let (e, n) = state.seal(&key, &a.event);
+            entries.push(e);
+            nodes.extend(n);
+        }
+        match store.append(&entries, &nodes) {
             Ok(()) => {
                 for (a, e) in batch.drain(..).zip(entries) {
                     let _ = a.reply.send(Ok(wire::Receipt { entry: e.entry, signature: e.signature.to_vec() }));
                 }
+                cp.maybe(&store, &key, &state, false);
             }
             Err(err) => {
-                (state.next_seq, state.prev, state.last_time) = saved;
+                state = saved;
                 tracing::error!(error = %err, batch = batch.len(), "audit commit failed; refusing the batch");
                 let err = AuditError::Unavailable(err.to_string());
                 for a in batch.drain(..) {
@@ -152,5 +265,6 @@ fn run(mut store: AuditStore, key: SignerKey, mut state: ChainState, mut rx: mps
             }
         }
     }
+    cp.maybe(&store, &key, &state, true);
     tracing::info!(next_seq = state.next_seq, "audit writer stopped");
 }

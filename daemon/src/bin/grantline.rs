@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use grantline_daemon::audit::AuditStore;
 use grantline_daemon::state::{rfc3339, StateDb};
 use grantline_daemon::{config, verify};
-use grantline_proto::audit::VerifierKey;
+use grantline_proto::audit::checkpoint::{Checkpoint, InclusionReceipt};
+use grantline_proto::audit::{merkle, VerifierKey};
 
 /// Grantline administration and audit verification.
 #[derive(Parser)]
@@ -59,9 +61,27 @@ enum AuditCommand {
         /// The log's verifier key (audit.vkey).
         #[arg(long)]
         key_file: PathBuf,
+        /// A signed checkpoint kept elsewhere (e.g. an earlier copy or the
+        /// anchor's `checkpoint`): catches truncation, rollback and forks.
+        /// Repeatable.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
         /// Print the verdict as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the offline inclusion proof (C2SP tlog-proof) of one entry
+    /// against the latest checkpoint.
+    Prove {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        index: u64,
+    },
+    /// Print the latest signed checkpoint.
+    Checkpoint {
+        #[arg(long)]
+        db: PathBuf,
     },
 }
 
@@ -81,7 +101,28 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Audit(AuditCommand::Verify { db, key_file, json }) => audit_verify(&db, &key_file, json),
+        Command::Audit(AuditCommand::Verify { db, key_file, checkpoints, json }) => {
+            audit_verify(&db, &key_file, &checkpoints, json)
+        }
+        Command::Audit(AuditCommand::Prove { db, index }) => match audit_prove(&db, index) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => report_error(false, EX_DATAERR, &e),
+        },
+        Command::Audit(AuditCommand::Checkpoint { db }) => {
+            match AuditStore::open_read_only(&db).and_then(|s| s.latest_checkpoint()) {
+                Ok(Some(note)) => {
+                    print!("{note}");
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    report_error(false, EX_DATAERR, &anyhow::anyhow!("{} holds no checkpoint yet", db.display()))
+                }
+                Err(e) => report_error(false, EX_NOINPUT, &anyhow::anyhow!("cannot read {}: {e}", db.display())),
+            }
+        }
     }
 }
 
@@ -113,7 +154,19 @@ fn create_token(
     Ok(())
 }
 
-fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) -> ExitCode {
+fn audit_prove(db: &std::path::Path, index: u64) -> Result<String> {
+    let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
+    let note = store.latest_checkpoint()?.with_context(|| format!("{} holds no checkpoint yet", db.display()))?;
+    let body = grantline_proto::audit::note::body(&note).context("the latest checkpoint is not a note")?;
+    let cp = Checkpoint::parse_body(body).context("the latest checkpoint is malformed")?;
+    if index >= cp.size {
+        bail!("entry {index} is not in the latest checkpoint (size {}); try again in a second", cp.size);
+    }
+    let proof = merkle::inclusion_proof(&store, index, cp.size)?;
+    Ok(InclusionReceipt { index, proof, checkpoint_note: note }.format())
+}
+
+fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, checkpoints: &[PathBuf], json: bool) -> ExitCode {
     let key = match std::fs::read_to_string(key_file)
         .with_context(|| format!("cannot read key file {}", key_file.display()))
         .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", key_file.display())))
@@ -121,13 +174,26 @@ fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, json: bool) ->
         Ok(k) => k,
         Err(e) => return report_error(json, EX_NOINPUT, &e),
     };
-    match verify::verify_db(db, &key, std::io::stderr().is_terminal()) {
+    let mut notes = Vec::new();
+    for path in checkpoints {
+        match std::fs::read_to_string(path) {
+            Ok(n) => notes.push(n),
+            Err(e) => {
+                return report_error(
+                    json,
+                    EX_NOINPUT,
+                    &anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()),
+                )
+            }
+        }
+    }
+    match verify::verify_db(db, &key, std::io::stderr().is_terminal(), &notes) {
         Err(e) => report_error(json, EX_NOINPUT, &e),
         Ok(Ok(s)) => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
+                    serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "root": s.root, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
                 );
             } else {
                 println!("OK: {} entries in log {}, head {}", s.entries, s.origin, s.head);

@@ -44,7 +44,9 @@ pub fn subtree_hash<S: HashSource>(src: &S, start: u64, end: u64) -> Result<Hash
     if n == 0 {
         return Ok(empty_root());
     }
-    if n.is_power_of_two() && start % n == 0 {
+    if n.is_power_of_two() && start.is_multiple_of(n) {
+        // At most 63: fits.
+        #[allow(clippy::cast_possible_truncation)]
         let level = n.trailing_zeros() as u8;
         return src.node(level, start >> level);
     }
@@ -299,6 +301,7 @@ impl HashSource for MemoryTree {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::audit::entry::leaf_hash;

@@ -82,6 +82,12 @@ pub fn open<'a>(text: &'a str, keys: &[VerifierKey]) -> Result<Opened<'a>, NoteE
     Ok(Opened { body, signers })
 }
 
+/// The text of a note without checking any signature: for a reader that
+/// only passes the note on (verifiers open it with [`open`]).
+pub fn body(text: &str) -> Option<&str> {
+    text.rfind("\n\n").map(|i| &text[..=i])
+}
+
 fn check_text(body: &str) -> Result<(), NoteError> {
     if body.is_empty() || !body.ends_with('\n') {
         return Err(NoteError::Malformed("the note text does not end in a newline".into()));

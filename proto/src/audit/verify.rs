@@ -9,9 +9,12 @@
 use ed25519_dalek::Signature;
 use serde::Serialize;
 
+use std::collections::BTreeMap;
+
 use super::entry::{leaf_hash, Entry, Hash, ZERO_HASH};
 use super::event::Event;
 use super::key::VerifierKey;
+use super::merkle::{self, Frontier};
 
 /// One row as storage holds it.
 #[derive(Debug, Clone)]
@@ -37,8 +40,13 @@ pub struct Summary {
     pub origin: String,
     /// Hash of the last entry, hex; the empty log's is all zeros.
     pub head: String,
+    /// The Merkle tree root over all entries, hex.
+    pub root: String,
     pub first_time_ms: Option<i64>,
     pub last_time_ms: Option<i64>,
+    /// Merkle roots at the tree sizes asked for with [`ChainVerifier::want_root_at`].
+    #[serde(skip)]
+    pub roots: BTreeMap<u64, Hash>,
 }
 
 const BATCH: usize = 512;
@@ -51,6 +59,8 @@ pub struct ChainVerifier {
     first_time: Option<i64>,
     pending: Vec<(i64, Vec<u8>, Signature)>,
     check_signatures: bool,
+    tree: Frontier,
+    wanted: BTreeMap<u64, Option<Hash>>,
 }
 
 impl ChainVerifier {
@@ -63,7 +73,15 @@ impl ChainVerifier {
             first_time: None,
             pending: Vec::with_capacity(BATCH),
             check_signatures: true,
+            tree: Frontier::default(),
+            wanted: BTreeMap::new(),
         }
+    }
+
+    /// Records the Merkle root when the tree reaches `size` entries (for
+    /// checking checkpoints against the entries).
+    pub fn want_root_at(&mut self, size: u64) {
+        self.wanted.entry(size).or_insert(if size == 0 { Some(merkle::empty_root()) } else { None });
     }
 
     /// Checks the chain and hashes only (signatures are skipped). For speed
@@ -103,8 +121,10 @@ impl ChainVerifier {
             entries: self.next_seq,
             origin: self.key.name().to_owned(),
             head: hex::encode(self.prev),
+            root: hex::encode(self.tree.root()),
             first_time_ms: self.first_time,
             last_time_ms: self.first_time.map(|_| self.last_time),
+            roots: self.wanted.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
         })
     }
 
@@ -163,6 +183,10 @@ impl ChainVerifier {
         self.last_time = entry.time_ms;
         self.prev = computed;
         self.next_seq += 1;
+        self.tree.push(computed);
+        if let Some(slot) = self.wanted.get_mut(&self.next_seq) {
+            *slot = Some(self.tree.root());
+        }
         Ok(())
     }
 
@@ -241,8 +265,20 @@ mod tests {
     #[test]
     fn sound_log_verifies() {
         let k = SignerKey::generate("t.example/log").unwrap();
-        let s = run(k.verifier(), build(&k, 1500)).unwrap();
+        let mut v = ChainVerifier::new(k.verifier().clone());
+        v.want_root_at(700);
+        v.want_root_at(5000);
+        let rows = build(&k, 1500);
+        let mut tree = merkle::MemoryTree::default();
+        for r in rows {
+            tree.push(r.hash.clone().try_into().unwrap());
+            v.push(r).unwrap();
+        }
+        let s = v.finish().unwrap();
         assert_eq!(s.entries, 1500);
+        assert_eq!(s.root, hex::encode(tree.root()));
+        assert_eq!(s.roots.get(&700), Some(&merkle::root(&tree, 700).unwrap()));
+        assert_eq!(s.roots.get(&5000), None, "no root for a size the log never reached");
         assert_eq!(run(k.verifier(), Vec::new()).unwrap().entries, 0);
     }
 
