@@ -174,6 +174,9 @@ fn intermediate_is_rotated_before_it_expires_and_leaves_never_outlive_it() {
     let Event::CaRotation { not_after: ca_not_after, .. } = rotations()[0].clone() else { unreachable!() };
     assert!(cert.validity().not_after.timestamp() <= ca_not_after, "the leaf outlives its intermediate");
 
+    // The next rotation is due two thirds into the intermediate's 15 s, not
+    // before (Vault backdates not_before by 30 s; that must not count).
+    assert_eq!(rotations().len(), 1, "rotated again at once");
     // Wait (bounded) for the rotation to be in the log.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while rotations().len() < 2 {

@@ -4,7 +4,7 @@
 //! an audit entry, written before the new CA signs anything.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grantline_proto::audit::Event;
 use rcgen::{CertificateParams, DnType, KeyPair};
@@ -20,7 +20,9 @@ struct LocalCa {
     issuer: rcgen::Issuer<'static, KeyPair>,
     /// The intermediate, then Vault's chain above it.
     chain_pem: String,
-    not_before: i64,
+    /// When the broker obtained it (Vault backdates `not_before`, by 30 s by
+    /// default, so rotation is timed from here).
+    obtained: i64,
     not_after: i64,
 }
 
@@ -30,11 +32,12 @@ pub struct Intermediate {
     current: RwLock<Option<Arc<LocalCa>>>,
 }
 
-/// Rotate when two thirds of the intermediate's lifetime have passed, leaving a
-/// third of it to obtain the next one while Vault is slow or down. (A leaf
-/// never outlives its issuer: `issue` caps it at the issuer's remaining life.)
-fn rotate_at(not_before: i64, not_after: i64) -> i64 {
-    not_before + (not_after - not_before) * 2 / 3
+/// Rotate when two thirds of the intermediate's useful life (from when it was
+/// obtained to its expiry) have passed, leaving a third to obtain the next one
+/// while Vault is slow or down. (A leaf never outlives its issuer: `issue`
+/// caps it at the issuer's remaining life.)
+fn rotate_at(obtained: i64, not_after: i64) -> i64 {
+    obtained + (not_after - obtained).max(0) * 2 / 3
 }
 
 impl Intermediate {
@@ -80,7 +83,7 @@ impl Intermediate {
             .ok_or_else(|| IssueError::Internal("Vault returned no intermediate certificate".into()))?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| IssueError::Internal(format!("Vault returned an unreadable intermediate: {e}")))?;
-        let (not_before, not_after) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+        let not_after = cert.validity().not_after.timestamp();
         let serial = hex::encode(cert.raw_serial());
         let issuer = rcgen::Issuer::from_ca_cert_der(&der, key)
             .map_err(|e| IssueError::Internal(format!("the intermediate from Vault is not usable: {e}")))?;
@@ -101,7 +104,7 @@ impl Intermediate {
             not_after,
         };
         self.audit.append(event).await.map_err(|e| IssueError::Unavailable(e.to_string()))?;
-        let ca = LocalCa { issuer, chain_pem, not_before, not_after };
+        let ca = LocalCa { issuer, chain_pem, obtained: unix(SystemTime::now()), not_after };
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(ca));
         tracing::info!(%serial, not_after, "new intermediate CA from Vault");
         Ok(())
@@ -113,7 +116,7 @@ impl Intermediate {
         let mut failures = 0u32;
         loop {
             let now = unix(SystemTime::now());
-            let due = self.current().map_or(now, |ca| rotate_at(ca.not_before, ca.not_after));
+            let due = self.current().map_or(now, |ca| rotate_at(ca.obtained, ca.not_after));
             if due > now {
                 tokio::time::sleep(Duration::from_secs(u64::try_from(due - now).unwrap_or(0))).await;
                 continue;
@@ -146,7 +149,10 @@ impl Issuer for Intermediate {
                 ));
             }
             // A leaf never outlives its issuer.
-            let left = Duration::from_secs(u64::try_from(ca.not_after - now).unwrap_or(0));
+            // (Measured from the exact time, so that whole-second rounding of
+            // "now" cannot push the leaf past the issuer's expiry.)
+            let expiry = UNIX_EPOCH + Duration::from_secs(u64::try_from(ca.not_after).unwrap_or(0));
+            let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
             sign_leaf(&ca.issuer, &ca.chain_pem, csr, sans, order.ttl.min(left))
         })
     }
@@ -158,5 +164,7 @@ mod tests {
     fn rotation_is_due_at_two_thirds() {
         assert_eq!(super::rotate_at(0, 3000), 2000);
         assert_eq!(super::rotate_at(100, 100), 100);
+        // Obtained after its expiry (a clock step): due at once, never earlier.
+        assert_eq!(super::rotate_at(200, 100), 200);
     }
 }
