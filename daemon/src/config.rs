@@ -33,6 +33,9 @@ pub struct ConfigFile {
     pub node_identity_ttl: Option<String>,
     /// Vault/OpenBao as a credential source (RFD 0004).
     pub vault: Option<crate::vault::config::VaultFile>,
+    /// Where the log is published in the C2SP tlog-tiles layout: a directory,
+    /// or a `file://`, `s3://`, `gs://` or `az://` URL. Default: `<state_dir>/anchor`.
+    pub anchor: Option<String>,
 }
 
 pub fn load(path: &Path) -> Result<BrokerOptions> {
@@ -61,9 +64,12 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     }
     let vault = file.vault.map(crate::vault::VaultConfig::from_file).transpose()?;
     let policy_path = file.policy.unwrap_or_else(|| DEFAULT_POLICY.into());
+    let state_dir: std::path::PathBuf = file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+    let anchor = Some(file.anchor.unwrap_or_else(|| state_dir.join("anchor").display().to_string()));
     Ok(BrokerOptions {
         listen,
-        state_dir: file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        state_dir,
+        anchor,
         policy: load_policy(&policy_path)?,
         policy_path,
         origin,
@@ -88,6 +94,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         server_names: default_server_names(&host),
         identity_ttl,
         vault: None,
+        anchor: Some(state_dir.join("anchor").display().to_string()),
     })
 }
 

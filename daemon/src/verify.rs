@@ -9,6 +9,11 @@ use anyhow::{Context, Result};
 use grantline_proto::audit::checkpoint::Checkpoint;
 use grantline_proto::audit::{ChainVerifier, Failure, Summary, VerifierKey};
 
+use grantline_proto::audit::entry::leaf_hash;
+use grantline_proto::audit::merkle::MemoryTree;
+use grantline_proto::audit::{tiles, StoredEntry};
+
+use crate::audit::anchor::Anchor;
 use crate::audit::AuditStore;
 
 /// Verifies the log in `db` under `key`, and the signed checkpoints in it and
@@ -110,4 +115,76 @@ pub fn verify_db(
         }
     }
     Ok(Ok(summary))
+}
+
+/// Verifies a log from its anchor alone: the checkpoint's signature, every
+/// entry in the entry bundles (encoding, chain, seq, origin, time; the
+/// checkpoint's signature vouches for them, as a tiles client would take it),
+/// that they hash to the checkpoint's root, and that every tile agrees with
+/// them. Returns the verdict and the anchor's checkpoint note.
+pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result<Summary, Failure>, String)> {
+    let note = anchor.get("checkpoint").await?.context("the anchor holds no checkpoint")?;
+    let note = String::from_utf8(note).context("the anchor's checkpoint is not text")?;
+    let cp = match Checkpoint::open(&note, key) {
+        Ok(cp) => cp,
+        Err(e) => {
+            return Ok((Err(Failure { seq: -1, reason: format!("the anchor's checkpoint is not usable: {e}") }), note))
+        }
+    };
+    let fail = |seq: u64, reason: String| Failure { seq: i64::try_from(seq).unwrap_or(i64::MAX), reason };
+    let mut verifier = ChainVerifier::new(key.clone()).without_signatures();
+    verifier.want_root_at(cp.size);
+    let mut tree = MemoryTree::default();
+    for t in tiles::new_tiles(0, 0, cp.size) {
+        let start = t.index * tiles::TILE_WIDTH;
+        let path = tiles::bundle_path(t.index, t.width);
+        let Some(bytes) = anchor.get(&path).await? else {
+            return Ok((
+                Err(fail(start, format!("the anchor lacks {path}, which its checkpoint of size {} needs", cp.size))),
+                note,
+            ));
+        };
+        let entries = match tiles::parse_bundle(&bytes) {
+            Ok(e) if e.len() as u64 == t.width => e,
+            Ok(e) => return Ok((Err(fail(start, format!("{path} holds {} entries, not {}", e.len(), t.width))), note)),
+            Err(e) => return Ok((Err(fail(start, format!("{path} is malformed: {e}"))), note)),
+        };
+        for (i, entry) in entries.into_iter().enumerate() {
+            let hash = leaf_hash(entry);
+            tree.push(hash);
+            let row = StoredEntry {
+                seq: i64::try_from(start + i as u64).unwrap_or(i64::MAX),
+                entry: entry.to_vec(),
+                hash: hash.to_vec(),
+                signature: Vec::new(),
+            };
+            if let Err(f) = verifier.push(row) {
+                return Ok((Err(f), note));
+            }
+        }
+    }
+    let summary = match verifier.finish() {
+        Ok(s) => s,
+        Err(f) => return Ok((Err(f), note)),
+    };
+    if summary.roots.get(&cp.size) != Some(&cp.root) {
+        let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
+        return Ok((Err(fail(cp.size.saturating_sub(1), reason)), note));
+    }
+    for level in 0..tiles::levels(cp.size) {
+        let stored = tree.level(level * tiles::TILE_HEIGHT);
+        for t in tiles::new_tiles(level, 0, cp.size) {
+            let path = tiles::tile_path(level, t.index, t.width);
+            let first_leaf = (t.index * tiles::TILE_WIDTH) << (u32::from(level) * 8);
+            let Some(bytes) = anchor.get(&path).await? else {
+                return Ok((Err(fail(first_leaf, format!("the anchor lacks tile {path}"))), note));
+            };
+            let start = usize::try_from(t.index * tiles::TILE_WIDTH).unwrap_or(usize::MAX);
+            let want = stored.get(start..start + usize::try_from(t.width).unwrap_or(0));
+            if tiles::parse_tile(&bytes).ok().as_deref() != want {
+                return Ok((Err(fail(first_leaf, format!("tile {path} disagrees with the entries"))), note));
+            }
+        }
+    }
+    Ok((Ok(summary), note))
 }

@@ -193,3 +193,80 @@ fn a_fork_with_the_same_key_is_caught() {
     let v = verify_with(&a2.path("audit.db"), &a2.path("audit.vkey"), Some(&b_checkpoint));
     assert!(v["reason"].as_str().unwrap().starts_with("fork:"), "{v}");
 }
+
+fn verify_anchor(anchor: &Path, key_file: &Path, db: Option<&Path>) -> serde_json::Value {
+    let mut cmd = Command::new(bin("grantline"));
+    cmd.args(["audit", "verify", "--json", "--anchor"]).arg(anchor).arg("--key-file").arg(key_file);
+    if let Some(db) = db {
+        cmd.arg("--db").arg(db);
+    }
+    let out = cmd.output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), stderr(&out)));
+    assert_eq!(out.status.success(), v["ok"] == true, "{v}");
+    v
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_anchor_alone_verifies_and_catches_tampered_tiles_bundles_and_truncation() {
+    let mut broker = Broker::start();
+    let agent = Agent::start(&broker, "anchored");
+    grants(&agent, 4, "z");
+    stop(&mut broker);
+    let anchor = broker.path("anchor");
+    let key_file = broker.path("audit.vkey");
+    let db = broker.path("audit.db");
+    assert!(anchor.join("checkpoint").exists() && anchor.join("tile/entries/000.p").exists(), "nothing published");
+
+    let from_anchor = verify_anchor(&anchor, &key_file, None);
+    let from_db = verify_with(&db, &key_file, None);
+    assert_eq!(from_anchor["entries"], from_db["entries"], "{from_anchor} vs {from_db}");
+    assert_eq!(from_anchor["root"], from_db["root"]);
+    assert_eq!(verify_anchor(&anchor, &key_file, Some(&db))["ok"], true);
+
+    let size = from_db["entries"].as_u64().unwrap();
+    // A level-0 tile with one hash changed.
+    let t = tempfile::tempdir().unwrap();
+    copy_dir(&anchor, t.path());
+    let tile = t.path().join(format!("tile/0/000.p/{size}"));
+    let mut bytes = std::fs::read(&tile).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(&tile, bytes).unwrap();
+    let v = verify_anchor(t.path(), &key_file, None);
+    assert!(v["reason"].as_str().unwrap().contains("disagrees with the entries"), "{v}");
+
+    // An entry bundle with one entry edited.
+    let e = tempfile::tempdir().unwrap();
+    copy_dir(&anchor, e.path());
+    let bundle = e.path().join(format!("tile/entries/000.p/{size}"));
+    let text = std::fs::read(&bundle).unwrap();
+    let edited: Vec<u8> = String::from_utf8_lossy(&text).replace("z2.example", "z9.example").into_bytes();
+    assert_ne!(edited, text);
+    std::fs::write(&bundle, edited).unwrap();
+    let v = verify_anchor(e.path(), &key_file, None);
+    assert_eq!(v["ok"], false, "{v}");
+
+    // The database truncated behind the anchor's back.
+    let d = tempfile::tempdir().unwrap();
+    let truncated = snapshot(&db, d.path());
+    let conn = rusqlite::Connection::open(&truncated).unwrap();
+    conn.execute_batch("DROP TRIGGER entries_no_delete; DROP TRIGGER checkpoints_no_delete;").unwrap();
+    conn.execute("DELETE FROM entries WHERE seq >= 3", []).unwrap();
+    conn.execute("DELETE FROM checkpoints WHERE size > 3", []).unwrap();
+    drop(conn);
+    let v = verify_anchor(&anchor, &key_file, Some(&truncated));
+    assert!(v["reason"].as_str().unwrap().contains("rolled back"), "{v}");
+}

@@ -1,6 +1,7 @@
 //! The audit log's shell: SQLite storage and the single writer task. The
 //! formats and checks are in `grantline_proto::audit`.
 
+pub mod anchor;
 pub mod store;
 pub mod writer;
 

@@ -130,6 +130,29 @@ impl AuditStore {
         rows.map(|r| r.map(|h| h.try_into().unwrap_or([0; 32]))).collect()
     }
 
+    /// Entry bytes with seq in `[start, end)`.
+    pub fn entries_range(&self, start: u64, end: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT entry FROM entries WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+        let rows = stmt.query_map(
+            params![i64::try_from(start).unwrap_or(i64::MAX), i64::try_from(end).unwrap_or(i64::MAX)],
+            |r| r.get(0),
+        )?;
+        rows.collect()
+    }
+
+    /// Stored tree nodes of `level` with index in `[start, end)`.
+    pub fn nodes_range(&self, level: u8, start: u64, end: u64) -> rusqlite::Result<Vec<Hash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT hash FROM tree_nodes WHERE level = ?1 AND idx >= ?2 AND idx < ?3 ORDER BY idx")?;
+        let rows = stmt.query_map(
+            params![level, i64::try_from(start).unwrap_or(i64::MAX), i64::try_from(end).unwrap_or(i64::MAX)],
+            |r| r.get::<_, Vec<u8>>(0),
+        )?;
+        rows.map(|r| r.map(|h| h.try_into().unwrap_or([0; 32]))).collect()
+    }
+
     pub fn add_checkpoint(&self, size: u64, time_ms: i64, note: &str) -> rusqlite::Result<()> {
         self.conn.execute(
             "INSERT OR IGNORE INTO checkpoints (size, time_ms, note) VALUES (?1, ?2, ?3)",

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use grantline_daemon::audit::anchor::Anchor;
 use grantline_daemon::audit::AuditStore;
 use grantline_daemon::state::{rfc3339, StateDb};
 use grantline_daemon::{config, verify};
@@ -56,8 +57,13 @@ enum TokenCommand {
 enum AuditCommand {
     /// Verify every entry of an audit log: encoding, hashes, chain, seq, signatures.
     Verify {
+        /// The audit database (audit.db). Optional with --anchor.
+        #[arg(long, required_unless_present = "anchor")]
+        db: Option<PathBuf>,
+        /// The log's anchor (directory, or file/s3/gs/az URL): its checkpoint,
+        /// entry bundles and tiles are checked, and the database against them.
         #[arg(long)]
-        db: PathBuf,
+        anchor: Option<String>,
         /// The log's verifier key (audit.vkey).
         #[arg(long)]
         key_file: PathBuf,
@@ -85,6 +91,7 @@ enum AuditCommand {
     },
 }
 
+const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 const EX_NOINPUT: u8 = 66;
 const EX_SOFTWARE: u8 = 70;
@@ -101,8 +108,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Audit(AuditCommand::Verify { db, key_file, checkpoints, json }) => {
-            audit_verify(&db, &key_file, &checkpoints, json)
+        Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
+            audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
         }
         Command::Audit(AuditCommand::Prove { db, index }) => match audit_prove(&db, index) {
             Ok(text) => {
@@ -166,7 +173,13 @@ fn audit_prove(db: &std::path::Path, index: u64) -> Result<String> {
     Ok(InclusionReceipt { index, proof, checkpoint_note: note }.format())
 }
 
-fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, checkpoints: &[PathBuf], json: bool) -> ExitCode {
+fn audit_verify(
+    db: Option<&std::path::Path>,
+    anchor: Option<&str>,
+    key_file: &std::path::Path,
+    checkpoints: &[PathBuf],
+    json: bool,
+) -> ExitCode {
     let key = match std::fs::read_to_string(key_file)
         .with_context(|| format!("cannot read key file {}", key_file.display()))
         .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", key_file.display())))
@@ -187,20 +200,51 @@ fn audit_verify(db: &std::path::Path, key_file: &std::path::Path, checkpoints: &
             }
         }
     }
-    match verify::verify_db(db, &key, std::io::stderr().is_terminal(), &notes) {
-        Err(e) => report_error(json, EX_NOINPUT, &e),
-        Ok(Ok(s)) => {
+    let mut verdict = None;
+    if let Some(location) = anchor {
+        let checked = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(async { verify::verify_anchor(&Anchor::open(location)?, &key).await }));
+        match checked {
+            Err(e) => return report_error(json, EX_NOINPUT, &e),
+            Ok((Err(f), _)) => return report_verdict(json, Err(f)),
+            Ok((Ok(summary), note)) => {
+                notes.push(note);
+                verdict = Some(Ok(summary));
+            }
+        }
+    }
+    if let Some(db) = db {
+        verdict = match verify::verify_db(db, &key, std::io::stderr().is_terminal(), &notes) {
+            Err(e) => return report_error(json, EX_NOINPUT, &e),
+            Ok(v) => Some(v),
+        };
+    }
+    match verdict {
+        Some(v) => report_verdict(json, v),
+        None => report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
+    }
+}
+
+fn report_verdict(
+    json: bool,
+    verdict: Result<grantline_proto::audit::Summary, grantline_proto::audit::Failure>,
+) -> ExitCode {
+    match verdict {
+        Ok(s) => {
             if json {
                 println!(
                     "{}",
                     serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "root": s.root, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
                 );
             } else {
-                println!("OK: {} entries in log {}, head {}", s.entries, s.origin, s.head);
+                println!("OK: {} entries in log {}, head {}, root {}", s.entries, s.origin, s.head, s.root);
             }
             ExitCode::SUCCESS
         }
-        Ok(Err(f)) => {
+        Err(f) => {
             if json {
                 println!("{}", serde_json::json!({"ok": false, "seq": f.seq, "reason": f.reason}));
             } else {

@@ -190,6 +190,9 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentit
     }
 }
 
+/// The most SANs, principals or policies one request may name.
+const MAX_NAMES: usize = 64;
+
 /// The checked parts of a grant request, before policy.
 struct Parsed {
     kind: Kind,
@@ -213,6 +216,14 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
     };
     if r.role.is_empty() {
         return Err("the request names no role".into());
+    }
+    // Every name lands in the audit entry, which must stay small.
+    for (what, n) in
+        [("SANs", r.sans.len()), ("principals", r.principals.len()), ("Vault policies", r.vault_policies.len())]
+    {
+        if n > MAX_NAMES {
+            return Err(format!("the request lists {n} {what}; at most {MAX_NAMES} are allowed"));
+        }
     }
     if !r.role.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) || r.role.len() > 128 {
         return Err(format!("role {:?} is not valid: use letters, digits, '-', '_', '.'", r.role));

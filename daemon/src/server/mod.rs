@@ -16,6 +16,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::AuditLog;
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
@@ -43,6 +44,8 @@ pub struct BrokerOptions {
     pub server_names: Vec<String>,
     pub identity_ttl: Duration,
     pub vault: Option<crate::vault::VaultConfig>,
+    /// Where the log is published in the tlog-tiles layout (URL or directory).
+    pub anchor: Option<String>,
 }
 
 pub(crate) struct Shared {
@@ -64,6 +67,8 @@ pub struct Broker {
     audit_thread: std::thread::JoinHandle<()>,
     /// Vault token renewal and intermediate rotation.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Anchoring; it ends by itself once the writer's last checkpoint is out.
+    publisher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Broker {
@@ -101,6 +106,14 @@ impl Broker {
                 (Backends { x509, ssh, vault: Some(via_vault) }, Some(vault))
             }
         };
+        let publisher = match &opts.anchor {
+            Some(location) => {
+                let anchor = Anchor::open(location)?;
+                let db = opts.state_dir.join("audit.db");
+                Some(tokio::spawn(publish_loop(anchor, db, vkey.clone(), audit.checkpoints())))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             issuer,
             vault,
@@ -113,7 +126,7 @@ impl Broker {
             vkey,
             requests: TaskTracker::new(),
         });
-        Ok(Self { shared, endpoint, audit_thread, background })
+        Ok(Self { shared, endpoint, audit_thread, background, publisher })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -151,14 +164,21 @@ impl Broker {
             tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
         }
         self.endpoint.close(0u32.into(), b"broker shutting down");
-        for task in &self.background {
-            task.abort();
-        }
+
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         drop(self.shared);
         tokio::task::spawn_blocking(move || self.audit_thread.join()).await.ok();
+        // The writer's final checkpoint is out; give the publisher a moment
+        // to anchor it, then stop the background tasks.
+        let mut background = self.background;
+        if let Some(publisher) = self.publisher {
+            let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+        }
+        for task in background.drain(..) {
+            task.abort();
+        }
         tracing::info!("stopped");
         Ok(())
     }

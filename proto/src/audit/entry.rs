@@ -25,9 +25,10 @@ pub const MAGIC: &[u8] = b"grantline/audit-entry\n";
 pub const VERSION: u8 = 1;
 pub type Hash = [u8; 32];
 pub const ZERO_HASH: Hash = [0; 32];
-/// Entries are small (an event is a few hundred bytes); this bounds the damage
-/// a hostile file can do to a verifier.
-pub const MAX_ENTRY_LEN: usize = 64 * 1024;
+/// Entries are small (an event is a few hundred bytes). The bound is what a
+/// tlog-tiles entry bundle can carry (u16 lengths), and it bounds the damage a
+/// hostile file can do to a verifier.
+pub const MAX_ENTRY_LEN: usize = u16::MAX as usize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EntryError {

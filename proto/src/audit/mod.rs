@@ -9,6 +9,7 @@ pub mod key;
 pub mod merkle;
 pub mod note;
 pub mod receipt;
+pub mod tiles;
 pub mod verify;
 
 pub use entry::{Entry, EntryError, Hash, ZERO_HASH};

@@ -1,0 +1,173 @@
+//! Anchoring: publishes the log through `object_store` in the C2SP tlog-tiles
+//! layout — entry bundles, tiles, then the checkpoint — so that a standard
+//! tiles client, or `grantline audit verify --anchor`, can check it from
+//! outside the broker. Immutable objects are written with create-only puts;
+//! only `checkpoint` is overwritten.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use grantline_proto::audit::checkpoint::Checkpoint;
+use grantline_proto::audit::tiles::{self, TileRef, TILE_HEIGHT, TILE_WIDTH};
+use grantline_proto::audit::VerifierKey;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use tokio::sync::watch;
+
+use super::AuditStore;
+
+/// Where the log is published.
+#[derive(Clone)]
+pub struct Anchor {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+}
+
+impl std::fmt::Debug for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Anchor({})", self.url)
+    }
+}
+
+impl Anchor {
+    /// Opens an anchor by URL (`file:///…`, `s3://…`, `gs://…`, `az://…`) or
+    /// local directory path; cloud credentials come from the environment.
+    pub fn open(location: &str) -> Result<Self> {
+        let url = if location.contains("://") {
+            url::Url::parse(location).with_context(|| format!("anchor {location:?} is not a URL"))?
+        } else {
+            let dir = FsPath::new(location);
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create anchor directory {location}"))?;
+            let abs = std::fs::canonicalize(dir)?;
+            url::Url::from_directory_path(&abs)
+                .map_err(|()| anyhow::anyhow!("anchor path {location:?} is not usable"))?
+        };
+        let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
+        let (store, prefix) = object_store::parse_url_opts(&url, env)
+            .with_context(|| format!("cannot open anchor {url}; the schemes are file, s3, gs and az"))?;
+        Ok(Self { store: Arc::from(store), prefix, url: url.to_string() })
+    }
+
+    fn path(&self, rel: &str) -> Path {
+        rel.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        match self.store.get(&self.path(rel)).await {
+            Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {rel} from anchor {}", self.url)),
+        }
+    }
+
+    /// Writes an immutable object once. Finding it already there with the
+    /// same bytes is fine (a publish repeated after a crash); different bytes
+    /// mean the anchor disagrees with this log, which is refused loudly.
+    async fn create(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&self.path(rel), PutPayload::from(bytes.clone()), opts).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => match self.get(rel).await? {
+                Some(existing) if existing == bytes => Ok(()),
+                _ => bail!(
+                    "anchor {} already holds a different {rel}: it was written by another log or tampered with",
+                    self.url
+                ),
+            },
+            Err(e) => Err(e).with_context(|| format!("cannot write {rel} to anchor {}", self.url)),
+        }
+    }
+
+    async fn put_checkpoint(&self, note: &str) -> Result<()> {
+        self.store
+            .put(&self.path("checkpoint"), PutPayload::from(note.as_bytes().to_vec()))
+            .await
+            .with_context(|| format!("cannot write the checkpoint to anchor {}", self.url))?;
+        Ok(())
+    }
+
+    /// The size of the checkpoint the anchor holds (0 if none).
+    pub async fn published_size(&self, key: &VerifierKey) -> Result<u64> {
+        match self.get("checkpoint").await? {
+            None => Ok(0),
+            Some(b) => {
+                let note = String::from_utf8(b).context("the anchor's checkpoint is not text")?;
+                Ok(Checkpoint::open(&note, key).context("the anchor's checkpoint does not verify")?.size)
+            }
+        }
+    }
+
+    /// Publishes what a tree of `new` leaves adds to one of `old` leaves, then
+    /// the checkpoint `note` for it.
+    pub async fn publish(&self, db: &FsPath, old: u64, new: u64, note: &str) -> Result<()> {
+        let (bundles, tile_data) = {
+            let store = AuditStore::open_read_only(db)?;
+            let mut bundles = Vec::new();
+            for t in tiles::new_tiles(0, old, new) {
+                let start = t.index * TILE_WIDTH;
+                let entries = store.entries_range(start, start + t.width)?;
+                bundles.push((tiles::bundle_path(t.index, t.width), tiles::bundle_bytes(&entries)?));
+            }
+            let mut tile_data = Vec::new();
+            for level in 0..tiles::levels(new) {
+                for TileRef { level, index, width } in tiles::new_tiles(level, old, new) {
+                    let hashes =
+                        store.nodes_range(level * TILE_HEIGHT, index * TILE_WIDTH, index * TILE_WIDTH + width)?;
+                    tile_data.push((tiles::tile_path(level, index, width), tiles::tile_bytes(&hashes)));
+                }
+            }
+            (bundles, tile_data)
+        };
+        for (path, bytes) in bundles.into_iter().chain(tile_data) {
+            self.create(&path, bytes).await?;
+        }
+        self.put_checkpoint(note).await
+    }
+}
+
+/// Publishes every new checkpoint the writer signs, with what it covers.
+pub async fn publish_loop(
+    anchor: Anchor,
+    db: std::path::PathBuf,
+    key: VerifierKey,
+    mut checkpoints: watch::Receiver<Option<String>>,
+) {
+    let mut published = match anchor.published_size(&key).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot read the anchor; publishing from the start");
+            0
+        }
+    };
+    loop {
+        let note = checkpoints.borrow_and_update().clone();
+        publish_note(&anchor, &db, &key, note.as_deref(), &mut published).await;
+        if checkpoints.changed().await.is_err() {
+            // The writer stopped; its last checkpoint may still be unpublished.
+            let note = checkpoints.borrow().clone();
+            publish_note(&anchor, &db, &key, note.as_deref(), &mut published).await;
+            return;
+        }
+    }
+}
+
+async fn publish_note(anchor: &Anchor, db: &FsPath, key: &VerifierKey, note: Option<&str>, published: &mut u64) {
+    let Some(note) = note else { return };
+    match Checkpoint::open(note, key) {
+        Ok(cp) if cp.size > *published => match anchor.publish(db, *published, cp.size, note).await {
+            Ok(()) => {
+                tracing::debug!(size = cp.size, "published to the anchor");
+                *published = cp.size;
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                size = cp.size,
+                "publishing to the anchor failed; will retry with the next checkpoint"
+            ),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "the writer's checkpoint does not verify"),
+    }
+}
