@@ -1,0 +1,110 @@
+//! Interoperability: the published checkpoints, entries and proofs check out
+//! with independent implementations of the C2SP formats and RFC 6962
+//! (Cloudflare's `signed_note` and `tlog_tiles`, ports of Go's
+//! `golang.org/x/mod/sumdb/note` and `tlog`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::cell::RefCell;
+use std::process::Command;
+
+use grantline_proto::audit::merkle::{self, MemoryTree};
+use grantline_proto::audit::tiles;
+use grantline_tests::{bin, stderr, Agent, Broker};
+use signed_note::{Note, StandardVerifier, VerifierList};
+use tlog_tiles::{Hash as TlogHash, HashReader};
+
+/// Go-style stored hashes in memory (tlog's own layout, built by tlog itself).
+struct Stored(RefCell<Vec<TlogHash>>);
+
+impl HashReader for Stored {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<TlogHash>, tlog_tiles::Error> {
+        let v = self.0.borrow();
+        indexes
+            .iter()
+            .map(|&i| v.get(usize::try_from(i).unwrap()).copied().ok_or(tlog_tiles::Error::IndexesNotInTree))
+            .collect()
+    }
+}
+
+#[test]
+fn checkpoint_entries_and_proofs_verify_with_independent_implementations() {
+    let mut broker = Broker::start();
+    let agent = Agent::start(&broker, "interop");
+    for i in 0..9 {
+        let out = tempfile::tempdir().unwrap();
+        let san = format!("i{i}.example.com");
+        let got = agent.get(&["x509", "--role", "dev", "--san", &san, "--out", out.path().to_str().unwrap()]);
+        assert!(got.status.success(), "{}", stderr(&got));
+    }
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    let anchor = broker.path("anchor");
+    let vkey = std::fs::read_to_string(broker.path("audit.vkey")).unwrap();
+
+    // The checkpoint is a signed note under signed_note's own verifier.
+    let note_bytes = std::fs::read(anchor.join("checkpoint")).unwrap();
+    let note = Note::from_bytes(&note_bytes).unwrap();
+    let verifier = StandardVerifier::new(vkey.trim()).unwrap();
+    let (verified, _) = note.verify(&VerifierList::new(vec![Box::new(verifier)])).unwrap();
+    assert_eq!(verified.len(), 1);
+    let cp = tlog_tiles::Checkpoint::from_bytes(note.text()).unwrap();
+    assert_eq!(cp.origin(), vkey.split('+').next().unwrap());
+    let size = cp.size();
+
+    // Its root is what tlog computes from the published entry bundles.
+    let stored = Stored(RefCell::new(Vec::new()));
+    let mut ours = MemoryTree::default();
+    let mut leaves = Vec::new();
+    for t in tiles::new_tiles(0, 0, size) {
+        let bytes = std::fs::read(anchor.join(tiles::bundle_path(t.index, t.width))).unwrap();
+        for entry in tiles::parse_bundle(&bytes).unwrap() {
+            let n = leaves.len() as u64;
+            let new = tlog_tiles::stored_hashes(n, entry, &stored).unwrap();
+            stored.0.borrow_mut().extend(new);
+            let leaf = tlog_tiles::record_hash(entry);
+            leaves.push(leaf);
+            ours.push(leaf.0);
+        }
+    }
+    assert_eq!(leaves.len() as u64, size);
+    let root = tlog_tiles::tree_hash(size, &stored).unwrap();
+    assert_eq!(&root, cp.hash(), "tlog's root of the entries differs from the checkpoint");
+
+    // Our inclusion proofs (from `grantline audit prove`) check with tlog,
+    // and tlog's proofs check with ours.
+    for index in 0..size {
+        let out = Command::new(bin("grantline"))
+            .args(["audit", "prove", "--db"])
+            .arg(broker.path("audit.db"))
+            .args(["--index", &index.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let receipt =
+            grantline_proto::audit::checkpoint::InclusionReceipt::parse(&String::from_utf8(out.stdout).unwrap())
+                .unwrap();
+        let proof: Vec<TlogHash> = receipt.proof.iter().map(|h| TlogHash(*h)).collect();
+        tlog_tiles::check_record(&proof, size, root, index, leaves[usize::try_from(index).unwrap()]).unwrap();
+        let theirs = tlog_tiles::prove_record(size, index, &stored).unwrap();
+        let theirs: Vec<[u8; 32]> = theirs.iter().map(|h| h.0).collect();
+        assert!(merkle::verify_inclusion(&leaves[usize::try_from(index).unwrap()].0, index, size, &theirs, &root.0));
+    }
+
+    // Consistency proofs between every pair of sizes, both ways.
+    for old in 1..=size {
+        let old_root = tlog_tiles::tree_hash(old, &stored).unwrap();
+        assert_eq!(old_root.0, merkle::root(&ours, old).unwrap());
+        let proof: Vec<TlogHash> =
+            merkle::consistency_proof(&ours, old, size).unwrap().into_iter().map(TlogHash).collect();
+        tlog_tiles::check_tree(&proof, size, root, old, old_root).unwrap();
+        let theirs: Vec<[u8; 32]> = tlog_tiles::prove_tree(size, old, &stored).unwrap().iter().map(|h| h.0).collect();
+        assert!(merkle::verify_consistency(old, size, &old_root.0, &root.0, &theirs));
+    }
+
+    // Level-0 tiles hold tlog's record hashes.
+    let t = tiles::new_tiles(0, 0, size)[0];
+    let tile = std::fs::read(anchor.join(tiles::tile_path(0, t.index, t.width))).unwrap();
+    let expect: Vec<u8> = leaves.iter().take(usize::try_from(t.width).unwrap()).flat_map(|h| h.0).collect();
+    assert_eq!(tile, expect);
+}
