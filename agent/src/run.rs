@@ -36,7 +36,9 @@ struct Agent {
     state_dir: PathBuf,
     config: AgentConfig,
     ca_pem: String,
-    audit_key: VerifierKey,
+    /// The broker's audit key: pinned at enrollment, moved forward when a
+    /// receipt proves a rotation.
+    audit_key: RwLock<VerifierKey>,
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
     identity: RwLock<Identity>,
@@ -72,7 +74,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         endpoint: tls::endpoint_for(addr)?,
         config: state.config,
         ca_pem: state.ca_pem,
-        audit_key: state.audit_key,
+        audit_key: RwLock::new(state.audit_key),
         identity: RwLock::new(state.identity),
         conn: watch::channel(None).0,
         renewed: Notify::new(),
@@ -201,7 +203,7 @@ async fn renew_once(agent: &Agent) -> Result<()> {
         _ => bail!("unexpected reply to identity renewal"),
     };
     let id = renewed.identity.context("the broker sent no identity")?;
-    let identity = check_identity(&key, &id.chain_der, renewed.receipt.as_ref(), &agent.audit_key)?;
+    let identity = check_identity(&key, &id.chain_der, renewed.receipt.as_ref(), &agent.pinned_key())?;
     AgentState::save_identity(&agent.state_dir, &identity)?;
     let until = identity.not_after;
     *agent.identity.write().map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;
@@ -259,8 +261,9 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             match call(&conn, &wire::Request { body: Some(Req::Release(r)) }).await {
                 Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
                 Ok(wire::Response { body: Some(Resp::Release(rr)) }) => {
-                    match receipt::check(rr.receipt.as_ref(), &agent.audit_key) {
+                    match receipt::check(rr.receipt.as_ref(), &agent.pinned_key()) {
                         Ok(c) if matches!(&c.event, Event::LeaseRevocation { lease, .. } if *lease == fingerprint) => {
+                            agent.follow_key(&c.key);
                             wire::LocalResponse { body: Some(LocalResp::Release(rr)) }
                         }
                         Ok(_) => local_error(ErrorCode::Internal, "the broker's receipt names another lease"),
@@ -286,18 +289,16 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             };
             match call(&conn, &wire::Request { body: Some(Req::Grant(g)) }).await {
                 Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
-                Ok(wire::Response { body: Some(Resp::Grant(gr)) }) => {
-                    match check_grant_receipt(&agent.audit_key, &gr) {
-                        Ok(seq) => {
-                            tracing::info!(seq, kind = gr.kind, "credential granted");
-                            wire::LocalResponse { body: Some(LocalResp::Grant(gr)) }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
-                            local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
-                        }
+                Ok(wire::Response { body: Some(Resp::Grant(gr)) }) => match check_grant_receipt(agent, &gr) {
+                    Ok(seq) => {
+                        tracing::info!(seq, kind = gr.kind, "credential granted");
+                        wire::LocalResponse { body: Some(LocalResp::Grant(gr)) }
                     }
-                }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
+                        local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
+                    }
+                },
                 Ok(wire::Response { body: Some(Resp::Error(e)) }) => {
                     wire::LocalResponse { body: Some(LocalResp::Error(e)) }
                 }
@@ -323,7 +324,35 @@ pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&der)))
 }
 
-fn check_grant_receipt(key: &VerifierKey, gr: &wire::GrantResponse) -> Result<u64> {
+fn check_grant_receipt(agent: &Agent, gr: &wire::GrantResponse) -> Result<u64> {
     let fp = credential_fingerprint(gr)?;
-    Ok(receipt::check_grant(gr.receipt.as_ref(), key, &fp)?.seq)
+    let checked = receipt::check_grant(gr.receipt.as_ref(), &agent.pinned_key(), &fp)?;
+    agent.follow_key(&checked.key);
+    Ok(checked.seq)
+}
+
+impl Agent {
+    fn pinned_key(&self) -> VerifierKey {
+        self.audit_key.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Pins the key a verified receipt was signed by, after a rotation the
+    /// receipt proved from the previously pinned key.
+    fn follow_key(&self, key: &VerifierKey) {
+        let mut pinned = self.audit_key.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *pinned == *key {
+            return;
+        }
+        match grantline_proto::files::write_atomic(
+            &self.state_dir.join("audit.vkey"),
+            format!("{key}\n").as_bytes(),
+            0o644,
+        ) {
+            Ok(()) => {
+                tracing::info!(old = %*pinned, new = %key, "the broker rotated its audit key; following it");
+                *pinned = key.clone();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot save the broker's new audit key"),
+        }
+    }
 }

@@ -83,7 +83,7 @@ pub fn verify_db(
     };
     let mut checkpoints = Vec::new();
     for (what, note, size) in unverified {
-        match Checkpoint::open(note, key) {
+        match Checkpoint::open_any(note, &summary.keys) {
             Ok(cp) => checkpoints.push((what, cp)),
             Err(e) => {
                 let seq = i64::try_from(size).unwrap_or(i64::MAX);
@@ -125,7 +125,9 @@ pub fn verify_db(
 pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result<Summary, Failure>, String)> {
     let note = anchor.get("checkpoint").await?.context("the anchor holds no checkpoint")?;
     let note = String::from_utf8(note).context("the anchor's checkpoint is not text")?;
-    let cp = match Checkpoint::open(&note, key) {
+    // Read for its size now; its signature is checked once the entries have
+    // told which keys the log has used.
+    let cp = match Checkpoint::parse_body(grantline_proto::audit::note::body(&note).unwrap_or_default()) {
         Ok(cp) => cp,
         Err(e) => {
             return Ok((Err(Failure { seq: -1, reason: format!("the anchor's checkpoint is not usable: {e}") }), note))
@@ -167,6 +169,9 @@ pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result
         Ok(s) => s,
         Err(f) => return Ok((Err(f), note)),
     };
+    if let Err(e) = Checkpoint::open_any(&note, &summary.keys) {
+        return Ok((Err(Failure { seq: -1, reason: format!("the anchor's checkpoint does not verify: {e}") }), note));
+    }
     if summary.roots.get(&cp.size) != Some(&cp.root) {
         let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
         return Ok((Err(fail(cp.size.saturating_sub(1), reason)), note));

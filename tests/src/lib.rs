@@ -184,6 +184,14 @@ impl Broker {
         Self { proc, dir: BrokerDir::Borrowed(dir.to_owned()), addr }
     }
 
+    /// Starts the broker again on the same state directory and port, after it
+    /// stopped.
+    pub fn restart(&mut self) {
+        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr, &[]);
+        assert_eq!(addr, self.addr);
+        self.proc = proc;
+    }
+
     /// Kills the broker with SIGKILL and starts it again on the same port.
     pub fn kill9_and_restart(&mut self) {
         self.proc.kill9();

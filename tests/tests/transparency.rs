@@ -270,3 +270,50 @@ fn the_anchor_alone_verifies_and_catches_tampered_tiles_bundles_and_truncation()
     let v = verify_anchor(&anchor, &key_file, Some(&truncated));
     assert!(v["reason"].as_str().unwrap().contains("rolled back"), "{v}");
 }
+
+#[test]
+fn key_rotation_is_followed_by_verifiers_and_agents() {
+    let mut broker = Broker::start();
+    let mut agent = Agent::start(&broker, "rot");
+    grants(&agent, 2, "before");
+    let rotate = |b: &Broker| {
+        Command::new(bin("grantline")).args(["audit", "rotate-key", "--state-dir"]).arg(b.dir.path()).output().unwrap()
+    };
+    // Not while the broker runs.
+    let busy = rotate(&broker);
+    assert!(!busy.status.success());
+    assert!(stderr(&busy).contains("stop it before rotating"), "{}", stderr(&busy));
+
+    stop(&mut broker);
+    let old_vkey = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(broker.path("audit.vkey"), old_vkey.path()).unwrap();
+    let out = rotate(&broker);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new_vkey = std::fs::read_to_string(broker.path("audit.vkey")).unwrap();
+    assert_ne!(new_vkey, std::fs::read_to_string(old_vkey.path()).unwrap());
+
+    // The broker signs with the new key; the agent, which pinned the old one,
+    // follows the rotation its receipts prove, and saves the new key.
+    broker.restart();
+    agent.wait_connected();
+    grants(&agent, 2, "after");
+    assert_eq!(std::fs::read_to_string(agent.dir.path().join("audit.vkey")).unwrap(), new_vkey);
+    stop(&mut broker);
+
+    let db = broker.path("audit.db");
+    assert_eq!(verify_with(&db, old_vkey.path(), None)["ok"], true, "the genesis key still verifies the log");
+    assert_eq!(verify_with(&db, &broker.path("audit.vkey"), None)["ok"], true, "so does the current key");
+    let stranger = grantline_proto::audit::SignerKey::generate(key(&broker).name()).unwrap();
+    let stranger_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(stranger_file.path(), stranger.verifier().to_string()).unwrap();
+    let v = verify_with(&db, stranger_file.path(), None);
+    assert!(v["reason"].as_str().unwrap().contains("not by the key given"), "{v}");
+
+    // A checkpoint signed by a key the log never announced is refused.
+    let latest = Checkpoint::open_any(&latest_checkpoint(&db), &[key(&broker)]).unwrap();
+    let forged = latest.sign(&stranger).unwrap();
+    let v = verify_with(&db, &broker.path("audit.vkey"), Some(&forged));
+    assert!(v["reason"].as_str().unwrap().contains("does not verify"), "{v}");
+    // The anchor, republished after the rotation, verifies too.
+    assert_eq!(verify_anchor(&broker.path("anchor"), old_vkey.path(), Some(&db))["ok"], true);
+}

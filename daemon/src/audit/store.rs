@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use grantline_proto::audit::merkle::HashSource;
-use grantline_proto::audit::{Hash, StoredEntry};
+use grantline_proto::audit::{Entry, Event, Hash, StoredEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 const SCHEMA: &str = r#"
@@ -128,6 +128,36 @@ impl AuditStore {
         let mut stmt = self.conn.prepare("SELECT hash FROM entries WHERE seq >= ?1 ORDER BY seq")?;
         let rows = stmt.query_map([i64::try_from(seq).unwrap_or(i64::MAX)], |r| r.get::<_, Vec<u8>>(0))?;
         rows.map(|r| r.map(|h| h.try_into().unwrap_or([0; 32]))).collect()
+    }
+
+    /// The log's keys in order, with the seq that introduced each: the
+    /// genesis key, then every rotation's (a byte search finds the few
+    /// rotation entries without decoding every event).
+    pub fn key_chain(&self) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, entry FROM entries WHERE seq = 0 OR instr(entry, CAST('\"type\":\"key_rotation\"' AS BLOB)) > 0 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut chain = Vec::new();
+        for row in rows {
+            let (seq, bytes) = row?;
+            let entry = Entry::decode(&bytes)?;
+            match entry.event()? {
+                Event::Genesis { vkey, .. } if seq == 0 => chain.push((0, vkey)),
+                Event::KeyRotation { new_vkey } => chain.push((u64::try_from(seq).unwrap_or(0), new_vkey)),
+                _ => {}
+            }
+        }
+        Ok(chain)
+    }
+
+    /// The stored row at `seq`.
+    pub fn entry_at(&self, seq: u64) -> rusqlite::Result<StoredEntry> {
+        self.conn.query_row(
+            "SELECT seq, entry, hash, signature FROM entries WHERE seq = ?1",
+            [i64::try_from(seq).unwrap_or(i64::MAX)],
+            row_to_entry,
+        )
     }
 
     /// Entry bytes with seq in `[start, end)`.

@@ -67,13 +67,20 @@ impl AuditLog {
             None => 0,
         };
         let (published, checkpoints) = watch::channel(latest);
+        // Rotation entries travel with every receipt, so agents that pinned
+        // an older key can follow the chain to the current one.
+        let mut rotations = Vec::new();
+        for (seq, _) in store.key_chain()?.into_iter().filter(|(seq, _)| *seq > 0) {
+            let row = store.entry_at(seq)?;
+            rotations.push(wire::Receipt { entry: row.entry, signature: row.signature, rotations: Vec::new() });
+        }
         // The first checkpoint (or one covering entries added before the
         // last stop) is due at once.
         let at = Instant::now().checked_sub(CHECKPOINT_EVERY).unwrap_or_else(Instant::now);
         let checkpointer = Checkpointer { size, at, published };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(store, key, state, rx, checkpointer))
+            .spawn(move || run(store, key, state, rx, checkpointer, rotations))
             .context("cannot start the audit writer thread")?;
         Ok((Self { tx, checkpoints }, handle))
     }
@@ -92,7 +99,7 @@ impl AuditLog {
 }
 
 #[derive(Clone)]
-struct ChainState {
+pub(crate) struct ChainState {
     origin: String,
     next_seq: u64,
     prev: Hash,
@@ -103,21 +110,23 @@ struct ChainState {
 
 impl ChainState {
     /// Picks up where the stored log ends, refusing a log signed by another key.
-    fn resume(store: &mut AuditStore, key: &SignerKey) -> Result<Self> {
+    pub(crate) fn resume(store: &mut AuditStore, key: &SignerKey) -> Result<Self> {
         let origin = key.verifier().name().to_owned();
         let Some(last) = store.last()? else {
             return Ok(Self { origin, next_seq: 0, prev: ZERO_HASH, last_time: 0, tree: Frontier::default() });
         };
-        if let Some(first) = store.first()? {
-            let entry = Entry::decode(&first.entry).context("the audit log's first entry is malformed")?;
-            match entry.event() {
-                Ok(Event::Genesis { vkey, .. }) if vkey == key.verifier().to_string() => {}
-                Ok(Event::Genesis { vkey, .. }) => bail!(
-                    "the audit log was started by key {vkey}, but the audit key file holds {}; use the key that started this log",
-                    key.verifier()
-                ),
-                _ => bail!("the audit log's first entry is not a genesis entry; the log is damaged, run 'grantline audit verify'"),
-            }
+        let chain = store.key_chain().context("cannot read the audit log's keys")?;
+        let Some(current) = chain.last() else {
+            bail!(
+                "the audit log's first entry is not a genesis entry; the log is damaged, run 'grantline audit verify'"
+            );
+        };
+        if current.1 != key.verifier().to_string() {
+            bail!(
+                "the audit log's current key is {}, but the audit key file holds {}; use the log's current key",
+                current.1,
+                key.verifier()
+            );
         }
         let entry = Entry::decode(&last.entry)
             .context("the audit log's last entry is malformed; run 'grantline audit verify'")?;
@@ -216,6 +225,7 @@ fn run(
     mut state: ChainState,
     mut rx: mpsc::Receiver<Append>,
     mut cp: Checkpointer,
+    rotations: Vec<wire::Receipt>,
 ) {
     // A small runtime of the writer's own, for receiving with a timeout.
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
@@ -251,7 +261,9 @@ fn run(
         match store.append(&entries, &nodes) {
             Ok(()) => {
                 for (a, e) in batch.drain(..).zip(entries) {
-                    let _ = a.reply.send(Ok(wire::Receipt { entry: e.entry, signature: e.signature.to_vec() }));
+                    let receipt =
+                        wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), rotations: rotations.clone() };
+                    let _ = a.reply.send(Ok(receipt));
                 }
                 cp.maybe(&store, &key, &state, false);
             }
@@ -267,4 +279,24 @@ fn run(
     }
     cp.maybe(&store, &key, &state, true);
     tracing::info!(next_seq = state.next_seq, "audit writer stopped");
+}
+
+/// Rotates the log's signing key: appends a `key_rotation` entry, signed by
+/// `old`, naming `new`, and a checkpoint signed by `new` that covers it. The
+/// broker must not be running (its lock on the state directory says so).
+/// Returns the rotation entry's seq.
+pub fn rotate_key(path: &Path, old: &SignerKey, new: &SignerKey) -> Result<u64> {
+    if old.verifier().name() != new.verifier().name() {
+        bail!("the new key must have the log's name {:?}", old.verifier().name());
+    }
+    let mut store = AuditStore::open(path).with_context(|| format!("cannot open audit log {}", path.display()))?;
+    let mut state = ChainState::resume(&mut store, old)?;
+    if state.next_seq == 0 {
+        bail!("the audit log is empty; start the broker once first");
+    }
+    let (entry, nodes) = state.seal(old, &Event::KeyRotation { new_vkey: new.verifier().to_string() });
+    store.append(std::slice::from_ref(&entry), &nodes).context("cannot append the key rotation")?;
+    let cp = Checkpoint { origin: state.origin.clone(), size: state.tree.size(), root: state.tree.root() };
+    store.add_checkpoint(cp.size, state.last_time, &cp.sign(new)?).context("cannot store the checkpoint")?;
+    Ok(entry.seq)
 }

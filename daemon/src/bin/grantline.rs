@@ -12,7 +12,7 @@ use grantline_daemon::audit::AuditStore;
 use grantline_daemon::state::{rfc3339, StateDb};
 use grantline_daemon::{config, verify};
 use grantline_proto::audit::checkpoint::{Checkpoint, InclusionReceipt};
-use grantline_proto::audit::{merkle, VerifierKey};
+use grantline_proto::audit::{merkle, SignerKey, VerifierKey};
 
 /// Grantline administration and audit verification.
 #[derive(Parser)]
@@ -89,6 +89,13 @@ enum AuditCommand {
         #[arg(long)]
         db: PathBuf,
     },
+    /// Replace the log's signing key: appends an entry signed by the old key
+    /// naming the new one. The broker must be stopped.
+    RotateKey {
+        /// The broker's state directory (audit.db, audit.key, audit.vkey).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 const EX_USAGE: u8 = 64;
@@ -117,6 +124,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => report_error(false, EX_DATAERR, &e),
+        },
+        Command::Audit(AuditCommand::RotateKey { state_dir }) => match rotate_key(&state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report_error(false, EX_SOFTWARE, &e),
         },
         Command::Audit(AuditCommand::Checkpoint { db }) => {
             match AuditStore::open_read_only(&db).and_then(|s| s.latest_checkpoint()) {
@@ -158,6 +169,26 @@ fn create_token(
     let t = state.create_token(node.as_deref(), &map, ttl, now).context("cannot store the token")?;
     println!("{}", t.token);
     eprintln!("token {} expires at {}; it can be used once", t.id, rfc3339(t.expires_at));
+    Ok(())
+}
+
+fn rotate_key(dir: &std::path::Path) -> Result<()> {
+    let _lock = grantline_daemon::server::lock_state_dir(dir)
+        .context("grantlined is running on this state directory; stop it before rotating the key")?;
+    let key_path = dir.join("audit.key");
+    let old = SignerKey::parse(&grantline_proto::files::read_secret(&key_path)?)
+        .with_context(|| format!("{} is not a signed-note private key", key_path.display()))?;
+    let new = SignerKey::generate(old.verifier().name())?;
+    let seq = grantline_daemon::audit::writer::rotate_key(&dir.join("audit.db"), &old, &new)?;
+    // The old private key is gone once the new one is in place; the public
+    // history stays in the log (and in audit.vkeys for convenience).
+    let history = dir.join("audit.vkeys");
+    let mut keys = std::fs::read_to_string(&history).unwrap_or_else(|_| format!("{}\n", old.verifier()));
+    keys.push_str(&format!("{}\n", new.verifier()));
+    grantline_proto::files::write_atomic(&history, keys.as_bytes(), 0o644)?;
+    grantline_proto::files::write_secret(&key_path, new.to_private_string().as_bytes())?;
+    grantline_proto::files::write_atomic(&dir.join("audit.vkey"), format!("{}\n", new.verifier()).as_bytes(), 0o644)?;
+    println!("rotated the audit key at seq {seq}: {} -> {}", old.verifier(), new.verifier());
     Ok(())
 }
 

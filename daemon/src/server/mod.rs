@@ -69,6 +69,8 @@ pub struct Broker {
     background: Vec<tokio::task::JoinHandle<()>>,
     /// Anchoring; it ends by itself once the writer's last checkpoint is out.
     publisher: Option<tokio::task::JoinHandle<()>>,
+    /// Held while the broker runs: one writer per state directory.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Broker {
@@ -77,6 +79,8 @@ impl Broker {
     pub fn open(opts: &BrokerOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
+        let lock = lock_state_dir(&opts.state_dir)
+            .with_context(|| format!("another grantlined is using {}; stop it first", opts.state_dir.display()))?;
         let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
@@ -126,7 +130,7 @@ impl Broker {
             vkey,
             requests: TaskTracker::new(),
         });
-        Ok(Self { shared, endpoint, audit_thread, background, publisher })
+        Ok(Self { shared, endpoint, audit_thread, background, publisher, _lock: lock })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -182,6 +186,20 @@ impl Broker {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Takes the state directory's lock (`grantlined.lock`), without waiting.
+/// The broker holds it while it runs; offline tools take it to be sure no
+/// broker writes the log under them.
+pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("grantlined.lock"))
+        .with_context(|| format!("cannot open {}", dir.join("grantlined.lock").display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| anyhow::anyhow!("the state directory is locked ({e})"))
 }
 
 pub fn load_policy(path: &Path) -> Result<Policy> {

@@ -48,6 +48,9 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         caller: Option<CallerInfo>,
     },
+    /// The log's signing key changes: this entry is signed by the old key and
+    /// names the new one, which signs every later entry and checkpoint.
+    KeyRotation { new_vkey: String },
     /// A leased credential was revoked before its expiry. `lease` is the
     /// grant's fingerprint of the lease id.
     LeaseRevocation { node: String, lease: String, reason: String },
@@ -81,6 +84,7 @@ impl Event {
             Self::Grant { .. } => "grant",
             Self::Denial { .. } => "denial",
             Self::LeaseRevocation { .. } => "lease_revocation",
+            Self::KeyRotation { .. } => "key_rotation",
             Self::CaRotation { .. } => "ca_rotation",
         }
     }

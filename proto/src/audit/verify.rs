@@ -47,26 +47,35 @@ pub struct Summary {
     /// Merkle roots at the tree sizes asked for with [`ChainVerifier::want_root_at`].
     #[serde(skip)]
     pub roots: BTreeMap<u64, Hash>,
+    /// The log's signing keys in order: the genesis key, then each rotation's.
+    #[serde(skip)]
+    pub keys: Vec<VerifierKey>,
 }
 
 const BATCH: usize = 512;
 
 pub struct ChainVerifier {
+    /// The key the caller trusts: it must be one of the log's keys.
     key: VerifierKey,
+    /// The log's keys so far; the last one signs the next entry.
+    keys: Vec<VerifierKey>,
     next_seq: u64,
     prev: Hash,
     last_time: i64,
     first_time: Option<i64>,
-    pending: Vec<(i64, Vec<u8>, Signature)>,
+    pending: Vec<(i64, Vec<u8>, Signature, VerifierKey)>,
     check_signatures: bool,
     tree: Frontier,
     wanted: BTreeMap<u64, Option<Hash>>,
+    /// Seqs of the rotation entries, in order.
+    rotated_at: Vec<i64>,
 }
 
 impl ChainVerifier {
     pub fn new(key: VerifierKey) -> Self {
         Self {
             key,
+            keys: Vec::new(),
             next_seq: 0,
             prev: ZERO_HASH,
             last_time: i64::MIN,
@@ -75,6 +84,7 @@ impl ChainVerifier {
             check_signatures: true,
             tree: Frontier::default(),
             wanted: BTreeMap::new(),
+            rotated_at: Vec::new(),
         }
     }
 
@@ -106,7 +116,8 @@ impl ChainVerifier {
                     reason: format!("signature is {} bytes, not an ed25519 signature", row.signature.len()),
                 });
             };
-            self.pending.push((row.seq, row.entry, sig));
+            let signer = self.signer_of(row.seq);
+            self.pending.push((row.seq, row.entry, sig, signer));
             if self.pending.len() >= BATCH {
                 self.flush()?;
             }
@@ -114,9 +125,32 @@ impl ChainVerifier {
         Ok(())
     }
 
+    /// The key that signs the entry at `seq`: the one in force before it (a
+    /// rotation entry is signed by the key it retires).
+    fn signer_of(&self, seq: i64) -> VerifierKey {
+        let in_force = if self.rotated_at.last() == Some(&seq) {
+            self.keys.len().saturating_sub(2)
+        } else {
+            self.keys.len().saturating_sub(1)
+        };
+        self.keys.get(in_force).cloned().unwrap_or_else(|| self.key.clone())
+    }
+
     /// Checks the remaining signatures and summarizes the verified log.
     pub fn finish(mut self) -> Result<Summary, Failure> {
         self.flush()?;
+        if !self.keys.is_empty() && !self.keys.contains(&self.key) {
+            let names: Vec<String> = self.keys.iter().map(ToString::to_string).collect();
+            return Err(Failure {
+                seq: 0,
+                reason: format!(
+                    "log was started by key {}, not by the key given ({}); its keys are: {}",
+                    names[0],
+                    self.key,
+                    names.join(", ")
+                ),
+            });
+        }
         Ok(Summary {
             entries: self.next_seq,
             origin: self.key.name().to_owned(),
@@ -125,6 +159,7 @@ impl ChainVerifier {
             first_time_ms: self.first_time,
             last_time_ms: self.first_time.map(|_| self.last_time),
             roots: self.wanted.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
+            keys: self.keys,
         })
     }
 
@@ -156,7 +191,7 @@ impl ChainVerifier {
                 entry.seq
             ));
         }
-        if entry.origin != self.key.name() {
+        if entry.origin != self.key.name() && self.keys.first().is_none_or(|k| entry.origin != k.name()) {
             return Err(format!("entry is from log {:?}, not {:?}", entry.origin, self.key.name()));
         }
         if entry.prev != self.prev {
@@ -171,12 +206,30 @@ impl ChainVerifier {
         }
         let event = entry.event().map_err(|e| e.to_string())?;
         match (&event, expected) {
-            (Event::Genesis { vkey, .. }, 0) if *vkey != self.key.to_string() => {
-                return Err(format!("log was started by key {vkey}, not by the key given ({})", self.key));
+            (Event::Genesis { vkey, .. }, 0) => {
+                let genesis = VerifierKey::parse(vkey).map_err(|e| format!("genesis names an unusable key: {e}"))?;
+                if genesis.name() != entry.origin {
+                    return Err(format!("genesis key {genesis} is not named for the log's origin {:?}", entry.origin));
+                }
+                self.keys.push(genesis);
             }
-            (Event::Genesis { .. }, 0) => {}
             (Event::Genesis { .. }, _) => return Err("a second genesis entry".into()),
             (_, 0) => return Err(format!("first entry is a {} event, not genesis", event.type_name())),
+            (Event::KeyRotation { new_vkey }, _) => {
+                let new =
+                    VerifierKey::parse(new_vkey).map_err(|e| format!("key rotation names an unusable key: {e}"))?;
+                if new.name() != entry.origin {
+                    return Err(format!(
+                        "key rotation to {new}, which is not named for the log's origin {:?}",
+                        entry.origin
+                    ));
+                }
+                if self.keys.contains(&new) {
+                    return Err(format!("key rotation to {new}, a key this log already used"));
+                }
+                self.keys.push(new);
+                self.rotated_at.push(row.seq);
+            }
             _ => {}
         }
         self.first_time.get_or_insert(entry.time_ms);
@@ -195,19 +248,19 @@ impl ChainVerifier {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let msgs: Vec<&[u8]> = pending.iter().map(|(_, m, _)| m.as_slice()).collect();
-        let sigs: Vec<Signature> = pending.iter().map(|(_, _, s)| *s).collect();
-        let keys = vec![*self.key.key(); pending.len()];
+        let msgs: Vec<&[u8]> = pending.iter().map(|(_, m, _, _)| m.as_slice()).collect();
+        let sigs: Vec<Signature> = pending.iter().map(|(_, _, s, _)| *s).collect();
+        let keys: Vec<_> = pending.iter().map(|(_, _, _, k)| *k.key()).collect();
         if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
             self.pending = pending;
             self.pending.clear();
             return Ok(());
         }
-        for (seq, msg, sig) in &pending {
-            if self.key.key().verify_strict(msg, sig).is_err() {
+        for (seq, msg, sig, key) in &pending {
+            if key.key().verify_strict(msg, sig).is_err() {
                 return Err(Failure {
                     seq: *seq,
-                    reason: format!("signature does not verify under key {} (wrong key or forged entry)", self.key),
+                    reason: format!("signature does not verify under key {key} (wrong key or forged entry)"),
                 });
             }
         }
@@ -342,6 +395,52 @@ mod tests {
         let f = run(k.verifier(), rows).unwrap_err();
         assert_eq!(f.seq, 700);
         assert!(f.reason.contains("signature"), "{f}");
+    }
+
+    /// A log of `n` entries whose key rotates from `k1` to `k2` at `at`;
+    /// `signer(seq)` picks who actually signs each entry.
+    fn rotated(k1: &SignerKey, k2: &SignerKey, n: u64, at: u64, signer: impl Fn(u64) -> u8) -> Vec<StoredEntry> {
+        let origin = k1.verifier().name().to_owned();
+        let mut prev = ZERO_HASH;
+        (0..n)
+            .map(|seq| {
+                let event = match seq {
+                    0 => Event::Genesis { vkey: k1.verifier().to_string(), software: "test".into() },
+                    s if s == at => Event::KeyRotation { new_vkey: k2.verifier().to_string() },
+                    s => grant(s),
+                };
+                let bytes = Entry::encode(&origin, seq, 1000, &prev, &event);
+                prev = leaf_hash(&bytes);
+                let key = if signer(seq) == 1 { k1 } else { k2 };
+                StoredEntry {
+                    seq: i64::try_from(seq).unwrap(),
+                    signature: key.sign(&bytes).to_vec(),
+                    hash: prev.to_vec(),
+                    entry: bytes,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn verification_follows_key_rotation() {
+        let k1 = SignerKey::generate("t.example/log").unwrap();
+        let k2 = SignerKey::generate("t.example/log").unwrap();
+        let k3 = SignerKey::generate("t.example/log").unwrap();
+        let honest = |seq: u64| if seq <= 600 { 1 } else { 2 };
+        let log = rotated(&k1, &k2, 1200, 600, honest);
+        let s = run(k1.verifier(), log.clone()).unwrap();
+        assert_eq!(s.keys, vec![k1.verifier().clone(), k2.verifier().clone()]);
+        assert!(run(k2.verifier(), log.clone()).is_ok(), "the new key is one of the log's keys");
+        let f = run(k3.verifier(), log).unwrap_err();
+        assert!(f.reason.contains("not by the key given"), "{f}");
+
+        // The old key signing after the rotation, or the new one signing the
+        // rotation itself, is caught at that seq.
+        let f = run(k1.verifier(), rotated(&k1, &k2, 1200, 600, |s| if s == 601 { 1 } else { honest(s) })).unwrap_err();
+        assert_eq!(f.seq, 601, "{f}");
+        let f = run(k1.verifier(), rotated(&k1, &k2, 1200, 600, |s| if s < 600 { 1 } else { 2 })).unwrap_err();
+        assert_eq!(f.seq, 600, "{f}");
     }
 
     #[test]
