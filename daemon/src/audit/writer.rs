@@ -155,6 +155,14 @@ impl ChainState {
     /// returns the entry and the tree nodes it completes. The caller restores
     /// the previous state if they are not committed.
     fn seal(&mut self, key: &SignerKey, event: &Event) -> (NewEntry, Vec<NewNode>) {
+        let (mut entry, nodes) = self.chain(event);
+        entry.signature = key.sign(&entry.entry);
+        (entry, nodes)
+    }
+
+    /// [`Self::seal`] without the signature, which the caller adds (to sign a
+    /// batch on every core; the chain itself needs only the entry hashes).
+    fn chain(&mut self, event: &Event) -> (NewEntry, Vec<NewNode>) {
         // Time never goes backwards in the log, even if the clock steps back.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -163,12 +171,11 @@ impl ChainState {
         let time = now.max(self.last_time);
         let entry = Entry::encode(&self.origin, self.next_seq, time, &self.prev, event);
         let hash = leaf_hash(&entry);
-        let signature = key.sign(&entry);
         self.prev = hash;
         self.next_seq += 1;
         self.last_time = time;
         let nodes = self.tree.push(hash);
-        (NewEntry { seq: self.next_seq - 1, hash, entry, signature }, nodes)
+        (NewEntry { seq: self.next_seq - 1, hash, entry, signature: [0; 64] }, nodes)
     }
 }
 
@@ -254,10 +261,11 @@ fn run(
         let mut entries = Vec::with_capacity(batch.len());
         let mut nodes = Vec::with_capacity(batch.len() * 2);
         for a in &batch {
-            let (e, n) = state.seal(&key, &a.event);
+            let (e, n) = state.chain(&a.event);
             entries.push(e);
             nodes.extend(n);
         }
+        sign_all(&key, &mut entries);
         match store.append(&entries, &nodes) {
             Ok(()) => {
                 for (a, e) in batch.drain(..).zip(entries) {
@@ -299,4 +307,27 @@ pub fn rotate_key(path: &Path, old: &SignerKey, new: &SignerKey) -> Result<u64> 
     let cp = Checkpoint { origin: state.origin.clone(), size: state.tree.size(), root: state.tree.root() };
     store.add_checkpoint(cp.size, state.last_time, &cp.sign(new)?).context("cannot store the checkpoint")?;
     Ok(entry.seq)
+}
+
+/// Signs a batch of entries, spread over the machine's cores when it is big
+/// enough to pay for the threads.
+fn sign_all(key: &SignerKey, entries: &mut [NewEntry]) {
+    const PER_THREAD: usize = 256;
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if entries.len() < 2 * PER_THREAD || threads == 1 {
+        for e in entries.iter_mut() {
+            e.signature = key.sign(&e.entry);
+        }
+        return;
+    }
+    let chunk = entries.len().div_ceil(threads).max(PER_THREAD);
+    std::thread::scope(|s| {
+        for part in entries.chunks_mut(chunk) {
+            s.spawn(move || {
+                for e in part {
+                    e.signature = key.sign(&e.entry);
+                }
+            });
+        }
+    });
 }
