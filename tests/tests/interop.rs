@@ -108,3 +108,67 @@ fn checkpoint_entries_and_proofs_verify_with_independent_implementations() {
     let expect: Vec<u8> = leaves.iter().take(usize::try_from(t.width).unwrap()).flat_map(|h| h.0).collect();
     assert_eq!(tile, expect);
 }
+
+/// Go's own note and tlog packages (Debian golang-golang-x-mod-dev, GOPATH
+/// mode) verify the anchor: checkpoint, root, every proof, and our receipts.
+#[test]
+fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
+    let mut broker = Broker::start();
+    let agent = Agent::start(&broker, "go-interop");
+    for i in 0..6 {
+        let out = tempfile::tempdir().unwrap();
+        let san = format!("g{i}.example.com");
+        let got = agent.get(&["ssh", "--role", "dev", "--principal", &san, "--out", out.path().to_str().unwrap()]);
+        assert!(got.status.success(), "{}", stderr(&got));
+    }
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    let proofs = tempfile::tempdir().unwrap();
+    let mut proof_files = Vec::new();
+    for index in [0u64, 3, 7] {
+        let out = Command::new(bin("grantline"))
+            .args(["audit", "prove", "--db"])
+            .arg(broker.path("audit.db"))
+            .args(["--index", &index.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let f = proofs.path().join(format!("{index}.tlog-proof"));
+        std::fs::write(&f, out.stdout).unwrap();
+        proof_files.push(f);
+    }
+    let gocache = tempfile::tempdir().unwrap();
+    let vkey = std::fs::read_to_string(broker.path("audit.vkey")).unwrap();
+    let go = Command::new("go")
+        .arg("run")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("go/verify_anchor.go"))
+        .arg(vkey.trim())
+        .arg(broker.path("anchor"))
+        .args(&proof_files)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", gocache.path())
+        .env("GOFLAGS", "")
+        .output()
+        .expect("go is needed (scripts/install-test-deps.sh installs golang-go and golang-golang-x-mod-dev)");
+    assert!(go.status.success(), "Go's tlog rejected the anchor: {}{}", String::from_utf8_lossy(&go.stdout), stderr(&go));
+    assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 8"), "{}", String::from_utf8_lossy(&go.stdout));
+
+    // And Go notices a tampered entry bundle.
+    let bundle = broker.path("anchor/tile/entries/000.p/8");
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 1;
+    std::fs::write(&bundle, bytes).unwrap();
+    let go = Command::new("go")
+        .arg("run")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("go/verify_anchor.go"))
+        .arg(vkey.trim())
+        .arg(broker.path("anchor"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", gocache.path())
+        .output()
+        .unwrap();
+    assert!(!go.status.success(), "Go accepted a tampered anchor");
+}
