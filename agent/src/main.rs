@@ -40,6 +40,9 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Report a grant not proved included in a signed checkpoint within this long.
+        #[arg(long, default_value = "30s")]
+        inclusion_deadline: humantime::Duration,
     },
     /// Ask the running agent for a credential and write it to --out.
     #[command(subcommand)]
@@ -170,7 +173,13 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Run { state_dir, socket } => run::run(run::RunArgs { state_dir, socket }, shutdown_signal()).await,
+            Command::Run { state_dir, socket, inclusion_deadline } => {
+                run::run(
+                    run::RunArgs { state_dir, socket, inclusion_deadline: inclusion_deadline.into() },
+                    shutdown_signal(),
+                )
+                .await
+            }
             Command::Get(GetCommand::X509 { role, out, socket, ttl, sans }) => {
                 let gr = get::get_x509(get::GetX509 { role, out: out.clone(), socket, ttl: ttl.map(Into::into), sans })
                     .await?;

@@ -30,6 +30,16 @@ use crate::tls;
 pub struct RunArgs {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// How long a grant may go without being proved included in a checkpoint
+    /// before the agent reports it.
+    pub inclusion_deadline: Duration,
+}
+
+/// A grant whose inclusion in a checkpoint is not confirmed yet.
+struct Unconfirmed {
+    seq: u64,
+    leaf: grantline_proto::audit::Hash,
+    granted: std::time::Instant,
 }
 
 struct Agent {
@@ -44,6 +54,8 @@ struct Agent {
     identity: RwLock<Identity>,
     conn: watch::Sender<Option<quinn::Connection>>,
     renewed: Notify,
+    unconfirmed: std::sync::Mutex<Vec<Unconfirmed>>,
+    inclusion_deadline: Duration,
 }
 
 /// Prints a progress line on stdout for supervisors and tests, flushed.
@@ -78,12 +90,15 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         identity: RwLock::new(state.identity),
         conn: watch::channel(None).0,
         renewed: Notify::new(),
+        unconfirmed: std::sync::Mutex::new(Vec::new()),
+        inclusion_deadline: args.inclusion_deadline,
     });
     announce(&format!("grantline-agent ready on {}", args.socket.display()));
     tracing::info!(node = %agent.config.node_name, broker = %agent.config.broker, "agent running");
     let result = tokio::select! {
         () = maintain_connection(agent.clone()) => Ok(()),
         () = renew_identity_loop(agent.clone()) => Ok(()),
+        () = confirm_inclusion_loop(agent.clone()) => Ok(()),
         r = serve_socket(agent.clone(), listener) => r,
         () = shutdown => Ok(()),
     };
@@ -328,7 +343,70 @@ fn check_grant_receipt(agent: &Agent, gr: &wire::GrantResponse) -> Result<u64> {
     let fp = credential_fingerprint(gr)?;
     let checked = receipt::check_grant(gr.receipt.as_ref(), &agent.pinned_key(), &fp)?;
     agent.follow_key(&checked.key);
+    if let Some(r) = &gr.receipt {
+        let leaf = grantline_proto::audit::entry::leaf_hash(&r.entry);
+        let mut pending = agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.push(Unconfirmed { seq: checked.seq, leaf, granted: std::time::Instant::now() });
+    }
     Ok(checked.seq)
+}
+
+/// Confirms that every grant the agent received is in a checkpoint signed by
+/// the broker's audit key, with an inclusion proof; reports those that are
+/// not within the deadline (a broker that hands out credentials it does not
+/// log, or a log that was cut).
+async fn confirm_inclusion_loop(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due: Vec<(u64, grantline_proto::audit::Hash, std::time::Instant)> = {
+            let pending = agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending
+                .iter()
+                .filter(|u| u.granted.elapsed() >= Duration::from_secs(1))
+                .map(|u| (u.seq, u.leaf, u.granted))
+                .collect()
+        };
+        for (seq, leaf, granted) in due {
+            // Bounded, so a broker that stopped answering cannot hold the
+            // report past the deadline.
+            let outcome = match tokio::time::timeout(Duration::from_secs(3), prove_included(&agent, seq, &leaf)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("the broker did not answer the proof request within 3 s")),
+            };
+            let settled = match &outcome {
+                Ok(size) => {
+                    announce(&format!("grantline-agent confirmed seq {seq} in checkpoint of size {size}"));
+                    true
+                }
+                Err(e) if granted.elapsed() >= agent.inclusion_deadline => {
+                    tracing::error!(seq, error = %format!("{e:#}"), "a grant was not proved included in the audit log in time");
+                    announce(&format!("grantline-agent inclusion missing for seq {seq}: {e:#}"));
+                    true
+                }
+                Err(_) => false,
+            };
+            if settled {
+                agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|u| u.seq != seq);
+            }
+        }
+    }
+}
+
+async fn prove_included(agent: &Agent, seq: u64, leaf: &grantline_proto::audit::Hash) -> Result<u64> {
+    let conn = connection(agent, Duration::from_secs(2)).await.context("not connected to the broker")?;
+    let resp = call(&conn, &wire::Request { body: Some(Req::Prove(wire::ProveRequest { index: seq })) }).await?;
+    let text = match resp.body {
+        Some(Resp::Prove(p)) => p.tlog_proof,
+        Some(Resp::Error(e)) => bail!("the broker did not prove it: {e}"),
+        _ => bail!("unexpected reply to a proof request"),
+    };
+    let proof = grantline_proto::audit::checkpoint::InclusionReceipt::parse(&text)?;
+    if proof.index != seq {
+        bail!("the broker proved entry {} instead of {seq}", proof.index);
+    }
+    Ok(proof.verify(leaf, &[agent.pinned_key()])?.size)
 }
 
 impl Agent {

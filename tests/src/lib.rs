@@ -283,13 +283,25 @@ impl Agent {
     }
 
     pub fn run(&mut self) {
+        self.run_args(&[]);
+    }
+
+    /// Restarts `agent` with extra `run` flags, waiting until connected.
+    pub fn run_with(mut agent: Self, extra: &[&str]) -> Self {
+        agent.proc = None;
+        agent.run_args(extra);
+        agent
+    }
+
+    fn run_args(&mut self, extra: &[&str]) {
         let mut proc = Proc::spawn(
             "grantline-agent",
             Command::new(bin("grantline-agent"))
                 .args(["run", "--state-dir"])
                 .arg(self.dir.path())
                 .arg("--socket")
-                .arg(self.socket()),
+                .arg(self.socket())
+                .args(extra),
         );
         proc.wait_line("grantline-agent ready on");
         proc.wait_line("grantline-agent connected to");

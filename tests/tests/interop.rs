@@ -151,7 +151,12 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
         .env("GOFLAGS", "")
         .output()
         .expect("go is needed (scripts/install-test-deps.sh installs golang-go and golang-golang-x-mod-dev)");
-    assert!(go.status.success(), "Go's tlog rejected the anchor: {}{}", String::from_utf8_lossy(&go.stdout), stderr(&go));
+    assert!(
+        go.status.success(),
+        "Go's tlog rejected the anchor: {}{}",
+        String::from_utf8_lossy(&go.stdout),
+        stderr(&go)
+    );
     assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 8"), "{}", String::from_utf8_lossy(&go.stdout));
 
     // And Go notices a tampered entry bundle.

@@ -317,3 +317,23 @@ fn key_rotation_is_followed_by_verifiers_and_agents() {
     // The anchor, republished after the rotation, verifies too.
     assert_eq!(verify_anchor(&broker.path("anchor"), old_vkey.path(), Some(&db))["ok"], true);
 }
+
+#[test]
+fn agents_confirm_each_grant_is_in_a_signed_checkpoint_or_report_it() {
+    let broker = Broker::start();
+    let mut agent = Agent::start(&broker, "watcher");
+    grants(&agent, 1, "seen");
+    // genesis 0, enrollment 1, the grant 2.
+    let line = agent.wait_line("grantline-agent confirmed seq 2 in checkpoint of size");
+    assert!(line.parse::<u64>().unwrap() >= 3, "{line}");
+
+    // A broker that stops answering after a grant: the agent reports the grant
+    // it could not confirm once the deadline (30 s by default, 3 s here) passes.
+    agent.proc = None;
+    let mut agent = Agent::run_with(agent, &["--inclusion-deadline", "3s"]);
+    grants(&agent, 1, "unseen");
+    broker.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let missing = agent.wait_line("grantline-agent inclusion missing for seq 3:");
+    assert!(!missing.is_empty());
+    broker.proc.signal(nix::sys::signal::Signal::SIGCONT);
+}

@@ -26,7 +26,7 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> Reply {
 
 pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::Request) -> Reply {
     match req.body {
-        None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant, release"),
+        None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant, release, prove"),
         Some(Req::Enroll(r)) => enroll(shared, r).await,
         Some(Req::RenewIdentity(r)) => match authenticate(shared, peer) {
             Ok(node) => renew_identity(shared, &node, r).await,
@@ -38,6 +38,10 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
         },
         Some(Req::Release(r)) => match authenticate(shared, peer) {
             Ok(node) => release(shared, &node, r).await,
+            Err(reply) => reply,
+        },
+        Some(Req::Prove(r)) => match authenticate(shared, peer) {
+            Ok(_) => prove(shared, r.index).await,
             Err(reply) => reply,
         },
     }
@@ -451,4 +455,33 @@ pub(crate) async fn revoke_lease(
     let event =
         Event::LeaseRevocation { node: lease.node.clone(), lease: lease.fingerprint.clone(), reason: reason.into() };
     shared.audit.append(event).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))
+}
+
+/// The inclusion proof of entry `index` in the latest checkpoint.
+async fn prove(shared: &Shared, index: u64) -> Reply {
+    let Some(note) = shared.audit.checkpoints().borrow().clone() else {
+        return err(ErrorCode::Unavailable, "no checkpoint has been signed yet; retry in a second");
+    };
+    let db = shared.audit_db.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<Result<String, String>, String> {
+        let body = grantline_proto::audit::note::body(&note).ok_or("the latest checkpoint is not a note")?;
+        let cp = grantline_proto::audit::checkpoint::Checkpoint::parse_body(body).map_err(|e| e.to_string())?;
+        if index >= cp.size {
+            return Ok(Err(format!(
+                "entry {index} is not in the latest checkpoint (size {}) yet; retry in a second",
+                cp.size
+            )));
+        }
+        let store = crate::audit::AuditStore::open_read_only(&db).map_err(|e| e.to_string())?;
+        let proof =
+            grantline_proto::audit::merkle::inclusion_proof(&store, index, cp.size).map_err(|e| e.to_string())?;
+        Ok(Ok(grantline_proto::audit::checkpoint::InclusionReceipt { index, proof, checkpoint_note: note }.format()))
+    })
+    .await;
+    match built {
+        Ok(Ok(Ok(tlog_proof))) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
+        Ok(Ok(Err(not_yet))) => err(ErrorCode::Unavailable, not_yet),
+        Ok(Err(e)) => err(ErrorCode::Unavailable, format!("cannot build the proof: {e}")),
+        Err(e) => err(ErrorCode::Internal, format!("proof task failed: {e}")),
+    }
 }

@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
+    /// The audit database, for read-only proof queries.
+    audit_db: PathBuf,
 }
 
 pub struct Broker {
@@ -129,6 +131,7 @@ impl Broker {
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
+            audit_db: opts.state_dir.join("audit.db"),
         });
         Ok(Self { shared, endpoint, audit_thread, background, publisher, _lock: lock })
     }
