@@ -139,18 +139,7 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
     }
     let gocache = tempfile::tempdir().unwrap();
     let vkey = std::fs::read_to_string(broker.path("audit.vkey")).unwrap();
-    let go = Command::new("go")
-        .arg("run")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("go/verify_anchor.go"))
-        .arg(vkey.trim())
-        .arg(broker.path("anchor"))
-        .args(&proof_files)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", "/usr/share/gocode")
-        .env("GOCACHE", gocache.path())
-        .env("GOFLAGS", "")
-        .output()
-        .expect("go is needed (scripts/install-test-deps.sh installs golang-go and golang-golang-x-mod-dev)");
+    let go = go_verify(gocache.path(), vkey.trim(), &broker.path("anchor"), &proof_files);
     assert!(
         go.status.success(),
         "Go's tlog rejected the anchor: {}{}",
@@ -165,15 +154,27 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
     let last = bytes.len() - 3;
     bytes[last] ^= 1;
     std::fs::write(&bundle, bytes).unwrap();
-    let go = Command::new("go")
+    let go = go_verify(gocache.path(), vkey.trim(), &broker.path("anchor"), &[]);
+    assert!(!go.status.success(), "Go accepted a tampered anchor");
+}
+
+/// Runs `tests/go/verify_anchor.go` in GOPATH mode against Debian's x/mod.
+fn go_verify(
+    cache: &std::path::Path,
+    vkey: &str,
+    anchor: &std::path::Path,
+    proofs: &[std::path::PathBuf],
+) -> std::process::Output {
+    Command::new("go")
         .arg("run")
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("go/verify_anchor.go"))
-        .arg(vkey.trim())
-        .arg(broker.path("anchor"))
+        .arg(vkey)
+        .arg(anchor)
+        .args(proofs)
         .env("GO111MODULE", "off")
         .env("GOPATH", "/usr/share/gocode")
-        .env("GOCACHE", gocache.path())
+        .env("GOCACHE", cache)
+        .env("GOFLAGS", "")
         .output()
-        .unwrap();
-    assert!(!go.status.success(), "Go accepted a tampered anchor");
+        .expect("go is needed (scripts/install-test-deps.sh installs golang-go and golang-golang-x-mod-dev)")
 }
