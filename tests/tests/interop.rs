@@ -102,6 +102,23 @@ fn checkpoint_entries_and_proofs_verify_with_independent_implementations() {
         assert!(merkle::verify_consistency(old, size, &old_root.0, &root.0, &theirs));
     }
 
+    // The CLI's consistency proof from an older size checks with tlog too.
+    let out = Command::new(bin("grantline"))
+        .args(["audit", "prove", "--db"])
+        .arg(broker.path("audit.db"))
+        .args(["--old-size", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, _checkpoint) = text.split_once("\n\n").unwrap();
+    let mut lines = head.lines();
+    assert_eq!(lines.next(), Some("grantline/consistency-proof@v1"));
+    assert_eq!(lines.next(), Some("old 3"));
+    assert_eq!(lines.next(), Some(format!("new {size}").as_str()));
+    let proof: Vec<TlogHash> = lines.map(|l| TlogHash::parse_hash(l).unwrap()).collect();
+    tlog_tiles::check_tree(&proof, size, root, 3, tlog_tiles::tree_hash(3, &stored).unwrap()).unwrap();
+
     // Level-0 tiles hold tlog's record hashes.
     let t = tiles::new_tiles(0, 0, size)[0];
     let tile = std::fs::read(anchor.join(tiles::tile_path(0, t.index, t.width))).unwrap();

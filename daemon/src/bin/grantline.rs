@@ -76,13 +76,18 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the offline inclusion proof (C2SP tlog-proof) of one entry
-    /// against the latest checkpoint.
+    /// Print the offline inclusion proof (C2SP tlog-proof) of one entry, or
+    /// the consistency proof from an older tree size, against the latest
+    /// checkpoint.
     Prove {
         #[arg(long)]
         db: PathBuf,
+        /// The entry (seq) to prove included.
+        #[arg(long, required_unless_present = "old_size", conflicts_with = "old_size")]
+        index: Option<u64>,
+        /// The older tree size to prove the latest checkpoint consistent with.
         #[arg(long)]
-        index: u64,
+        old_size: Option<u64>,
     },
     /// Print the latest signed checkpoint.
     Checkpoint {
@@ -118,7 +123,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
             audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
         }
-        Command::Audit(AuditCommand::Prove { db, index }) => match audit_prove(&db, index) {
+        Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit_prove(&db, index, old_size) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -192,11 +197,27 @@ fn rotate_key(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn audit_prove(db: &std::path::Path, index: u64) -> Result<String> {
+fn audit_prove(db: &std::path::Path, index: Option<u64>, old_size: Option<u64>) -> Result<String> {
     let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
     let note = store.latest_checkpoint()?.with_context(|| format!("{} holds no checkpoint yet", db.display()))?;
     let body = grantline_proto::audit::note::body(&note).context("the latest checkpoint is not a note")?;
     let cp = Checkpoint::parse_body(body).context("the latest checkpoint is malformed")?;
+    if let Some(old) = old_size {
+        if old == 0 || old > cp.size {
+            bail!("--old-size must be between 1 and the latest checkpoint's size {}", cp.size);
+        }
+        // grantline/consistency-proof@v1: the sizes, the RFC 9162 proof
+        // hashes, a blank line, and the newer checkpoint.
+        let mut out = format!("grantline/consistency-proof@v1\nold {old}\nnew {}\n", cp.size);
+        for h in merkle::consistency_proof(&store, old, cp.size)? {
+            out.push_str(&base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, h));
+            out.push('\n');
+        }
+        out.push('\n');
+        out.push_str(&note);
+        return Ok(out);
+    }
+    let index = index.context("give --index or --old-size")?;
     if index >= cp.size {
         bail!("entry {index} is not in the latest checkpoint (size {}); try again in a second", cp.size);
     }

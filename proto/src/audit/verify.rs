@@ -447,6 +447,87 @@ mod tests {
         assert!(f.reason.contains("signature"), "{f}");
     }
 
+    /// Rebuilds a log from `events` (as (origin, time) pairs per seq), signed
+    /// by `key`: what an attacker holding the key could write.
+    fn forge(key: &SignerKey, rows: &[(String, i64, Event)]) -> Vec<StoredEntry> {
+        let mut prev = ZERO_HASH;
+        rows.iter()
+            .enumerate()
+            .map(|(seq, (origin, time, event))| {
+                let bytes = Entry::encode(origin, seq as u64, *time, &prev, event);
+                prev = leaf_hash(&bytes);
+                StoredEntry { seq: seq as i64, signature: key.sign(&bytes).to_vec(), hash: prev.to_vec(), entry: bytes }
+            })
+            .collect()
+    }
+
+    fn honest_rows(key: &SignerKey, n: i64) -> Vec<(String, i64, Event)> {
+        let origin = key.verifier().name().to_owned();
+        (0..n)
+            .map(|i| {
+                let event = if i == 0 {
+                    Event::Genesis { vkey: key.verifier().to_string(), software: "t".into() }
+                } else {
+                    grant(u64::try_from(i).unwrap())
+                };
+                (origin.clone(), 1000 + i, event)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_inserted_entry_is_named() {
+        let k = SignerKey::generate("t.example/log").unwrap();
+        let mut rows = build(&k, 40);
+        // A well-formed entry slipped in at seq 20, later rows renumbered.
+        let mut forged = build(&k, 40)[20].clone();
+        forged.entry = Entry::encode(k.verifier().name(), 20, 1020, &[9; 32], &grant(99));
+        forged.hash = leaf_hash(&forged.entry).to_vec();
+        forged.signature = k.sign(&forged.entry).to_vec();
+        rows.insert(20, forged);
+        for (i, r) in rows.iter_mut().enumerate() {
+            r.seq = i as i64;
+        }
+        let f = run(k.verifier(), rows).unwrap_err();
+        assert_eq!(f.seq, 20, "{f}");
+        assert!(f.reason.contains("broken chain"), "{f}");
+    }
+
+    #[test]
+    fn a_broken_chain_link_is_named_even_when_signed() {
+        let k = SignerKey::generate("t.example/log").unwrap();
+        let mut rows = forge(&k, &honest_rows(&k, 30));
+        // Entry 15 re-written and re-signed by the key holder: its own hash and
+        // signature are fine, but entry 16 still links to the original.
+        let mut rewritten = honest_rows(&k, 30);
+        rewritten[15].2 = grant(1500);
+        let rewritten = forge(&k, &rewritten);
+        rows[15] = rewritten[15].clone();
+        let f = run(k.verifier(), rows).unwrap_err();
+        assert_eq!(f.seq, 16, "{f}");
+        assert!(f.reason.contains("broken chain"), "{f}");
+    }
+
+    #[test]
+    fn an_entry_from_another_origin_is_named() {
+        let k = SignerKey::generate("t.example/log").unwrap();
+        let mut rows = honest_rows(&k, 30);
+        rows[12].0 = "t.example/other-log".into();
+        let f = run(k.verifier(), forge(&k, &rows)).unwrap_err();
+        assert_eq!(f.seq, 12, "{f}");
+        assert!(f.reason.contains("from log \"t.example/other-log\""), "{f}");
+    }
+
+    #[test]
+    fn time_going_backwards_is_named() {
+        let k = SignerKey::generate("t.example/log").unwrap();
+        let mut rows = honest_rows(&k, 30);
+        rows[9].1 = 5;
+        let f = run(k.verifier(), forge(&k, &rows)).unwrap_err();
+        assert_eq!(f.seq, 9, "{f}");
+        assert!(f.reason.contains("time goes backwards"), "{f}");
+    }
+
     /// A log of `n` entries whose key rotates from `k1` to `k2` at `at`;
     /// `signer(seq)` picks who actually signs each entry.
     fn rotated(k1: &SignerKey, k2: &SignerKey, n: u64, at: u64, signer: impl Fn(u64) -> u8) -> Vec<StoredEntry> {
