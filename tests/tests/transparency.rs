@@ -237,6 +237,19 @@ fn the_anchor_alone_verifies_and_catches_tampered_tiles_bundles_and_truncation()
     assert_eq!(from_anchor["root"], from_db["root"]);
     assert_eq!(verify_anchor(&anchor, &key_file, Some(&db))["ok"], true);
 
+    // Verifying a missing anchor is an error, and creates nothing.
+    let nowhere = broker.path("no-such-anchor");
+    let out = Command::new(bin("grantline"))
+        .args(["audit", "verify", "--anchor"])
+        .arg(&nowhere)
+        .arg("--key-file")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(66), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!nowhere.exists());
+
     let size = from_db["entries"].as_u64().unwrap();
     // A level-0 tile with one hash changed.
     let t = tempfile::tempdir().unwrap();

@@ -35,12 +35,24 @@ impl Anchor {
     /// Opens an anchor by URL (`file:///…`, `s3://…`, `gs://…`, `az://…`) or
     /// local directory path; cloud credentials come from the environment.
     pub fn open(location: &str) -> Result<Self> {
+        Self::open_with(location, true)
+    }
+
+    /// Opens an anchor to read it: a local directory must already exist.
+    pub fn open_existing(location: &str) -> Result<Self> {
+        Self::open_with(location, false)
+    }
+
+    fn open_with(location: &str, create: bool) -> Result<Self> {
         let url = if location.contains("://") {
             url::Url::parse(location).with_context(|| format!("anchor {location:?} is not a URL"))?
         } else {
             let dir = FsPath::new(location);
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create anchor directory {location}"))?;
-            let abs = std::fs::canonicalize(dir)?;
+            if create {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create anchor directory {location}"))?;
+            }
+            let abs =
+                std::fs::canonicalize(dir).with_context(|| format!("anchor directory {location} does not exist"))?;
             url::Url::from_directory_path(&abs)
                 .map_err(|()| anyhow::anyhow!("anchor path {location:?} is not usable"))?
         };

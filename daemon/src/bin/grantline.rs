@@ -254,11 +254,10 @@ fn audit_verify(
     }
     let mut verdict = None;
     if let Some(location) = anchor {
-        let checked = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(async { verify::verify_anchor(&Anchor::open(location)?, &key).await }));
+        let checked =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| rt.block_on(async { verify::verify_anchor(&Anchor::open_existing(location)?, &key).await }),
+            );
         match checked {
             Err(e) => return report_error(json, EX_NOINPUT, &e),
             Ok((Err(f), _)) => return report_verdict(json, Err(f)),
