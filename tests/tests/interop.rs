@@ -29,16 +29,7 @@ impl HashReader for Stored {
 
 #[test]
 fn checkpoint_entries_and_proofs_verify_with_independent_implementations() {
-    let mut broker = Broker::start();
-    let agent = Agent::start(&broker, "interop");
-    for i in 0..9 {
-        let out = tempfile::tempdir().unwrap();
-        let san = format!("i{i}.example.com");
-        let got = agent.get(&["x509", "--role", "dev", "--san", &san, "--out", out.path().to_str().unwrap()]);
-        assert!(got.status.success(), "{}", stderr(&got));
-    }
-    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(broker.proc.wait().success());
+    let broker = stopped_broker_with_grants("interop", &["x509", "--role", "dev", "--san"], 9);
     let anchor = broker.path("anchor");
     let vkey = std::fs::read_to_string(broker.path("audit.vkey")).unwrap();
 
@@ -130,16 +121,7 @@ fn checkpoint_entries_and_proofs_verify_with_independent_implementations() {
 /// mode) verify the anchor: checkpoint, root, every proof, and our receipts.
 #[test]
 fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
-    let mut broker = Broker::start();
-    let agent = Agent::start(&broker, "go-interop");
-    for i in 0..6 {
-        let out = tempfile::tempdir().unwrap();
-        let san = format!("g{i}.example.com");
-        let got = agent.get(&["ssh", "--role", "dev", "--principal", &san, "--out", out.path().to_str().unwrap()]);
-        assert!(got.status.success(), "{}", stderr(&got));
-    }
-    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(broker.proc.wait().success());
+    let broker = stopped_broker_with_grants("go-interop", &["ssh", "--role", "dev", "--principal"], 6);
     let proofs = tempfile::tempdir().unwrap();
     let mut proof_files = Vec::new();
     for index in [0u64, 3, 7] {
@@ -173,6 +155,22 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
     std::fs::write(&bundle, bytes).unwrap();
     let go = go_verify(gocache.path(), vkey.trim(), &broker.path("anchor"), &[]);
     assert!(!go.status.success(), "Go accepted a tampered anchor");
+}
+
+/// A dev broker that granted `n` credentials (`get` with `args` and a name),
+/// stopped with SIGTERM so its anchor holds the final checkpoint.
+fn stopped_broker_with_grants(node: &str, args: &[&str], n: usize) -> Broker {
+    let mut broker = Broker::start();
+    let agent = Agent::start(&broker, node);
+    for i in 0..n {
+        let out = tempfile::tempdir().unwrap();
+        let name = format!("{node}{i}.example.com");
+        let got = agent.get(&[args, &[name.as_str(), "--out", out.path().to_str().unwrap()]].concat());
+        assert!(got.status.success(), "{}", stderr(&got));
+    }
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    broker
 }
 
 /// Runs `tests/go/verify_anchor.go` in GOPATH mode against Debian's x/mod.
