@@ -165,3 +165,28 @@ fn sigkill_during_a_burst_loses_no_issued_credential() {
         assert!(logged.contains(&fp), "credential {} ({fp}) has no audit entry", dir.display());
     }
 }
+
+#[test]
+fn a_locked_audit_database_fails_grants_closed_and_service_recovers() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "locked");
+    // Another process holds the database's write lock (as a backup tool or a
+    // wedged disk would): the broker cannot commit, so it must not issue.
+    let conn = rusqlite::Connection::open(broker.path("audit.db")).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["x509", "--role", "dev", "--out", out.path().to_str().unwrap()]);
+    assert_eq!(got.status.code(), Some(69), "{}", stderr(&got));
+    assert!(stderr(&got).contains("UNAVAILABLE") && stderr(&got).contains("nothing was issued"), "{}", stderr(&got));
+    assert!(!out.path().join("cert.pem").exists(), "a credential left the broker without a durable entry");
+    conn.execute_batch("ROLLBACK").unwrap();
+    drop(conn);
+
+    // The lock is gone: the next grant succeeds with no restart, and the log is sound.
+    let got = agent.get(&["x509", "--role", "dev", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+    let fp = pem_fingerprint(&out.path().join("cert.pem"));
+    assert!(broker.events().iter().any(|e| matches!(e, Event::Grant { fingerprint, .. } if *fingerprint == fp)));
+}
