@@ -127,6 +127,12 @@ fn x509_in_intermediate_mode_verifies_and_the_rotation_is_audited() {
     assert_eq!(rotations.len(), 1, "{rotations:?}");
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
+
+    // SIGTERM stops it cleanly, rotation task and all.
+    let mut broker = broker;
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = broker.proc.wait_at_most(std::time::Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "grantlined did not stop on SIGTERM in intermediate mode: {status:?}");
 }
 
 /// The serial of the CA that issued the certificate in `dir/cert.pem`

@@ -175,16 +175,21 @@ impl Broker {
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Background tasks (Vault token, intermediate rotation) may hold
+        // handles to the audit log: stop them first, so that dropping the
+        // last handle lets the writer drain, sign its final checkpoint and exit.
+        for task in &self.background {
+            task.abort();
+        }
+        for task in self.background {
+            let _ = task.await;
+        }
         drop(self.shared);
         tokio::task::spawn_blocking(move || self.audit_thread.join()).await.ok();
         // The writer's final checkpoint is out; give the publisher a moment
-        // to anchor it, then stop the background tasks.
-        let mut background = self.background;
+        // to anchor it.
         if let Some(publisher) = self.publisher {
             let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
-        }
-        for task in background.drain(..) {
-            task.abort();
         }
         tracing::info!("stopped");
         Ok(())
