@@ -462,26 +462,28 @@ async fn prove(shared: &Shared, index: u64) -> Reply {
     let Some(note) = shared.audit.checkpoints().borrow().clone() else {
         return err(ErrorCode::Unavailable, "no checkpoint has been signed yet; retry in a second");
     };
-    let db = shared.audit_db.clone();
-    let built = tokio::task::spawn_blocking(move || -> Result<Result<String, String>, String> {
-        let body = grantline_proto::audit::note::body(&note).ok_or("the latest checkpoint is not a note")?;
-        let cp = grantline_proto::audit::checkpoint::Checkpoint::parse_body(body).map_err(|e| e.to_string())?;
+    let reader = shared.audit_reader.clone();
+    let built = tokio::task::spawn_blocking(move || -> Result<String, (ErrorCode, String)> {
+        let unavailable = |m: String| (ErrorCode::Unavailable, m);
+        let body = grantline_proto::audit::note::body(&note)
+            .ok_or_else(|| unavailable("the latest checkpoint is not a note".into()))?;
+        let cp =
+            grantline_proto::audit::checkpoint::Checkpoint::parse_body(body).map_err(|e| unavailable(e.to_string()))?;
         if index >= cp.size {
-            return Ok(Err(format!(
+            return Err(unavailable(format!(
                 "entry {index} is not in the latest checkpoint (size {}) yet; retry in a second",
                 cp.size
             )));
         }
-        let store = crate::audit::AuditStore::open_read_only(&db).map_err(|e| e.to_string())?;
-        let proof =
-            grantline_proto::audit::merkle::inclusion_proof(&store, index, cp.size).map_err(|e| e.to_string())?;
-        Ok(Ok(grantline_proto::audit::checkpoint::InclusionReceipt { index, proof, checkpoint_note: note }.format()))
+        let store = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let proof = grantline_proto::audit::merkle::inclusion_proof(&*store, index, cp.size)
+            .map_err(|e| unavailable(format!("cannot build the proof: {e}")))?;
+        Ok(grantline_proto::audit::checkpoint::InclusionReceipt { index, proof, checkpoint_note: note }.format())
     })
     .await;
     match built {
-        Ok(Ok(Ok(tlog_proof))) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
-        Ok(Ok(Err(not_yet))) => err(ErrorCode::Unavailable, not_yet),
-        Ok(Err(e)) => err(ErrorCode::Unavailable, format!("cannot build the proof: {e}")),
+        Ok(Ok(tlog_proof)) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
+        Ok(Err((code, message))) => err(code, message),
         Err(e) => err(ErrorCode::Internal, format!("proof task failed: {e}")),
     }
 }

@@ -17,7 +17,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::anchor::{publish_loop, Anchor};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, AuditStore};
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
@@ -59,8 +59,9 @@ pub(crate) struct Shared {
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
-    /// The audit database, for read-only proof queries.
-    audit_db: PathBuf,
+    /// One read-only connection to the audit database for proof queries,
+    /// opened once rather than per request (agents ask after every grant).
+    audit_reader: Arc<std::sync::Mutex<AuditStore>>,
 }
 
 pub struct Broker {
@@ -90,6 +91,8 @@ impl Broker {
         let nodes = state.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
         let (audit, audit_thread) =
             AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
+        let audit_reader =
+            Arc::new(std::sync::Mutex::new(AuditStore::open_read_only(&opts.state_dir.join("audit.db"))?));
         let endpoint = bind(&opts.state_dir, server_config(&pki)?, opts.listen)?;
         let embedded: Arc<dyn Issuer> = Arc::new(EmbeddedIssuer::new(pki.clone()));
         let mut background = Vec::new();
@@ -131,7 +134,7 @@ impl Broker {
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
-            audit_db: opts.state_dir.join("audit.db"),
+            audit_reader,
         });
         Ok(Self { shared, endpoint, audit_thread, background, publisher, _lock: lock })
     }
