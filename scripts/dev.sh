@@ -26,8 +26,11 @@ if [ ! -f "$agent_dir/agent.json" ]; then
   "$bin/grantline-agent" enroll --broker "$addr" --token "$(cat "$dir/join-token")" \
     --ca-file "$dir/ca.pem" --state-dir "$agent_dir" --name "$(hostname)-dev"
 fi
+# The dev agent's own config: an identity that expired while the broker was
+# stopped is recovered with the fresh join token each broker start writes.
+[ -f "$dir/agent.toml" ] || printf 'join_token_file = "%s"\n' "$dir/join-token" >"$dir/agent.toml"
 sock="$dir/agent.sock"
-"$bin/grantline-agent" run --state-dir "$agent_dir" --socket "$sock" &
+"$bin/grantline-agent" run --state-dir "$agent_dir" --socket "$sock" --config "$dir/agent.toml" &
 pids+=($!)
 
 cat <<MSG
@@ -36,6 +39,7 @@ Grantline dev broker on $addr, agent socket $sock. Try:
   $bin/grantline-agent get x509 --role dev --san localhost --out /tmp/gl-x509 --socket $sock
   $bin/grantline-agent get ssh --role dev --principal ${USER:-$(id -un)} --out /tmp/gl-ssh --socket $sock
   $bin/grantline audit verify --db $dir/audit.db --key-file $dir/audit.vkey
+  $bin/grantline nodes list --state-dir $dir          (admin API: grants list, audit tail, ...)
 Ctrl-C to stop.
 MSG
 wait -n "${pids[@]}"

@@ -55,33 +55,44 @@ fn prepare_out(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
 }
 
-pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
-    prepare_out(&args.out)?;
+/// A fresh P-256 key and a CSR naming only `sans` (the first also as CN).
+pub fn x509_key_and_csr(sans: &[String]) -> Result<(rcgen::KeyPair, Vec<u8>)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::new(args.sans.clone()).context("invalid --san")?;
-    // The CSR names only what is requested: the SANs, and the first as CN.
+    let mut params = rcgen::CertificateParams::new(sans.to_vec()).context("invalid SAN")?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    if let Some(first) = args.sans.first() {
+    if let Some(first) = sans.first() {
         params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
     }
     let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// Refuses a certificate that does not certify `key`.
+pub fn check_x509(gr: &wire::GrantResponse, key: &rcgen::KeyPair) -> Result<()> {
+    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes()).next().context("the reply holds no certificate")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("the issued certificate does not parse")?;
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
+        bail!("the issued certificate is for another key; refusing it");
+    }
+    Ok(())
+}
+
+pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
+    prepare_out(&args.out)?;
+    let (key, csr_der) = x509_key_and_csr(&args.sans)?;
     let gr = grant(
         &args.socket,
         wire::GrantRequest {
             kind: wire::CredentialKind::X509 as i32,
             role: args.role,
             ttl_seconds: ttl_seconds(args.ttl)?,
-            csr_der: csr.der().to_vec(),
+            csr_der,
             sans: args.sans,
             ..Default::default()
         },
     )
     .await?;
-    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes()).next().context("the reply holds no certificate")??;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("the issued certificate does not parse")?;
-    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
-        bail!("the issued certificate is for another key; refusing it");
-    }
+    check_x509(&gr, &key)?;
     write_secret(&args.out.join("key.pem"), key.serialize_pem().as_bytes())?;
     write_atomic(&args.out.join("cert.pem"), gr.cert_pem.as_bytes(), 0o644)?;
     write_atomic(&args.out.join("ca.pem"), gr.chain_pem.as_bytes(), 0o644)?;

@@ -3,11 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod config;
 pub mod enroll;
 pub mod get;
 pub mod local;
+pub mod recover;
 pub mod renew;
 pub mod run;
+pub mod sinks;
 pub mod state;
 pub mod tls;
 

@@ -31,10 +31,92 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
     frame::decode(&buf).context("the agent's answer is malformed")
 }
 
-/// The calling process, from SO_PEERCRED and /proc.
+/// The calling process: uid, gid and pid from SO_PEERCRED, then its
+/// executable and systemd unit from /proc, read while a pidfd pins the
+/// process. If the process exited meanwhile, or its pid now belongs to a
+/// process of another user, the caller is refused (None): what /proc said
+/// might describe another process.
 pub fn caller_of(stream: &UnixStream) -> Option<wire::Caller> {
     let cred = stream.peer_cred().ok()?;
-    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    let pid = cred.pid().filter(|p| *p > 0)?;
+    let pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
-    Some(wire::Caller { uid: cred.uid(), gid: cred.gid(), pid, exe })
+    let unit = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|c| unit_of_cgroup(&c)).unwrap_or_default();
+    let real_uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok()));
+    let pinned = match &pidfd {
+        // Readable means the process has exited.
+        Some(fd) => {
+            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })) {
+                Ok(0) => true,
+                _ => return None,
+            }
+        }
+        None => false,
+    };
+    if real_uid.is_some_and(|u| u != cred.uid()) {
+        return None;
+    }
+    Some(wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: pinned })
+}
+
+/// The agent itself as a caller (for its sinks).
+pub fn own_caller() -> wire::Caller {
+    let pid = std::process::id();
+    wire::Caller {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        pid,
+        exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+        unit: std::fs::read_to_string("/proc/self/cgroup").map(|c| unit_of_cgroup(&c)).unwrap_or_default(),
+        pidfd: false,
+    }
+}
+
+/// The systemd unit (service or scope) in a /proc/PID/cgroup listing: the
+/// innermost path component that names one.
+pub fn unit_of_cgroup(cgroup: &str) -> String {
+    cgroup
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/').rev())
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_come_from_the_innermost_cgroup_component() {
+        assert_eq!(unit_of_cgroup("0::/system.slice/nginx.service\n"), "nginx.service");
+        assert_eq!(unit_of_cgroup("0::/user.slice/user-1000.slice/session-4.scope\n"), "session-4.scope");
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/docker-1.scope/app.service/init\n"),
+            "app.service",
+            "the innermost unit wins"
+        );
+        assert_eq!(unit_of_cgroup("0::/\n"), "");
+        assert_eq!(unit_of_cgroup(""), "");
+    }
+
+    #[tokio::test]
+    async fn a_caller_is_identified_by_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let c = caller_of(&server).unwrap();
+        assert_eq!(c.pid, std::process::id());
+        assert_eq!(c.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(c.exe, std::env::current_exe().unwrap().display().to_string());
+        assert!(c.pidfd, "this kernel offers pidfd_open");
+        drop(client);
+    }
 }

@@ -43,6 +43,10 @@ enum Command {
         /// Report a grant not proved included in a signed checkpoint within this long.
         #[arg(long, default_value = "30s")]
         inclusion_deadline: humantime::Duration,
+        /// Local caller policy, credential sinks and the re-enrollment token
+        /// file; a missing file means: only root and the agent's user may ask.
+        #[arg(long, default_value = grantline_agent::config::DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Ask the running agent for a credential and write it to --out.
     #[command(subcommand)]
@@ -173,9 +177,10 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Run { state_dir, socket, inclusion_deadline } => {
+            Command::Run { state_dir, socket, inclusion_deadline, config } => {
+                let config = grantline_agent::config::AgentConfigFile::load(&config)?;
                 run::run(
-                    run::RunArgs { state_dir, socket, inclusion_deadline: inclusion_deadline.into() },
+                    run::RunArgs { state_dir, socket, inclusion_deadline: inclusion_deadline.into(), config },
                     shutdown_signal(),
                 )
                 .await

@@ -21,6 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
 
 use crate::broker::{call, CallError};
+use crate::config::{AgentConfigFile, Caller};
 use crate::enroll::{check_identity, key_and_csr};
 use crate::local::{caller_of, read_frame};
 use crate::renew::{backoff, renew_at};
@@ -33,6 +34,8 @@ pub struct RunArgs {
     /// How long a grant may go without being proved included in a checkpoint
     /// before the agent reports it.
     pub inclusion_deadline: Duration,
+    /// agent.toml: local caller policy, sinks, re-enrollment token file.
+    pub config: AgentConfigFile,
 }
 
 /// A grant whose inclusion in a checkpoint is not confirmed yet.
@@ -42,8 +45,11 @@ struct Unconfirmed {
     granted: std::time::Instant,
 }
 
-struct Agent {
+pub(crate) struct Agent {
     state_dir: PathBuf,
+    policy: AgentConfigFile,
+    /// Set when the broker closed the connection because the node was revoked.
+    revoked: std::sync::atomic::AtomicBool,
     config: AgentConfig,
     ca_pem: String,
     /// The broker's audit key: pinned at enrollment, moved forward when a
@@ -73,15 +79,18 @@ fn now() -> i64 {
 pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let state = AgentState::load(&args.state_dir)?;
     if state.identity.not_after <= now() {
-        bail!(
-            "the node identity in {} expired; enroll again with a new join token ('grantline-agent enroll')",
-            args.state_dir.display()
+        tracing::warn!(
+            token_file = %args.config.join_token_file.display(),
+            "the node identity expired; the agent re-enrolls with a join token from the token file"
         );
     }
     let addr = tls::resolve(&state.config.broker)?;
-    let listener = bind_socket(&args.socket)?;
+    let listener = bind_socket(&args.socket, args.config.socket_mode)?;
+    let sinks = args.config.sinks.clone();
     let agent = Arc::new(Agent {
         state_dir: args.state_dir.clone(),
+        policy: args.config,
+        revoked: std::sync::atomic::AtomicBool::new(false),
         addr,
         endpoint: tls::endpoint_for(addr)?,
         config: state.config,
@@ -100,6 +109,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         () = renew_identity_loop(agent.clone()) => Ok(()),
         () = confirm_inclusion_loop(agent.clone()) => Ok(()),
         r = serve_socket(agent.clone(), listener) => r,
+        () = crate::sinks::keep_all(agent.clone(), sinks) => Ok(()),
         () = shutdown => Ok(()),
     };
     let _ = std::fs::remove_file(&args.socket);
@@ -110,7 +120,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
     result
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -122,8 +132,10 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    // Owner and group may call; the broker's policy decides what they get.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    // Who may ask for what is decided per caller by agent.toml's [[allow]]
+    // rules (from SO_PEERCRED), then by the broker's policy; the mode only
+    // narrows who may connect at all.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
@@ -131,9 +143,36 @@ fn jitter_unit() -> f64 {
     rand::thread_rng().gen::<f64>()
 }
 
+/// What the broker said when it closed the connection: a `wire::Error`
+/// encoded in the QUIC application close reason.
+pub fn close_reason(e: &quinn::ConnectionError) -> Option<wire::Error> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => prost::Message::decode(c.reason.as_ref()).ok(),
+        _ => None,
+    }
+}
+
+/// How long to wait before reconnecting: full-jitter backoff, but never
+/// sooner than a retry-after the broker asked for (plus up to that much
+/// again, so a restarting broker is not met by every agent at once).
+pub fn reconnect_wait(attempt: u32, retry_after: Duration, unit: f64) -> Duration {
+    let jittered = backoff(attempt, Duration::from_millis(200), Duration::from_secs(30), unit);
+    if retry_after.is_zero() {
+        jittered
+    } else {
+        retry_after + retry_after.mul_f64(unit.clamp(0.0, 1.0)).max(jittered)
+    }
+}
+
 async fn maintain_connection(agent: Arc<Agent>) {
     let mut attempt = 0u32;
     loop {
+        let mut retry_after = Duration::ZERO;
+        if agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false) {
+            if let Err(e) = crate::recover::reenroll(&agent).await {
+                tracing::warn!(error = %format!("{e:#}"), "re-enrollment not possible yet");
+            }
+        }
         match connect(&agent).await {
             Ok(conn) => {
                 attempt = 0;
@@ -141,8 +180,22 @@ async fn maintain_connection(agent: Arc<Agent>) {
                 announce(&format!("grantline-agent connected to {}", agent.config.broker));
                 tokio::select! {
                     reason = conn.closed() => {
-                        tracing::warn!(%reason, "connection to the broker lost; reconnecting");
                         agent.conn.send_replace(None);
+                        match close_reason(&reason) {
+                            Some(e) if e.code == ErrorCode::Revoked as i32 => {
+                                agent.revoked.store(true, std::sync::atomic::Ordering::SeqCst);
+                                tracing::error!(reason = %e.message, "the broker revoked this node; not reconnecting");
+                                announce(&format!("grantline-agent revoked: {}", e.message));
+                                // Only an admin can undo this: re-enrolling
+                                // as another node takes a new join token.
+                                return std::future::pending().await;
+                            }
+                            Some(e) => {
+                                tracing::warn!(reason = %e, "the broker closed the connection; reconnecting");
+                                retry_after = Duration::from_millis(u64::from(e.retry_after_ms));
+                            }
+                            None => tracing::warn!(%reason, "connection to the broker lost; reconnecting"),
+                        }
                     }
                     () = agent.renewed.notified() => {
                         // Reconnect with the new identity; the old connection
@@ -165,9 +218,18 @@ async fn maintain_connection(agent: Arc<Agent>) {
                 }
             }
         }
-        let wait = backoff(attempt, Duration::from_millis(200), Duration::from_secs(30), jitter_unit());
+        let wait = reconnect_wait(attempt, retry_after, jitter_unit());
         attempt = attempt.saturating_add(1);
-        tokio::time::sleep(wait).await;
+        // With an expired identity, a join token an admin drops into the
+        // token file is acted on within a second, not after the backoff.
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            let expired = agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false);
+            if expired && agent.policy.join_token_file.exists() {
+                break;
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_secs(1))).await;
+        }
     }
 }
 
@@ -200,6 +262,11 @@ async fn renew_identity_loop(agent: Arc<Agent>) {
         tokio::time::sleep(Duration::from_secs(wait)).await;
         let mut attempt = 0u32;
         while let Err(e) = renew_once(&agent).await {
+            let replaced = agent.identity.read().map(|i| i.not_after != na).unwrap_or(false);
+            if replaced {
+                // Re-enrollment brought a new identity: schedule its renewal.
+                break;
+            }
             tracing::warn!(error = %format!("{e:#}"), "identity renewal failed; retrying");
             tokio::time::sleep(backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), jitter_unit())).await;
             attempt = attempt.saturating_add(1);
@@ -208,6 +275,9 @@ async fn renew_identity_loop(agent: Arc<Agent>) {
 }
 
 async fn renew_once(agent: &Agent) -> Result<()> {
+    if agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false) {
+        bail!("the node identity expired; waiting for re-enrollment");
+    }
     let conn = connection(agent, Duration::from_secs(30)).await.context("not connected to the broker")?;
     let (key, csr_der) = key_and_csr(&agent.config.node_name)?;
     let resp =
@@ -294,33 +364,97 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             }
         }
         Some(LocalReq::Grant(mut g)) => {
-            g.caller = caller;
-            let is_x509 = g.kind == wire::CredentialKind::X509 as i32;
-            if is_x509 && g.sans.is_empty() {
-                g.sans = vec![agent.config.node_name.clone()];
-            }
-            let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
-                return wire::LocalResponse { body: Some(LocalResp::Error(CallError::NotConnected.to_wire())) };
+            let Some(who) = caller.clone() else {
+                return local_error(
+                    ErrorCode::PermissionDenied,
+                    "the calling process could not be identified (it exited, or its pid was reused); try again",
+                );
             };
-            match call(&conn, &wire::Request { body: Some(Req::Grant(g)) }).await {
-                Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
-                Ok(wire::Response { body: Some(Resp::Grant(gr)) }) => match check_grant_receipt(agent, &gr) {
-                    Ok(seq) => {
-                        tracing::info!(seq, kind = gr.kind, "credential granted");
-                        wire::LocalResponse { body: Some(LocalResp::Grant(gr)) }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
-                        local_error(ErrorCode::Internal, format!("credential discarded: {e}"))
-                    }
-                },
-                Ok(wire::Response { body: Some(Resp::Error(e)) }) => {
-                    wire::LocalResponse { body: Some(LocalResp::Error(e)) }
-                }
-                Ok(_) => local_error(ErrorCode::Internal, "unexpected reply from the broker"),
+            let kind = wire::CredentialKind::try_from(g.kind).map(|k| k.policy_name()).unwrap_or("unknown");
+            let asking =
+                Caller { uid: who.uid, gid: who.gid, pid: who.pid, exe: who.exe.clone(), unit: who.unit.clone() };
+            if let Err(reason) = agent.policy.allows(&asking, kind, &g.role, nix::unistd::getuid().as_raw()) {
+                tracing::warn!(uid = who.uid, pid = who.pid, exe = %who.exe, kind, role = %g.role, %reason, "local caller refused");
+                return local_error(ErrorCode::PermissionDenied, format!("refused by the agent's policy: {reason}"));
+            }
+            g.caller = caller;
+            match agent.grant(g).await {
+                Ok(gr) => wire::LocalResponse { body: Some(LocalResp::Grant(gr)) },
+                Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e)) },
             }
         }
     }
+}
+
+impl Agent {
+    /// Asks the broker for a credential and checks its receipt; an X.509
+    /// request without SANs gets the node name.
+    pub(crate) async fn grant(&self, mut g: wire::GrantRequest) -> Result<wire::GrantResponse, wire::Error> {
+        let is_x509 = g.kind == wire::CredentialKind::X509 as i32;
+        if is_x509 && g.sans.is_empty() {
+            g.sans = vec![self.config.node_name.clone()];
+        }
+        if self.revoked.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(wire::Error::new(ErrorCode::Revoked, "this node was revoked by the broker"));
+        }
+        let Some(conn) = connection(self, Duration::from_secs(5)).await else {
+            return Err(CallError::NotConnected.to_wire());
+        };
+        match call(&conn, &wire::Request { body: Some(Req::Grant(g)) }).await {
+            Err(e) => Err(e.to_wire()),
+            Ok(wire::Response { body: Some(Resp::Grant(gr)) }) => match check_grant_receipt(self, &gr) {
+                Ok(seq) => {
+                    tracing::info!(seq, kind = gr.kind, "credential granted");
+                    Ok(gr)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the broker's receipt does not check out; credential discarded");
+                    Err(wire::Error::new(ErrorCode::Internal, format!("credential discarded: {e}")))
+                }
+            },
+            Ok(wire::Response { body: Some(Resp::Error(e)) }) => Err(e),
+            Ok(_) => Err(wire::Error::new(ErrorCode::Internal, "unexpected reply from the broker")),
+        }
+    }
+
+    /// Gives a lease back (a sink replacing its secret).
+    pub(crate) async fn release(&self, lease_id: &str) -> Result<(), wire::Error> {
+        let conn = connection(self, Duration::from_secs(5)).await.ok_or_else(|| CallError::NotConnected.to_wire())?;
+        let req = wire::Request { body: Some(Req::Release(wire::ReleaseRequest { lease_id: lease_id.into() })) };
+        match call(&conn, &req).await {
+            Ok(wire::Response { body: Some(Resp::Release(_)) }) => Ok(()),
+            Ok(wire::Response { body: Some(Resp::Error(e)) }) => Err(e),
+            Ok(_) => Err(wire::Error::new(ErrorCode::Internal, "unexpected reply from the broker")),
+            Err(e) => Err(e.to_wire()),
+        }
+    }
+
+    pub(crate) fn node_name(&self) -> &str {
+        &self.config.node_name
+    }
+
+    pub(crate) fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub(crate) fn broker(&self) -> &str {
+        &self.config.broker
+    }
+
+    pub(crate) fn join_token_file(&self) -> &Path {
+        &self.policy.join_token_file
+    }
+
+    /// Takes a new identity (after re-enrollment) and reconnects with it.
+    pub(crate) fn replace_identity(&self, identity: Identity, audit_key: VerifierKey) {
+        *self.identity.write().unwrap_or_else(std::sync::PoisonError::into_inner) = identity;
+        *self.audit_key.write().unwrap_or_else(std::sync::PoisonError::into_inner) = audit_key;
+    }
+}
+
+/// Prints a progress line (for the sinks and recovery modules).
+pub(crate) fn say(line: &str) {
+    announce(line);
 }
 
 /// The SHA-256 fingerprint the broker recorded for a granted credential.

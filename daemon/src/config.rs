@@ -15,6 +15,32 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/grantline";
 pub const DEFAULT_POLICY: &str = "/etc/grantline/policy.toml";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/grantline/admin.sock";
+pub const DEFAULT_ADMIN_GROUP: &str = "grantline";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+
+/// `[admin]`: the admin API's Unix socket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Default true.
+    pub enabled: Option<bool>,
+    pub socket: Option<PathBuf>,
+    /// Members may call the API; default "grantline".
+    pub group: Option<String>,
+    /// Octal file mode of the socket, default "0660".
+    pub socket_mode: Option<String>,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// A loopback address, default 127.0.0.1:9464.
+    pub listen: Option<String>,
+}
 
 /// `grantlined.toml`. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +62,51 @@ pub struct ConfigFile {
     /// Where the log is published in the C2SP tlog-tiles layout: a directory,
     /// or a `file://`, `s3://`, `gs://` or `az://` URL. Default: `<state_dir>/anchor`.
     pub anchor: Option<String>,
+    pub admin: Option<AdminFile>,
+    pub metrics: Option<MetricsFile>,
+}
+
+/// The admin API options of a configuration file, without validating the
+/// rest (for the CLI, which only needs the socket).
+pub fn load_admin(path: &Path) -> Result<crate::server::admin::AdminOptions> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
+    admin_options(file.admin)?
+        .with_context(|| format!("{} disables the admin API ([admin] enabled = false)", path.display()))
+}
+
+fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::admin::AdminOptions>> {
+    let file = file.unwrap_or_default();
+    if file.enabled == Some(false) {
+        return Ok(None);
+    }
+    let mode = match file.socket_mode.as_deref() {
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .with_context(|| format!("admin.socket_mode {m:?} is not an octal file mode like \"0660\""))?,
+        None => 0o660,
+    };
+    Ok(Some(crate::server::admin::AdminOptions {
+        socket: file.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+        group: Some(file.group.unwrap_or_else(|| DEFAULT_ADMIN_GROUP.into())).filter(|g| !g.is_empty()),
+        mode,
+    }))
+}
+
+fn metrics_options(file: Option<MetricsFile>) -> Result<Option<SocketAddr>> {
+    let file = file.unwrap_or_default();
+    if file.enabled == Some(false) {
+        return Ok(None);
+    }
+    let listen = file.listen.as_deref().unwrap_or(DEFAULT_METRICS);
+    let addr: SocketAddr =
+        listen.parse().with_context(|| format!("metrics.listen {listen:?} is not IP:PORT, e.g. {DEFAULT_METRICS}"))?;
+    if !addr.ip().is_loopback() {
+        bail!("metrics.listen {addr} must be a loopback address: the endpoint has no authentication");
+    }
+    Ok(Some(addr))
 }
 
 pub fn load(path: &Path) -> Result<BrokerOptions> {
@@ -67,6 +138,8 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     let state_dir: std::path::PathBuf = file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
     let anchor = Some(file.anchor.unwrap_or_else(|| state_dir.join("anchor").display().to_string()));
     Ok(BrokerOptions {
+        admin: admin_options(file.admin)?,
+        metrics: metrics_options(file.metrics)?,
         listen,
         state_dir,
         anchor,
@@ -95,6 +168,12 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         identity_ttl,
         vault: None,
         anchor: Some(state_dir.join("anchor").display().to_string()),
+        admin: Some(crate::server::admin::AdminOptions {
+            socket: state_dir.join("admin.sock"),
+            group: None,
+            mode: 0o600,
+        }),
+        metrics: None,
     })
 }
 
@@ -148,6 +227,9 @@ mod tests {
             ("server_names = ['*.x']", "server_names"),
             ("lisen = '1.2.3.4:5'", "unknown field"),
             ("policy = '/nonexistent/policy.toml'", "cannot read policy file /nonexistent/policy.toml"),
+            ("[metrics]\nlisten = '0.0.0.0:9464'", "loopback"),
+            ("[admin]\nsocket_mode = '999'", "octal"),
+            ("[admin]\nsokcet = '/x'", "unknown field"),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod config;
 pub mod issuer;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod server;

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE INDEX IF NOT EXISTS leases_by_node ON leases (node) WHERE revoked_at IS NULL;
 "#;
 
+/// Columns added after the first release, each applied once.
+const MIGRATIONS: &[&str] = &["ALTER TABLE nodes ADD COLUMN last_seen INTEGER"];
+
 /// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
 /// of the secret is stored.
 pub struct NewToken {
@@ -78,6 +81,10 @@ pub struct NodeRecord {
     pub serial: String,
     pub not_after: i64,
     pub revoked: bool,
+    /// When it was revoked (0: not revoked).
+    pub revoked_at: i64,
+    /// When the broker last heard from it (0: never).
+    pub last_seen: i64,
 }
 
 /// A Vault lease the broker handed out, kept so it can be revoked.
@@ -100,6 +107,11 @@ impl StateDb {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (step, m) in (1i64..).zip(MIGRATIONS).skip(usize::try_from(version).unwrap_or(0)) {
+            conn.execute_batch(m).with_context(|| format!("cannot upgrade {} (step {step})", path.display()))?;
+            conn.pragma_update(None, "user_version", step)?;
+        }
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -122,6 +134,35 @@ impl StateDb {
             params![id, &Sha256::digest(secret.as_bytes())[..], node, serde_json::to_string(labels)?, now, expires_at],
         )?;
         Ok(NewToken { token: format!("glt1.{id}.{secret}"), id, expires_at })
+    }
+
+    /// Removes a token that was never handed out (its creation could not be audited).
+    pub fn delete_token(&self, id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM join_tokens WHERE id = ?1 AND used_at IS NULL", [id])?;
+        Ok(())
+    }
+
+    /// Marks a node revoked; false if it is unknown or already revoked.
+    pub fn revoke_node(&self, name: &str, now: i64) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL", params![now, name])?;
+        Ok(n == 1)
+    }
+
+    /// Records when nodes were last heard from, in one transaction.
+    pub fn save_last_seen(&self, seen: &[(String, i64)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt =
+                tx.prepare_cached("UPDATE nodes SET last_seen = max(coalesce(last_seen, 0), ?2) WHERE name = ?1")?;
+            for (name, at) in seen {
+                stmt.execute(params![name, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Redeems a token once: the first caller wins, every later one gets `Used`.
@@ -234,7 +275,7 @@ impl StateDb {
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, labels, serial, not_after, revoked_at FROM nodes")?;
+        let mut stmt = conn.prepare("SELECT name, labels, serial, not_after, revoked_at, last_seen FROM nodes")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -242,17 +283,20 @@ impl StateDb {
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
                 r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, labels, serial, not_after, revoked_at) = row?;
+            let (name, labels, serial, not_after, revoked_at, last_seen) = row?;
             out.push(NodeRecord {
                 name,
                 labels: serde_json::from_str(&labels)?,
                 serial,
                 not_after,
                 revoked: revoked_at.is_some(),
+                revoked_at: revoked_at.unwrap_or(0),
+                last_seen: last_seen.unwrap_or(0),
             });
         }
         Ok(out)

@@ -19,6 +19,13 @@ pub fn write_secret(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Writes a file atomically with the given mode: readers see the old file or
 /// the new one, never a part.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_owned(path, contents, mode, None, None)
+}
+
+/// Writes a file atomically with the given mode, owner and group. The new
+/// file is private (0600) until it has its owner, then gets `mode`, then
+/// replaces `path`.
+pub fn write_owned(path: &Path, contents: &[u8], mode: u32, owner: Option<u32>, group: Option<u32>) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -29,10 +36,20 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(mode)
+        .mode(mode & 0o600)
         .open(&tmp)
         .map_err(|e| context(e, format!("cannot create {}", tmp.display())))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    let result = (|| {
+        if owner.is_some() || group.is_some() {
+            std::os::unix::fs::fchown(&f, owner, group)
+                .map_err(|e| context(e, format!("cannot give {} to uid {owner:?} gid {group:?}", path.display())))?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(mode))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     f.write_all(contents)?;
     f.sync_all()?;
     fs::rename(&tmp, path).map_err(|e| context(e, format!("cannot rename {} to {}", tmp.display(), path.display())))?;

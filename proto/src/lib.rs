@@ -16,6 +16,14 @@ pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/grantline.v1.rs"));
 }
 
+/// Generated admin control plane (`proto/grantline/admin/v1/admin.proto`):
+/// messages, the tonic server trait and client.
+#[cfg(feature = "admin")]
+#[allow(clippy::all, clippy::pedantic)]
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/grantline.admin.v1.rs"));
+}
+
 /// ALPN protocol id spoken on the broker's QUIC port.
 pub const ALPN: &[u8] = b"grantline/1";
 

@@ -174,15 +174,24 @@ impl Broker {
 
     /// A broker from a production configuration in a temporary state
     /// directory: `policy` is its policy file, `extra` is appended to its
-    /// grantlined.toml (e.g. a `[vault]` section).
+    /// grantlined.toml (e.g. a `[vault]` section; `{dir}` in it is the state
+    /// directory). Unless `extra` has an `[admin]` section, the admin socket
+    /// is `admin.sock` in the state directory and metrics use a free port.
     pub fn start_config(policy: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        let extra = extra.as_str();
         std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
         let cfg = dir.path().join("grantlined.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/broker\"\nserver_names = [\"127.0.0.1\"]\n{extra}",
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/broker\"\nserver_names = [\"127.0.0.1\"]\n{extra}\n{admin}",
+                admin = if extra.contains("[admin]") {
+                    String::new()
+                } else {
+                    format!("[admin]\nsocket = \"{}/admin.sock\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n", dir.path().display())
+                },
                 d = dir.path().display()
             ),
         )
@@ -194,14 +203,24 @@ impl Broker {
 
     /// A dev broker on an existing state directory, owned by the caller.
     pub fn start_in(dir: &Path) -> Self {
-        let (proc, addr) = Self::spawn(dir, "127.0.0.1:0", &[]);
+        Self::start_in_with(dir, &[])
+    }
+
+    /// The same, with extra `grantlined dev` flags.
+    pub fn start_in_with(dir: &Path, extra: &[&str]) -> Self {
+        let (proc, addr) = Self::spawn(dir, "127.0.0.1:0", extra);
         Self { proc, dir: BrokerDir::Borrowed(dir.to_owned()), addr }
     }
 
     /// Starts the broker again on the same state directory and port, after it
     /// stopped.
     pub fn restart(&mut self) {
-        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr, &[]);
+        self.restart_with(&[]);
+    }
+
+    /// Restarts with extra `grantlined dev` flags.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        let (proc, addr) = Self::spawn(self.dir.path(), &self.addr, extra);
         assert_eq!(addr, self.addr);
         self.proc = proc;
     }
@@ -221,6 +240,16 @@ impl Broker {
     /// The join token `grantlined dev` wrote.
     pub fn join_token(&self) -> String {
         std::fs::read_to_string(self.path("join-token")).unwrap().trim().to_owned()
+    }
+
+    /// The broker's admin socket (dev brokers and `start_config` put it in the state directory).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.path("admin.sock")
+    }
+
+    /// Runs `grantline ARGS --socket <this broker's admin socket>`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin("grantline")).args(args).arg("--socket").arg(self.admin_socket()).output().unwrap()
     }
 
     /// A fresh token from `grantline token create`.
@@ -315,6 +344,8 @@ impl Agent {
                 .arg(self.dir.path())
                 .arg("--socket")
                 .arg(self.socket())
+                .arg("--config")
+                .arg(self.dir.path().join("agent.toml"))
                 .args(extra),
         );
         proc.wait_line("grantline-agent ready on");

@@ -66,3 +66,10 @@ pub fn error_of(resp: &wire::Response) -> (wire::ErrorCode, String) {
         other => panic!("expected an error reply, got {other:?}"),
     }
 }
+
+/// The identity an enrolled agent keeps in its state directory.
+pub fn node_identity(state_dir: &std::path::Path) -> (Vec<CertificateDer<'static>>, String) {
+    let pem = std::fs::read(state_dir.join("node.pem")).unwrap();
+    let chain = rustls_pemfile::certs(&mut pem.as_slice()).map(Result::unwrap).collect();
+    (chain, std::fs::read_to_string(state_dir.join("node.key")).unwrap())
+}

@@ -54,7 +54,7 @@ fn verifier_accepts_untouched_log_and_names_each_kind_of_tampering() {
     let edited = fresh_copy(&db);
     tamper(
         &edited.path().join("audit.db"),
-        "UPDATE entries SET entry = CAST(replace(CAST(entry AS TEXT), 'svc2', 'svc9') AS BLOB) WHERE seq = 4",
+        "UPDATE entries SET entry = CAST(replace(CAST(entry AS TEXT), 'svc', 'svx') AS BLOB) WHERE seq = 4",
     );
     let (ok, v) = verify_db(&edited.path().join("audit.db"), &key);
     assert!(!ok);

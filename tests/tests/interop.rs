@@ -145,10 +145,12 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
         String::from_utf8_lossy(&go.stdout),
         stderr(&go)
     );
-    assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 8"), "{}", String::from_utf8_lossy(&go.stdout));
+    // Genesis, the join token's creation, the enrollment and six grants.
+    assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 9"), "{}", String::from_utf8_lossy(&go.stdout));
 
     // And Go notices a tampered entry bundle.
-    let bundle = broker.path("anchor/tile/entries/000.p/8");
+    // The one partial entry bundle (the log has fewer than 256 entries).
+    let bundle = std::fs::read_dir(broker.path("anchor/tile/entries/000.p")).unwrap().next().unwrap().unwrap().path();
     let mut bytes = std::fs::read(&bundle).unwrap();
     let last = bytes.len() - 3;
     bytes[last] ^= 1;

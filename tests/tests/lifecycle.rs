@@ -45,5 +45,5 @@ fn sigterm_finishes_and_exits_zero_with_a_sound_log() {
     assert!(status.success(), "grantlined exited with {status}");
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
-    assert_eq!(v["entries"], 3, "genesis, enrollment, grant: {v}");
+    assert_eq!(v["entries"], 4, "genesis, token creation, enrollment, grant: {v}");
 }

@@ -26,9 +26,10 @@ fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\npolicy = \"{}\"\norigin = \"grantline.test/prod\"\nserver_names = [\"127.0.0.1\"]\n{extra}",
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\npolicy = \"{}\"\norigin = \"grantline.test/prod\"\nserver_names = [\"127.0.0.1\"]\n{extra}\n[admin]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("state").display(),
-            dir.join("policy.toml").display()
+            dir.join("policy.toml").display(),
+            dir.join("admin.sock").display()
         ),
     )
     .unwrap();
@@ -67,7 +68,7 @@ fn production_broker_enrolls_with_pinned_name_and_labels_and_applies_its_policy(
     let addr = broker.wait_line("grantlined ready on");
     let state = dir.path().join("state");
 
-    // Token creation finds the state directory through the same config file.
+    // Token creation finds the admin socket through the same config file.
     let out = grantline(
         &["token", "create", "--config", cfg.to_str().unwrap(), "--node", "web-7", "--label", "env=prod"],
         &[],

@@ -304,10 +304,8 @@ fn vault_token_has_the_capped_ttl_uses_and_policies() {
     assert_eq!(got.status.code(), Some(77), "{}", stderr(&got));
 }
 
-#[test]
-fn database_credentials_log_in_to_postgres_until_released() {
-    let pg = Postgres::start();
-    let bao = OpenBao::start();
+/// OpenBao's database secrets engine on `pg`, with role `readonly`.
+fn setup_database(bao: &OpenBao, pg: &Postgres) {
     bao.api("POST", "sys/mounts/database", Some(json!({"type": "database"})));
     bao.api(
         "POST",
@@ -330,17 +328,29 @@ fn database_credentials_log_in_to_postgres_until_released() {
             "max_ttl": "1h",
         })),
     );
-    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
-    let agent = Agent::start(&broker, "db-client");
+}
+
+/// Database credentials through `agent`: (user, password, lease id).
+fn get_database_secret(agent: &Agent) -> (String, String, String) {
     let out = tempfile::tempdir().unwrap();
     let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
     assert!(got.status.success(), "{}", stderr(&got));
     assert_eq!(grantline_tests::mode(&out.path().join("secret.json")), 0o600);
     let secret: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
-    let user = secret["data"]["username"].as_str().unwrap();
-    let password = secret["data"]["password"].as_str().unwrap();
-    let lease_id = secret["lease_id"].as_str().unwrap();
+    let field = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+    (field(&secret["data"]["username"]), field(&secret["data"]["password"]), field(&secret["lease_id"]))
+}
+
+#[test]
+fn database_credentials_log_in_to_postgres_until_released() {
+    let pg = Postgres::start();
+    let bao = OpenBao::start();
+    setup_database(&bao, &pg);
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let agent = Agent::start(&broker, "db-client");
+    let (user, password, lease_id) = get_database_secret(&agent);
+    let (user, password, lease_id) = (user.as_str(), password.as_str(), lease_id.as_str());
     assert!(lease_id.starts_with("database/creds/readonly/"), "{lease_id}");
 
     let psql = pg.psql(user, password, "SELECT current_user");
@@ -364,6 +374,115 @@ fn database_credentials_log_in_to_postgres_until_released() {
     assert!(events.iter().any(|e| matches!(e, Event::LeaseRevocation { lease, .. } if *lease == fp)));
     let db = std::fs::read(broker.path("audit.db")).unwrap();
     assert!(!db.windows(password.len()).any(|w| w == password.as_bytes()), "the password is in the audit log");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn a_revoked_node_is_disconnected_within_a_second_cannot_reconnect_and_loses_its_leases() {
+    let pg = Postgres::start();
+    let bao = OpenBao::start();
+    setup_database(&bao, &pg);
+    bao.put_policy("app-read", "path \"secret/data/app/*\" { capabilities = [\"read\"] }");
+    let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let mut agent = Agent::start(&broker, "db-client");
+    let bystander = Agent::start(&broker, "other");
+    let (user, password, lease_id) = get_database_secret(&agent);
+    assert!(pg.psql(&user, &password, "SELECT 1").status.success());
+    let token_dir = tempfile::tempdir().unwrap();
+    let got =
+        agent.get(&["token", "--role", "app", "--policy", "app-read", "--out", token_dir.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let token = std::fs::read_to_string(token_dir.path().join("token")).unwrap().trim().to_owned();
+    // The token carries no `default` policy, so it is looked up as root.
+    let token_alive =
+        || bao.cli(grantline_tests::openbao::ROOT_TOKEN, &["token", "lookup", "-format=json", &token]).status.success();
+    assert!(token_alive());
+
+    // Revoke while the agent is connected, and time how long until the
+    // agent is told: the command runs on another thread.
+    let started = std::time::Instant::now();
+    let socket = broker.admin_socket();
+    let admin = std::thread::scope(|s| {
+        let revoke = s.spawn(|| {
+            Command::new(grantline_tests::bin("grantline"))
+                .args(["nodes", "revoke", "db-client", "--reason", "stolen", "--json", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        });
+        let line = agent.wait_line("grantline-agent revoked:");
+        let elapsed = started.elapsed();
+        assert!(elapsed < std::time::Duration::from_secs(1), "the agent was told after {elapsed:?}");
+        assert!(line.contains("stolen"), "{line}");
+        revoke.join().unwrap()
+    });
+    assert!(admin.status.success(), "{}", stderr(&admin));
+    let report: serde_json::Value = serde_json::from_slice(&admin.stdout).unwrap();
+    assert_eq!(report["was_connected"], true, "{report}");
+    assert_eq!(report["leases_revoked"], 2, "the database lease and the Vault token: {report}");
+
+    // Vault revoked both: the database user is gone, the token is dead.
+    assert!(!pg.psql(&user, &password, "SELECT 1").status.success(), "the revoked node's credentials still log in");
+    assert!(!token_alive(), "the revoked node's token is still alive");
+
+    // Its identity is refused from now on: a new connection is closed with
+    // REVOKED, and a request on it never gets a credential.
+    let identity = grantline_tests::raw::node_identity(agent.dir.path());
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let rt = grantline_tests::raw::runtime();
+    let refused = rt.block_on(async {
+        let conn =
+            grantline_tests::raw::connect(&broker.addr, grantline_tests::raw::client_config(&ca, Some(identity)))
+                .await
+                .unwrap();
+        let req = grantline_proto::frame::encode(&grantline_proto::wire::Request {
+            body: Some(grantline_proto::wire::request::Body::Prove(grantline_proto::wire::ProveRequest { index: 0 })),
+        });
+        match grantline_tests::raw::send_raw(&conn, &req).await {
+            Ok(resp) => format!("{:?}", grantline_tests::raw::error_of(&resp)),
+            // Closed before the request was answered: the close says why.
+            Err(_) => match conn.closed().await {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    let e: grantline_proto::wire::Error = prost::Message::decode(close.reason.as_ref()).unwrap();
+                    assert_eq!(e.code, grantline_proto::wire::ErrorCode::Revoked as i32);
+                    e.message
+                }
+                other => other.to_string(),
+            },
+        }
+    });
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
+    let got = agent.get(&["x509", "--role", "dev", "--out", token_dir.path().to_str().unwrap()]);
+    assert_eq!(got.status.code(), Some(77), "{}", stderr(&got));
+
+    // Other nodes are unaffected; the node list says who is revoked.
+    let other = tempfile::tempdir().unwrap();
+    let ok =
+        bystander.get(&["token", "--role", "app", "--policy", "app-read", "--out", other.path().to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let nodes = broker.admin(&["nodes", "list", "--json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&nodes.stdout).unwrap();
+    let state = |name: &str| nodes.as_array().unwrap().iter().find(|n| n["name"] == name).unwrap().clone();
+    assert_eq!(
+        (state("db-client")["revoked"].clone(), state("db-client")["connected"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!((state("other")["revoked"].clone(), state("other")["connected"].clone()), (json!(false), json!(true)));
+
+    let events = broker.events();
+    assert!(events.iter().any(|e| matches!(e, Event::NodeRevocation { node, reason, admin, .. }
+        if node == "db-client" && reason == "stolen" && admin.uid == nix::unistd::getuid().as_raw())));
+    let revoked_leases = events
+        .iter()
+        .filter(|e| matches!(e, Event::LeaseRevocation { node, reason, .. } if node == "db-client" && reason == "node revoked"))
+        .count();
+    assert_eq!(revoked_leases, 2);
+    let fp = grantline_proto::audit::event::vault_fingerprint("lease", &lease_id);
+    let grants = broker.admin(&["grants", "list", "--node", "db-client", "--all", "--json"]);
+    let grants: serde_json::Value = serde_json::from_slice(&grants.stdout).unwrap();
+    let lease_grant = grants.as_array().unwrap().iter().find(|g| g["fingerprint"] == fp.as_str()).unwrap();
+    assert!(lease_grant["revoked_at"].is_string(), "the inventory shows the lease revoked: {lease_grant}");
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
 }

@@ -2,6 +2,7 @@
 //! formats and checks are in `grantline_proto::audit`.
 
 pub mod anchor;
+pub mod prove;
 pub mod store;
 pub mod writer;
 

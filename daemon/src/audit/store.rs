@@ -40,6 +40,95 @@ CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 "#;
 
+/// The credential inventory: a view derived from the log's grant and
+/// revocation entries, written in the same transaction as the entries, so it
+/// never disagrees with them. It is not part of the log (the verifier ignores
+/// it), so rows change and expired ones are pruned.
+const INVENTORY_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS grants (
+    seq         INTEGER PRIMARY KEY,
+    node        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    serial      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    names       TEXT NOT NULL,
+    granted_ms  INTEGER NOT NULL,
+    not_after   INTEGER NOT NULL,
+    revoked_ms  INTEGER,
+    caller_uid  INTEGER,
+    caller_exe  TEXT NOT NULL DEFAULT '',
+    caller_unit TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE INDEX IF NOT EXISTS grants_by_fingerprint ON grants (fingerprint);
+CREATE INDEX IF NOT EXISTS grants_by_expiry ON grants (not_after);
+"#;
+
+/// How long expired grants stay listed (`grants list --all`).
+pub const INVENTORY_KEEP_EXPIRED_SECS: i64 = 24 * 3600;
+
+/// One row of the credential inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub seq: u64,
+    pub node: String,
+    pub kind: String,
+    pub role: String,
+    pub serial: String,
+    pub fingerprint: String,
+    pub names: Vec<String>,
+    pub granted_ms: i64,
+    pub not_after: i64,
+    pub revoked_ms: Option<i64>,
+    pub caller: Option<grantline_proto::audit::event::CallerInfo>,
+}
+
+/// What an entry changes in the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InventoryOp {
+    Add(Box<GrantRow>),
+    /// A lease was revoked: the grant with this fingerprint is no longer live.
+    Revoke {
+        fingerprint: String,
+        at_ms: i64,
+    },
+}
+
+impl InventoryOp {
+    /// The inventory change an event makes, if any.
+    pub fn of(seq: u64, time_ms: i64, event: &Event) -> Option<Self> {
+        match event {
+            Event::Grant { node, kind, role, serial, fingerprint, names, not_after, caller, .. } => {
+                Some(Self::Add(Box::new(GrantRow {
+                    seq,
+                    node: node.clone(),
+                    kind: kind.clone(),
+                    role: role.clone(),
+                    serial: serial.clone(),
+                    fingerprint: fingerprint.clone(),
+                    names: names.clone(),
+                    granted_ms: time_ms,
+                    not_after: *not_after,
+                    revoked_ms: None,
+                    caller: caller.clone(),
+                })))
+            }
+            Event::LeaseRevocation { lease, .. } => Some(Self::Revoke { fingerprint: lease.clone(), at_ms: time_ms }),
+            _ => None,
+        }
+    }
+}
+
+/// Which grants `AuditStore::grants` lists.
+#[derive(Debug, Clone, Default)]
+pub struct GrantFilter {
+    pub node: Option<String>,
+    pub kind: Option<String>,
+    /// Include expired and revoked grants (as far as they are kept).
+    pub all: bool,
+    pub limit: usize,
+}
+
 /// A complete Merkle subtree created by an append.
 pub type NewNode = (u8, u64, Hash);
 
@@ -63,7 +152,37 @@ impl AuditStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn })
+        conn.execute_batch(INVENTORY_SCHEMA)?;
+        let mut store = Self { conn };
+        store.backfill_inventory()?;
+        Ok(store)
+    }
+
+    /// Builds the inventory from the entries of a log written before it
+    /// existed (`user_version` 0), once.
+    fn backfill_inventory(&mut self) -> rusqlite::Result<()> {
+        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version >= 1 {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, entry FROM entries WHERE instr(entry, CAST('\"type\":\"grant\"' AS BLOB)) > 0
+             OR instr(entry, CAST('\"type\":\"lease_revocation\"' AS BLOB)) > 0 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        for row in rows {
+            let (seq, bytes) = row?;
+            let Ok(entry) = Entry::decode(&bytes) else { continue };
+            if let Ok(event) = entry.event() {
+                ops.extend(InventoryOp::of(u64::try_from(seq).unwrap_or(0), entry.time_ms, &event));
+            }
+        }
+        drop(stmt);
+        let tx = self.conn.transaction()?;
+        apply_inventory(&tx, &ops)?;
+        tx.pragma_update(None, "user_version", 1)?;
+        tx.commit()
     }
 
     /// Opens an audit database read-only, for verification.
@@ -96,7 +215,19 @@ impl AuditStore {
     /// Appends a batch of entries and the tree nodes they complete in one
     /// transaction: all or nothing, durable on return.
     pub fn append(&mut self, batch: &[NewEntry], nodes: &[NewNode]) -> rusqlite::Result<()> {
+        self.append_with_inventory(batch, nodes, &[])
+    }
+
+    /// Appends like `append`, and applies the batch's inventory changes in
+    /// the same transaction.
+    pub fn append_with_inventory(
+        &mut self,
+        batch: &[NewEntry],
+        nodes: &[NewNode],
+        inventory: &[InventoryOp],
+    ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
+        apply_inventory(&tx, inventory)?;
         {
             let mut stmt =
                 tx.prepare_cached("INSERT INTO entries (seq, hash, entry, signature) VALUES (?1, ?2, ?3, ?4)")?;
@@ -221,6 +352,102 @@ impl AuditStore {
         }
         Ok(Ok(()))
     }
+}
+
+impl AuditStore {
+    /// Grants in the inventory, soonest expiry first.
+    pub fn grants(&self, f: &GrantFilter, now: i64) -> rusqlite::Result<Vec<GrantRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, node, kind, role, serial, fingerprint, names, granted_ms, not_after, revoked_ms,
+                    caller_uid, caller_exe, caller_unit
+             FROM grants
+             WHERE (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR kind = ?2)
+               AND (?3 OR (not_after > ?4 AND revoked_ms IS NULL))
+             ORDER BY not_after, seq LIMIT ?5",
+        )?;
+        let rows =
+            stmt.query_map(params![f.node, f.kind, f.all, now, i64::try_from(f.limit).unwrap_or(i64::MAX)], |r| {
+                let names: String = r.get(6)?;
+                let uid: Option<u32> = r.get(10)?;
+                Ok(GrantRow {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    node: r.get(1)?,
+                    kind: r.get(2)?,
+                    role: r.get(3)?,
+                    serial: r.get(4)?,
+                    fingerprint: r.get(5)?,
+                    names: serde_json::from_str(&names).unwrap_or_default(),
+                    granted_ms: r.get(7)?,
+                    not_after: r.get(8)?,
+                    revoked_ms: r.get(9)?,
+                    caller: uid.map(|uid| grantline_proto::audit::event::CallerInfo {
+                        uid,
+                        gid: 0,
+                        pid: 0,
+                        exe: r.get(11).unwrap_or_default(),
+                        unit: r.get(12).unwrap_or_default(),
+                    }),
+                })
+            })?;
+        rows.collect()
+    }
+
+    /// Drops inventory rows that expired more than a day ago.
+    pub fn prune_inventory(&self, now: i64) -> rusqlite::Result<usize> {
+        self.conn.execute("DELETE FROM grants WHERE not_after < ?1", [now - INVENTORY_KEEP_EXPIRED_SECS])
+    }
+
+    /// Entries with seq in `[start, end)`, at most `limit`, in order.
+    pub fn stored_range(&self, start: u64, end: u64, limit: usize) -> rusqlite::Result<Vec<StoredEntry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, entry, hash, signature FROM entries WHERE seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                i64::try_from(start).unwrap_or(i64::MAX),
+                i64::try_from(end).unwrap_or(i64::MAX),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            row_to_entry,
+        )?;
+        rows.collect()
+    }
+}
+
+fn apply_inventory(tx: &rusqlite::Transaction<'_>, ops: &[InventoryOp]) -> rusqlite::Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let mut add = tx.prepare_cached(
+        "INSERT OR REPLACE INTO grants (seq, node, kind, role, serial, fingerprint, names, granted_ms, not_after,
+            caller_uid, caller_exe, caller_unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut revoke =
+        tx.prepare_cached("UPDATE grants SET revoked_ms = ?2 WHERE fingerprint = ?1 AND revoked_ms IS NULL")?;
+    for op in ops {
+        match op {
+            InventoryOp::Add(g) => {
+                add.execute(params![
+                    i64::try_from(g.seq).unwrap_or(i64::MAX),
+                    g.node,
+                    g.kind,
+                    g.role,
+                    g.serial,
+                    g.fingerprint,
+                    serde_json::to_string(&g.names).unwrap_or_default(),
+                    g.granted_ms,
+                    g.not_after,
+                    g.caller.as_ref().map(|c| c.uid),
+                    g.caller.as_ref().map(|c| c.exe.as_str()).unwrap_or(""),
+                    g.caller.as_ref().map(|c| c.unit.as_str()).unwrap_or(""),
+                ])?;
+            }
+            InventoryOp::Revoke { fingerprint, at_ms } => {
+                revoke.execute(params![fingerprint, at_ms])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tree nodes come straight from SQLite for proofs and for resuming.

@@ -17,7 +17,7 @@ use grantline_proto::audit::{Entry, Event, Hash, SignerKey, ZERO_HASH};
 use grantline_proto::wire;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::store::{AuditStore, NewEntry, NewNode};
+use super::store::{AuditStore, InventoryOp, NewEntry, NewNode};
 
 /// How many appends may wait for the writer; beyond this, callers wait for room
 /// (back-pressure) instead of growing a queue without bound.
@@ -43,6 +43,8 @@ struct Append {
 pub struct AuditLog {
     tx: mpsc::Sender<Append>,
     checkpoints: watch::Receiver<Option<String>>,
+    /// The number of durable entries (the next seq).
+    size: watch::Receiver<u64>,
 }
 
 impl AuditLog {
@@ -67,6 +69,7 @@ impl AuditLog {
             None => 0,
         };
         let (published, checkpoints) = watch::channel(latest);
+        let (grown, size_rx) = watch::channel(state.next_seq);
         // Rotation entries travel with every receipt, so agents that pinned
         // an older key can follow the chain to the current one.
         let mut rotations = Vec::new();
@@ -80,9 +83,9 @@ impl AuditLog {
         let checkpointer = Checkpointer { size, at, published };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(store, key, state, rx, checkpointer, rotations))
+            .spawn(move || run(store, key, state, rx, checkpointer, rotations, grown))
             .context("cannot start the audit writer thread")?;
-        Ok((Self { tx, checkpoints }, handle))
+        Ok((Self { tx, checkpoints, size: size_rx }, handle))
     }
 
     /// The latest signed checkpoint note, updated as the writer signs more.
@@ -91,10 +94,21 @@ impl AuditLog {
     }
 
     /// Appends `event`; returns its signed receipt once the entry is durable.
+    /// The number of durable entries, updated after every commit.
+    pub fn size(&self) -> watch::Receiver<u64> {
+        self.size.clone()
+    }
+
     pub async fn append(&self, event: Event) -> Result<wire::Receipt, AuditError> {
+        let started = Instant::now();
         let (reply, rx) = oneshot::channel();
         self.tx.send(Append { event, reply }).await.map_err(|_| AuditError::Stopped)?;
-        rx.await.map_err(|_| AuditError::Stopped)?
+        let result = rx.await.map_err(|_| AuditError::Stopped)?;
+        metrics::histogram!("grantline_audit_append_seconds").record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            metrics::counter!("grantline_audit_append_failures_total").increment(1);
+        }
+        result
     }
 }
 
@@ -184,6 +198,9 @@ impl ChainState {
 /// even if no more entries arrive.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How often expired rows leave the credential inventory.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 struct Checkpointer {
     size: u64,
     at: Instant,
@@ -233,6 +250,7 @@ fn run(
     mut rx: mpsc::Receiver<Append>,
     mut cp: Checkpointer,
     rotations: Vec<wire::Receipt>,
+    grown: watch::Sender<u64>,
 ) {
     // A small runtime of the writer's own, for receiving with a timeout.
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
@@ -240,6 +258,7 @@ fn run(
         return;
     };
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut pruned = Instant::now().checked_sub(PRUNE_EVERY).unwrap_or_else(Instant::now);
     loop {
         let wait = cp.wait(&state);
         let first = match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
@@ -260,20 +279,30 @@ fn run(
         let saved = state.clone();
         let mut entries = Vec::with_capacity(batch.len());
         let mut nodes = Vec::with_capacity(batch.len() * 2);
+        let mut inventory = Vec::new();
         for a in &batch {
             let (e, n) = state.chain(&a.event);
+            inventory.extend(InventoryOp::of(e.seq, state.last_time, &a.event));
             entries.push(e);
             nodes.extend(n);
         }
         sign_all(&key, &mut entries);
-        match store.append(&entries, &nodes) {
+        match store.append_with_inventory(&entries, &nodes, &inventory) {
             Ok(()) => {
+                grown.send_replace(state.next_seq);
                 for (a, e) in batch.drain(..).zip(entries) {
                     let receipt =
                         wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), rotations: rotations.clone() };
                     let _ = a.reply.send(Ok(receipt));
                 }
                 cp.maybe(&store, &key, &state, false);
+                if pruned.elapsed() >= PRUNE_EVERY {
+                    pruned = Instant::now();
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    if let Err(e) = store.prune_inventory(i64::try_from(now).unwrap_or(i64::MAX)) {
+                        tracing::warn!(error = %e, "cannot prune the credential inventory");
+                    }
+                }
             }
             Err(err) => {
                 state = saved;

@@ -34,6 +34,9 @@ enum Command {
         /// Lifetime of node identity certificates (agents renew at half of it).
         #[arg(long, default_value = "24h")]
         node_identity_ttl: humantime::Duration,
+        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics: Option<String>,
     },
 }
 
@@ -49,8 +52,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let (opts, dev) = match &cli.command {
-        Some(Command::Dev { state_dir, listen, node_identity_ttl }) => {
-            match prepare_dev(state_dir, listen, (*node_identity_ttl).into()) {
+        Some(Command::Dev { state_dir, listen, node_identity_ttl, metrics }) => {
+            match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref()) {
                 Ok(o) => (o, true),
                 Err(e) => return fail(EX_CONFIG, &e),
             }
@@ -75,7 +78,12 @@ fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn prepare_dev(state_dir: &std::path::Path, listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
+fn prepare_dev(
+    state_dir: &std::path::Path,
+    listen: &str,
+    identity_ttl: Duration,
+    metrics: Option<&str>,
+) -> Result<BrokerOptions> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -87,7 +95,11 @@ fn prepare_dev(state_dir: &std::path::Path, listen: &str, identity_ttl: Duration
     if !policy.exists() {
         std::fs::write(&policy, DEV_POLICY).with_context(|| format!("cannot write {}", policy.display()))?;
     }
-    config::dev_options(state_dir, listen, identity_ttl)
+    let mut opts = config::dev_options(state_dir, listen, identity_ttl)?;
+    if let Some(m) = metrics {
+        opts.metrics = Some(m.parse().with_context(|| format!("--metrics {m:?} is not IP:PORT, e.g. 127.0.0.1:9464"))?);
+    }
+    Ok(opts)
 }
 
 async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
@@ -98,13 +110,16 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
         let path = opts.state_dir.join("join-token");
         write_secret(&path, format!("{token}\n").as_bytes())?;
         eprintln!(
-            "grantlined dev: state in {dir}\n  trust anchor: {dir}/ca.pem\n  audit key:    {dir}/audit.vkey\n  join token:   {path} (single use, 1 h)\n  enroll with:  grantline-agent enroll --broker {addr} --token \"$(cat {path})\" --ca-file {dir}/ca.pem --state-dir AGENT_DIR",
+            "grantlined dev: state in {dir}\n  trust anchor: {dir}/ca.pem\n  audit key:    {dir}/audit.vkey\n  join token:   {path} (single use, 1 h)\n  enroll with:  grantline-agent enroll --broker {addr} --token \"$(cat {path})\" --ca-file {dir}/ca.pem --state-dir AGENT_DIR\n  admin:        grantline nodes list --state-dir {dir}",
             dir = opts.state_dir.display(),
             path = path.display(),
         );
     }
     tracing::info!(%addr, origin = %broker.verifier_key().name(), "listening");
     println!("grantlined ready on {addr}");
+    if let Some(m) = broker.metrics_addr() {
+        println!("grantlined metrics on http://{m}/metrics");
+    }
     broker.run(shutdown_signal()).await
 }
 

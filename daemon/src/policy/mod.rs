@@ -107,8 +107,8 @@ pub const DEFAULT_SECRET_PATH: &str = "database/creds/{role}";
 pub enum PolicyError {
     #[error("policy is not valid TOML: {0}")]
     Toml(String),
-    #[error("policy rule {rule:?}: {problem}")]
-    Rule { rule: String, problem: String },
+    #[error("policy rule {rule:?} (line {line}): {problem}")]
+    Rule { rule: String, line: usize, problem: String },
 }
 
 #[derive(Deserialize)]
@@ -121,7 +121,7 @@ struct PolicyFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
-    name: String,
+    name: toml::Spanned<String>,
     #[serde(default)]
     nodes: Vec<String>,
     #[serde(default)]
@@ -155,8 +155,10 @@ impl Policy {
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Toml(e.to_string()))?;
         let mut rules = Vec::with_capacity(file.rules.len());
         for r in file.rules {
-            let bad = |problem: String| PolicyError::Rule { rule: r.name.clone(), problem };
-            if r.name.is_empty() {
+            let line = text[..r.name.span().start.min(text.len())].lines().count().max(1);
+            let name = r.name.into_inner();
+            let bad = |problem: String| PolicyError::Rule { rule: name.clone(), line, problem };
+            if name.is_empty() {
                 return Err(bad("rule name is empty".into()));
             }
             if r.allow.is_empty() {
@@ -212,7 +214,7 @@ impl Policy {
                 });
             }
             let nodes = if r.nodes.is_empty() { vec!["*".to_owned()] } else { r.nodes.clone() };
-            rules.push(Rule { name: r.name, nodes, labels: r.labels, allow });
+            rules.push(Rule { name, nodes, labels: r.labels, allow });
         }
         let hash = hex::encode(Sha256::digest(text.as_bytes()));
         Ok(Self { rules, hash })
@@ -220,6 +222,10 @@ impl Policy {
 
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
     }
 }
 

@@ -16,6 +16,9 @@ use crate::vault::Vault;
 
 type Reply = wire::Response;
 
+/// Token accessors are kept in the lease table under this prefix.
+pub(crate) const TOKEN_ACCESSOR_PREFIX: &str = "token-accessor:";
+
 pub(crate) fn now_unix() -> i64 {
     crate::issuer::embedded::unix(SystemTime::now())
 }
@@ -32,10 +35,20 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
             Ok(node) => renew_identity(shared, &node, r).await,
             Err(reply) => reply,
         },
-        Some(Req::Grant(r)) => match authenticate(shared, peer) {
-            Ok(node) => grant(shared, &node, r).await,
-            Err(reply) => reply,
-        },
+        Some(Req::Grant(r)) => {
+            let kind = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
+            let reply = match authenticate(shared, peer) {
+                Ok(node) => grant(shared, &node, r).await,
+                Err(reply) => reply,
+            };
+            let outcome = match &reply.body {
+                Some(Resp::Grant(_)) => "granted",
+                Some(Resp::Error(e)) if e.code == ErrorCode::PermissionDenied as i32 => "denied",
+                _ => "error",
+            };
+            metrics::counter!("grantline_grants_total", "kind" => kind, "outcome" => outcome).increment(1);
+            reply
+        }
         Some(Req::Release(r)) => match authenticate(shared, peer) {
             Ok(node) => release(shared, &node, r).await,
             Err(reply) => reply,
@@ -157,6 +170,8 @@ async fn grant_identity(
         serial: id.serial,
         not_after: id.not_after,
         revoked: false,
+        revoked_at: 0,
+        last_seen: now_unix(),
     };
     shared
         .state
@@ -288,7 +303,13 @@ fn bind_to_policy(what: What, allowed: &Allowed) -> What {
 
 async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Reply {
     let policy = shared.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let caller = r.caller.as_ref().map(|c| CallerInfo { uid: c.uid, gid: c.gid, pid: c.pid, exe: c.exe.clone() });
+    let caller = r.caller.as_ref().map(|c| CallerInfo {
+        uid: c.uid,
+        gid: c.gid,
+        pid: c.pid,
+        exe: c.exe.clone(),
+        unit: c.unit.clone(),
+    });
     let kind_name = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
     let denial = |reason: String| Event::Denial {
         action: "grant".into(),
@@ -365,9 +386,16 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             return err(ErrorCode::Unavailable, e.to_string());
         }
     };
-    if !issued.lease_id.is_empty() {
+    // Leases, and token accessors under a prefix, are kept so that a node's
+    // revocation can revoke them in Vault.
+    let revocable = if issued.lease_id.is_empty() {
+        (!issued.token_accessor.is_empty()).then(|| format!("{TOKEN_ACCESSOR_PREFIX}{}", issued.token_accessor))
+    } else {
+        Some(issued.lease_id.clone())
+    };
+    if let Some(lease_id) = revocable {
         let lease = LeaseRecord {
-            lease_id: issued.lease_id.clone(),
+            lease_id,
             node: node.name.clone(),
             fingerprint: issued.fingerprint.clone(),
             expires_at: issued.not_after,
@@ -446,7 +474,11 @@ pub(crate) async fn revoke_lease(
     lease: &LeaseRecord,
     reason: &str,
 ) -> Result<wire::Receipt, Reply> {
-    if let Err(e) = vault.revoke_lease(&lease.lease_id).await {
+    let revoked = match lease.lease_id.strip_prefix(TOKEN_ACCESSOR_PREFIX) {
+        Some(accessor) => vault.revoke_accessor(accessor).await,
+        None => vault.revoke_lease(&lease.lease_id).await,
+    };
+    if let Err(e) = revoked {
         return Err(err(ErrorCode::Unavailable, format!("Vault did not revoke the lease: {e}")));
     }
     if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()) {

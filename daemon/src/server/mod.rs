@@ -1,7 +1,9 @@
 //! The broker: QUIC listener, connection and stream handling, shutdown.
 
+pub mod admin;
 mod handler;
 mod identity;
+mod revoke;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,7 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use grantline_proto::audit::{SignerKey, VerifierKey};
+use grantline_proto::audit::event::CallerInfo;
+use grantline_proto::audit::{Event, SignerKey, VerifierKey};
 use grantline_proto::{frame, wire, ALPN};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -46,6 +49,19 @@ pub struct BrokerOptions {
     pub vault: Option<crate::vault::VaultConfig>,
     /// Where the log is published in the tlog-tiles layout (URL or directory).
     pub anchor: Option<String>,
+    /// The admin API's Unix socket; none serves no admin API.
+    pub admin: Option<admin::AdminOptions>,
+    /// Loopback address of the Prometheus `/metrics` endpoint.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why a policy reload was refused.
+#[derive(Debug)]
+pub(crate) enum ReloadError {
+    /// The file does not parse or validate; the old policy stays.
+    Invalid(String),
+    /// The new policy could not be audited, so it was not put in force.
+    NotAudited(String),
 }
 
 pub(crate) struct Shared {
@@ -54,7 +70,14 @@ pub(crate) struct Shared {
     vault: Option<Arc<Vault>>,
     audit: AuditLog,
     policy: RwLock<Arc<Policy>>,
+    policy_path: PathBuf,
     state: StateDb,
+    /// Live connections of authenticated nodes, by node and connection id.
+    live: std::sync::Mutex<HashMap<String, HashMap<usize, quinn::Connection>>>,
+    /// When nodes were last heard from, not yet saved to state.db.
+    seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// The latest checkpoint and when the broker first saw it (for its age).
+    checkpoint_seen: std::sync::Mutex<(Option<String>, std::time::Instant)>,
     nodes: RwLock<HashMap<String, NodeRecord>>,
     identity_ttl: Duration,
     vkey: VerifierKey,
@@ -72,6 +95,8 @@ pub struct Broker {
     background: Vec<tokio::task::JoinHandle<()>>,
     /// Anchoring; it ends by itself once the writer's last checkpoint is out.
     publisher: Option<tokio::task::JoinHandle<()>>,
+    admin: Option<(tokio::net::UnixListener, Option<u32>, PathBuf)>,
+    metrics: Option<(std::net::TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     /// Held while the broker runs: one writer per state directory.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -94,6 +119,17 @@ impl Broker {
         let audit_reader =
             Arc::new(std::sync::Mutex::new(AuditStore::open_read_only(&opts.state_dir.join("audit.db"))?));
         let endpoint = bind(&opts.state_dir, server_config(&pki)?, opts.listen)?;
+        let admin = match &opts.admin {
+            Some(a) => {
+                let (listener, gid) = admin::bind(a)?;
+                Some((listener, gid, a.socket.clone()))
+            }
+            None => None,
+        };
+        let metrics = match opts.metrics {
+            Some(addr) => Some((crate::metrics::bind(addr)?, crate::metrics::install()?)),
+            None => None,
+        };
         let embedded: Arc<dyn Issuer> = Arc::new(EmbeddedIssuer::new(pki.clone()));
         let mut background = Vec::new();
         let (issuer, vault) = match &opts.vault {
@@ -129,14 +165,23 @@ impl Broker {
             pki,
             audit,
             policy: RwLock::new(Arc::new(opts.policy.clone())),
+            policy_path: opts.policy_path.clone(),
             state,
+            live: std::sync::Mutex::new(HashMap::new()),
+            seen: std::sync::Mutex::new(HashMap::new()),
+            checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             nodes: RwLock::new(nodes),
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
             audit_reader,
         });
-        Ok(Self { shared, endpoint, audit_thread, background, publisher, _lock: lock })
+        Ok(Self { shared, endpoint, audit_thread, background, publisher, admin, metrics, _lock: lock })
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -154,12 +199,37 @@ impl Broker {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests finish (up to 10 s), closes connections and flushes the log.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let connections = TaskTracker::new();
+        let stop_admin = tokio_util::sync::CancellationToken::new();
+        let admin_task = self.admin.take().map(|(listener, gid, path)| {
+            let stop = stop_admin.clone();
+            let task = tokio::spawn(admin::serve(self.shared.clone(), listener, gid, stop.cancelled_owned()));
+            (task, path)
+        });
+        let metrics_task = self.metrics.take().map(|(l, h)| {
+            let shared = Arc::downgrade(&self.shared);
+            let refresh: crate::metrics::Refresh = Arc::new(move || {
+                if let Some(shared) = shared.upgrade() {
+                    shared.refresh_gauges();
+                }
+            });
+            tokio::spawn(crate::metrics::serve(l, h, refresh))
+        });
+        let upkeep = tokio::spawn(upkeep(Arc::downgrade(&self.shared)));
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
+            .ok();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!("SIGHUP received: reloading the policy");
+                    if let Err(e) = self.shared.reload_policy(None).await {
+                        tracing::error!(error = ?e, "policy reload refused; the old policy stays in force");
+                    }
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let shared = self.shared.clone();
@@ -173,7 +243,25 @@ impl Broker {
         if tokio::time::timeout(Duration::from_secs(10), self.shared.requests.wait()).await.is_err() {
             tracing::warn!("in-flight requests did not finish within 10 s; closing anyway");
         }
-        self.endpoint.close(0u32.into(), b"broker shutting down");
+        stop_admin.cancel();
+        if let Some((task, path)) = admin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
+        upkeep.abort();
+        // Agents wait at least this long (plus their own jitter) before
+        // reconnecting, so a restart is not met by every node at once.
+        let bye = wire::Error {
+            code: wire::ErrorCode::Unavailable as i32,
+            message: "broker shutting down".into(),
+            retryable: true,
+            retry_after_ms: 1000,
+        };
+        self.endpoint.close((wire::ErrorCode::Unavailable as u32).into(), &prost::Message::encode_to_vec(&bye));
+        self.shared.flush_last_seen();
 
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
@@ -303,6 +391,8 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     let peer = PeerNode::from_connection(&conn);
     tracing::debug!(%remote, node = peer.as_ref().map(|p| p.name.as_str()), "connected");
+    let _counted = ConnectionGauge::new();
+    let _registered = peer.as_ref().map(|p| Registration::new(&shared, &p.name, &conn));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -344,6 +434,173 @@ async fn serve_stream(
         let _ = send.finish();
         // Keep the stream alive until the peer has the reply or goes away.
         let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    }
+}
+
+/// A node's connection in `Shared::live` while it is up. Registered before
+/// the revocation flag is checked, so `revoke_node` (which sets the flag,
+/// then drains `live`) either finds the connection or the connection finds
+/// the flag.
+struct Registration<'a> {
+    shared: &'a Shared,
+    node: String,
+    id: usize,
+}
+
+impl<'a> Registration<'a> {
+    fn new(shared: &'a Shared, node: &str, conn: &quinn::Connection) -> Self {
+        let id = conn.stable_id();
+        shared
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(node.to_owned())
+            .or_default()
+            .insert(id, conn.clone());
+        shared.mark_seen(node);
+        let revoked =
+            shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).is_some_and(|n| n.revoked);
+        if revoked {
+            let e = wire::Error::new(wire::ErrorCode::Revoked, format!("node {node} has been revoked"));
+            revoke::close_with(conn, &e);
+        }
+        Self { shared, node: node.to_owned(), id }
+    }
+}
+
+/// Counts a connection in `grantline_connections` while it is up.
+struct ConnectionGauge;
+
+impl ConnectionGauge {
+    fn new() -> Self {
+        metrics::gauge!("grantline_connections").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("grantline_connections").decrement(1.0);
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut live = self.shared.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(conns) = live.get_mut(&self.node) {
+            conns.remove(&self.id);
+            if conns.is_empty() {
+                live.remove(&self.node);
+            }
+        }
+        drop(live);
+        self.shared.mark_seen(&self.node);
+    }
+}
+
+impl Shared {
+    fn mark_seen(&self, node: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.to_owned(), handler::now_unix());
+    }
+
+    /// Notes when the latest checkpoint first appeared.
+    fn track_checkpoint(&self) {
+        let latest = self.audit.checkpoints().borrow().clone();
+        let mut seen = self.checkpoint_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if latest.is_some() && seen.0 != latest {
+            *seen = (latest, std::time::Instant::now());
+        }
+    }
+
+    /// Gauges computed when /metrics is scraped.
+    fn refresh_gauges(&self) {
+        self.track_checkpoint();
+        let age = self.checkpoint_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1.elapsed();
+        metrics::gauge!("grantline_checkpoint_age_seconds").set(age.as_secs_f64());
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("grantline_audit_entries").set(*self.audit.size().borrow() as f64);
+    }
+
+    /// Saves last-seen times to state.db in one transaction.
+    fn flush_last_seen(&self) {
+        let seen: Vec<(String, i64)> =
+            self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
+        if seen.is_empty() {
+            return;
+        }
+        {
+            let mut nodes = self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, at) in &seen {
+                if let Some(n) = nodes.get_mut(name) {
+                    n.last_seen = n.last_seen.max(*at);
+                }
+            }
+        }
+        if let Err(e) = self.state.save_last_seen(&seen) {
+            tracing::warn!(error = %e, "cannot save when nodes were last seen");
+        }
+    }
+
+    /// Re-reads the policy file; see `ReloadError`.
+    pub(crate) async fn reload_policy(
+        &self,
+        admin: Option<CallerInfo>,
+    ) -> Result<grantline_proto::admin::ReloadPolicyResponse, ReloadError> {
+        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match load_policy(&self.policy_path) {
+            Err(e) => {
+                let error = format!("{e:#}");
+                metrics::counter!("grantline_policy_reloads_total", "outcome" => "refused").increment(1);
+                let event =
+                    Event::PolicyReload { ok: false, policy: current.hash().into(), error: error.clone(), admin };
+                if let Err(audit) = self.audit.append(event).await {
+                    tracing::error!(error = %audit, "could not audit a refused policy reload");
+                }
+                tracing::warn!(%error, "policy reload refused; the old policy stays in force");
+                Err(ReloadError::Invalid(format!(
+                    "{error}; the policy in force is unchanged (sha256 {})",
+                    current.hash()
+                )))
+            }
+            Ok(policy) => {
+                let event = Event::PolicyReload { ok: true, policy: policy.hash().into(), error: String::new(), admin };
+                if let Err(e) = self.audit.append(event).await {
+                    metrics::counter!("grantline_policy_reloads_total", "outcome" => "refused").increment(1);
+                    return Err(ReloadError::NotAudited(format!(
+                        "the new policy was not put in force because it could not be audited: {e}"
+                    )));
+                }
+                let changed = policy.hash() != current.hash();
+                let response = grantline_proto::admin::ReloadPolicyResponse {
+                    policy_hash: policy.hash().into(),
+                    rules: u32::try_from(policy.rule_count()).unwrap_or(u32::MAX),
+                    changed,
+                };
+                *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+                metrics::counter!("grantline_policy_reloads_total", "outcome" => "ok").increment(1);
+                tracing::info!(hash = %response.policy_hash, changed, "policy reloaded");
+                Ok(response)
+            }
+        }
+    }
+}
+
+/// Periodic chores: noting new checkpoints (for their age), last-seen times
+/// to disk. Holds only a weak handle, so it never keeps the broker's state
+/// alive at shutdown.
+async fn upkeep(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else { return };
+        shared.track_checkpoint();
+        if n % 30 == 29 {
+            tokio::task::block_in_place(|| shared.flush_last_seen());
+        }
     }
 }
 

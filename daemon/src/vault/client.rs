@@ -120,7 +120,10 @@ impl Vault {
                     IssueError::Unavailable(_) if attempt < ATTEMPTS => {
                         tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
                     }
-                    e => return Err(in_context(what, e)),
+                    e => {
+                        metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
+                        return Err(in_context(what, e));
+                    }
                 },
             }
         }

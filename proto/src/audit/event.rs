@@ -13,6 +13,9 @@ pub struct CallerInfo {
     pub pid: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub exe: String,
+    /// The systemd unit the process runs in, from its cgroup.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,32 @@ pub enum Event {
     LeaseRevocation { node: String, lease: String, reason: String },
     /// An issuing CA was replaced, e.g. the intermediate obtained from Vault PKI.
     CaRotation { ca: String, issuer: String, serial: String, fingerprint: String, not_after: i64 },
+    /// An admin created a join token (the token itself is never logged).
+    TokenCreation {
+        token_id: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        node: String,
+        labels: BTreeMap<String, String>,
+        expires_at: i64,
+        admin: CallerInfo,
+    },
+    /// An admin revoked a node: its connection was closed and its identity
+    /// is refused from then on. Its leases' revocations follow as
+    /// `lease_revocation` entries.
+    NodeRevocation { node: String, serial: String, reason: String, admin: CallerInfo },
+    /// The policy was reloaded (by SIGHUP when `admin` is absent). A refused
+    /// policy is recorded with its error; the old one stays in force.
+    PolicyReload {
+        ok: bool,
+        /// The hash of the policy in force after the attempt.
+        policy: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin: Option<CallerInfo>,
+    },
+    /// An admin read the audit log through the admin API.
+    AuditRead { what: String, admin: CallerInfo },
     /// A request was refused.
     Denial {
         /// "enroll", "renew_identity", "grant" or "release".
@@ -86,6 +115,10 @@ impl Event {
             Self::LeaseRevocation { .. } => "lease_revocation",
             Self::KeyRotation { .. } => "key_rotation",
             Self::CaRotation { .. } => "ca_rotation",
+            Self::TokenCreation { .. } => "token_creation",
+            Self::NodeRevocation { .. } => "node_revocation",
+            Self::PolicyReload { .. } => "policy_reload",
+            Self::AuditRead { .. } => "audit_read",
         }
     }
 }

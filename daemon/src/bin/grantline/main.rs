@@ -1,6 +1,7 @@
 //! grantline: the admin and verification CLI.
 
-use std::collections::BTreeMap;
+mod admin;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +9,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use grantline_daemon::audit::anchor::Anchor;
+use grantline_daemon::audit::prove::{prove, Which};
 use grantline_daemon::audit::AuditStore;
-use grantline_daemon::state::{rfc3339, StateDb};
-use grantline_daemon::{config, verify};
-use grantline_proto::audit::checkpoint::{Checkpoint, InclusionReceipt};
-use grantline_proto::audit::{merkle, SignerKey, VerifierKey};
+use grantline_daemon::verify;
+use grantline_proto::audit::{SignerKey, VerifierKey};
 
 /// Grantline administration and audit verification.
 #[derive(Parser)]
@@ -27,6 +27,27 @@ enum Command {
     /// Join tokens for enrolling nodes.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Enrolled nodes: list, revoke.
+    Nodes {
+        #[command(subcommand)]
+        command: admin::NodesCommand,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// The credential inventory.
+    Grants {
+        #[command(subcommand)]
+        command: admin::GrantsCommand,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// The broker's policy.
+    Policy {
+        #[command(subcommand)]
+        command: admin::PolicyCommand,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -36,11 +57,8 @@ enum Command {
 enum TokenCommand {
     /// Create a single-use join token and print it.
     Create {
-        /// The broker's state directory (default: from --config).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[arg(long, default_value = "/etc/grantline/grantlined.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        conn: admin::Conn,
         /// Pin the node name the token enrolls.
         #[arg(long)]
         node: Option<String>,
@@ -55,6 +73,20 @@ enum TokenCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Print audit entries from the running broker (reading is audited).
+    Tail {
+        /// Start at this seq.
+        #[arg(long, conflicts_with = "last")]
+        from: Option<u64>,
+        /// Start with the last N entries (default 10 unless --from).
+        #[arg(long)]
+        last: Option<u32>,
+        /// Keep printing entries as they are appended.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
     /// Verify every entry of an audit log: encoding, hashes, chain, seq, signatures.
     Verify {
         /// The audit database (audit.db). Optional with --anchor.
@@ -111,14 +143,15 @@ const EX_SOFTWARE: u8 = 70;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Token(TokenCommand::Create { state_dir, config: cfg, node, labels, ttl }) => {
-            match create_token(state_dir, &cfg, node, &labels, ttl.into()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("grantline: {e:#}");
-                    ExitCode::from(EX_SOFTWARE)
-                }
-            }
+        Command::Token(TokenCommand::Create { conn, node, labels, ttl }) => {
+            with_runtime(admin::token_create(&conn, node, &labels, ttl.into()))
+        }
+        Command::Nodes { command, conn } => with_runtime(admin::nodes(&conn, command)),
+        Command::Grants { command, conn } => with_runtime(admin::grants(&conn, command)),
+        Command::Policy { command, conn } => with_runtime(admin::policy(&conn, command)),
+        Command::Audit(AuditCommand::Tail { from, last, follow, conn }) => {
+            let last = last.unwrap_or(if from.is_some() { 0 } else { 10 });
+            with_runtime(admin::audit_tail(&conn, from, last, follow))
         }
         Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
             audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
@@ -149,32 +182,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn create_token(
-    state_dir: Option<PathBuf>,
-    cfg: &std::path::Path,
-    node: Option<String>,
-    labels: &[String],
-    ttl: std::time::Duration,
-) -> Result<()> {
-    let dir = match state_dir {
-        Some(d) => d,
-        None => config::load(cfg)?.state_dir,
+/// Runs an admin command on a small runtime and maps its error to an exit code.
+fn with_runtime(work: impl std::future::Future<Output = Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return admin::fail(&e.into()),
     };
-    let mut map = BTreeMap::new();
-    for l in labels {
-        let Some((k, v)) = l.split_once('=') else { bail!("label {l:?} is not KEY=VALUE") };
-        map.insert(k.to_owned(), v.to_owned());
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => admin::fail(&e),
     }
-    let db = dir.join("state.db");
-    if !db.exists() {
-        bail!("{} does not exist; start the broker once so it creates its state", db.display());
-    }
-    let state = StateDb::open(&db)?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let t = state.create_token(node.as_deref(), &map, ttl, now).context("cannot store the token")?;
-    println!("{}", t.token);
-    eprintln!("token {} expires at {}; it can be used once", t.id, rfc3339(t.expires_at));
-    Ok(())
 }
 
 fn rotate_key(dir: &std::path::Path) -> Result<()> {
@@ -200,29 +217,12 @@ fn rotate_key(dir: &std::path::Path) -> Result<()> {
 fn audit_prove(db: &std::path::Path, index: Option<u64>, old_size: Option<u64>) -> Result<String> {
     let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
     let note = store.latest_checkpoint()?.with_context(|| format!("{} holds no checkpoint yet", db.display()))?;
-    let body = grantline_proto::audit::note::body(&note).context("the latest checkpoint is not a note")?;
-    let cp = Checkpoint::parse_body(body).context("the latest checkpoint is malformed")?;
-    if let Some(old) = old_size {
-        if old == 0 || old > cp.size {
-            bail!("--old-size must be between 1 and the latest checkpoint's size {}", cp.size);
-        }
-        // grantline/consistency-proof@v1: the sizes, the RFC 9162 proof
-        // hashes, a blank line, and the newer checkpoint.
-        let mut out = format!("grantline/consistency-proof@v1\nold {old}\nnew {}\n", cp.size);
-        for h in merkle::consistency_proof(&store, old, cp.size)? {
-            out.push_str(&base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, h));
-            out.push('\n');
-        }
-        out.push('\n');
-        out.push_str(&note);
-        return Ok(out);
-    }
-    let index = index.context("give --index or --old-size")?;
-    if index >= cp.size {
-        bail!("entry {index} is not in the latest checkpoint (size {}); try again in a second", cp.size);
-    }
-    let proof = merkle::inclusion_proof(&store, index, cp.size)?;
-    Ok(InclusionReceipt { index, proof, checkpoint_note: note }.format())
+    let which = match (index, old_size) {
+        (_, Some(old)) => Which::Consistency(old),
+        (Some(i), None) => Which::Inclusion(i),
+        (None, None) => bail!("give --index or --old-size"),
+    };
+    Ok(prove(&store, &note, which)?.0)
 }
 
 fn audit_verify(

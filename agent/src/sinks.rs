@@ -1,0 +1,187 @@
+//! Credential sinks: credentials the agent obtains for itself and keeps
+//! fresh in configured files (owner, group, mode, written atomically),
+//! running a reload command after each renewal. Renewal is at half-life
+//! ± 10 %; while the broker cannot be reached, the agent retries with
+//! backoff and the files already written stay in place until they expire.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use grantline_proto::files::write_owned;
+use grantline_proto::wire::{self, CredentialKind};
+use rand::Rng;
+
+use crate::config::Sink;
+use crate::renew::{backoff, renew_at};
+use crate::run::{say, Agent};
+use crate::state::rfc3339;
+
+/// Keeps every sink fresh; never returns.
+pub(crate) async fn keep_all(agent: Arc<Agent>, sinks: Vec<Sink>) {
+    for sink in sinks {
+        tokio::spawn(keep(agent.clone(), sink));
+    }
+    std::future::pending::<()>().await;
+}
+
+/// What one grant produced for a sink.
+struct Obtained {
+    files: Vec<(PathBuf, Vec<u8>)>,
+    not_before: i64,
+    not_after: i64,
+    lease_id: String,
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn keep(agent: Arc<Agent>, sink: Sink) {
+    let mut previous_lease = String::new();
+    loop {
+        let mut attempt = 0u32;
+        let got = loop {
+            match obtain(&agent, &sink).await {
+                Ok(o) => break o,
+                Err(e) => {
+                    let retry_after = e
+                        .downcast_ref::<wire::Error>()
+                        .map_or(Duration::ZERO, |w| Duration::from_millis(u64::from(w.retry_after_ms)));
+                    let wait =
+                        backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), rand::thread_rng().gen())
+                            .max(retry_after);
+                    tracing::warn!(sink = %sink.name, error = %format!("{e:#}"), retry_in = ?wait, "cannot renew a sink; the files in place stay until they expire");
+                    tokio::time::sleep(wait).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        };
+        if let Err(e) = write_files(&sink, &got.files) {
+            tracing::error!(sink = %sink.name, error = %format!("{e:#}"), "cannot write a sink");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            continue;
+        }
+        say(&format!("grantline-agent sink {} written, valid until {}", sink.name, rfc3339(got.not_after)));
+        if let Some(cmd) = &sink.reload {
+            reload(&sink.name, cmd).await;
+        }
+        if !previous_lease.is_empty() {
+            if let Err(e) = agent.release(&previous_lease).await {
+                tracing::warn!(sink = %sink.name, error = %e, "cannot release the replaced lease; it ends at its TTL");
+            }
+        }
+        previous_lease = got.lease_id;
+        let at = renew_at(got.not_before, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0);
+        tokio::time::sleep(Duration::from_secs(u64::try_from(at - now()).unwrap_or(0))).await;
+    }
+}
+
+fn write_files(sink: &Sink, files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    for (path, bytes) in files {
+        write_owned(path, bytes, sink.mode, sink.uid, sink.gid)
+            .with_context(|| format!("sink {}: cannot write {}", sink.name, path.display()))?;
+    }
+    Ok(())
+}
+
+async fn reload(name: &str, cmd: &str) {
+    let run = tokio::process::Command::new("/bin/sh").arg("-c").arg(cmd).kill_on_drop(true).output();
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::info!(sink = %name, "reload command ran");
+            say(&format!("grantline-agent sink {name} reloaded"));
+        }
+        Ok(Ok(out)) => tracing::error!(
+            sink = %name,
+            status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "reload command failed"
+        ),
+        Ok(Err(e)) => tracing::error!(sink = %name, error = %e, "cannot run the reload command"),
+        Err(_) => tracing::error!(sink = %name, "reload command did not finish within 60 s"),
+    }
+}
+
+fn ttl_seconds(sink: &Sink) -> u32 {
+    sink.ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
+    let base = wire::GrantRequest {
+        role: sink.role.clone(),
+        ttl_seconds: ttl_seconds(sink),
+        caller: Some(crate::local::own_caller()),
+        ..Default::default()
+    };
+    let path = |p: &Option<PathBuf>| p.clone().context("missing path");
+    match sink.kind.as_str() {
+        "x509" => {
+            let sans = if sink.sans.is_empty() { vec![agent.node_name().to_owned()] } else { sink.sans.clone() };
+            let (key, csr) = crate::get::x509_key_and_csr(&sans)?;
+            let g = wire::GrantRequest { kind: CredentialKind::X509 as i32, csr_der: csr, sans, ..base };
+            let gr = agent.grant(g).await?;
+            crate::get::check_x509(&gr, &key)?;
+            let mut files = vec![
+                (path(&sink.key)?, key.serialize_pem().into_bytes()),
+                (path(&sink.cert)?, gr.cert_pem.into_bytes()),
+            ];
+            if let Some(ca) = &sink.ca {
+                files.push((ca.clone(), gr.chain_pem.into_bytes()));
+            }
+            Ok(Obtained {
+                files,
+                not_before: gr.not_before_unix,
+                not_after: gr.not_after_unix,
+                lease_id: String::new(),
+            })
+        }
+        "ssh-user" | "ssh-host" => {
+            let kind = if sink.kind == "ssh-host" { CredentialKind::SshHost } else { CredentialKind::SshUser };
+            let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
+            let g = wire::GrantRequest {
+                kind: kind as i32,
+                ssh_public_key: key.public_key().to_openssh()?,
+                principals: sink.principals.clone(),
+                ..base
+            };
+            let gr = agent.grant(g).await?;
+            let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)?;
+            if cert.public_key() != key.public_key().key_data() {
+                bail!("the issued SSH certificate is for another key");
+            }
+            let files = vec![
+                (path(&sink.key)?, key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes().to_vec()),
+                (path(&sink.cert)?, format!("{}\n", gr.ssh_certificate).into_bytes()),
+            ];
+            Ok(Obtained {
+                files,
+                not_before: gr.not_before_unix,
+                not_after: gr.not_after_unix,
+                lease_id: String::new(),
+            })
+        }
+        "vault-token" => {
+            let g = wire::GrantRequest {
+                kind: CredentialKind::VaultToken as i32,
+                vault_policies: sink.vault_policies.clone(),
+                ..base
+            };
+            let gr = agent.grant(g).await?;
+            let files = vec![(path(&sink.token)?, format!("{}\n", gr.vault_token).into_bytes())];
+            Ok(Obtained {
+                files,
+                not_before: gr.not_before_unix,
+                not_after: gr.not_after_unix,
+                lease_id: String::new(),
+            })
+        }
+        _ => {
+            let g = wire::GrantRequest { kind: CredentialKind::DynamicSecret as i32, ..base };
+            let gr = agent.grant(g).await?;
+            let files = vec![(path(&sink.secret)?, gr.secret_json.into_bytes())];
+            Ok(Obtained { files, not_before: gr.not_before_unix, not_after: gr.not_after_unix, lease_id: gr.lease_id })
+        }
+    }
+}

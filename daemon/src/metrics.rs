@@ -1,0 +1,91 @@
+//! Prometheus metrics: the `metrics` facade everywhere, rendered by
+//! `metrics-exporter-prometheus` on `GET /metrics` of a loopback listener.
+//!
+//! | metric                                   | type      | labels          |
+//! |------------------------------------------|-----------|-----------------|
+//! | `grantline_connections`                  | gauge     |                 |
+//! | `grantline_grants_total`                 | counter   | kind, outcome   |
+//! | `grantline_audit_append_seconds`         | histogram |                 |
+//! | `grantline_audit_append_failures_total`  | counter   |                 |
+//! | `grantline_audit_entries`                | gauge     |                 |
+//! | `grantline_checkpoint_age_seconds`       | gauge     |                 |
+//! | `grantline_vault_errors_total`           | counter   | op              |
+//! | `grantline_nodes_revoked_total`          | counter   |                 |
+//! | `grantline_policy_reloads_total`         | counter   | outcome         |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Seconds; group commit keeps appends in the low milliseconds.
+const APPEND_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// Installs the process-wide Prometheus recorder; once per process.
+pub fn install() -> Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("grantline_audit_append_seconds".into()), APPEND_BUCKETS)
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
+
+/// Binds the metrics listener. Only loopback addresses are accepted: the
+/// endpoint has no authentication.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    if !addr.ip().is_loopback() {
+        anyhow::bail!("metrics address {addr} is not a loopback address; use e.g. 127.0.0.1:9464");
+    }
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Sets gauges that are read at scrape time.
+pub type Refresh = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// Serves `GET /metrics` until the task is dropped; `refresh` runs before
+/// each rendering.
+pub async fn serve(listener: std::net::TcpListener, handle: PrometheusHandle, refresh: Refresh) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics listener failed");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let handle = handle.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let handle = handle.clone();
+                let refresh = refresh.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &handle, &refresh)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, handle: &PrometheusHandle, refresh: &Refresh) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = if req.uri().path() == "/metrics" {
+        refresh();
+        handle.run_upkeep();
+        (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain", "only /metrics is served here\n".to_owned())
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
