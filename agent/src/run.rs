@@ -339,6 +339,13 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             }
         }
         Some(LocalReq::Release(r)) => {
+            // Releasing revokes a credential, so it takes the same permission
+            // as obtaining one: kind secret, the role named in the lease path
+            // (database/creds/ROLE/ID).
+            let role = r.lease_id.rsplit('/').nth(1).unwrap_or("*");
+            if let Err(reason) = agent.check_caller(caller.as_ref(), "secret", role) {
+                return local_error(ErrorCode::PermissionDenied, reason);
+            }
             let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
                 return wire::LocalResponse { body: Some(LocalResp::Error(CallError::NotConnected.to_wire())) };
             };
@@ -364,18 +371,9 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             }
         }
         Some(LocalReq::Grant(mut g)) => {
-            let Some(who) = caller.clone() else {
-                return local_error(
-                    ErrorCode::PermissionDenied,
-                    "the calling process could not be identified (it exited, or its pid was reused); try again",
-                );
-            };
             let kind = wire::CredentialKind::try_from(g.kind).map(|k| k.policy_name()).unwrap_or("unknown");
-            let asking =
-                Caller { uid: who.uid, gid: who.gid, pid: who.pid, exe: who.exe.clone(), unit: who.unit.clone() };
-            if let Err(reason) = agent.policy.allows(&asking, kind, &g.role, nix::unistd::getuid().as_raw()) {
-                tracing::warn!(uid = who.uid, pid = who.pid, exe = %who.exe, kind, role = %g.role, %reason, "local caller refused");
-                return local_error(ErrorCode::PermissionDenied, format!("refused by the agent's policy: {reason}"));
+            if let Err(reason) = agent.check_caller(caller.as_ref(), kind, &g.role) {
+                return local_error(ErrorCode::PermissionDenied, reason);
             }
             g.caller = caller;
             match agent.grant(g).await {
@@ -387,6 +385,20 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
 }
 
 impl Agent {
+    /// Applies agent.toml's [[allow]] rules to a local caller.
+    fn check_caller(&self, caller: Option<&wire::Caller>, kind: &str, role: &str) -> Result<(), String> {
+        let Some(who) = caller else {
+            return Err(
+                "the calling process could not be identified (it exited, or its pid was reused); try again".into()
+            );
+        };
+        let asking = Caller { uid: who.uid, gid: who.gid, pid: who.pid, exe: who.exe.clone(), unit: who.unit.clone() };
+        self.policy.allows(&asking, kind, role, nix::unistd::getuid().as_raw()).map(|_| ()).map_err(|reason| {
+            tracing::warn!(uid = who.uid, pid = who.pid, exe = %who.exe, kind, role, %reason, "local caller refused");
+            format!("refused by the agent's policy: {reason}")
+        })
+    }
+
     /// Asks the broker for a credential and checks its receipt; an X.509
     /// request without SANs gets the node name.
     pub(crate) async fn grant(&self, mut g: wire::GrantRequest) -> Result<wire::GrantResponse, wire::Error> {

@@ -80,11 +80,6 @@ fn ssh_cert_sign(bencher: divan::Bencher) {
 /// single writer sustains with group commit and synchronous=FULL on this disk.
 #[divan::bench(sample_count = 10)]
 fn audit_append_durable(bencher: divan::Bencher) {
-    const IN_FLIGHT: usize = 4096;
-    let dir = tempfile::tempdir().unwrap();
-    let key = SignerKey::generate("bench.example/log").unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
-    let (log, _writer) = AuditLog::start(&dir.path().join("audit.db"), key, "bench").unwrap();
     let event = Event::Denial {
         action: "grant".into(),
         node: "web-1".into(),
@@ -94,6 +89,41 @@ fn audit_append_durable(bencher: divan::Bencher) {
         reason: "bench".into(),
         caller: None,
     };
+    append_in_flight(bencher, &event);
+}
+
+/// The same with grant entries, which also add a row to the credential
+/// inventory in the same transaction (RFD 0006).
+#[divan::bench(sample_count = 10)]
+fn audit_append_durable_grants(bencher: divan::Bencher) {
+    let event = Event::Grant {
+        node: "web-1".into(),
+        kind: "x509".into(),
+        role: "dev".into(),
+        rule: "dev".into(),
+        policy: "9f".repeat(32),
+        ttl_seconds: 600,
+        serial: "7f".repeat(16),
+        fingerprint: "ab".repeat(32),
+        names: vec!["web-1.example.com".into()],
+        not_after: 4_102_444_800,
+        caller: Some(grantline_proto::audit::event::CallerInfo {
+            uid: 33,
+            gid: 33,
+            pid: 4242,
+            exe: "/usr/sbin/nginx".into(),
+            unit: "nginx.service".into(),
+        }),
+    };
+    append_in_flight(bencher, &event);
+}
+
+fn append_in_flight(bencher: divan::Bencher, event: &Event) {
+    const IN_FLIGHT: usize = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let key = SignerKey::generate("bench.example/log").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let (log, _writer) = AuditLog::start(&dir.path().join("audit.db"), key, "bench").unwrap();
     bencher.counter(ItemsCount::new(IN_FLIGHT)).bench(|| {
         rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();

@@ -19,12 +19,11 @@ fn agent_with_config(broker: &Broker, name: &str, agent_toml: &str) -> Agent {
     agent
 }
 
-/// `grantline-agent get ...` as the unprivileged user nobody.
-fn get_as_nobody(agent: &Agent, args: &[&str]) -> std::process::Output {
+/// `grantline-agent ARGS --socket S` as the unprivileged user nobody.
+fn agent_cli_as_nobody(agent: &Agent, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(bin("grantline-agent"))
-        .arg("get")
         .args(args)
         .arg("--socket")
         .arg(agent.socket())
@@ -53,9 +52,13 @@ fn local_callers_get_what_agent_policy_allows_and_are_recorded_in_the_audit_entr
     assert_eq!(other_kind.status.code(), Some(77), "{}", stderr(&other_kind));
     assert!(stderr(&other_kind).contains("agent's policy"), "{}", stderr(&other_kind));
 
-    let nobody = get_as_nobody(&agent, &["x509", "--role", "dev", "--out", dir]);
+    let nobody = agent_cli_as_nobody(&agent, &["get", "x509", "--role", "dev", "--out", dir]);
     assert_eq!(nobody.status.code(), Some(77), "{}", stderr(&nobody));
     assert!(stderr(&nobody).contains("uid 65534"), "{}", stderr(&nobody));
+    // Giving a lease back revokes it, so it needs the same permission.
+    let release = agent_cli_as_nobody(&agent, &["release", "--lease-id", "database/creds/dev/abc"]);
+    assert_eq!(release.status.code(), Some(77), "{}", stderr(&release));
+    assert!(stderr(&release).contains("agent's policy"), "{}", stderr(&release));
 
     // One grant, with its caller: root, the agent CLI's executable.
     let grants: Vec<_> = broker.events().into_iter().filter(|e| matches!(e, Event::Grant { .. })).collect();

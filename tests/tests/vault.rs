@@ -413,6 +413,7 @@ fn a_revoked_node_is_disconnected_within_a_second_cannot_reconnect_and_loses_its
         });
         let line = agent.wait_line("grantline-agent revoked:");
         let elapsed = started.elapsed();
+        eprintln!("revocation reached the agent {elapsed:?} after 'grantline nodes revoke' started");
         assert!(elapsed < std::time::Duration::from_secs(1), "the agent was told after {elapsed:?}");
         assert!(line.contains("stolen"), "{line}");
         revoke.join().unwrap()

@@ -62,7 +62,8 @@ impl Conn {
             }))
             .await
             .map_err(|e| Unreachable(format!("cannot connect to the admin socket {}: {e}", path.display())))?;
-        Ok(AdminClient::new(channel))
+        // A fleet's node list or inventory is larger than tonic's 4 MiB default.
+        Ok(AdminClient::new(channel).max_decoding_message_size(512 << 20))
     }
 }
 
