@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
 cargo build --release --locked --workspace --bins
+# The .deb and .rpm packages the packaging tests install and inspect.
+packaging/build.sh
 cargo test --release --locked --workspace "$@"

@@ -63,6 +63,20 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Print this program's man page (roff) to stdout.
+    #[command(hide = true)]
+    Man,
+}
+
+fn print_man_page() -> ExitCode {
+    let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+    match page.render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grantline-agent: {e}");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -152,12 +166,11 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    grantline_proto::logging::init("grantline-agent");
     let cli = Cli::parse();
+    if let Command::Man = cli.command {
+        return print_man_page();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => return exit_for(&e.into()),
@@ -241,6 +254,7 @@ fn main() -> ExitCode {
                 println!("lease {lease_id} revoked");
                 Ok(())
             }
+            Command::Man => Ok(()),
             Command::Status { socket } => {
                 let resp = local::request(
                     &socket,

@@ -103,6 +103,9 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         inclusion_deadline: args.inclusion_deadline,
     });
     announce(&format!("grantline-agent ready on {}", args.socket.display()));
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
     tracing::info!(node = %agent.config.node_name, broker = %agent.config.broker, "agent running");
     let result = tokio::select! {
         () = maintain_connection(agent.clone()) => Ok(()),
@@ -110,6 +113,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         () = confirm_inclusion_loop(agent.clone()) => Ok(()),
         r = serve_socket(agent.clone(), listener) => r,
         () = crate::sinks::keep_all(agent.clone(), sinks) => Ok(()),
+        () = watchdog() => Ok(()),
         () = shutdown => Ok(()),
     };
     let _ = std::fs::remove_file(&args.socket);
@@ -118,6 +122,19 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), agent.endpoint.wait_idle()).await;
     result
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime turns;
+/// pending forever without one.
+async fn watchdog() {
+    let Some(every) = sd_notify::watchdog_enabled() else { return std::future::pending().await };
+    let mut tick = tokio::time::interval(every / 2);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+            tracing::warn!(error = %e, "cannot ping the systemd watchdog");
+        }
+    }
 }
 
 fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener> {

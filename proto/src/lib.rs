@@ -8,6 +8,8 @@
 pub mod audit;
 pub mod files;
 pub mod frame;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod pem;
 
 /// Generated wire messages (`proto/grantline/v1/wire.proto`).

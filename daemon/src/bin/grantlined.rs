@@ -38,6 +38,9 @@ enum Command {
         #[arg(long)]
         metrics: Option<String>,
     },
+    /// Print this program's man page (roff) to stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 const EX_UNAVAILABLE: u8 = 69;
@@ -45,13 +48,16 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GRANTLINE_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    grantline_proto::logging::init("grantlined");
     let cli = Cli::parse();
     let (opts, dev) = match &cli.command {
+        Some(Command::Man) => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EX_UNAVAILABLE, &e.into()),
+            };
+        }
         Some(Command::Dev { state_dir, listen, node_identity_ttl, metrics }) => {
             match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref()) {
                 Ok(o) => (o, true),
@@ -117,6 +123,10 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
     }
     tracing::info!(%addr, origin = %broker.verifier_key().name(), "listening");
     println!("grantlined ready on {addr}");
+    // The listener is bound and the audit log open: tell systemd (Type=notify).
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
     if let Some(m) = broker.metrics_addr() {
         println!("grantlined metrics on http://{m}/metrics");
     }

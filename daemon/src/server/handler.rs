@@ -405,7 +405,8 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             return err(ErrorCode::Unavailable, format!("cannot record the lease: {e}"));
         }
     }
-    tracing::info!(node = %node.name, kind = kind_name, role = %r.role, serial = %issued.serial, fingerprint = %issued.fingerprint, "granted");
+    let seq = grantline_proto::audit::Entry::decode(&receipt.entry).map(|e| e.seq).unwrap_or(u64::MAX);
+    tracing::info!(node = %node.name, kind = kind_name, role = %r.role, seq, serial = %issued.serial, fingerprint = %issued.fingerprint, "granted");
     Reply {
         body: Some(Resp::Grant(wire::GrantResponse {
             kind: r.kind,

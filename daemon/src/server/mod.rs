@@ -220,10 +220,19 @@ impl Broker {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
             .ok();
+        // systemd's watchdog (WatchdogSec=): pinged from this loop at half
+        // the interval, so a loop that stops turning gets the broker restarted.
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = ping.tick(), if watchdog.is_some() => {
+                    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+                        tracing::warn!(error = %e, "cannot ping the systemd watchdog");
+                    }
+                }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                     tracing::info!("SIGHUP received: reloading the policy");
                     if let Err(e) = self.shared.reload_policy(None).await {
@@ -237,6 +246,7 @@ impl Broker {
                 }
             }
         }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         self.endpoint.set_server_config(None);
         self.shared.requests.close();

@@ -51,6 +51,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print this program's man page (roff) to stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -143,6 +146,13 @@ const EX_SOFTWARE: u8 = 70;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("1");
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report_error(false, EX_SOFTWARE, &e.into()),
+            }
+        }
         Command::Token(TokenCommand::Create { conn, node, labels, ttl }) => {
             with_runtime(admin::token_create(&conn, node, &labels, ttl.into()))
         }
