@@ -229,6 +229,23 @@ impl StateDb {
         Ok(())
     }
 
+    /// Records many nodes in one transaction (fixture provisioning).
+    pub fn upsert_nodes(&self, nodes: &[NodeRecord], now: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO nodes (name, labels, serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial, not_after = excluded.not_after",
+            )?;
+            for n in nodes {
+                stmt.execute(params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.not_after, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn record_lease(&self, l: &LeaseRecord) -> Result<()> {
         self.conn().execute(
             "INSERT INTO leases (lease_id, node, fingerprint, expires_at) VALUES (?1, ?2, ?3, ?4)",

@@ -161,3 +161,285 @@ pub fn vault_pki(o: &VaultLoad) -> Value {
     let tally = tally.lock().unwrap();
     report("openbao-pki-sign", o.requests, start.elapsed(), &tally, json!({"concurrency": o.concurrency}))
 }
+
+/// Fixture identities written by `grantline-loadgen provision`: one shared
+/// key (`node.key`, 0600) and, per node, its name and leaf certificate in
+/// `identities.bin` (u16 name length, name, u32 DER length, DER; big-endian).
+pub struct Fixture {
+    pub key_pem: String,
+    pub nodes: Vec<(String, Vec<u8>)>,
+}
+
+impl Fixture {
+    pub fn write(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        grantline_proto::files::write_secret(&dir.join("node.key"), self.key_pem.as_bytes())?;
+        let mut out = Vec::new();
+        for (name, der) in &self.nodes {
+            out.extend_from_slice(&u16::try_from(name.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&u32::try_from(der.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(der);
+        }
+        grantline_proto::files::write_atomic(&dir.join("identities.bin"), &out, 0o600)
+    }
+
+    pub fn read(dir: &std::path::Path) -> std::io::Result<Self> {
+        let key_pem = grantline_proto::files::read_secret(&dir.join("node.key"))?;
+        let bytes = std::fs::read(dir.join("identities.bin"))?;
+        let mut nodes = Vec::new();
+        let mut b = bytes.as_slice();
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "identities.bin is truncated");
+        while !b.is_empty() {
+            let n = usize::from(u16::from_be_bytes(b.get(..2).ok_or_else(bad)?.try_into().unwrap()));
+            let name = String::from_utf8_lossy(b.get(2..2 + n).ok_or_else(bad)?).into_owned();
+            b = &b[2 + n..];
+            let len = usize::try_from(u32::from_be_bytes(b.get(..4).ok_or_else(bad)?.try_into().unwrap())).unwrap();
+            nodes.push((name, b.get(4..4 + len).ok_or_else(bad)?.to_vec()));
+            b = &b[4 + len..];
+        }
+        Ok(Self { key_pem, nodes })
+    }
+}
+
+/// Provisions `count` fixture nodes named `{prefix}{i}` in a stopped broker's
+/// state directory and writes the fixture to `out`.
+pub fn provision(
+    state_dir: &std::path::Path,
+    prefix: &str,
+    count: usize,
+    ttl: Duration,
+    out: &std::path::Path,
+) -> Value {
+    let start = Instant::now();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    let leaves = grantline_daemon::server::provision::provision_nodes(state_dir, &names, &csr, ttl)
+        .unwrap_or_else(|e| panic!("provisioning failed: {e:#}"));
+    Fixture { key_pem: key.serialize_pem(), nodes: names.into_iter().zip(leaves).collect() }.write(out).unwrap();
+    json!({"scenario": "provision", "nodes": count, "seconds": start.elapsed().as_secs_f64(), "fixture": out.display().to_string()})
+}
+
+/// The broker's resident memory and CPU time, from /proc.
+pub fn process_stats(pid: u32) -> Value {
+    let rss_kb: Option<u64> = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()));
+    // Fields 14 and 15 of /proc/PID/stat (after the parenthesised name) are
+    // user and system time in clock ticks (100 per second on Linux).
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+        let rest = s.rsplit_once(") ")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0)
+    });
+    json!({"pid": pid, "rss_bytes": rss_kb.map(|k| k * 1024), "cpu_seconds": cpu})
+}
+
+pub struct HoldLoad {
+    pub broker: String,
+    pub ca_pem: String,
+    pub fixture: PathBuf,
+    pub agents: usize,
+    pub endpoints: usize,
+    /// Handshakes in flight at once.
+    pub connect_concurrency: usize,
+    /// Grants per second across all agents; 0 asks as fast as `concurrency` allows.
+    pub grant_rate: f64,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub role: String,
+    pub san: String,
+    pub broker_pid: Option<u32>,
+}
+
+fn client_config(
+    roots: &Arc<rustls::RootCertStore>,
+    leaf: &[u8],
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![leaf.to_vec().into()], key.clone_key())
+        .unwrap();
+    tls.alpn_protocols = vec![grantline_proto::ALPN.to_vec()];
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    cfg.transport_config(Arc::new(transport));
+    cfg
+}
+
+/// Connects `agents` fixture nodes over `endpoints` UDP sockets, holds the
+/// connections, asks for grants for `duration`, and reports.
+pub fn hold(o: &HoldLoad) -> Value {
+    let fixture = Fixture::read(&o.fixture).unwrap();
+    let n = o.agents.min(fixture.nodes.len());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut o.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let roots = Arc::new(roots);
+    let key = rustls_pemfile::private_key(&mut fixture.key_pem.as_bytes()).unwrap().unwrap();
+    let key = Arc::new(key);
+    let request = Arc::new(frame::encode(&wire::Request {
+        body: Some(wire::request::Body::Grant(wire::GrantRequest {
+            kind: wire::CredentialKind::X509 as i32,
+            role: o.role.clone(),
+            csr_der: csr(&o.san),
+            sans: vec![o.san.clone()],
+            ttl_seconds: 600,
+            ..Default::default()
+        })),
+    }));
+    let addr: std::net::SocketAddr = o.broker.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    runtime.block_on(async move {
+        let endpoints: Vec<quinn::Endpoint> =
+            (0..o.endpoints.max(1)).map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap()).collect();
+        let limit = Arc::new(tokio::sync::Semaphore::new(o.connect_concurrency.max(1)));
+        let connect_tally = Arc::new(Mutex::new(Tally::default()));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_, leaf)) in fixture.nodes.iter().take(n).enumerate() {
+            let ep = endpoints[i % endpoints.len()].clone();
+            let cfg = client_config(&roots, leaf, &key);
+            let (limit, tally) = (limit.clone(), connect_tally.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await.unwrap();
+                let t = Instant::now();
+                let conn = match ep.connect_with(cfg, addr, "127.0.0.1") {
+                    Ok(c) => tokio::time::timeout(Duration::from_secs(30), c).await,
+                    Err(e) => {
+                        *tally.lock().unwrap().errors.entry(format!("connect: {e}")).or_default() += 1;
+                        return None;
+                    }
+                };
+                match conn {
+                    Ok(Ok(c)) => {
+                        tally.lock().unwrap().latencies.push(t.elapsed());
+                        Some(c)
+                    }
+                    Ok(Err(e)) => {
+                        *tally.lock().unwrap().errors.entry(format!("handshake: {e}")).or_default() += 1;
+                        None
+                    }
+                    Err(_) => {
+                        *tally.lock().unwrap().errors.entry("handshake: timeout".into()).or_default() += 1;
+                        None
+                    }
+                }
+            });
+        }
+        let mut conns = Vec::with_capacity(n);
+        while let Some(c) = tasks.join_next().await {
+            if let Some(c) = c.unwrap() {
+                conns.push(c);
+            }
+        }
+        let connect_seconds = start.elapsed().as_secs_f64();
+        let connected_stats = o.broker_pid.map(process_stats);
+        let connect = {
+            let t = connect_tally.lock().unwrap();
+            report("connect", n, start.elapsed(), &t, json!({}))
+        };
+
+        // Grants: paced at grant_rate, or as fast as `concurrency` workers go.
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let conns = Arc::new(conns);
+        let grant_start = Instant::now();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let mut workers = tokio::task::JoinSet::new();
+        if !conns.is_empty() {
+            if o.grant_rate > 0.0 {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut owed = 0.0f64;
+                while grant_start.elapsed() < o.duration {
+                    tick.tick().await;
+                    owed += o.grant_rate / 100.0;
+                    while owed >= 1.0 {
+                        owed -= 1.0;
+                        let i = sent.fetch_add(1, Ordering::Relaxed);
+                        let (conn, tally, request) = (conns[i % conns.len()].clone(), tally.clone(), request.clone());
+                        workers.spawn(async move { grant_once(&conn, &request, &tally).await });
+                    }
+                }
+            } else {
+                for w in 0..o.concurrency.max(1) {
+                    let (conns, tally, request, sent) = (conns.clone(), tally.clone(), request.clone(), sent.clone());
+                    let duration = o.duration;
+                    workers.spawn(async move {
+                        let mut i = w;
+                        while grant_start.elapsed() < duration {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            grant_once(&conns[i % conns.len()], &request, &tally).await;
+                            i += 7919;
+                        }
+                    });
+                }
+            }
+        }
+        while workers.join_next().await.is_some() {}
+        let grants = {
+            let t = tally.lock().unwrap();
+            report(
+                "grants",
+                sent.load(Ordering::Relaxed),
+                grant_start.elapsed(),
+                &t,
+                json!({"target_per_second": o.grant_rate}),
+            )
+        };
+        let still_connected = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        let broker = o.broker_pid.map(process_stats);
+        for c in conns.iter() {
+            c.close(0u32.into(), b"loadgen done");
+        }
+        let idle: Vec<_> = endpoints.iter().map(|ep| ep.wait_idle()).collect();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            for w in idle {
+                w.await;
+            }
+        })
+        .await;
+        let rss_per_agent = connected_stats
+            .as_ref()
+            .and_then(|s| s["rss_bytes"].as_u64())
+            .filter(|_| still_connected > 0)
+            .map(|rss| rss / still_connected as u64);
+        json!({
+            "scenario": "hold",
+            "agents": n,
+            "endpoints": o.endpoints,
+            "connected": conns.len(),
+            "still_connected": still_connected,
+            "connect_seconds": connect_seconds,
+            "connect": connect,
+            "grants": grants,
+            "broker_when_connected": connected_stats,
+            "broker": broker,
+            "broker_rss_per_agent_bytes": rss_per_agent,
+        })
+    })
+}
+
+async fn grant_once(conn: &quinn::Connection, request: &[u8], tally: &Mutex<Tally>) {
+    let t = Instant::now();
+    let outcome = crate::raw::send_raw(conn, request).await;
+    let mut tally = tally.lock().unwrap();
+    match outcome {
+        Ok(wire::Response { body: Some(wire::response::Body::Grant(_)) }) => tally.latencies.push(t.elapsed()),
+        Ok(wire::Response { body: Some(wire::response::Body::Error(e)) }) => {
+            let code = wire::ErrorCode::try_from(e.code).unwrap_or_default();
+            *tally.errors.entry(format!("{code:?}")).or_default() += 1;
+        }
+        Ok(_) => *tally.errors.entry("unexpected".into()).or_default() += 1,
+        Err(e) => *tally.errors.entry(format!("transport: {e}")).or_default() += 1,
+    }
+}

@@ -3,6 +3,7 @@
 pub mod admin;
 mod handler;
 mod identity;
+pub mod provision;
 mod revoke;
 
 use std::collections::HashMap;
@@ -316,7 +317,7 @@ pub fn load_policy(path: &Path) -> Result<Policy> {
     Policy::parse(&text).with_context(|| format!("policy file {} is invalid", path.display()))
 }
 
-fn load_or_create_audit_key(dir: &Path, origin: &str) -> Result<SignerKey> {
+pub(crate) fn load_or_create_audit_key(dir: &Path, origin: &str) -> Result<SignerKey> {
     let path = dir.join("audit.key");
     let key = if path.exists() {
         SignerKey::parse(&read_secret(&path)?)
@@ -358,8 +359,18 @@ fn bind(dir: &Path, cfg: quinn::ServerConfig, listen: SocketAddr) -> Result<quin
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let socket = std::net::UdpSocket::bind(listen)
         .with_context(|| format!("cannot listen on {listen} (is another broker running there?)"))?;
+    // Every agent shares this one socket: a reconnect storm's Initial packets
+    // arrive in bursts that overflow the default buffer, and each one dropped
+    // costs its agent a retransmission timeout. The kernel caps the request
+    // at net.core.rmem_max.
+    if let Err(e) = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &UDP_RECEIVE_BUFFER) {
+        tracing::warn!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
     Ok(quinn::Endpoint::new(endpoint_config, Some(cfg), socket, Arc::new(quinn::TokioRuntime))?)
 }
+
+/// The UDP receive buffer asked for (the kernel grants up to rmem_max).
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
 fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -379,8 +390,13 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(32u32.into())
+        .max_concurrent_bidi_streams(8u32.into())
         .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(65_536u32.into())
+        .receive_window(262_144u32.into())
+        .send_window(262_144)
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
         .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)

@@ -4,7 +4,15 @@
 //! grantline-loadgen grants --broker ADDR --ca-file CA --identity-dir AGENT_STATE --role R --san NAME \
 //!     [--connections 4] [--concurrency 64] [--requests 5000]
 //! grantline-loadgen vault-pki --vault URL --token T --role R --san NAME [--concurrency 64] [--requests 5000]
+//! grantline-loadgen provision --state-dir BROKER_STATE --nodes N --out FIXTURE [--prefix load-] [--ttl-hours 24]
+//! grantline-loadgen hold --broker ADDR --ca-file CA --fixture FIXTURE --agents N --role R --san NAME \
+//!     [--endpoints 16] [--connect-concurrency 128] [--grant-rate 0] [--concurrency 64] [--seconds 10] [--broker-pid PID]
 //! ```
+//!
+//! `provision` needs the broker stopped; it issues fixture identities and
+//! audits them (RFD 0008). `hold` connects the fixture's agents, holds them,
+//! asks for grants (at `--grant-rate` per second, or as fast as
+//! `--concurrency` workers go), and reports the broker's RSS and CPU time.
 #![allow(clippy::unwrap_used)]
 
 use grantline_tests::load::{broker_grants, vault_pki, BrokerLoad, VaultLoad};
@@ -53,8 +61,29 @@ fn main() {
             concurrency: num(&args, "--concurrency", 64),
             requests: num(&args, "--requests", 5000),
         }),
+        Some("provision") => grantline_tests::load::provision(
+            std::path::Path::new(&req_arg(&args, "--state-dir")),
+            &arg(&args, "--prefix").unwrap_or_else(|| "load-".into()),
+            num(&args, "--nodes", 1000),
+            std::time::Duration::from_secs(3600 * num(&args, "--ttl-hours", 24) as u64),
+            std::path::Path::new(&req_arg(&args, "--out")),
+        ),
+        Some("hold") => grantline_tests::load::hold(&grantline_tests::load::HoldLoad {
+            broker: req_arg(&args, "--broker"),
+            ca_pem: std::fs::read_to_string(req_arg(&args, "--ca-file")).unwrap(),
+            fixture: req_arg(&args, "--fixture").into(),
+            agents: num(&args, "--agents", 1000),
+            endpoints: num(&args, "--endpoints", 16),
+            connect_concurrency: num(&args, "--connect-concurrency", 128),
+            grant_rate: num(&args, "--grant-rate", 0) as f64,
+            concurrency: num(&args, "--concurrency", 64),
+            duration: std::time::Duration::from_secs(num(&args, "--seconds", 10) as u64),
+            role: req_arg(&args, "--role"),
+            san: req_arg(&args, "--san"),
+            broker_pid: arg(&args, "--broker-pid").map(|p| p.parse().unwrap()),
+        }),
         _ => {
-            eprintln!("usage: grantline-loadgen grants|vault-pki ... (see the source header)");
+            eprintln!("usage: grantline-loadgen grants|vault-pki|provision|hold ... (see the source header)");
             std::process::exit(64);
         }
     };
