@@ -67,21 +67,26 @@ pub struct BrokerLoad {
     pub requests: usize,
 }
 
+/// An encoded X.509 grant request for `role` naming `san`.
+fn grant_request(role: &str, san: &str) -> Vec<u8> {
+    frame::encode(&wire::Request {
+        body: Some(wire::request::Body::Grant(wire::GrantRequest {
+            kind: wire::CredentialKind::X509 as i32,
+            role: role.to_owned(),
+            csr_der: csr(san),
+            sans: vec![san.to_owned()],
+            ttl_seconds: 600,
+            ..Default::default()
+        })),
+    })
+}
+
 /// X.509 grants as fast as `concurrency` streams over `connections` allow.
 pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
     let chain_pem = std::fs::read_to_string(o.identity_dir.join("node.pem")).unwrap();
     let chain: Vec<_> = rustls_pemfile::certs(&mut chain_pem.as_bytes()).map(Result::unwrap).collect();
     let key = std::fs::read_to_string(o.identity_dir.join("node.key")).unwrap();
-    let request = Arc::new(frame::encode(&wire::Request {
-        body: Some(wire::request::Body::Grant(wire::GrantRequest {
-            kind: wire::CredentialKind::X509 as i32,
-            role: o.role.clone(),
-            csr_der: csr(&o.san),
-            sans: vec![o.san.clone()],
-            ttl_seconds: 600,
-            ..Default::default()
-        })),
-    }));
+    let request = Arc::new(grant_request(&o.role, &o.san));
     let requests = o.requests;
     crate::raw::runtime().block_on(async move {
         let mut conns = Vec::new();
@@ -98,20 +103,7 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
             let (next, tally, request) = (next.clone(), tally.clone(), request.clone());
             tasks.push(tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < requests {
-                    let t = Instant::now();
-                    let outcome = crate::raw::send_raw(&conn, &request).await;
-                    let mut tally = tally.lock().unwrap();
-                    match outcome {
-                        Ok(wire::Response { body: Some(wire::response::Body::Grant(_)) }) => {
-                            tally.latencies.push(t.elapsed())
-                        }
-                        Ok(wire::Response { body: Some(wire::response::Body::Error(e)) }) => {
-                            let code = wire::ErrorCode::try_from(e.code).unwrap_or_default();
-                            *tally.errors.entry(format!("{code:?}")).or_default() += 1;
-                        }
-                        Ok(_) => *tally.errors.entry("unexpected".into()).or_default() += 1,
-                        Err(e) => *tally.errors.entry(format!("transport: {e}")).or_default() += 1,
-                    }
+                    grant_once(&conn, &request, &tally).await;
                 }
             }));
         }
@@ -287,16 +279,7 @@ pub fn hold(o: &HoldLoad) -> Value {
     let roots = Arc::new(roots);
     let key = rustls_pemfile::private_key(&mut fixture.key_pem.as_bytes()).unwrap().unwrap();
     let key = Arc::new(key);
-    let request = Arc::new(frame::encode(&wire::Request {
-        body: Some(wire::request::Body::Grant(wire::GrantRequest {
-            kind: wire::CredentialKind::X509 as i32,
-            role: o.role.clone(),
-            csr_der: csr(&o.san),
-            sans: vec![o.san.clone()],
-            ttl_seconds: 600,
-            ..Default::default()
-        })),
-    }));
+    let request = Arc::new(grant_request(&o.role, &o.san));
     let addr: std::net::SocketAddr = o.broker.parse().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
