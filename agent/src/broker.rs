@@ -28,9 +28,18 @@ pub async fn call(conn: &quinn::Connection, req: &wire::Request) -> Result<wire:
     let io = |e: &dyn std::fmt::Display| CallError::Connection(e.to_string());
     let work = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(&e))?;
-        send.write_all(&frame::encode(req)).await.map_err(|e| io(&e))?;
-        send.finish().map_err(|e| io(&e))?;
-        let buf = recv.read_to_end(frame::MAX_FRAME_LEN + 16).await.map_err(|e| io(&e))?;
+        // The broker may answer (an error) and stop our stream before all of
+        // a request is sent: its reply is read either way.
+        let wrote = send.write_all(&frame::encode(req)).await;
+        if wrote.is_ok() {
+            send.finish().map_err(|e| io(&e))?;
+        }
+        let buf = match (recv.read_to_end(frame::MAX_FRAME_LEN + 16).await, wrote) {
+            (Ok(buf), _) if !buf.is_empty() => buf,
+            (_, Err(e)) => return Err(io(&e)),
+            (Ok(buf), Ok(())) => buf,
+            (Err(e), Ok(())) => return Err(io(&e)),
+        };
         frame::decode::<wire::Response>(&buf).map_err(|e| CallError::Malformed(e.to_string()))
     };
     tokio::time::timeout(CALL_TIMEOUT, work).await.map_err(|_| CallError::Timeout(CALL_TIMEOUT))?

@@ -53,9 +53,17 @@ pub async fn connect(addr: &str, cfg: quinn::ClientConfig) -> Result<quinn::Conn
 /// Sends raw bytes on a new stream and decodes the broker's reply.
 pub async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<wire::Response, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(bytes).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    let buf = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    // The broker may answer and stop the stream before all of it is sent.
+    let wrote = send.write_all(bytes).await;
+    if wrote.is_ok() {
+        send.finish().map_err(|e| e.to_string())?;
+    }
+    let buf = match (recv.read_to_end(1 << 20).await, wrote) {
+        (Ok(buf), _) if !buf.is_empty() => buf,
+        (_, Err(e)) => return Err(e.to_string()),
+        (Ok(buf), Ok(())) => buf,
+        (Err(e), Ok(())) => return Err(e.to_string()),
+    };
     frame::decode(&buf).map_err(|e| e.to_string())
 }
 

@@ -392,9 +392,11 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
     transport
         .max_concurrent_bidi_streams(8u32.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(65_536u32.into())
-        .receive_window(262_144u32.into())
-        .send_window(262_144)
+        // A request of the largest legal size, or twice that (which is
+        // answered with an error), fits in one flight.
+        .stream_receive_window(u32::try_from(4 * frame::MAX_FRAME_LEN)?.into())
+        .receive_window(u32::try_from(16 * frame::MAX_FRAME_LEN)?.into())
+        .send_window(16 * frame::MAX_FRAME_LEN as u64)
         .datagram_receive_buffer_size(None)
         .datagram_send_buffer_size(0)
         .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
