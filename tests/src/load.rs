@@ -230,7 +230,9 @@ pub fn process_stats(pid: u32) -> Value {
     json!({"pid": pid, "rss_bytes": rss_kb.map(|k| k * 1024), "cpu_seconds": cpu})
 }
 
-pub struct HoldLoad {
+/// What every fleet scenario shares: where the broker is, which agents, how
+/// hard to push.
+pub struct FleetLoad {
     pub broker: String,
     pub ca_pem: String,
     pub fixture: PathBuf,
@@ -238,13 +240,18 @@ pub struct HoldLoad {
     pub endpoints: usize,
     /// Handshakes in flight at once.
     pub connect_concurrency: usize,
-    /// Grants per second across all agents; 0 asks as fast as `concurrency` allows.
-    pub grant_rate: f64,
-    pub concurrency: usize,
-    pub duration: Duration,
     pub role: String,
     pub san: String,
     pub broker_pid: Option<u32>,
+}
+
+/// `hold`: grants paced at `grant_rate` per second, or as fast as
+/// `concurrency` workers go when it is 0, for `duration`.
+pub struct HoldLoad {
+    pub fleet: FleetLoad,
+    pub grant_rate: f64,
+    pub concurrency: usize,
+    pub duration: Duration,
 }
 
 fn client_config(
@@ -267,130 +274,177 @@ fn client_config(
     cfg
 }
 
-/// Connects `agents` fixture nodes over `endpoints` UDP sockets, holds the
-/// connections, asks for grants for `duration`, and reports.
-pub fn hold(o: &HoldLoad) -> Value {
-    let fixture = Fixture::read(&o.fixture).unwrap();
-    let n = o.agents.min(fixture.nodes.len());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut o.ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
+/// The fixture's agents and the client sockets they share.
+struct Fleet {
+    addr: std::net::SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+    key: Arc<rustls::pki_types::PrivateKeyDer<'static>>,
+    leaves: Vec<Vec<u8>>,
+    endpoints: Vec<quinn::Endpoint>,
+    limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl Fleet {
+    /// Call inside a tokio runtime.
+    fn new(o: &FleetLoad) -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let fixture = Fixture::read(&o.fixture).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut o.ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let key = rustls_pemfile::private_key(&mut fixture.key_pem.as_bytes()).unwrap().unwrap();
+        Self {
+            addr: o.broker.parse().unwrap(),
+            roots: Arc::new(roots),
+            key: Arc::new(key),
+            leaves: fixture.nodes.into_iter().take(o.agents).map(|(_, der)| der).collect(),
+            endpoints: (0..o.endpoints.max(1))
+                .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap())
+                .collect(),
+            limit: Arc::new(tokio::sync::Semaphore::new(o.connect_concurrency.max(1))),
+        }
     }
-    let roots = Arc::new(roots);
-    let key = rustls_pemfile::private_key(&mut fixture.key_pem.as_bytes()).unwrap().unwrap();
-    let key = Arc::new(key);
-    let request = Arc::new(grant_request(&o.role, &o.san));
-    let addr: std::net::SocketAddr = o.broker.parse().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    runtime.block_on(async move {
-        let endpoints: Vec<quinn::Endpoint> =
-            (0..o.endpoints.max(1)).map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap()).collect();
-        let limit = Arc::new(tokio::sync::Semaphore::new(o.connect_concurrency.max(1)));
-        let connect_tally = Arc::new(Mutex::new(Tally::default()));
+
+    /// Connects agent `i`, waiting for a handshake slot.
+    fn connect(
+        &self,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<quinn::Connection, String>> + Send + 'static {
+        let ep = self.endpoints[i % self.endpoints.len()].clone();
+        let cfg = client_config(&self.roots, &self.leaves[i], &self.key);
+        let (limit, addr) = (self.limit.clone(), self.addr);
+        async move {
+            let _permit = limit.acquire_owned().await.unwrap();
+            let connecting = ep.connect_with(cfg, addr, "127.0.0.1").map_err(|e| format!("connect: {e}"))?;
+            match tokio::time::timeout(Duration::from_secs(30), connecting).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(format!("handshake: {e}")),
+                Err(_) => Err("handshake: timeout".into()),
+            }
+        }
+    }
+
+    /// Connects every agent; the connections (in agent order, None where it
+    /// failed) and the connect report.
+    async fn connect_all(&self) -> (Vec<Option<quinn::Connection>>, Value) {
+        let tally = Arc::new(Mutex::new(Tally::default()));
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, (_, leaf)) in fixture.nodes.iter().take(n).enumerate() {
-            let ep = endpoints[i % endpoints.len()].clone();
-            let cfg = client_config(&roots, leaf, &key);
-            let (limit, tally) = (limit.clone(), connect_tally.clone());
+        for i in 0..self.leaves.len() {
+            let (connect, tally) = (self.connect(i), tally.clone());
             tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await.unwrap();
                 let t = Instant::now();
-                let conn = match ep.connect_with(cfg, addr, "127.0.0.1") {
-                    Ok(c) => tokio::time::timeout(Duration::from_secs(30), c).await,
+                let c = connect.await;
+                let mut tally = tally.lock().unwrap();
+                match c {
+                    Ok(c) => {
+                        tally.latencies.push(t.elapsed());
+                        (i, Some(c))
+                    }
                     Err(e) => {
-                        *tally.lock().unwrap().errors.entry(format!("connect: {e}")).or_default() += 1;
-                        return None;
-                    }
-                };
-                match conn {
-                    Ok(Ok(c)) => {
-                        tally.lock().unwrap().latencies.push(t.elapsed());
-                        Some(c)
-                    }
-                    Ok(Err(e)) => {
-                        *tally.lock().unwrap().errors.entry(format!("handshake: {e}")).or_default() += 1;
-                        None
-                    }
-                    Err(_) => {
-                        *tally.lock().unwrap().errors.entry("handshake: timeout".into()).or_default() += 1;
-                        None
+                        *tally.errors.entry(e).or_default() += 1;
+                        (i, None)
                     }
                 }
             });
         }
-        let mut conns = Vec::with_capacity(n);
-        while let Some(c) = tasks.join_next().await {
-            if let Some(c) = c.unwrap() {
-                conns.push(c);
-            }
+        let mut conns = vec![None; self.leaves.len()];
+        while let Some(done) = tasks.join_next().await {
+            let (i, c) = done.unwrap();
+            conns[i] = c;
         }
-        let connect_seconds = start.elapsed().as_secs_f64();
-        let connected_stats = o.broker_pid.map(process_stats);
-        let connect = {
-            let t = connect_tally.lock().unwrap();
-            report("connect", n, start.elapsed(), &t, json!({}))
-        };
+        let report = report("connect", self.leaves.len(), start.elapsed(), &tally.lock().unwrap(), json!({}));
+        (conns, report)
+    }
 
-        // Grants: paced at grant_rate, or as fast as `concurrency` workers go.
-        let tally = Arc::new(Mutex::new(Tally::default()));
-        let conns = Arc::new(conns);
-        let grant_start = Instant::now();
-        let sent = Arc::new(AtomicUsize::new(0));
-        let mut workers = tokio::task::JoinSet::new();
-        if !conns.is_empty() {
-            if o.grant_rate > 0.0 {
-                let mut tick = tokio::time::interval(Duration::from_millis(10));
-                let mut owed = 0.0f64;
-                while grant_start.elapsed() < o.duration {
-                    tick.tick().await;
-                    owed += o.grant_rate / 100.0;
-                    while owed >= 1.0 {
-                        owed -= 1.0;
-                        let i = sent.fetch_add(1, Ordering::Relaxed);
-                        let (conn, tally, request) = (conns[i % conns.len()].clone(), tally.clone(), request.clone());
-                        workers.spawn(async move { grant_once(&conn, &request, &tally).await });
-                    }
-                }
-            } else {
-                for w in 0..o.concurrency.max(1) {
-                    let (conns, tally, request, sent) = (conns.clone(), tally.clone(), request.clone(), sent.clone());
-                    let duration = o.duration;
-                    workers.spawn(async move {
-                        let mut i = w;
-                        while grant_start.elapsed() < duration {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                            grant_once(&conns[i % conns.len()], &request, &tally).await;
-                            i += 7919;
-                        }
-                    });
-                }
-            }
-        }
-        while workers.join_next().await.is_some() {}
-        let grants = {
-            let t = tally.lock().unwrap();
-            report(
-                "grants",
-                sent.load(Ordering::Relaxed),
-                grant_start.elapsed(),
-                &t,
-                json!({"target_per_second": o.grant_rate}),
-            )
-        };
-        let still_connected = conns.iter().filter(|c| c.close_reason().is_none()).count();
-        let broker = o.broker_pid.map(process_stats);
-        for c in conns.iter() {
+    async fn close(&self, conns: &[quinn::Connection]) {
+        for c in conns {
             c.close(0u32.into(), b"loadgen done");
         }
-        let idle: Vec<_> = endpoints.iter().map(|ep| ep.wait_idle()).collect();
+        let idle: Vec<_> = self.endpoints.iter().map(quinn::Endpoint::wait_idle).collect();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             for w in idle {
                 w.await;
             }
         })
         .await;
+    }
+}
+
+/// Grants over `conns` at `rate` per second for `duration`.
+async fn paced(conns: &Arc<Vec<quinn::Connection>>, request: &Arc<Vec<u8>>, rate: f64, duration: Duration) -> Value {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut workers = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut owed = 0.0f64;
+    while start.elapsed() < duration && !conns.is_empty() {
+        tick.tick().await;
+        owed += rate / 100.0;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let (conn, tally, request) = (conns[sent % conns.len()].clone(), tally.clone(), request.clone());
+            sent += 1;
+            workers.spawn(async move { grant_once(&conn, &request, &tally).await });
+        }
+    }
+    while workers.join_next().await.is_some() {}
+    let t = tally.lock().unwrap();
+    report("grants", sent, start.elapsed(), &t, json!({"target_per_second": rate}))
+}
+
+/// Grants over `conns` as fast as `concurrency` workers go, for `duration`.
+async fn flat_out(
+    conns: &Arc<Vec<quinn::Connection>>,
+    request: &Arc<Vec<u8>>,
+    concurrency: usize,
+    duration: Duration,
+) -> Value {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..concurrency.max(1) {
+        let (conns, tally, request, sent) = (conns.clone(), tally.clone(), request.clone(), sent.clone());
+        workers.spawn(async move {
+            let mut i = w;
+            while start.elapsed() < duration && !conns.is_empty() {
+                sent.fetch_add(1, Ordering::Relaxed);
+                grant_once(&conns[i % conns.len()], &request, &tally).await;
+                i += 7919;
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let t = tally.lock().unwrap();
+    report("grants", sent.load(Ordering::Relaxed), start.elapsed(), &t, json!({"concurrency": concurrency}))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Scenario 1: connects the fixture's agents over `endpoints` UDP sockets,
+/// holds the connections, asks for grants for `duration`, and reports the
+/// broker's memory per connected agent.
+pub fn hold(o: &HoldLoad) -> Value {
+    let f = &o.fleet;
+    let request = Arc::new(grant_request(&f.role, &f.san));
+    runtime().block_on(async move {
+        let fleet = Fleet::new(f);
+        let (conns, connect) = fleet.connect_all().await;
+        let connected_stats = f.broker_pid.map(process_stats);
+        let conns: Arc<Vec<quinn::Connection>> = Arc::new(conns.into_iter().flatten().collect());
+        let grants = if o.grant_rate > 0.0 {
+            paced(&conns, &request, o.grant_rate, o.duration).await
+        } else {
+            flat_out(&conns, &request, o.concurrency, o.duration).await
+        };
+        let still_connected = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        let broker = f.broker_pid.map(process_stats);
+        fleet.close(&conns).await;
         let rss_per_agent = connected_stats
             .as_ref()
             .and_then(|s| s["rss_bytes"].as_u64())
@@ -398,16 +452,161 @@ pub fn hold(o: &HoldLoad) -> Value {
             .map(|rss| rss / still_connected as u64);
         json!({
             "scenario": "hold",
-            "agents": n,
-            "endpoints": o.endpoints,
+            "agents": fleet.leaves.len(),
+            "endpoints": f.endpoints,
             "connected": conns.len(),
             "still_connected": still_connected,
-            "connect_seconds": connect_seconds,
+            "connect_seconds": connect["seconds"],
             "connect": connect,
             "grants": grants,
             "broker_when_connected": connected_stats,
             "broker": broker,
             "broker_rss_per_agent_bytes": rss_per_agent,
+        })
+    })
+}
+
+/// Scenario 2: grants at rising rates (each `step` long, ×1.5 each time)
+/// until the broker falls behind (under 90 % of the target, any error, or
+/// p99 over 100 ms); then `step` at half the peak for its p99.
+pub fn sweep(f: &FleetLoad, start_rate: f64, step: Duration) -> Value {
+    let request = Arc::new(grant_request(&f.role, &f.san));
+    runtime().block_on(async move {
+        let fleet = Fleet::new(f);
+        let (conns, connect) = fleet.connect_all().await;
+        let conns: Arc<Vec<quinn::Connection>> = Arc::new(conns.into_iter().flatten().collect());
+        let mut steps = Vec::new();
+        let mut peak = 0.0f64;
+        let mut rate = start_rate.max(1.0);
+        loop {
+            let r = paced(&conns, &request, rate, step).await;
+            let achieved = r["per_second"].as_f64().unwrap_or(0.0);
+            let p99 = r["latency_ms"]["p99"].as_f64().unwrap_or(f64::MAX);
+            let errors = r["errors"].as_object().map_or(0, serde_json::Map::len);
+            steps.push(r);
+            if achieved < 0.9 * rate || errors > 0 || p99 > 100.0 || steps.len() >= 20 {
+                peak = peak.max(achieved);
+                break;
+            }
+            peak = peak.max(achieved);
+            rate *= 1.5;
+        }
+        let half = paced(&conns, &request, peak / 2.0, step).await;
+        let broker = f.broker_pid.map(process_stats);
+        fleet.close(&conns).await;
+        json!({
+            "scenario": "sweep",
+            "agents": fleet.leaves.len(),
+            "connected": conns.len(),
+            "connect": connect,
+            "steps": steps,
+            "peak_per_second": peak,
+            "at_half_peak": half,
+            "p99_ms_at_half_peak": half["latency_ms"]["p99"],
+            "broker": broker,
+        })
+    })
+}
+
+/// Scenario 3: connects every agent and grants once to each; then, once
+/// `ready_file` exists (created here) and the broker has been restarted by
+/// someone else (all connections lost), reconnects every agent with full
+/// jitter and grants once more, timing how long until all are re-granted.
+/// The broker's pid is read from `pid_file` at the end, when given (the
+/// restarted broker is another process).
+pub fn storm(
+    f: &FleetLoad,
+    ready_file: &std::path::Path,
+    limit: Duration,
+    pid_file: Option<&std::path::Path>,
+) -> Value {
+    let request = Arc::new(grant_request(&f.role, &f.san));
+    runtime().block_on(async move {
+        let fleet = Arc::new(Fleet::new(f));
+        let (conns, connect) = fleet.connect_all().await;
+        let conns: Vec<quinn::Connection> = conns.into_iter().flatten().collect();
+        let before = Arc::new(Mutex::new(Tally::default()));
+        let mut grants = tokio::task::JoinSet::new();
+        for c in &conns {
+            let (c, request, before) = (c.clone(), request.clone(), before.clone());
+            grants.spawn(async move { grant_once(&c, &request, &before).await });
+        }
+        while grants.join_next().await.is_some() {}
+        std::fs::write(ready_file, b"connected\n").unwrap();
+        // Wait for the restart to cut every connection.
+        let cut = tokio::time::timeout(limit, async {
+            for c in &conns {
+                c.closed().await;
+            }
+        })
+        .await
+        .is_ok();
+        let storm_start = Instant::now();
+        let after = Arc::new(Mutex::new(Tally::default()));
+        let mut agents = tokio::task::JoinSet::new();
+        // What the broker asked for when it closed (a graceful restart sends
+        // a retry-after); agents wait that plus a uniform share of it again.
+        let retry_after: Vec<Duration> = conns
+            .iter()
+            .map(|c| match c.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                    <wire::Error as prost::Message>::decode(close.reason.as_ref())
+                        .map_or(Duration::ZERO, |e| Duration::from_millis(u64::from(e.retry_after_ms)))
+                }
+                _ => Duration::ZERO,
+            })
+            .collect();
+        for i in 0..fleet.leaves.len() {
+            let (fleet, request, after) = (fleet.clone(), request.clone(), after.clone());
+            let wait = retry_after.get(i).copied().unwrap_or_default();
+            agents.spawn(async move {
+                tokio::time::sleep(wait + wait.mul_f64(rand::random::<f64>())).await;
+                let mut attempt = 0u32;
+                while storm_start.elapsed() < limit {
+                    if let Ok(conn) = fleet.connect(i).await {
+                        let got = Arc::new(Mutex::new(Tally::default()));
+                        grant_once(&conn, &request, &got).await;
+                        let ok = !got.lock().unwrap().latencies.is_empty();
+                        if ok {
+                            after.lock().unwrap().latencies.push(storm_start.elapsed());
+                            return Some(conn);
+                        }
+                    }
+                    // Full jitter, as the agent does.
+                    let ceiling = Duration::from_millis(200).saturating_mul(1 << attempt.min(5));
+                    tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
+                    attempt += 1;
+                }
+                *after.lock().unwrap().errors.entry("not re-granted within the limit".into()).or_default() += 1;
+                None
+            });
+        }
+        let mut reconnected = Vec::new();
+        while let Some(done) = agents.join_next().await {
+            reconnected.extend(done.unwrap());
+        }
+        let storm_seconds = storm_start.elapsed().as_secs_f64();
+        let broker = pid_file
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|p| p.trim().parse().ok())
+            .or(f.broker_pid)
+            .map(process_stats);
+        fleet.close(&reconnected).await;
+        let before = before.lock().unwrap();
+        let after = after.lock().unwrap();
+        json!({
+            "scenario": "storm",
+            "agents": fleet.leaves.len(),
+            "connected": conns.len(),
+            "connect": connect,
+            "granted_before": before.latencies.len(),
+            "errors_before": before.errors,
+            "all_cut": cut,
+            "regranted": after.latencies.len(),
+            "errors_after": after.errors,
+            "storm_seconds": storm_seconds,
+            "regranted_within_ms": report("storm", fleet.leaves.len(), storm_start.elapsed(), &after, json!({}))["latency_ms"],
+            "broker": broker,
         })
     })
 }

@@ -84,3 +84,107 @@ fn two_thousand_provisioned_agents_hold_their_connections_and_get_grants() {
     // Genesis, one enrollment per fixture node, and every grant.
     assert!(v["entries"].as_u64().unwrap() >= 1 + AGENTS as u64 + granted, "{v}");
 }
+
+/// A stopped dev broker's state with `n` provisioned agents, restarted.
+fn provisioned_broker(n: usize) -> (Broker, tempfile::TempDir, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let fixture = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start_in(state.path());
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    let provisioned = loadgen(&[
+        "provision",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--nodes",
+        &n.to_string(),
+        "--out",
+        fixture.path().to_str().unwrap(),
+    ]);
+    assert_eq!(provisioned["nodes"], n);
+    broker.restart();
+    (broker, state, fixture)
+}
+
+fn fleet_args(broker: &Broker, state: &std::path::Path, fixture: &std::path::Path, n: usize) -> Vec<String> {
+    [
+        "--broker",
+        &broker.addr,
+        "--ca-file",
+        state.join("ca.pem").to_str().unwrap(),
+        "--fixture",
+        fixture.to_str().unwrap(),
+        "--agents",
+        &n.to_string(),
+        "--endpoints",
+        "4",
+        "--role",
+        "dev",
+        "--san",
+        "load.example.com",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+#[test]
+fn a_rate_sweep_finds_a_peak_and_measures_half_of_it() {
+    const AGENTS: usize = 200;
+    let (broker, state, fixture) = provisioned_broker(AGENTS);
+    let mut args = vec!["sweep".to_owned()];
+    args.extend(fleet_args(&broker, state.path(), fixture.path(), AGENTS));
+    args.extend(["--start-rate", "400", "--step-seconds", "1", "--broker-pid"].map(str::to_owned));
+    args.push(broker.proc.pid().to_string());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = loadgen(&refs);
+    assert_eq!(report["connected"], AGENTS, "{report}");
+    assert!(!report["steps"].as_array().unwrap().is_empty(), "{report}");
+    assert!(number(&report, &["peak_per_second"]) >= 400.0 * 0.9, "{report}");
+    assert!(number(&report, &["p99_ms_at_half_peak"]) > 0.0, "{report}");
+    assert!(number(&report, &["at_half_peak", "ok"]) > 0.0, "{report}");
+    assert!(number(&report, &["broker", "cpu_seconds"]) > 0.0, "{report}");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
+#[test]
+fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lost() {
+    const AGENTS: usize = 500;
+    let (mut broker, state, fixture) = provisioned_broker(AGENTS);
+    let ready = state.path().join("storm-ready");
+    let mut args = vec!["storm".to_owned()];
+    args.extend(fleet_args(&broker, state.path(), fixture.path(), AGENTS));
+    args.extend([
+        "--ready-file".to_owned(),
+        ready.display().to_string(),
+        "--limit-seconds".to_owned(),
+        "60".to_owned(),
+    ]);
+    let mut storm =
+        grantline_tests::Proc::spawn("grantline-loadgen storm", Command::new(bin("grantline-loadgen")).args(&args));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "the fleet never connected");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A graceful restart: the broker tells agents to retry after a second.
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    broker.restart();
+    let line = storm.wait_line_containing("\"scenario\":\"storm\"");
+    let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["granted_before"], AGENTS, "{report}");
+    assert_eq!(report["all_cut"], true, "{report}");
+    assert_eq!(report["regranted"], AGENTS, "{report}");
+    assert_eq!(report["errors_after"], serde_json::json!({}), "{report}");
+    assert!(number(&report, &["storm_seconds"]) >= 1.0, "agents waited out the retry-after: {report}");
+
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+    let grants =
+        broker.events().into_iter().filter(|e| matches!(e, grantline_proto::audit::Event::Grant { .. })).count();
+    assert_eq!(grants, 2 * AGENTS, "every acknowledged grant is in the log");
+}

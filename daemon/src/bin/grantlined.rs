@@ -121,6 +121,7 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
             path = path.display(),
         );
     }
+    let shutdown = shutdown_signal();
     tracing::info!(%addr, origin = %broker.verifier_key().name(), "listening");
     println!("grantlined ready on {addr}");
     // The listener is bound and the audit log open: tell systemd (Type=notify).
@@ -130,17 +131,23 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
     if let Some(m) = broker.metrics_addr() {
         println!("grantlined metrics on http://{m}/metrics");
     }
-    broker.run(shutdown_signal()).await
+    broker.run(shutdown).await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled, so a signal that arrives right after
+/// the readiness line is a clean shutdown, not the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            tracing::error!("cannot install signal handlers; stop the broker with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

@@ -97,6 +97,9 @@ pub struct Broker {
     /// Anchoring; it ends by itself once the writer's last checkpoint is out.
     publisher: Option<tokio::task::JoinHandle<()>>,
     admin: Option<(tokio::net::UnixListener, Option<u32>, PathBuf)>,
+    /// SIGHUP (policy reload), caught from `open` on so that a reload sent
+    /// right after readiness never falls to the default action.
+    hangup: Option<tokio::signal::unix::Signal>,
     metrics: Option<(std::net::TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     /// Held while the broker runs: one writer per state directory.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -177,7 +180,10 @@ impl Broker {
             requests: TaskTracker::new(),
             audit_reader,
         });
-        Ok(Self { shared, endpoint, audit_thread, background, publisher, admin, metrics, _lock: lock })
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
+            .ok();
+        Ok(Self { shared, endpoint, audit_thread, background, publisher, admin, metrics, hangup, _lock: lock })
     }
 
     /// Where the metrics endpoint listens, if it does.
@@ -218,9 +224,7 @@ impl Broker {
             tokio::spawn(crate::metrics::serve(l, h, refresh))
         });
         let upkeep = tokio::spawn(upkeep(Arc::downgrade(&self.shared)));
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
-            .ok();
+        let mut hangup = self.hangup.take();
         // systemd's watchdog (WatchdogSec=): pinged from this loop at half
         // the interval, so a loop that stops turning gets the broker restarted.
         let watchdog = sd_notify::watchdog_enabled();

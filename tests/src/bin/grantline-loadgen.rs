@@ -5,15 +5,25 @@
 //!     [--connections 4] [--concurrency 64] [--requests 5000]
 //! grantline-loadgen vault-pki --vault URL --token T --role R --san NAME [--concurrency 64] [--requests 5000]
 //! grantline-loadgen provision --state-dir BROKER_STATE --nodes N --out FIXTURE [--prefix load-] [--ttl-hours 24]
-//! grantline-loadgen hold --broker ADDR --ca-file CA --fixture FIXTURE --agents N --role R --san NAME \
-//!     [--endpoints 16] [--connect-concurrency 128] [--grant-rate 0] [--concurrency 64] [--seconds 10] [--broker-pid PID]
+//! grantline-loadgen hold FLEET [--grant-rate 0] [--concurrency 64] [--seconds 10]
+//! grantline-loadgen sweep FLEET [--start-rate 500] [--step-seconds 5]
+//! grantline-loadgen storm FLEET --ready-file PATH [--limit-seconds 120] [--broker-pid-file PATH]
 //! ```
+//!
+//! FLEET is `--broker ADDR --ca-file CA --fixture FIXTURE --agents N --role R --san NAME
+//! [--endpoints 16] [--connect-concurrency 128] [--broker-pid PID]`.
 //!
 //! `provision` needs the broker stopped; it issues fixture identities and
 //! audits them (RFD 0008). `hold` connects the fixture's agents, holds them,
 //! asks for grants (at `--grant-rate` per second, or as fast as
 //! `--concurrency` workers go), and reports the broker's RSS and CPU time.
+//! `sweep` raises the grant rate until the broker falls behind and reports
+//! the peak and the p99 at half of it. `storm` connects and grants once per
+//! agent, creates `--ready-file`, waits for the broker to be restarted (all
+//! connections cut), then times every agent's reconnection and new grant.
 #![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
 
 use grantline_tests::load::{broker_grants, vault_pki, BrokerLoad, VaultLoad};
 
@@ -35,6 +45,20 @@ fn num(args: &[String], name: &str, default: usize) -> usize {
             std::process::exit(64)
         })
     })
+}
+
+fn fleet(args: &[String]) -> grantline_tests::load::FleetLoad {
+    grantline_tests::load::FleetLoad {
+        broker: req_arg(args, "--broker"),
+        ca_pem: std::fs::read_to_string(req_arg(args, "--ca-file")).unwrap(),
+        fixture: req_arg(args, "--fixture").into(),
+        agents: num(args, "--agents", 1000),
+        endpoints: num(args, "--endpoints", 16),
+        connect_concurrency: num(args, "--connect-concurrency", 128),
+        role: req_arg(args, "--role"),
+        san: req_arg(args, "--san"),
+        broker_pid: arg(args, "--broker-pid").map(|p| p.parse().unwrap()),
+    }
 }
 
 fn main() {
@@ -69,21 +93,26 @@ fn main() {
             std::path::Path::new(&req_arg(&args, "--out")),
         ),
         Some("hold") => grantline_tests::load::hold(&grantline_tests::load::HoldLoad {
-            broker: req_arg(&args, "--broker"),
-            ca_pem: std::fs::read_to_string(req_arg(&args, "--ca-file")).unwrap(),
-            fixture: req_arg(&args, "--fixture").into(),
-            agents: num(&args, "--agents", 1000),
-            endpoints: num(&args, "--endpoints", 16),
-            connect_concurrency: num(&args, "--connect-concurrency", 128),
+            fleet: fleet(&args),
             grant_rate: num(&args, "--grant-rate", 0) as f64,
             concurrency: num(&args, "--concurrency", 64),
-            duration: std::time::Duration::from_secs(num(&args, "--seconds", 10) as u64),
-            role: req_arg(&args, "--role"),
-            san: req_arg(&args, "--san"),
-            broker_pid: arg(&args, "--broker-pid").map(|p| p.parse().unwrap()),
+            duration: Duration::from_secs(num(&args, "--seconds", 10) as u64),
         }),
+        Some("sweep") => grantline_tests::load::sweep(
+            &fleet(&args),
+            num(&args, "--start-rate", 500) as f64,
+            Duration::from_secs(num(&args, "--step-seconds", 5) as u64),
+        ),
+        Some("storm") => grantline_tests::load::storm(
+            &fleet(&args),
+            std::path::Path::new(&req_arg(&args, "--ready-file")),
+            Duration::from_secs(num(&args, "--limit-seconds", 120) as u64),
+            arg(&args, "--broker-pid-file").as_deref().map(std::path::Path::new),
+        ),
         _ => {
-            eprintln!("usage: grantline-loadgen grants|vault-pki|provision|hold ... (see the source header)");
+            eprintln!(
+                "usage: grantline-loadgen grants|vault-pki|provision|hold|sweep|storm ... (see the source header)"
+            );
             std::process::exit(64);
         }
     };
