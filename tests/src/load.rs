@@ -306,19 +306,21 @@ impl Fleet {
         }
     }
 
-    /// Connects agent `i`, waiting for a handshake slot.
+    /// Connects agent `i`, waiting for a handshake slot; the connection and
+    /// how long its handshake took (the wait for the slot excluded).
     fn connect(
         &self,
         i: usize,
-    ) -> impl std::future::Future<Output = Result<quinn::Connection, String>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(quinn::Connection, Duration), String>> + Send + 'static {
         let ep = self.endpoints[i % self.endpoints.len()].clone();
         let cfg = client_config(&self.roots, &self.leaves[i], &self.key);
         let (limit, addr) = (self.limit.clone(), self.addr);
         async move {
             let _permit = limit.acquire_owned().await.unwrap();
+            let t = Instant::now();
             let connecting = ep.connect_with(cfg, addr, "127.0.0.1").map_err(|e| format!("connect: {e}"))?;
             match tokio::time::timeout(Duration::from_secs(30), connecting).await {
-                Ok(Ok(c)) => Ok(c),
+                Ok(Ok(c)) => Ok((c, t.elapsed())),
                 Ok(Err(e)) => Err(format!("handshake: {e}")),
                 Err(_) => Err("handshake: timeout".into()),
             }
@@ -334,12 +336,11 @@ impl Fleet {
         for i in 0..self.leaves.len() {
             let (connect, tally) = (self.connect(i), tally.clone());
             tasks.spawn(async move {
-                let t = Instant::now();
                 let c = connect.await;
                 let mut tally = tally.lock().unwrap();
                 match c {
-                    Ok(c) => {
-                        tally.latencies.push(t.elapsed());
+                    Ok((c, handshake)) => {
+                        tally.latencies.push(handshake);
                         (i, Some(c))
                     }
                     Err(e) => {
@@ -563,7 +564,7 @@ pub fn storm(
                 tokio::time::sleep(wait + wait.mul_f64(rand::random::<f64>())).await;
                 let mut attempt = 0u32;
                 while storm_start.elapsed() < limit {
-                    if let Ok(conn) = fleet.connect(i).await {
+                    if let Ok((conn, _)) = fleet.connect(i).await {
                         let got = Arc::new(Mutex::new(Tally::default()));
                         grant_once(&conn, &request, &got).await;
                         let ok = !got.lock().unwrap().latencies.is_empty();

@@ -401,6 +401,9 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
         .stream_receive_window(u32::try_from(4 * frame::MAX_FRAME_LEN)?.into())
         .receive_window(u32::try_from(16 * frame::MAX_FRAME_LEN)?.into())
         .send_window(16 * frame::MAX_FRAME_LEN as u64)
+        // Replies are a few kilobytes: segmentation offload would only
+        // size every connection's transmit buffer for ten datagrams.
+        .enable_segmentation_offload(false)
         .datagram_receive_buffer_size(None)
         .datagram_send_buffer_size(0)
         .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
