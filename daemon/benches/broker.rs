@@ -1,5 +1,6 @@
 //! The broker's hot path, piece by piece: policy decision, CSR check, leaf and
-//! SSH signing, and durable audit appends with group commit.
+//! SSH signing, durable audit appends with group commit, and the raw crypto
+//! bound per grant.
 //! `cargo bench -p grantline-daemon --bench broker`
 #![allow(clippy::unwrap_used)]
 
@@ -61,6 +62,29 @@ fn x509_leaf_sign(bencher: divan::Bencher) {
     };
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     bencher.bench(|| rt.block_on(issuer.issue(&order)).unwrap());
+}
+
+/// The machine's raw crypto per X.509 grant, with nothing else: the CSR's
+/// signature checked, the leaf signed, the audit entry signed. One core's
+/// grants/s cannot exceed 1 / this; the broker's share of the limit is how
+/// close the end-to-end rate gets (RFD 0008).
+#[divan::bench]
+fn raw_crypto_per_grant(bencher: divan::Bencher) {
+    let issuer = EmbeddedIssuer::new(FIX.pki.clone());
+    let key = SignerKey::generate("bench.example/log").unwrap();
+    let entry = vec![7u8; 600];
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    bencher.bench(|| {
+        let csr = check_csr(&FIX.csr_der).unwrap();
+        let order = Order {
+            node: "web-1".into(),
+            role: "dev".into(),
+            ttl: Duration::from_secs(600),
+            what: What::X509 { csr, sans: vec!["svc.example.com".into()] },
+        };
+        let issued = rt.block_on(issuer.issue(&order)).unwrap();
+        (issued, key.sign(&entry))
+    });
 }
 
 #[divan::bench]
