@@ -169,6 +169,19 @@ pub fn close_reason(e: &quinn::ConnectionError) -> Option<wire::Error> {
     }
 }
 
+/// The wait a refused handshake asks for, if `e` is one: the broker's
+/// admission control had too many handshakes in flight (RFD 0008).
+pub fn refused_retry_after(e: &quinn::ConnectionError) -> Option<Duration> {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Some(grantline_proto::REFUSED_RETRY_AFTER)
+        }
+        _ => None,
+    }
+}
+
 /// How long to wait before reconnecting: full-jitter backoff, but never
 /// sooner than a retry-after the broker asked for (plus up to that much
 /// again, so a restarting broker is not met by every agent at once).
@@ -228,7 +241,10 @@ async fn maintain_connection(agent: Arc<Agent>) {
             }
             Err(e) => {
                 let expired = agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false);
-                if expired {
+                if let Some(wait) = e.downcast_ref().and_then(refused_retry_after) {
+                    tracing::info!(retry_after = ?wait, "the broker is busy (handshake refused); retrying");
+                    retry_after = wait;
+                } else if expired {
                     tracing::error!("the node identity expired; enroll again with a new join token");
                 } else {
                     tracing::warn!(error = %format!("{e:#}"), "cannot connect to the broker");

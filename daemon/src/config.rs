@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::server::admission::Limits;
 use crate::server::{load_policy, BrokerOptions};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -42,6 +43,17 @@ pub struct MetricsFile {
     pub listen: Option<String>,
 }
 
+/// `[limits]`: admission control on handshakes (RFD 0008).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Handshakes in flight at which new connections are refused; default 4096.
+    pub max_handshakes: Option<usize>,
+    /// Handshakes in flight above which senders must answer a QUIC retry
+    /// first; default 256.
+    pub retry_handshakes_above: Option<usize>,
+}
+
 /// `grantlined.toml`. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +76,7 @@ pub struct ConfigFile {
     pub anchor: Option<String>,
     pub admin: Option<AdminFile>,
     pub metrics: Option<MetricsFile>,
+    pub limits: Option<LimitsFile>,
 }
 
 /// The admin API options of a configuration file, without validating the
@@ -93,6 +106,20 @@ fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::admin:
         group: Some(file.group.unwrap_or_else(|| DEFAULT_ADMIN_GROUP.into())).filter(|g| !g.is_empty()),
         mode,
     }))
+}
+
+/// Admission limits; both must be at least 1.
+pub fn limits(max_handshakes: Option<usize>, retry_above: Option<usize>) -> Result<Limits> {
+    let default = Limits::default();
+    let max_handshakes = max_handshakes.unwrap_or(default.max_handshakes);
+    let retry_above = retry_above.unwrap_or(default.retry_above);
+    if max_handshakes == 0 {
+        bail!("limits.max_handshakes must be at least 1 (0 would refuse every agent)");
+    }
+    if retry_above == 0 {
+        bail!("limits.retry_handshakes_above must be at least 1 (0 would send every agent a retry)");
+    }
+    Ok(Limits { max_handshakes, retry_above })
 }
 
 fn metrics_options(file: Option<MetricsFile>) -> Result<Option<SocketAddr>> {
@@ -140,6 +167,10 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     Ok(BrokerOptions {
         admin: admin_options(file.admin)?,
         metrics: metrics_options(file.metrics)?,
+        limits: {
+            let l = file.limits.unwrap_or_default();
+            limits(l.max_handshakes, l.retry_handshakes_above)?
+        },
         listen,
         state_dir,
         anchor,
@@ -174,6 +205,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
             mode: 0o600,
         }),
         metrics: None,
+        limits: Limits::default(),
     })
 }
 
@@ -219,6 +251,9 @@ mod tests {
         assert_eq!(o.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(o.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(o.identity_ttl, Duration::from_secs(86_400));
+        assert_eq!(o.limits, Limits::default());
+        let o = parse("[limits]\nmax_handshakes = 10\nretry_handshakes_above = 3").unwrap();
+        assert_eq!(o.limits, Limits { max_handshakes: 10, retry_above: 3 });
         for (text, want) in [
             ("listen = 'nowhere'", "IP:PORT"),
             ("node_identity_ttl = '1s'", "between"),
@@ -230,6 +265,9 @@ mod tests {
             ("[metrics]\nlisten = '0.0.0.0:9464'", "loopback"),
             ("[admin]\nsocket_mode = '999'", "octal"),
             ("[admin]\nsokcet = '/x'", "unknown field"),
+            ("[limits]\nmax_handshakes = 0", "at least 1"),
+            ("[limits]\nretry_handshakes_above = 0", "at least 1"),
+            ("[limits]\nmax_handshake = 5", "unknown field"),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

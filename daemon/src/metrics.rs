@@ -12,6 +12,8 @@
 //! | `grantline_vault_errors_total`           | counter   | op              |
 //! | `grantline_nodes_revoked_total`          | counter   |                 |
 //! | `grantline_policy_reloads_total`         | counter   | outcome         |
+//! | `grantline_handshakes_total`             | counter   | outcome         |
+//! | `grantline_handshakes_in_flight`         | gauge     |                 |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

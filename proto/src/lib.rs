@@ -29,6 +29,13 @@ pub mod admin {
 /// ALPN protocol id spoken on the broker's QUIC port.
 pub const ALPN: &[u8] = b"grantline/1";
 
+/// How long an agent waits (plus full jitter up to as much again, or its
+/// growing backoff if longer) after the broker refused its handshake with
+/// QUIC's CONNECTION_REFUSED: the broker's admission control says it has
+/// too many handshakes in flight (RFD 0008). QUIC gives a refusal no room
+/// for a reason, so the wait is part of the protocol.
+pub const REFUSED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl wire::Error {
     /// Builds an error reply.
     pub fn new(code: wire::ErrorCode, message: impl Into<String>) -> Self {

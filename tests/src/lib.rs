@@ -389,3 +389,23 @@ pub fn mode(path: &Path) -> u32 {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// `GET /metrics` over a plain TCP connection; the body after a 200.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let hostport = addr.trim_start_matches("http://").trim_end_matches("/metrics");
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+/// The value of one sample (`name{labels}` exactly as rendered) in a
+/// Prometheus text exposition; 0 when absent.
+pub fn metric(body: &str, sample: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}

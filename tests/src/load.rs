@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 struct Tally {
     latencies: Vec<Duration>,
     errors: BTreeMap<String, usize>,
+    /// Attempts that failed but were tried again (storm reconnects).
+    retries: BTreeMap<String, usize>,
 }
 
 fn report(scenario: &str, requests: usize, elapsed: Duration, tally: &Tally, extra: Value) -> Value {
@@ -53,6 +55,45 @@ pub fn csr(san: &str) -> Vec<u8> {
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(rcgen::DnType::CommonName, san);
     p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+/// One agent's way to the broker.
+struct Dialer {
+    ep: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+}
+
+impl Dialer {
+    /// One handshake; the connection and how long the handshake took.
+    async fn dial(&self) -> Result<(quinn::Connection, Duration), ConnectFailure> {
+        let t = Instant::now();
+        let connecting = self
+            .ep
+            .connect_with(self.cfg.clone(), self.addr, "127.0.0.1")
+            .map_err(|e| ConnectFailure::other(format!("connect: {e}")))?;
+        match tokio::time::timeout(Duration::from_secs(30), connecting).await {
+            Ok(Ok(c)) => Ok((c, t.elapsed())),
+            Ok(Err(e)) => Err(match grantline_agent::run::refused_retry_after(&e) {
+                Some(wait) => ConnectFailure { what: "handshake: refused".into(), retry_after: wait },
+                None => ConnectFailure::other(format!("handshake: {e}")),
+            }),
+            Err(_) => Err(ConnectFailure::other("handshake: timeout".into())),
+        }
+    }
+}
+
+/// Why a load generator agent did not connect, and the wait the broker
+/// asked for (a refused handshake, RFD 0008).
+struct ConnectFailure {
+    what: String,
+    retry_after: Duration,
+}
+
+impl ConnectFailure {
+    fn other(what: String) -> Self {
+        Self { what, retry_after: Duration::ZERO }
+    }
 }
 
 pub struct BrokerLoad {
@@ -306,24 +347,41 @@ impl Fleet {
         }
     }
 
-    /// Connects agent `i`, waiting for a handshake slot; the connection and
-    /// how long its handshake took (the wait for the slot excluded).
+    /// Connects agent `i`, waiting for one of the load generator's handshake
+    /// slots, and coming back after a refusal as the agent does; the
+    /// connection, how long its handshake took (the waits excluded), and how
+    /// often the broker refused it first.
     fn connect(
         &self,
         i: usize,
-    ) -> impl std::future::Future<Output = Result<(quinn::Connection, Duration), String>> + Send + 'static {
-        let ep = self.endpoints[i % self.endpoints.len()].clone();
-        let cfg = client_config(&self.roots, &self.leaves[i], &self.key);
-        let (limit, addr) = (self.limit.clone(), self.addr);
+    ) -> impl std::future::Future<Output = Result<(quinn::Connection, Duration, u32), ConnectFailure>> + Send + 'static
+    {
+        let (limit, dialer) = (self.limit.clone(), self.dialer(i));
         async move {
-            let _permit = limit.acquire_owned().await.unwrap();
-            let t = Instant::now();
-            let connecting = ep.connect_with(cfg, addr, "127.0.0.1").map_err(|e| format!("connect: {e}"))?;
-            match tokio::time::timeout(Duration::from_secs(30), connecting).await {
-                Ok(Ok(c)) => Ok((c, t.elapsed())),
-                Ok(Err(e)) => Err(format!("handshake: {e}")),
-                Err(_) => Err("handshake: timeout".into()),
+            let mut refusals = 0u32;
+            loop {
+                let permit = limit.acquire().await.unwrap();
+                let dialed = dialer.dial().await;
+                drop(permit);
+                match dialed {
+                    Err(e) if !e.retry_after.is_zero() && refusals < 30 => {
+                        let unit = rand::random::<f64>();
+                        tokio::time::sleep(grantline_agent::run::reconnect_wait(refusals, e.retry_after, unit)).await;
+                        refusals += 1;
+                    }
+                    Err(e) => return Err(e),
+                    Ok((c, t)) => return Ok((c, t, refusals)),
+                }
             }
+        }
+    }
+
+    /// What agent `i` connects with.
+    fn dialer(&self, i: usize) -> Dialer {
+        Dialer {
+            ep: self.endpoints[i % self.endpoints.len()].clone(),
+            cfg: client_config(&self.roots, &self.leaves[i], &self.key),
+            addr: self.addr,
         }
     }
 
@@ -339,12 +397,15 @@ impl Fleet {
                 let c = connect.await;
                 let mut tally = tally.lock().unwrap();
                 match c {
-                    Ok((c, handshake)) => {
+                    Ok((c, handshake, refusals)) => {
                         tally.latencies.push(handshake);
+                        if refusals > 0 {
+                            *tally.retries.entry("handshake: refused".into()).or_default() += refusals as usize;
+                        }
                         (i, Some(c))
                     }
                     Err(e) => {
-                        *tally.errors.entry(e).or_default() += 1;
+                        *tally.errors.entry(e.what).or_default() += 1;
                         (i, None)
                     }
                 }
@@ -355,7 +416,8 @@ impl Fleet {
             let (i, c) = done.unwrap();
             conns[i] = c;
         }
-        let report = report("connect", self.leaves.len(), start.elapsed(), &tally.lock().unwrap(), json!({}));
+        let tally = tally.lock().unwrap();
+        let report = report("connect", self.leaves.len(), start.elapsed(), &tally, json!({"retries": tally.retries}));
         (conns, report)
     }
 
@@ -564,18 +626,27 @@ pub fn storm(
                 tokio::time::sleep(wait + wait.mul_f64(rand::random::<f64>())).await;
                 let mut attempt = 0u32;
                 while storm_start.elapsed() < limit {
-                    if let Ok((conn, _)) = fleet.connect(i).await {
-                        let got = Arc::new(Mutex::new(Tally::default()));
-                        grant_once(&conn, &request, &got).await;
-                        let ok = !got.lock().unwrap().latencies.is_empty();
-                        if ok {
-                            after.lock().unwrap().latencies.push(storm_start.elapsed());
-                            return Some(conn);
+                    // At once, as a real agent does: agents do not coordinate,
+                    // only the broker's admission control paces them.
+                    let retry_after = match fleet.dialer(i).dial().await {
+                        Ok((conn, _)) => {
+                            let got = Arc::new(Mutex::new(Tally::default()));
+                            grant_once(&conn, &request, &got).await;
+                            let ok = !got.lock().unwrap().latencies.is_empty();
+                            if ok {
+                                after.lock().unwrap().latencies.push(storm_start.elapsed());
+                                return Some(conn);
+                            }
+                            Duration::ZERO
                         }
-                    }
-                    // Full jitter, as the agent does.
-                    let ceiling = Duration::from_millis(200).saturating_mul(1 << attempt.min(5));
-                    tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
+                        Err(e) => {
+                            *after.lock().unwrap().retries.entry(e.what).or_default() += 1;
+                            e.retry_after
+                        }
+                    };
+                    // The agent's own reconnect policy.
+                    let unit = rand::random::<f64>();
+                    tokio::time::sleep(grantline_agent::run::reconnect_wait(attempt, retry_after, unit)).await;
                     attempt += 1;
                 }
                 *after.lock().unwrap().errors.entry("not re-granted within the limit".into()).or_default() += 1;
@@ -605,6 +676,7 @@ pub fn storm(
             "all_cut": cut,
             "regranted": after.latencies.len(),
             "errors_after": after.errors,
+            "retries_after": after.retries,
             "storm_seconds": storm_seconds,
             "regranted_within_ms": report("storm", fleet.leaves.len(), storm_start.elapsed(), &after, json!({}))["latency_ms"],
             "broker": broker,

@@ -4,12 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use grantline_proto::audit::Event;
-use grantline_tests::{bin, stderr, Agent, Broker, Proc};
+use grantline_tests::{bin, scrape, stderr, Agent, Broker, Proc};
 
 const POLICY: &str = r#"
 [[rule]]
@@ -57,17 +56,6 @@ fn the_admin_socket_refuses_callers_outside_root_and_the_admin_group() {
     let as_root = broker.admin(&["nodes", "list"]);
     assert!(as_root.status.success(), "{}", stderr(&as_root));
     assert!(!broker.events().iter().any(|e| matches!(e, Event::TokenCreation { .. })), "a refused call was acted on");
-}
-
-/// `GET /metrics` over a plain TCP connection.
-fn scrape(addr: &str) -> String {
-    let hostport = addr.trim_start_matches("http://").trim_end_matches("/metrics");
-    let mut s = std::net::TcpStream::connect(hostport).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
 }
 
 #[test]

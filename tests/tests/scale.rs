@@ -86,7 +86,7 @@ fn two_thousand_provisioned_agents_hold_their_connections_and_get_grants() {
 }
 
 /// A stopped dev broker's state with `n` provisioned agents, restarted.
-fn provisioned_broker(n: usize) -> (Broker, tempfile::TempDir, tempfile::TempDir) {
+fn provisioned_broker(n: usize, extra: &[&str]) -> (Broker, tempfile::TempDir, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
     let fixture = tempfile::tempdir().unwrap();
     let mut broker = Broker::start_in(state.path());
@@ -102,7 +102,7 @@ fn provisioned_broker(n: usize) -> (Broker, tempfile::TempDir, tempfile::TempDir
         fixture.path().to_str().unwrap(),
     ]);
     assert_eq!(provisioned["nodes"], n);
-    broker.restart();
+    broker.restart_with(extra);
     (broker, state, fixture)
 }
 
@@ -131,7 +131,7 @@ fn fleet_args(broker: &Broker, state: &std::path::Path, fixture: &std::path::Pat
 #[test]
 fn a_rate_sweep_finds_a_peak_and_measures_half_of_it() {
     const AGENTS: usize = 200;
-    let (broker, state, fixture) = provisioned_broker(AGENTS);
+    let (broker, state, fixture) = provisioned_broker(AGENTS, &[]);
     let mut args = vec!["sweep".to_owned()];
     args.extend(fleet_args(&broker, state.path(), fixture.path(), AGENTS));
     args.extend(["--start-rate", "400", "--step-seconds", "1", "--broker-pid"].map(str::to_owned));
@@ -151,7 +151,10 @@ fn a_rate_sweep_finds_a_peak_and_measures_half_of_it() {
 #[test]
 fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lost() {
     const AGENTS: usize = 500;
-    let (mut broker, state, fixture) = provisioned_broker(AGENTS);
+    // Admission control far below the fleet: agents refused on the way in
+    // and after the restart must come back by themselves.
+    const LIMITS: [&str; 4] = ["--max-handshakes", "16", "--retry-handshakes-above", "8"];
+    let (mut broker, state, fixture) = provisioned_broker(AGENTS, &LIMITS);
     let ready = state.path().join("storm-ready");
     let mut args = vec!["storm".to_owned()];
     args.extend(fleet_args(&broker, state.path(), fixture.path(), AGENTS));
@@ -171,13 +174,16 @@ fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lo
     // A graceful restart: the broker tells agents to retry after a second.
     broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(broker.proc.wait().success());
-    broker.restart();
+    broker.restart_with(&LIMITS);
     let line = storm.wait_line_containing("\"scenario\":\"storm\"");
     let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+    eprintln!("storm report: {report}");
     assert_eq!(report["granted_before"], AGENTS, "{report}");
     assert_eq!(report["all_cut"], true, "{report}");
     assert_eq!(report["regranted"], AGENTS, "{report}");
     assert_eq!(report["errors_after"], serde_json::json!({}), "{report}");
+    assert!(report["retries_after"].is_object(), "{report}");
+    assert!(report["connect"]["retries"].is_object(), "{report}");
     assert!(number(&report, &["storm_seconds"]) >= 1.0, "agents waited out the retry-after: {report}");
 
     broker.proc.signal(nix::sys::signal::Signal::SIGTERM);

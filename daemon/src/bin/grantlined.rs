@@ -37,6 +37,12 @@ enum Command {
         /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics: Option<String>,
+        /// Handshakes in flight at which new connections are refused.
+        #[arg(long)]
+        max_handshakes: Option<usize>,
+        /// Handshakes in flight above which agents must answer a QUIC retry first.
+        #[arg(long)]
+        retry_handshakes_above: Option<usize>,
     },
     /// Print this program's man page (roff) to stdout.
     #[command(hide = true)]
@@ -58,12 +64,19 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_UNAVAILABLE, &e.into()),
             };
         }
-        Some(Command::Dev { state_dir, listen, node_identity_ttl, metrics }) => {
-            match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref()) {
-                Ok(o) => (o, true),
-                Err(e) => return fail(EX_CONFIG, &e),
-            }
-        }
+        Some(Command::Dev {
+            state_dir,
+            listen,
+            node_identity_ttl,
+            metrics,
+            max_handshakes,
+            retry_handshakes_above,
+        }) => match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref())
+            .and_then(|o| Ok(BrokerOptions { limits: config::limits(*max_handshakes, *retry_handshakes_above)?, ..o }))
+        {
+            Ok(o) => (o, true),
+            Err(e) => return fail(EX_CONFIG, &e),
+        },
         None => match config::load(&cli.config) {
             Ok(o) => (o, false),
             Err(e) => return fail(EX_CONFIG, &e),

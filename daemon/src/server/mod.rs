@@ -1,6 +1,7 @@
 //! The broker: QUIC listener, connection and stream handling, shutdown.
 
 pub mod admin;
+pub mod admission;
 mod handler;
 mod identity;
 pub mod provision;
@@ -54,6 +55,8 @@ pub struct BrokerOptions {
     pub admin: Option<admin::AdminOptions>,
     /// Loopback address of the Prometheus `/metrics` endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Admission control on handshakes.
+    pub limits: admission::Limits,
 }
 
 /// Why a policy reload was refused.
@@ -83,6 +86,8 @@ pub(crate) struct Shared {
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
+    handshakes: admission::Handshakes,
+    limits: admission::Limits,
     /// One read-only connection to the audit database for proof queries,
     /// opened once rather than per request (agents ask after every grant).
     audit_reader: Arc<std::sync::Mutex<AuditStore>>,
@@ -178,12 +183,43 @@ impl Broker {
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
+            handshakes: admission::Handshakes::default(),
+            limits: opts.limits,
             audit_reader,
         });
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
             .ok();
         Ok(Self { shared, endpoint, audit_thread, background, publisher, admin, metrics, hangup, _lock: lock })
+    }
+
+    /// Admission control (RFD 0008): accept, ask for a retry, or refuse.
+    fn admit(&self, incoming: quinn::Incoming, connections: &TaskTracker) {
+        let shared = &self.shared;
+        let decision =
+            admission::decide(shared.handshakes.in_flight(), incoming.remote_address_validated(), shared.limits);
+        let outcome = match decision {
+            admission::Decision::Accept => {
+                let (shared, slot) = (shared.clone(), shared.handshakes.slot());
+                connections.spawn(async move { serve_connection(shared, incoming, slot).await });
+                "accepted"
+            }
+            admission::Decision::Retry => match incoming.retry() {
+                Ok(()) => "retried",
+                // Only a validated sender cannot be retried, and those are
+                // accepted above; refuse rather than accept past the check.
+                Err(e) => {
+                    e.into_incoming().refuse();
+                    "refused"
+                }
+            },
+            admission::Decision::Refuse => {
+                tracing::debug!(remote = %incoming.remote_address(), "handshake refused: too many in flight");
+                incoming.refuse();
+                "refused"
+            }
+        };
+        metrics::counter!("grantline_handshakes_total", "outcome" => outcome).increment(1);
     }
 
     /// Where the metrics endpoint listens, if it does.
@@ -246,8 +282,7 @@ impl Broker {
                 }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = self.shared.clone();
-                    connections.spawn(async move { serve_connection(shared, incoming).await });
+                    self.admit(incoming, &connections);
                 }
             }
         }
@@ -411,15 +446,19 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
     Ok(cfg)
 }
 
-async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming) {
+async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, slot: admission::Slot) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
+    let handshake = tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await;
+    drop(slot);
+    let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::info!(%remote, error = %e, "handshake refused");
+            metrics::counter!("grantline_handshakes_total", "outcome" => "failed").increment(1);
+            tracing::info!(%remote, error = %e, "handshake failed");
             return;
         }
         Err(_) => {
+            metrics::counter!("grantline_handshakes_total", "outcome" => "timed_out").increment(1);
             tracing::info!(%remote, "handshake timed out");
             return;
         }
@@ -557,6 +596,8 @@ impl Shared {
         metrics::gauge!("grantline_checkpoint_age_seconds").set(age.as_secs_f64());
         #[allow(clippy::cast_precision_loss)]
         metrics::gauge!("grantline_audit_entries").set(*self.audit.size().borrow() as f64);
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("grantline_handshakes_in_flight").set(self.handshakes.in_flight() as f64);
     }
 
     /// Saves last-seen times to state.db in one transaction.

@@ -1,0 +1,117 @@
+//! Admission control on handshakes (RFD 0008) against a real broker: past
+//! its limit the broker refuses handshakes with QUIC CONNECTION_REFUSED,
+//! which agents read as "retry after a second"; past the retry threshold it
+//! makes senders prove their address with a QUIC retry first. The slots are
+//! held by handshakes that never finish: real client Initial packets, sent
+//! from a socket that never answers the broker.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use grantline_tests::{metric, raw, scrape, Broker};
+
+/// `n` distinct QUIC Initial packets of real client handshakes, captured on
+/// a socket that plays the server and never answers.
+fn client_initials(ca_pem: &str, n: usize) -> Vec<Vec<u8>> {
+    raw::runtime().block_on(async {
+        let sniffer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let cfg = raw::client_config(ca_pem, None);
+        let _pending: Vec<_> =
+            (0..n).map(|_| ep.connect_with(cfg.clone(), sniffer.local_addr().unwrap(), "127.0.0.1").unwrap()).collect();
+        // By destination connection ID: a retransmission is not another handshake.
+        let mut initials = BTreeMap::new();
+        let mut buf = [0u8; 65_536];
+        while initials.len() < n {
+            let (len, _) = tokio::time::timeout(Duration::from_secs(10), sniffer.recv_from(&mut buf))
+                .await
+                .expect("the client sent no Initial packet")
+                .unwrap();
+            let d = &buf[..len];
+            assert_eq!(d[0] & 0xf0, 0xc0, "not a long-header Initial packet");
+            let dcid = d[6..6 + usize::from(d[5])].to_vec();
+            initials.entry(dcid).or_insert_with(|| d.to_vec());
+        }
+        initials.into_values().collect()
+    })
+}
+
+/// Starts `n` handshakes at the broker that will never finish; they hold
+/// their slots until the broker's 10 s handshake timeout. Keep the socket.
+fn stall_handshakes(broker: &Broker, n: usize) -> std::net::UdpSocket {
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for initial in client_initials(&ca, n) {
+        socket.send_to(&initial, &broker.addr).unwrap();
+    }
+    socket
+}
+
+/// Scrapes until `sample` has the value `want`, for up to 30 s.
+fn wait_metric(metrics: &str, sample: &str, want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = scrape(metrics);
+        if metric(&body, sample) == want {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{sample} never reached {want}:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One handshake with the broker, without a client certificate (as an
+/// enrolling agent connects).
+fn handshake(broker: &Broker) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let rt = raw::runtime();
+    rt.block_on(async {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.connect_with(raw::client_config(&ca, None), broker.addr.parse().unwrap(), "127.0.0.1").unwrap().await
+    })
+}
+
+const IN_FLIGHT: &str = "grantline_handshakes_in_flight";
+
+#[test]
+fn past_its_handshake_limit_the_broker_refuses_with_a_retry_after_and_frees_slots_of_stalled_handshakes() {
+    let mut broker =
+        Broker::start_with(&["--max-handshakes", "4", "--retry-handshakes-above", "100", "--metrics", "127.0.0.1:0"]);
+    let metrics = broker.proc.wait_line("grantlined metrics on");
+    let _stalled = stall_handshakes(&broker, 4);
+    wait_metric(&metrics, IN_FLIGHT, 4.0);
+
+    let refused = handshake(&broker).unwrap_err();
+    assert_eq!(
+        grantline_agent::run::refused_retry_after(&refused),
+        Some(grantline_proto::REFUSED_RETRY_AFTER),
+        "not a refusal the agent would wait out: {refused}"
+    );
+    let body = scrape(&metrics);
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"refused\"}"), 1.0, "{body}");
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"accepted\"}"), 4.0, "{body}");
+
+    // The stalled handshakes time out and give their slots back.
+    let body = wait_metric(&metrics, IN_FLIGHT, 0.0);
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"timed_out\"}"), 4.0, "{body}");
+    let conn = handshake(&broker).unwrap();
+    conn.close(0u32.into(), b"done");
+}
+
+#[test]
+fn past_the_retry_threshold_a_sender_proves_its_address_and_is_then_served() {
+    let mut broker =
+        Broker::start_with(&["--max-handshakes", "100", "--retry-handshakes-above", "2", "--metrics", "127.0.0.1:0"]);
+    let metrics = broker.proc.wait_line("grantlined metrics on");
+    let _stalled = stall_handshakes(&broker, 2);
+    wait_metric(&metrics, IN_FLIGHT, 2.0);
+
+    let conn = handshake(&broker).unwrap();
+    let body = scrape(&metrics);
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"retried\"}"), 1.0, "{body}");
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"accepted\"}"), 3.0, "{body}");
+    assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"refused\"}"), 0.0, "{body}");
+    conn.close(0u32.into(), b"done");
+}
