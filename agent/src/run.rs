@@ -58,6 +58,9 @@ pub(crate) struct Agent {
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
     identity: RwLock<Identity>,
+    /// The TLS client for the current identity, kept across reconnects so
+    /// that its session tickets let the agent resume (RFD 0008).
+    client: std::sync::Mutex<Option<(Vec<u8>, quinn::ClientConfig)>>,
     conn: watch::Sender<Option<quinn::Connection>>,
     renewed: Notify,
     unconfirmed: std::sync::Mutex<Vec<Unconfirmed>>,
@@ -97,6 +100,7 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         ca_pem: state.ca_pem,
         audit_key: RwLock::new(state.audit_key),
         identity: RwLock::new(state.identity),
+        client: std::sync::Mutex::new(None),
         conn: watch::channel(None).0,
         renewed: Notify::new(),
         unconfirmed: std::sync::Mutex::new(Vec::new()),
@@ -184,20 +188,25 @@ pub fn refused_retry_after(e: &quinn::ConnectionError) -> Option<Duration> {
 
 /// How long to wait before reconnecting: full-jitter backoff, but never
 /// sooner than a retry-after the broker asked for (plus up to that much
-/// again, so a restarting broker is not met by every agent at once).
-pub fn reconnect_wait(attempt: u32, retry_after: Duration, unit: f64) -> Duration {
+/// again, so a restarting broker is not met by every agent at once). A
+/// broker that names a spread (a restart under a large fleet) gets its
+/// retry-after plus a uniform share of the spread instead.
+pub fn reconnect_wait(attempt: u32, retry_after: Duration, spread: Duration, unit: f64) -> Duration {
+    let unit = unit.clamp(0.0, 1.0);
     let jittered = backoff(attempt, Duration::from_millis(200), Duration::from_secs(30), unit);
-    if retry_after.is_zero() {
+    if !spread.is_zero() {
+        retry_after + spread.mul_f64(unit)
+    } else if retry_after.is_zero() {
         jittered
     } else {
-        retry_after + retry_after.mul_f64(unit.clamp(0.0, 1.0)).max(jittered)
+        retry_after + retry_after.mul_f64(unit).max(jittered)
     }
 }
 
 async fn maintain_connection(agent: Arc<Agent>) {
     let mut attempt = 0u32;
     loop {
-        let mut retry_after = Duration::ZERO;
+        let (mut retry_after, mut spread) = (Duration::ZERO, Duration::ZERO);
         if agent.identity.read().map(|i| i.not_after <= now()).unwrap_or(false) {
             if let Err(e) = crate::recover::reenroll(&agent).await {
                 tracing::warn!(error = %format!("{e:#}"), "re-enrollment not possible yet");
@@ -223,6 +232,7 @@ async fn maintain_connection(agent: Arc<Agent>) {
                             Some(e) => {
                                 tracing::warn!(reason = %e, "the broker closed the connection; reconnecting");
                                 retry_after = Duration::from_millis(u64::from(e.retry_after_ms));
+                                spread = Duration::from_millis(u64::from(e.retry_spread_ms));
                             }
                             None => tracing::warn!(%reason, "connection to the broker lost; reconnecting"),
                         }
@@ -251,7 +261,7 @@ async fn maintain_connection(agent: Arc<Agent>) {
                 }
             }
         }
-        let wait = reconnect_wait(attempt, retry_after, jitter_unit());
+        let wait = reconnect_wait(attempt, retry_after, spread, jitter_unit());
         attempt = attempt.saturating_add(1);
         // With an expired identity, a join token an admin drops into the
         // token file is acted on within a second, not after the backoff.
@@ -268,9 +278,25 @@ async fn maintain_connection(agent: Arc<Agent>) {
 
 async fn connect(agent: &Agent) -> Result<quinn::Connection> {
     let identity = agent.identity.read().map_err(|_| anyhow::anyhow!("identity lock poisoned"))?.clone();
-    let cfg = tls::client_config(&agent.ca_pem, Some(&identity))?;
+    let cfg = client_for(agent, &identity)?;
     let connecting = agent.endpoint.connect_with(cfg, agent.addr, &agent.config.server_name)?;
     Ok(tokio::time::timeout(Duration::from_secs(10), connecting).await.context("handshake timed out")??)
+}
+
+/// The TLS client for `identity`: the one used before while the identity
+/// is the same (it holds the broker's session tickets), a new one after a
+/// renewal or re-enrollment.
+fn client_for(agent: &Agent, identity: &Identity) -> Result<quinn::ClientConfig> {
+    let leaf = identity.chain.first().map(|c| c.to_vec()).unwrap_or_default();
+    let mut cached = agent.client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match cached.as_ref() {
+        Some((l, cfg)) if *l == leaf => Ok(cfg.clone()),
+        _ => {
+            let cfg = tls::client_config(&agent.ca_pem, Some(identity))?;
+            *cached = Some((leaf, cfg.clone()));
+            Ok(cfg)
+        }
+    }
 }
 
 /// A live connection, waiting up to `wait` for one.
@@ -611,5 +637,44 @@ impl Agent {
             }
             Err(e) => tracing::error!(error = %e, "cannot save the broker's new audit key"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_honour_the_broker() {
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
+        // Nothing asked for: the backoff alone.
+        assert_eq!(reconnect_wait(0, Duration::ZERO, Duration::ZERO, 0.5), ms(100));
+        assert_eq!(reconnect_wait(10, Duration::ZERO, Duration::ZERO, 0.5), s(15));
+        // A retry-after: at least that, plus up to as much again (or the backoff).
+        assert_eq!(reconnect_wait(0, s(1), Duration::ZERO, 0.0), s(1));
+        assert_eq!(reconnect_wait(0, s(1), Duration::ZERO, 0.5), ms(1500));
+        assert_eq!(reconnect_wait(10, s(1), Duration::ZERO, 0.5), s(16));
+        // A spread: the retry-after plus a uniform share of it, whatever the attempt.
+        assert_eq!(reconnect_wait(0, s(1), s(50), 0.0), s(1));
+        assert_eq!(reconnect_wait(0, s(1), s(50), 0.5), s(26));
+        assert_eq!(reconnect_wait(7, s(1), s(50), 1.0), s(51));
+        assert_eq!(reconnect_wait(0, s(1), s(50), 7.0), s(51), "the unit is clamped");
+    }
+
+    #[test]
+    fn only_connection_refused_is_a_refusal() {
+        let close = |code| {
+            quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: Default::default(),
+            })
+        };
+        assert_eq!(
+            refused_retry_after(&close(quinn::TransportErrorCode::CONNECTION_REFUSED)),
+            Some(grantline_proto::REFUSED_RETRY_AFTER)
+        );
+        assert_eq!(refused_retry_after(&close(quinn::TransportErrorCode::PROTOCOL_VIOLATION)), None);
+        assert_eq!(refused_retry_after(&quinn::ConnectionError::TimedOut), None);
     }
 }

@@ -52,6 +52,9 @@ pub struct LimitsFile {
     /// Handshakes in flight above which senders must answer a QUIC retry
     /// first; default 256.
     pub retry_handshakes_above: Option<usize>,
+    /// The reconnection rate a restart asks agents to keep to, by spreading
+    /// their reconnects; default 2000 per second.
+    pub reconnects_per_second: Option<usize>,
 }
 
 /// `grantlined.toml`. Every key is optional.
@@ -108,18 +111,22 @@ fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::admin:
     }))
 }
 
-/// Admission limits; both must be at least 1.
-pub fn limits(max_handshakes: Option<usize>, retry_above: Option<usize>) -> Result<Limits> {
+/// Admission limits; each must be at least 1.
+pub fn limits(file: LimitsFile) -> Result<Limits> {
     let default = Limits::default();
-    let max_handshakes = max_handshakes.unwrap_or(default.max_handshakes);
-    let retry_above = retry_above.unwrap_or(default.retry_above);
+    let max_handshakes = file.max_handshakes.unwrap_or(default.max_handshakes);
+    let retry_above = file.retry_handshakes_above.unwrap_or(default.retry_above);
+    let reconnects_per_second = file.reconnects_per_second.unwrap_or(default.reconnects_per_second);
     if max_handshakes == 0 {
         bail!("limits.max_handshakes must be at least 1 (0 would refuse every agent)");
     }
     if retry_above == 0 {
         bail!("limits.retry_handshakes_above must be at least 1 (0 would send every agent a retry)");
     }
-    Ok(Limits { max_handshakes, retry_above })
+    if reconnects_per_second == 0 {
+        bail!("limits.reconnects_per_second must be at least 1");
+    }
+    Ok(Limits { max_handshakes, retry_above, reconnects_per_second })
 }
 
 fn metrics_options(file: Option<MetricsFile>) -> Result<Option<SocketAddr>> {
@@ -167,10 +174,7 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     Ok(BrokerOptions {
         admin: admin_options(file.admin)?,
         metrics: metrics_options(file.metrics)?,
-        limits: {
-            let l = file.limits.unwrap_or_default();
-            limits(l.max_handshakes, l.retry_handshakes_above)?
-        },
+        limits: limits(file.limits.unwrap_or_default())?,
         listen,
         state_dir,
         anchor,
@@ -252,8 +256,8 @@ mod tests {
         assert_eq!(o.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(o.identity_ttl, Duration::from_secs(86_400));
         assert_eq!(o.limits, Limits::default());
-        let o = parse("[limits]\nmax_handshakes = 10\nretry_handshakes_above = 3").unwrap();
-        assert_eq!(o.limits, Limits { max_handshakes: 10, retry_above: 3 });
+        let o = parse("[limits]\nmax_handshakes = 10\nretry_handshakes_above = 3\nreconnects_per_second = 50").unwrap();
+        assert_eq!(o.limits, Limits { max_handshakes: 10, retry_above: 3, reconnects_per_second: 50 });
         for (text, want) in [
             ("listen = 'nowhere'", "IP:PORT"),
             ("node_identity_ttl = '1s'", "between"),
@@ -268,6 +272,7 @@ mod tests {
             ("[limits]\nmax_handshakes = 0", "at least 1"),
             ("[limits]\nretry_handshakes_above = 0", "at least 1"),
             ("[limits]\nmax_handshake = 5", "unknown field"),
+            ("[limits]\nreconnects_per_second = 0", "at least 1"),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

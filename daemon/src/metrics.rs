@@ -14,6 +14,7 @@
 //! | `grantline_policy_reloads_total`         | counter   | outcome         |
 //! | `grantline_handshakes_total`             | counter   | outcome         |
 //! | `grantline_handshakes_in_flight`         | gauge     |                 |
+//! | `grantline_tls_resumptions_total`        | counter   |                 |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

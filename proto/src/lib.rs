@@ -40,7 +40,13 @@ impl wire::Error {
     /// Builds an error reply.
     pub fn new(code: wire::ErrorCode, message: impl Into<String>) -> Self {
         let retryable = matches!(code, wire::ErrorCode::Unavailable);
-        Self { code: code as i32, message: message.into(), retryable, retry_after_ms: if retryable { 1000 } else { 0 } }
+        Self {
+            code: code as i32,
+            message: message.into(),
+            retryable,
+            retry_after_ms: if retryable { 1000 } else { 0 },
+            retry_spread_ms: 0,
+        }
     }
 }
 

@@ -284,6 +284,8 @@ pub struct FleetLoad {
     pub role: String,
     pub san: String,
     pub broker_pid: Option<u32>,
+    /// Agents keep their TLS client across reconnects and resume sessions.
+    pub resumption: bool,
 }
 
 /// `hold`: grants paced at `grant_rate` per second, or as fast as
@@ -299,6 +301,7 @@ fn client_config(
     roots: &Arc<rustls::RootCertStore>,
     leaf: &[u8],
     key: &rustls::pki_types::PrivateKeyDer<'static>,
+    resumption: bool,
 ) -> quinn::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -308,6 +311,12 @@ fn client_config(
         .with_client_auth_cert(vec![leaf.to_vec().into()], key.clone_key())
         .unwrap();
     tls.alpn_protocols = vec![grantline_proto::ALPN.to_vec()];
+    // One broker: room for its latest tickets, not rustls' default 256.
+    tls.resumption = if resumption {
+        rustls::client::Resumption::in_memory_sessions(2)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
@@ -321,6 +330,9 @@ struct Fleet {
     roots: Arc<rustls::RootCertStore>,
     key: Arc<rustls::pki_types::PrivateKeyDer<'static>>,
     leaves: Vec<Vec<u8>>,
+    /// Each agent's TLS client, made at its first connection and kept (it
+    /// holds the agent's session tickets); None without resumption.
+    clients: Option<Vec<std::sync::OnceLock<quinn::ClientConfig>>>,
     endpoints: Vec<quinn::Endpoint>,
     limit: Arc<tokio::sync::Semaphore>,
 }
@@ -340,6 +352,7 @@ impl Fleet {
             roots: Arc::new(roots),
             key: Arc::new(key),
             leaves: fixture.nodes.into_iter().take(o.agents).map(|(_, der)| der).collect(),
+            clients: o.resumption.then(|| (0..o.agents).map(|_| std::sync::OnceLock::new()).collect()),
             endpoints: (0..o.endpoints.max(1))
                 .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap())
                 .collect(),
@@ -366,7 +379,8 @@ impl Fleet {
                 match dialed {
                     Err(e) if !e.retry_after.is_zero() && refusals < 30 => {
                         let unit = rand::random::<f64>();
-                        tokio::time::sleep(grantline_agent::run::reconnect_wait(refusals, e.retry_after, unit)).await;
+                        let wait = grantline_agent::run::reconnect_wait(refusals, e.retry_after, Duration::ZERO, unit);
+                        tokio::time::sleep(wait).await;
                         refusals += 1;
                     }
                     Err(e) => return Err(e),
@@ -380,7 +394,10 @@ impl Fleet {
     fn dialer(&self, i: usize) -> Dialer {
         Dialer {
             ep: self.endpoints[i % self.endpoints.len()].clone(),
-            cfg: client_config(&self.roots, &self.leaves[i], &self.key),
+            cfg: match &self.clients {
+                Some(c) => c[i].get_or_init(|| client_config(&self.roots, &self.leaves[i], &self.key, true)).clone(),
+                None => client_config(&self.roots, &self.leaves[i], &self.key, false),
+            },
             addr: self.addr,
         }
     }
@@ -586,13 +603,19 @@ pub fn storm(
     let request = Arc::new(grant_request(&f.role, &f.san));
     runtime().block_on(async move {
         let fleet = Arc::new(Fleet::new(f));
-        let (conns, connect) = fleet.connect_all().await;
-        let conns: Vec<quinn::Connection> = conns.into_iter().flatten().collect();
+        let (by_agent, connect) = fleet.connect_all().await;
+        let conns: Vec<quinn::Connection> = by_agent.iter().flatten().cloned().collect();
         let before = Arc::new(Mutex::new(Tally::default()));
         let mut grants = tokio::task::JoinSet::new();
+        // One grant each before the restart, a bounded number at a time:
+        // this phase only sets the scene.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
         for c in &conns {
-            let (c, request, before) = (c.clone(), request.clone(), before.clone());
-            grants.spawn(async move { grant_once(&c, &request, &before).await });
+            let (c, request, before, in_flight) = (c.clone(), request.clone(), before.clone(), in_flight.clone());
+            grants.spawn(async move {
+                let _permit = in_flight.acquire().await.unwrap();
+                grant_once(&c, &request, &before).await;
+            });
         }
         while grants.join_next().await.is_some() {}
         std::fs::write(ready_file, b"connected\n").unwrap();
@@ -608,23 +631,28 @@ pub fn storm(
         let after = Arc::new(Mutex::new(Tally::default()));
         let mut agents = tokio::task::JoinSet::new();
         // What the broker asked for when it closed (a graceful restart sends
-        // a retry-after); agents wait that plus a uniform share of it again.
-        let retry_after: Vec<Duration> = conns
+        // a retry-after and a spread); agents wait as the agent does.
+        let first_wait: Vec<Duration> = by_agent
             .iter()
-            .map(|c| match c.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                    <wire::Error as prost::Message>::decode(close.reason.as_ref())
-                        .map_or(Duration::ZERO, |e| Duration::from_millis(u64::from(e.retry_after_ms)))
-                }
-                _ => Duration::ZERO,
+            .map(|c| {
+                let asked = match c.as_ref().and_then(quinn::Connection::close_reason) {
+                    Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                        <wire::Error as prost::Message>::decode(close.reason.as_ref()).ok()
+                    }
+                    _ => None,
+                };
+                let ms = |v: u32| Duration::from_millis(u64::from(v));
+                let (after, spread) = asked.map_or((Duration::ZERO, Duration::ZERO), |e| {
+                    (ms(e.retry_after_ms), ms(e.retry_spread_ms))
+                });
+                grantline_agent::run::reconnect_wait(0, after, spread, rand::random::<f64>())
             })
             .collect();
-        for i in 0..fleet.leaves.len() {
+        for (i, wait) in first_wait.into_iter().enumerate() {
             let (fleet, request, after) = (fleet.clone(), request.clone(), after.clone());
-            let wait = retry_after.get(i).copied().unwrap_or_default();
             agents.spawn(async move {
-                tokio::time::sleep(wait + wait.mul_f64(rand::random::<f64>())).await;
-                let mut attempt = 0u32;
+                tokio::time::sleep(wait).await;
+                let mut attempt = 1u32;
                 while storm_start.elapsed() < limit {
                     // At once, as a real agent does: agents do not coordinate,
                     // only the broker's admission control paces them.
@@ -646,7 +674,8 @@ pub fn storm(
                     };
                     // The agent's own reconnect policy.
                     let unit = rand::random::<f64>();
-                    tokio::time::sleep(grantline_agent::run::reconnect_wait(attempt, retry_after, unit)).await;
+                    let wait = grantline_agent::run::reconnect_wait(attempt, retry_after, Duration::ZERO, unit);
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 *after.lock().unwrap().errors.entry("not re-granted within the limit".into()).or_default() += 1;

@@ -43,6 +43,9 @@ enum Command {
         /// Handshakes in flight above which agents must answer a QUIC retry first.
         #[arg(long)]
         retry_handshakes_above: Option<usize>,
+        /// Reconnections per second a restart asks its agents to keep to.
+        #[arg(long)]
+        reconnects_per_second: Option<usize>,
     },
     /// Print this program's man page (roff) to stdout.
     #[command(hide = true)]
@@ -71,9 +74,15 @@ fn main() -> ExitCode {
             metrics,
             max_handshakes,
             retry_handshakes_above,
-        }) => match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref())
-            .and_then(|o| Ok(BrokerOptions { limits: config::limits(*max_handshakes, *retry_handshakes_above)?, ..o }))
-        {
+            reconnects_per_second,
+        }) => match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref()).and_then(|o| {
+            let limits = config::limits(config::LimitsFile {
+                max_handshakes: *max_handshakes,
+                retry_handshakes_above: *retry_handshakes_above,
+                reconnects_per_second: *reconnects_per_second,
+            })?;
+            Ok(BrokerOptions { limits, ..o })
+        }) {
             Ok(o) => (o, true),
             Err(e) => return fail(EX_CONFIG, &e),
         },

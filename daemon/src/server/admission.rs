@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The thresholds, from `[limits]` in grantlined.toml.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct Limits {
     pub retry_above: usize,
     /// Handshakes in flight at which new ones are refused.
     pub max_handshakes: usize,
+    /// The rate of reconnections a restart asks its agents to keep to.
+    pub reconnects_per_second: usize,
 }
 
 impl Default for Limits {
@@ -27,8 +30,17 @@ impl Default for Limits {
     /// (RFD 0008): 4,096 in flight is four seconds of work, well inside the
     /// agents' ten-second handshake timeout.
     fn default() -> Self {
-        Self { retry_above: 256, max_handshakes: 4096 }
+        Self { retry_above: 256, max_handshakes: 4096, reconnects_per_second: 2000 }
     }
+}
+
+/// Over how long a broker that is going away asks `agents` to spread their
+/// reconnections (beyond the fixed retry-after), so that they arrive at
+/// `per_second`: at least a second, at most ten minutes.
+pub fn reconnect_spread(agents: usize, per_second: usize) -> Duration {
+    #[allow(clippy::cast_precision_loss)]
+    let secs = agents as f64 / per_second.max(1) as f64;
+    Duration::from_secs_f64(secs.clamp(1.0, 600.0))
 }
 
 /// What to do with a new connection attempt.
@@ -84,7 +96,7 @@ mod tests {
 
     #[test]
     fn decisions_at_every_boundary() {
-        let l = Limits { retry_above: 2, max_handshakes: 4 };
+        let l = Limits { retry_above: 2, max_handshakes: 4, ..Limits::default() };
         let table = [
             (0, false, Decision::Accept),
             (1, false, Decision::Accept),
@@ -100,9 +112,19 @@ mod tests {
             assert_eq!(decide(in_flight, validated, l), want, "{in_flight} in flight, validated {validated}");
         }
         // No retry threshold below the limit: accept or refuse only.
-        let l = Limits { retry_above: 10, max_handshakes: 4 };
+        let l = Limits { retry_above: 10, max_handshakes: 4, ..Limits::default() };
         assert_eq!(decide(3, false, l), Decision::Accept);
         assert_eq!(decide(4, false, l), Decision::Refuse);
+    }
+
+    #[test]
+    fn a_restart_spreads_reconnections_to_the_rate() {
+        let s = Duration::from_secs;
+        assert_eq!(reconnect_spread(0, 2000), s(1));
+        assert_eq!(reconnect_spread(2000, 2000), s(1));
+        assert_eq!(reconnect_spread(100_000, 2000), s(50));
+        assert_eq!(reconnect_spread(100_000, 0), s(600), "a zero rate is taken as one per second, capped");
+        assert_eq!(reconnect_spread(usize::MAX, 1), s(600));
     }
 
     #[test]

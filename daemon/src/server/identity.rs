@@ -23,6 +23,11 @@ impl PeerNode {
     pub fn from_connection(conn: &quinn::Connection) -> Option<Self> {
         let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+        // rustls checked the validity on a full handshake; a resumed session
+        // (RFD 0008) carries the certificate from its ticket unchecked.
+        if !cert.validity().is_valid() {
+            return None;
+        }
         let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
         Some(Self { name, serial: hex::encode(cert.raw_serial()), not_after: cert.validity().not_after.timestamp() })
     }

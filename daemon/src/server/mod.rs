@@ -6,6 +6,7 @@ mod handler;
 mod identity;
 pub mod provision;
 mod revoke;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -127,7 +128,8 @@ impl Broker {
             AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
         let audit_reader =
             Arc::new(std::sync::Mutex::new(AuditStore::open_read_only(&opts.state_dir.join("audit.db"))?));
-        let endpoint = bind(&opts.state_dir, server_config(&pki)?, opts.listen)?;
+        let tickets = Arc::new(tickets::TicketKeys::open(&opts.state_dir)?);
+        let endpoint = bind(&opts.state_dir, server_config(&pki, tickets)?, opts.listen)?;
         let admin = match &opts.admin {
             Some(a) => {
                 let (listener, gid) = admin::bind(a)?;
@@ -302,14 +304,19 @@ impl Broker {
             task.abort();
         }
         upkeep.abort();
-        // Agents wait at least this long (plus their own jitter) before
-        // reconnecting, so a restart is not met by every node at once.
+        // Agents wait a second, then spread their reconnects over as long
+        // as the fleet takes at the configured rate (RFD 0008), so a restart
+        // is not met by every node at once.
+        let agents = self.shared.live.lock().map_or(0, |l| l.len());
+        let spread = admission::reconnect_spread(agents, self.shared.limits.reconnects_per_second);
         let bye = wire::Error {
             code: wire::ErrorCode::Unavailable as i32,
             message: "broker shutting down".into(),
             retryable: true,
             retry_after_ms: 1000,
+            retry_spread_ms: u32::try_from(spread.as_millis()).unwrap_or(u32::MAX),
         };
+        tracing::info!(agents, spread = ?spread, "closing agent connections; they reconnect over the spread");
         self.endpoint.close((wire::ErrorCode::Unavailable as u32).into(), &prost::Message::encode_to_vec(&bye));
         self.shared.flush_last_seen();
 
@@ -411,7 +418,7 @@ fn bind(dir: &Path, cfg: quinn::ServerConfig, listen: SocketAddr) -> Result<quin
 /// The UDP receive buffer asked for (the kernel grants up to rmem_max).
 const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
-fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
+fn server_config(pki: &Pki, tickets: Arc<tickets::TicketKeys>) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.node_ca.cert_der.clone())?;
@@ -426,6 +433,9 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Reconnecting agents resume their sessions, across restarts too.
+    tls.ticketer = tickets;
+    tls.send_tls13_tickets = 1;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport

@@ -11,7 +11,9 @@
 //! ```
 //!
 //! FLEET is `--broker ADDR --ca-file CA --fixture FIXTURE --agents N --role R --san NAME
-//! [--endpoints 16] [--connect-concurrency 128] [--broker-pid PID]`.
+//! [--endpoints 16] [--connect-concurrency 128] [--no-resumption] [--broker-pid PID]`.
+//! Each agent keeps its TLS client and resumes its session on reconnects,
+//! as `grantline-agent` does, unless `--no-resumption`.
 //!
 //! `provision` needs the broker stopped; it issues fixture identities and
 //! audits them (RFD 0008). `hold` connects the fixture's agents, holds them,
@@ -58,6 +60,7 @@ fn fleet(args: &[String]) -> grantline_tests::load::FleetLoad {
         role: req_arg(args, "--role"),
         san: req_arg(args, "--san"),
         broker_pid: arg(args, "--broker-pid").map(|p| p.parse().unwrap()),
+        resumption: !args.iter().any(|a| a == "--no-resumption"),
     }
 }
 

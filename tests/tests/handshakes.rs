@@ -1,16 +1,18 @@
-//! Admission control on handshakes (RFD 0008) against a real broker: past
-//! its limit the broker refuses handshakes with QUIC CONNECTION_REFUSED,
+//! Handshakes at scale (RFD 0008) against a real broker. Admission control:
+//! past its limit the broker refuses handshakes with QUIC CONNECTION_REFUSED,
 //! which agents read as "retry after a second"; past the retry threshold it
-//! makes senders prove their address with a QUIC retry first. The slots are
+//! makes senders prove their address with a QUIC retry first (the slots are
 //! held by handshakes that never finish: real client Initial packets, sent
-//! from a socket that never answers the broker.
+//! from a socket that never answers). Session resumption: an agent resumes
+//! its TLS session after a broker restart, and falls back to a full
+//! handshake when the broker lost its ticket keys.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use grantline_tests::{metric, raw, scrape, Broker};
+use grantline_tests::{metric, raw, scrape, stderr, Agent, Broker};
 
 /// `n` distinct QUIC Initial packets of real client handshakes, captured on
 /// a socket that plays the server and never answers.
@@ -114,4 +116,47 @@ fn past_the_retry_threshold_a_sender_proves_its_address_and_is_then_served() {
     assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"accepted\"}"), 3.0, "{body}");
     assert_eq!(metric(&body, "grantline_handshakes_total{outcome=\"refused\"}"), 0.0, "{body}");
     conn.close(0u32.into(), b"done");
+}
+
+/// SIGTERM, `meanwhile`, and start again on the same address and state;
+/// the new metrics URL.
+fn restart(broker: &mut Broker, meanwhile: impl FnOnce(&Broker)) -> String {
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.proc.wait().success());
+    meanwhile(broker);
+    broker.restart_with(&["--metrics", "127.0.0.1:0"]);
+    broker.proc.wait_line("grantlined metrics on")
+}
+
+fn granted(agent: &Agent) {
+    let out = tempfile::tempdir().unwrap();
+    let got =
+        agent.get(&["x509", "--role", "dev", "--san", "web-1.example.com", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+}
+
+const RESUMED: &str = "grantline_tls_resumptions_total";
+
+#[test]
+fn an_agent_resumes_its_tls_session_after_a_broker_restart_and_does_without_when_the_keys_are_gone() {
+    let mut broker = Broker::start_with(&["--metrics", "127.0.0.1:0"]);
+    let metrics = broker.proc.wait_line("grantlined metrics on");
+    let mut agent = Agent::start(&broker, "web-1");
+    granted(&agent);
+    assert_eq!(metric(&scrape(&metrics), RESUMED), 0.0, "nothing to resume on a first connection");
+
+    // The ticket the agent holds opens under the key saved in the state directory.
+    let metrics = restart(&mut broker, |_| ());
+    agent.wait_connected();
+    assert_eq!(metric(&scrape(&metrics), RESUMED), 1.0);
+    // The resumed session carries the node's identity.
+    granted(&agent);
+
+    // Without the saved keys the ticket is worthless: a full handshake.
+    let metrics = restart(&mut broker, |b| std::fs::remove_file(b.path("tls-tickets.key")).unwrap());
+    agent.wait_connected();
+    assert_eq!(metric(&scrape(&metrics), RESUMED), 0.0);
+    granted(&agent);
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
 }
