@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The scale scenarios of RFD 0008, one command each, on this machine:
-#   tests/scale.sh hold N     hold N agents over 16 UDP sockets, 200 grants/s for 2 s
+#   tests/scale.sh hold N     hold N agents over 64 UDP sockets (ENDPOINTS=), 200 grants/s for 2 s
 #   tests/scale.sh sweep N    raise the grant rate over N agents to the peak; p99 at half of it
 #   tests/scale.sh storm N    restart the broker under N connected agents; time to all re-granted
+#                             (RATE= sets the broker's --reconnects-per-second)
 #   tests/scale.sh vault      OpenBao pki/sign and the broker's modes in the same run (ratio)
 # Each prints grantline-loadgen's JSON (one object). Build first:
 #   cargo build --release --bins
@@ -21,7 +22,8 @@ trap cleanup EXIT
 
 start_broker() { # $1: listen address; sets BP and ADDR
   : >"$D/out"
-  "$B/grantlined" dev --state-dir "$D/state" --listen "$1" >"$D/out" 2>"$D/err" &
+  "$B/grantlined" dev --state-dir "$D/state" --listen "$1" --metrics 127.0.0.1:0 ${RATE:+--reconnects-per-second "$RATE"} \
+    >"$D/out" 2>"$D/err" &
   BP=$!
   echo "$BP" >"$D/pid"
   until grep -q "ready on" "$D/out" 2>/dev/null; do
@@ -29,6 +31,15 @@ start_broker() { # $1: listen address; sets BP and ADDR
     sleep 0.1
   done
   ADDR=$(sed -n 's/^grantlined ready on //p' "$D/out")
+  until grep -q "metrics on" "$D/out" 2>/dev/null; do sleep 0.1; done
+  METRICS=$(sed -n 's|^grantlined metrics on http://\([^/]*\)/metrics|\1|p' "$D/out")
+}
+# The broker's handshake and resumption counters, to stderr.
+handshake_counters() {
+  exec 3<>"/dev/tcp/${METRICS%:*}/${METRICS#*:}"
+  printf 'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n' >&3
+  grep -E '^grantline_(handshakes_total|tls_resumptions_total)' <&3 >&2 || true
+  exec 3<&-
 }
 stop_broker() { kill -TERM "$BP"; wait "$BP" || true; BP=; }
 
@@ -37,7 +48,7 @@ stop_broker
 "$B/grantline-loadgen" provision --state-dir "$D/state" --nodes "$N" --out "$D/fixture" >&2
 start_broker "$ADDR"
 echo "idle broker $(grep VmRSS /proc/$BP/status)" >&2
-fleet=(--broker "$ADDR" --ca-file "$D/state/ca.pem" --fixture "$D/fixture" --agents "$N" --endpoints 16
+fleet=(--broker "$ADDR" --ca-file "$D/state/ca.pem" --fixture "$D/fixture" --agents "$N" --endpoints "${ENDPOINTS:-64}"
   --role dev --san load.example.com)
 case "$scenario" in
   hold) "$B/grantline-loadgen" hold "${fleet[@]}" --grant-rate 200 --seconds 2 --broker-pid "$BP" ;;
@@ -51,6 +62,7 @@ case "$scenario" in
     start_broker "$ADDR"
     wait "$LP"
     cat "$D/storm.json"
+    handshake_counters
     stop_broker
     "$B/grantline" audit verify --db "$D/state/audit.db" --key-file "$D/state/audit.vkey" >&2
     ;;

@@ -11,6 +11,10 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::state::Identity;
 
+/// How often an idle agent pings the broker: well inside the broker's 60 s
+/// idle timeout (one lost ping is survived) and NAT bindings' 30 s and up.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -37,7 +41,7 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(Duration::from_secs(15)))
+        .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(Duration::from_secs(60).try_into()?))
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into());

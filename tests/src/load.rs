@@ -319,9 +319,19 @@ fn client_config(
     };
     let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    // As often as a real agent: 100,000 of them ping the broker 6,700 times a second.
+    transport.keep_alive_interval(Some(grantline_agent::tls::KEEP_ALIVE));
     cfg.transport_config(Arc::new(transport));
     cfg
+}
+
+/// A client endpoint whose socket has a receive buffer as large as the
+/// broker's (RFD 0008): thousands of agents share it, and with the default
+/// the kernel drops their packets before the load generator reads them.
+fn client_endpoint() -> quinn::Endpoint {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(8 << 20));
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime)).unwrap()
 }
 
 /// The fixture's agents and the client sockets they share.
@@ -353,9 +363,7 @@ impl Fleet {
             key: Arc::new(key),
             leaves: fixture.nodes.into_iter().take(o.agents).map(|(_, der)| der).collect(),
             clients: o.resumption.then(|| (0..o.agents).map(|_| std::sync::OnceLock::new()).collect()),
-            endpoints: (0..o.endpoints.max(1))
-                .map(|_| quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap())
-                .collect(),
+            endpoints: (0..o.endpoints.max(1)).map(|_| client_endpoint()).collect(),
             limit: Arc::new(tokio::sync::Semaphore::new(o.connect_concurrency.max(1))),
         }
     }
