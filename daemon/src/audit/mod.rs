@@ -6,5 +6,5 @@ pub mod prove;
 pub mod store;
 pub mod writer;
 
-pub use store::AuditStore;
+pub use store::{AuditReaders, AuditStore};
 pub use writer::{AuditError, AuditLog};

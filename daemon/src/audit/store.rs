@@ -467,9 +467,56 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
     Ok(StoredEntry { seq: r.get(0)?, entry: r.get(1)?, hash: r.get(2)?, signature: r.get(3)? })
 }
 
+/// Read-only connections to the audit database, one per core: inclusion
+/// proofs (agents ask for one after every grant) and admin reads run side
+/// by side instead of queueing on one connection (RFD 0008).
+pub struct AuditReaders {
+    pool: Vec<std::sync::Mutex<AuditStore>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl AuditReaders {
+    pub fn open(path: &Path, connections: usize) -> rusqlite::Result<Self> {
+        let pool = (0..connections.max(1))
+            .map(|_| AuditStore::open_read_only(path).map(std::sync::Mutex::new))
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Self { pool, next: std::sync::atomic::AtomicUsize::new(0) })
+    }
+
+    /// Runs `f` on an idle connection, or waits for one in turn. Call it
+    /// from blocking code (`spawn_blocking`): SQLite reads block.
+    pub fn with<T>(&self, f: impl FnOnce(&AuditStore) -> T) -> T {
+        for reader in &self.pool {
+            match reader.try_lock() {
+                Ok(store) => return f(&store),
+                Err(std::sync::TryLockError::Poisoned(p)) => return f(&p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len();
+        let store = self.pool[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&store)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_serve_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let mut s = AuditStore::open(&path).unwrap();
+        s.append(&[NewEntry { seq: 0, hash: [1; 32], entry: b"e".to_vec(), signature: [2; 64] }], &[(0, 0, [1; 32])])
+            .unwrap();
+        let readers = AuditReaders::open(&path, 2).unwrap();
+        // A read while another is under way takes the other connection
+        // (with one connection this would wait for itself).
+        let counts = readers.with(|a| (a.count().unwrap(), readers.with(|b| b.count().unwrap())));
+        assert_eq!(counts, (1, 1));
+        assert!(AuditReaders::open(&dir.path().join("missing/a.db"), 2).is_err());
+    }
 
     #[test]
     fn rows_cannot_be_updated_or_deleted() {

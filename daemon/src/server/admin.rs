@@ -144,13 +144,10 @@ impl AdminService {
         f: impl FnOnce(&crate::audit::AuditStore) -> Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let reader = self.shared.audit_reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let store = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&store)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("audit read failed: {e}")))?
-        .map_err(|e| Status::unavailable(format!("{e:#}")))
+        tokio::task::spawn_blocking(move || reader.with(f))
+            .await
+            .map_err(|e| Status::internal(format!("audit read failed: {e}")))?
+            .map_err(|e| Status::unavailable(format!("{e:#}")))
     }
 }
 
@@ -335,11 +332,9 @@ impl Admin for AdminService {
                 let end = (*size.borrow_and_update()).min(stop);
                 while next < end {
                     let reader = reader.clone();
-                    let batch = tokio::task::spawn_blocking(move || {
-                        let store = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        store.stored_range(next, end, TAIL_BATCH)
-                    })
-                    .await;
+                    let batch =
+                        tokio::task::spawn_blocking(move || reader.with(|s| s.stored_range(next, end, TAIL_BATCH)))
+                            .await;
                     let rows = match batch {
                         Ok(Ok(rows)) if !rows.is_empty() => rows,
                         Ok(Ok(_)) => break,

@@ -508,8 +508,8 @@ async fn prove(shared: &Shared, index: u64) -> Reply {
                 cp.size
             )));
         }
-        let store = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let proof = grantline_proto::audit::merkle::inclusion_proof(&*store, index, cp.size)
+        let proof = reader
+            .with(|store| grantline_proto::audit::merkle::inclusion_proof(store, index, cp.size))
             .map_err(|e| unavailable(format!("cannot build the proof: {e}")))?;
         Ok(grantline_proto::audit::checkpoint::InclusionReceipt { index, proof, checkpoint_note: note }.format())
     })

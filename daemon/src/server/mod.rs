@@ -23,7 +23,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::anchor::{publish_loop, Anchor};
-use crate::audit::{AuditLog, AuditStore};
+use crate::audit::{AuditLog, AuditReaders};
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
@@ -91,7 +91,7 @@ pub(crate) struct Shared {
     limits: admission::Limits,
     /// One read-only connection to the audit database for proof queries,
     /// opened once rather than per request (agents ask after every grant).
-    audit_reader: Arc<std::sync::Mutex<AuditStore>>,
+    audit_reader: Arc<AuditReaders>,
 }
 
 pub struct Broker {
@@ -126,8 +126,8 @@ impl Broker {
         let nodes = state.nodes()?.into_iter().map(|n| (n.name.clone(), n)).collect();
         let (audit, audit_thread) =
             AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
-        let audit_reader =
-            Arc::new(std::sync::Mutex::new(AuditStore::open_read_only(&opts.state_dir.join("audit.db"))?));
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let audit_reader = Arc::new(AuditReaders::open(&opts.state_dir.join("audit.db"), cores)?);
         let tickets = Arc::new(tickets::TicketKeys::open(&opts.state_dir)?);
         let endpoint = bind(&opts.state_dir, server_config(&pki, tickets)?, opts.listen)?;
         let admin = match &opts.admin {

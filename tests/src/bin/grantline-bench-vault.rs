@@ -55,7 +55,10 @@ fn main() {
             identity_dir: agent.dir.path().to_owned(),
             role: "web".into(),
             san: "svc.example.com".into(),
-            connections: 4,
+            // Four requests in flight per connection: the broker allows
+            // eight concurrent streams per agent (RFD 0008), and a bench
+            // that queues on that limit measures its own connection count.
+            connections: 16,
             concurrency: 64,
             requests,
         };
