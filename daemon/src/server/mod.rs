@@ -89,8 +89,8 @@ pub(crate) struct Shared {
     requests: TaskTracker,
     handshakes: admission::Handshakes,
     limits: admission::Limits,
-    /// One read-only connection to the audit database for proof queries,
-    /// opened once rather than per request (agents ask after every grant).
+    /// Read-only connections to the audit database for proofs and admin
+    /// reads, opened once, one per core (agents ask after every grant).
     audit_reader: Arc<AuditReaders>,
 }
 
