@@ -193,3 +193,98 @@ pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result
     }
     Ok((Ok(summary), note))
 }
+
+/// One broker's log in a fleet verification: where it was read and its verdict.
+#[derive(Debug, Clone)]
+pub struct FleetLog {
+    pub db: String,
+    pub verdict: Result<Summary, Failure>,
+}
+
+/// The verdict over several brokers' logs (RFD 0008): each log verified
+/// against its own key, and together they must be distinct logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetVerdict {
+    pub ok: bool,
+    pub entries: u64,
+    pub first_time_ms: Option<i64>,
+    pub last_time_ms: Option<i64>,
+    /// What is wrong across the logs, each with what to do.
+    pub problems: Vec<String>,
+}
+
+/// Merges per-log verdicts: all must verify, no origin may appear twice
+/// (each broker signs its own log under its own name), and the entry count
+/// and time span are the fleet's.
+pub fn fleet_verdict(logs: &[FleetLog]) -> FleetVerdict {
+    let mut problems = Vec::new();
+    let mut by_origin: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for log in logs {
+        match &log.verdict {
+            Ok(s) => by_origin.entry(s.origin.as_str()).or_default().push(log.db.as_str()),
+            Err(f) => problems.push(format!("{}: FAILED at seq {}: {}", log.db, f.seq, f.reason)),
+        }
+    }
+    for (origin, dbs) in &by_origin {
+        if dbs.len() > 1 {
+            problems.push(format!(
+                "{} logs claim origin {origin} ({}): each broker must sign its own log under its own origin; \
+                 a copy was given twice, or two brokers share a key",
+                dbs.len(),
+                dbs.join(", ")
+            ));
+        }
+    }
+    let ok_logs = || logs.iter().filter_map(|l| l.verdict.as_ref().ok());
+    FleetVerdict {
+        ok: problems.is_empty() && !logs.is_empty(),
+        entries: ok_logs().map(|s| s.entries).sum(),
+        first_time_ms: ok_logs().filter_map(|s| s.first_time_ms).min(),
+        last_time_ms: ok_logs().filter_map(|s| s.last_time_ms).max(),
+        problems,
+    }
+}
+
+#[cfg(test)]
+mod fleet_tests {
+    use super::*;
+
+    fn log(db: &str, origin: &str, entries: u64, span: (i64, i64)) -> FleetLog {
+        FleetLog {
+            db: db.into(),
+            verdict: Ok(Summary {
+                entries,
+                origin: origin.into(),
+                head: String::new(),
+                root: String::new(),
+                first_time_ms: Some(span.0),
+                last_time_ms: Some(span.1),
+                roots: std::collections::BTreeMap::new(),
+                keys: Vec::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_fleet_verifies_when_every_log_does_and_no_origin_repeats() {
+        let a = log("a.db", "grantline/a", 10, (100, 500));
+        let b = log("b.db", "grantline/b", 5, (50, 300));
+        let v = fleet_verdict(&[a.clone(), b.clone()]);
+        assert_eq!(
+            v,
+            FleetVerdict { ok: true, entries: 15, first_time_ms: Some(50), last_time_ms: Some(500), problems: vec![] }
+        );
+
+        let twice = fleet_verdict(&[a.clone(), log("copy.db", "grantline/a", 10, (100, 500))]);
+        assert!(!twice.ok);
+        assert!(twice.problems[0].contains("2 logs claim origin grantline/a (a.db, copy.db)"), "{twice:?}");
+
+        let bad = FleetLog { db: "c.db".into(), verdict: Err(Failure { seq: 3, reason: "bad signature".into() }) };
+        let broken = fleet_verdict(&[a, bad, b]);
+        assert!(!broken.ok);
+        assert_eq!(broken.problems, vec!["c.db: FAILED at seq 3: bad signature".to_owned()]);
+        assert_eq!(broken.entries, 15, "the logs that verify still count");
+
+        assert!(!fleet_verdict(&[]).ok, "no logs verify nothing");
+    }
+}

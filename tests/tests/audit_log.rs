@@ -190,3 +190,54 @@ fn a_locked_audit_database_fails_grants_closed_and_service_recovers() {
     let fp = pem_fingerprint(&out.path().join("cert.pem"));
     assert!(broker.events().iter().any(|e| matches!(e, Event::Grant { fingerprint, .. } if *fingerprint == fp)));
 }
+
+/// `grantline audit verify-fleet --json --log DB KEY ...`: exit code and JSON.
+fn verify_fleet(logs: &[(&Path, &Path)]) -> (Option<i32>, serde_json::Value) {
+    let mut cmd = Command::new(grantline_tests::bin("grantline"));
+    cmd.args(["audit", "verify-fleet", "--json"]);
+    for (db, key) in logs {
+        cmd.arg("--log").arg(db).arg(key);
+    }
+    let out = cmd.output().unwrap();
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}{}", String::from_utf8_lossy(&out.stdout), stderr(&out)));
+    (out.status.code(), json)
+}
+
+#[test]
+fn the_logs_of_several_brokers_verify_together_each_under_its_own_key_and_origin() {
+    // Two brokers, two origins (the dev one's and the configured one's).
+    let mut a = Broker::start();
+    let mut b = Broker::start_config("", "");
+    for broker in [&mut a, &mut b] {
+        broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(broker.proc.wait().success());
+    }
+    let (a_db, a_key, b_db, b_key) =
+        (a.path("audit.db"), a.path("audit.vkey"), b.path("audit.db"), b.path("audit.vkey"));
+    let alone = |db: &Path, key: &Path| verify_db(db, key).1["entries"].as_u64().unwrap();
+
+    let (code, v) = verify_fleet(&[(&a_db, &a_key), (&b_db, &b_key)]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["entries"].as_u64().unwrap(), alone(&a_db, &a_key) + alone(&b_db, &b_key), "{v}");
+    assert_eq!(v["logs"][1]["origin"], "grantline.test/broker", "{v}");
+    assert!(v["first_time_ms"].as_i64().unwrap() <= v["last_time_ms"].as_i64().unwrap(), "{v}");
+
+    // A log checked against another broker's key fails, and says which log.
+    let (code, v) = verify_fleet(&[(&a_db, &b_key), (&b_db, &b_key)]);
+    assert_eq!(code, Some(65), "{v}");
+    let problem = v["problems"][0].as_str().unwrap();
+    assert!(problem.starts_with(a_db.to_str().unwrap()), "{v}");
+
+    // The same log given twice is not two brokers.
+    let copy = fresh_copy(&a_db);
+    let (code, v) = verify_fleet(&[(&a_db, &a_key), (&copy.path().join("audit.db"), &a_key)]);
+    assert_eq!(code, Some(65), "{v}");
+    assert!(v["problems"][0].as_str().unwrap().contains("2 logs claim origin grantline-dev/"), "{v}");
+
+    // A key file that is not there is named.
+    let (code, v) = verify_fleet(&[(&a_db, Path::new("/nonexistent/audit.vkey"))]);
+    assert_eq!(code, Some(66), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("/nonexistent/audit.vkey"), "{v}");
+}

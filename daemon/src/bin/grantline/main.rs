@@ -111,6 +111,19 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Verify the logs of several brokers (RFD 0008): each against its own
+    /// verifier key, and no origin twice; prints each verdict and the
+    /// fleet's entries and time span.
+    VerifyFleet {
+        /// One broker's audit database and its verifier key (audit.vkey).
+        /// Repeat for each broker.
+        #[arg(long = "log", num_args = 2, value_names = ["DB", "KEY_FILE"], required = true,
+              action = clap::ArgAction::Append)]
+        logs: Vec<PathBuf>,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the offline inclusion proof (C2SP tlog-proof) of one entry, or
     /// the consistency proof from an older tree size, against the latest
     /// checkpoint.
@@ -166,6 +179,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
             audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
         }
+        Command::Audit(AuditCommand::VerifyFleet { logs, json }) => audit_verify_fleet(&logs, json),
         Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit_prove(&db, index, old_size) {
             Ok(text) => {
                 print!("{text}");
@@ -242,10 +256,7 @@ fn audit_verify(
     checkpoints: &[PathBuf],
     json: bool,
 ) -> ExitCode {
-    let key = match std::fs::read_to_string(key_file)
-        .with_context(|| format!("cannot read key file {}", key_file.display()))
-        .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", key_file.display())))
-    {
+    let key = match read_verifier_key(key_file) {
         Ok(k) => k,
         Err(e) => return report_error(json, EX_NOINPUT, &e),
     };
@@ -286,6 +297,59 @@ fn audit_verify(
     match verdict {
         Some(v) => report_verdict(json, v),
         None => report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
+    }
+}
+
+fn read_verifier_key(path: &std::path::Path) -> Result<VerifierKey> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))
+        .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", path.display())))
+}
+
+fn audit_verify_fleet(logs: &[PathBuf], json: bool) -> ExitCode {
+    let mut verdicts = Vec::new();
+    for pair in logs.chunks(2) {
+        let [db, key_file] = pair else {
+            return report_error(json, EX_USAGE, &anyhow::anyhow!("--log takes a database and a key file"));
+        };
+        let verdict = read_verifier_key(key_file)
+            .and_then(|key| verify::verify_db(db, &key, std::io::stderr().is_terminal(), &[]));
+        match verdict {
+            Ok(verdict) => verdicts.push(verify::FleetLog { db: db.display().to_string(), verdict }),
+            Err(e) => return report_error(json, EX_NOINPUT, &e),
+        }
+    }
+    let fleet = verify::fleet_verdict(&verdicts);
+    if json {
+        let logs: Vec<_> = verdicts
+            .iter()
+            .map(|l| match &l.verdict {
+                Ok(s) => serde_json::json!({"db": l.db, "ok": true, "origin": s.origin, "entries": s.entries, "head": s.head, "root": s.root}),
+                Err(f) => serde_json::json!({"db": l.db, "ok": false, "seq": f.seq, "reason": f.reason}),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"ok": fleet.ok, "entries": fleet.entries, "first_time_ms": fleet.first_time_ms,
+                "last_time_ms": fleet.last_time_ms, "logs": logs, "problems": fleet.problems})
+        );
+    } else {
+        for l in &verdicts {
+            if let Ok(s) = &l.verdict {
+                println!("OK: {} entries in log {}, head {}, root {} ({})", s.entries, s.origin, s.head, s.root, l.db);
+            }
+        }
+        for p in &fleet.problems {
+            println!("FAILED: {p}");
+        }
+        if fleet.ok {
+            println!("OK: {} logs, {} entries", verdicts.len(), fleet.entries);
+        }
+    }
+    if fleet.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EX_DATAERR)
     }
 }
 
