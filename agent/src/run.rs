@@ -173,6 +173,10 @@ pub fn close_reason(e: &quinn::ConnectionError) -> Option<wire::Error> {
     }
 }
 
+/// The longest retry-after or spread the agent honours (a broker asks for
+/// at most 10 minutes of spread, RFD 0008).
+pub(crate) const MAX_BROKER_WAIT: Duration = Duration::from_secs(600);
+
 /// The wait a refused handshake asks for, if `e` is one: the broker's
 /// admission control had too many handshakes in flight (RFD 0008).
 pub fn refused_retry_after(e: &quinn::ConnectionError) -> Option<Duration> {
@@ -192,6 +196,9 @@ pub fn refused_retry_after(e: &quinn::ConnectionError) -> Option<Duration> {
 /// broker that names a spread (a restart under a large fleet) gets its
 /// retry-after plus a uniform share of the spread instead.
 pub fn reconnect_wait(attempt: u32, retry_after: Duration, spread: Duration, unit: f64) -> Duration {
+    // What a broker asks for is bounded by what a broker would ask for: a
+    // corrupt or hostile close reason cannot park the agent for weeks.
+    let (retry_after, spread) = (retry_after.min(MAX_BROKER_WAIT), spread.min(MAX_BROKER_WAIT));
     let unit = unit.clamp(0.0, 1.0);
     let jittered = backoff(attempt, Duration::from_millis(200), Duration::from_secs(30), unit);
     if !spread.is_zero() {
@@ -659,6 +666,10 @@ mod tests {
         assert_eq!(reconnect_wait(0, s(1), s(50), 0.5), s(26));
         assert_eq!(reconnect_wait(7, s(1), s(50), 1.0), s(51));
         assert_eq!(reconnect_wait(0, s(1), s(50), 7.0), s(51), "the unit is clamped");
+        // Whatever the close reason says, at most ten minutes each.
+        let forever = Duration::from_millis(u64::from(u32::MAX));
+        assert_eq!(reconnect_wait(0, forever, forever, 1.0), s(1200));
+        assert_eq!(reconnect_wait(0, forever, Duration::ZERO, 1.0), s(1200));
     }
 
     #[test]

@@ -51,7 +51,7 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
                         .map_or(Duration::ZERO, |w| Duration::from_millis(u64::from(w.retry_after_ms)));
                     let wait =
                         backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), rand::thread_rng().gen())
-                            .max(retry_after);
+                            .max(retry_after.min(crate::run::MAX_BROKER_WAIT));
                     tracing::warn!(sink = %sink.name, error = %format!("{e:#}"), retry_in = ?wait, "cannot renew a sink; the files in place stay until they expire");
                     tokio::time::sleep(wait).await;
                     attempt = attempt.saturating_add(1);
