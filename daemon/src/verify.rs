@@ -245,6 +245,64 @@ pub fn fleet_verdict(logs: &[FleetLog]) -> FleetVerdict {
     }
 }
 
+/// One entry of a fleet's merged timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineEntry {
+    pub time_ms: i64,
+    pub origin: String,
+    pub seq: u64,
+    /// The event exactly as signed (JSON).
+    pub event_json: Vec<u8>,
+}
+
+/// Merges several logs' entry streams, each in its own seq order, into one
+/// stream, earliest time first (ties: the earlier log given). Within a log
+/// the order is kept even if its clock stepped back.
+pub fn merge_by_time<I: Iterator<Item = TimelineEntry>>(streams: Vec<I>) -> impl Iterator<Item = TimelineEntry> {
+    use std::cmp::Reverse;
+    let mut streams = streams;
+    let mut heads: Vec<Option<TimelineEntry>> = streams.iter_mut().map(Iterator::next).collect();
+    let mut queue: std::collections::BinaryHeap<Reverse<(i64, usize)>> =
+        heads.iter().enumerate().filter_map(|(i, h)| h.as_ref().map(|e| Reverse((e.time_ms, i)))).collect();
+    std::iter::from_fn(move || {
+        let Reverse((_, i)) = queue.pop()?;
+        let out = heads[i].take();
+        heads[i] = streams[i].next();
+        if let Some(next) = &heads[i] {
+            queue.push(Reverse((next.time_ms, i)));
+        }
+        out
+    })
+}
+
+/// A log's entries in seq order, read in batches.
+pub fn log_entries(db: &Path) -> Result<impl Iterator<Item = Result<TimelineEntry>>> {
+    let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
+    let mut next = 0u64;
+    let mut batch = std::collections::VecDeque::new();
+    let db = db.display().to_string();
+    Ok(std::iter::from_fn(move || {
+        if batch.is_empty() {
+            match store.stored_range(next, u64::MAX, 1000) {
+                Ok(rows) => batch.extend(rows),
+                Err(e) => return Some(Err(anyhow::anyhow!("cannot read {db}: {e}"))),
+            }
+        }
+        let row = batch.pop_front()?;
+        next = u64::try_from(row.seq).unwrap_or(u64::MAX).saturating_add(1);
+        Some(
+            grantline_proto::audit::Entry::decode(&row.entry)
+                .map(|e| TimelineEntry {
+                    time_ms: e.time_ms,
+                    origin: e.origin.to_owned(),
+                    seq: e.seq,
+                    event_json: e.event_json.to_vec(),
+                })
+                .map_err(|e| anyhow::anyhow!("{db}: entry {} does not decode: {e}", row.seq)),
+        )
+    }))
+}
+
 #[cfg(test)]
 mod fleet_tests {
     use super::*;
@@ -286,5 +344,21 @@ mod fleet_tests {
         assert_eq!(broken.entries, 15, "the logs that verify still count");
 
         assert!(!fleet_verdict(&[]).ok, "no logs verify nothing");
+    }
+
+    fn at(origin: &str, seq: u64, time_ms: i64) -> TimelineEntry {
+        TimelineEntry { time_ms, origin: origin.into(), seq, event_json: Vec::new() }
+    }
+
+    #[test]
+    fn timelines_merge_earliest_first_and_keep_each_log_in_order() {
+        let a = vec![at("a", 0, 10), at("a", 1, 30), at("a", 2, 20), at("a", 3, 50)];
+        let b = vec![at("b", 0, 5), at("b", 1, 30), at("b", 2, 40)];
+        let merged: Vec<(String, u64)> =
+            merge_by_time(vec![a.into_iter(), b.into_iter()]).map(|e| (e.origin, e.seq)).collect();
+        let want = [("b", 0), ("a", 0), ("a", 1), ("a", 2), ("b", 1), ("b", 2), ("a", 3)];
+        assert_eq!(merged, want.map(|(o, s)| (o.to_owned(), s)).to_vec());
+        let none: Vec<std::vec::IntoIter<TimelineEntry>> = vec![Vec::new().into_iter()];
+        assert_eq!(merge_by_time(none).count(), 0);
     }
 }

@@ -224,9 +224,38 @@ fn the_logs_of_several_brokers_verify_together_each_under_its_own_key_and_origin
     assert_eq!(v["logs"][1]["origin"], "grantline.test/broker", "{v}");
     assert!(v["first_time_ms"].as_i64().unwrap() <= v["last_time_ms"].as_i64().unwrap(), "{v}");
 
+    // One timeline of both: every entry once, earliest first, each log in order.
+    let out = Command::new(grantline_tests::bin("grantline"))
+        .args(["audit", "verify-fleet", "--timeline", "--log"])
+        .args([&a_db, &a_key])
+        .arg("--log")
+        .args([&b_db, &b_key])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len() as u64, alone(&a_db, &a_key) + alone(&b_db, &b_key));
+    assert!(lines.windows(2).all(|w| w[0]["time_ms"].as_i64() <= w[1]["time_ms"].as_i64()), "not in time order");
+    for origin in ["grantline.test/broker", v["logs"][0]["origin"].as_str().unwrap()] {
+        let seqs: Vec<u64> =
+            lines.iter().filter(|l| l["origin"] == origin).map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{origin}");
+        assert!(!seqs.is_empty(), "{origin}");
+    }
+    assert_eq!(lines[0]["event"]["type"], "genesis", "{}", lines[0]);
+    assert!(stderr(&out).contains("OK: 2 logs"), "{}", stderr(&out));
+
     // A log checked against another broker's key fails, and says which log.
     let (code, v) = verify_fleet(&[(&a_db, &b_key), (&b_db, &b_key)]);
     assert_eq!(code, Some(65), "{v}");
+    let refused = Command::new(grantline_tests::bin("grantline"))
+        .args(["audit", "verify-fleet", "--timeline", "--log"])
+        .args([&a_db, &b_key])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(65));
+    assert!(refused.stdout.is_empty(), "a timeline of an unverified log was printed");
     let problem = v["problems"][0].as_str().unwrap();
     assert!(problem.starts_with(a_db.to_str().unwrap()), "{v}");
 

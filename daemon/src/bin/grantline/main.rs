@@ -123,6 +123,11 @@ enum AuditCommand {
         /// Print the verdict as JSON.
         #[arg(long)]
         json: bool,
+        /// Once every log verifies, print all their entries as one timeline
+        /// on stdout, a JSON object a line (time_ms, origin, seq, event),
+        /// earliest first; the verdict goes to stderr.
+        #[arg(long, conflicts_with = "json")]
+        timeline: bool,
     },
     /// Print the offline inclusion proof (C2SP tlog-proof) of one entry, or
     /// the consistency proof from an older tree size, against the latest
@@ -179,7 +184,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
             audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
         }
-        Command::Audit(AuditCommand::VerifyFleet { logs, json }) => audit_verify_fleet(&logs, json),
+        Command::Audit(AuditCommand::VerifyFleet { logs, json, timeline }) => audit_verify_fleet(&logs, json, timeline),
         Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit_prove(&db, index, old_size) {
             Ok(text) => {
                 print!("{text}");
@@ -306,7 +311,7 @@ fn read_verifier_key(path: &std::path::Path) -> Result<VerifierKey> {
         .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", path.display())))
 }
 
-fn audit_verify_fleet(logs: &[PathBuf], json: bool) -> ExitCode {
+fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode {
     let mut verdicts = Vec::new();
     for pair in logs.chunks(2) {
         let [db, key_file] = pair else {
@@ -334,22 +339,58 @@ fn audit_verify_fleet(logs: &[PathBuf], json: bool) -> ExitCode {
                 "last_time_ms": fleet.last_time_ms, "logs": logs, "problems": fleet.problems})
         );
     } else {
+        // With a timeline, stdout is the timeline's alone.
+        let say = |line: String| if timeline { eprintln!("{line}") } else { println!("{line}") };
         for l in &verdicts {
             if let Ok(s) = &l.verdict {
-                println!("OK: {} entries in log {}, head {}, root {} ({})", s.entries, s.origin, s.head, s.root, l.db);
+                say(format!(
+                    "OK: {} entries in log {}, head {}, root {} ({})",
+                    s.entries, s.origin, s.head, s.root, l.db
+                ));
             }
         }
         for p in &fleet.problems {
-            println!("FAILED: {p}");
+            say(format!("FAILED: {p}"));
         }
         if fleet.ok {
-            println!("OK: {} logs, {} entries", verdicts.len(), fleet.entries);
+            say(format!("OK: {} logs, {} entries", verdicts.len(), fleet.entries));
         }
     }
-    if fleet.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EX_DATAERR)
+    if !fleet.ok {
+        return ExitCode::from(EX_DATAERR);
+    }
+    if timeline {
+        if let Err(e) = print_timeline(&verdicts) {
+            return report_error(false, EX_NOINPUT, &e);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The verified logs' entries merged on time, one JSON object a line.
+fn print_timeline(logs: &[verify::FleetLog]) -> Result<()> {
+    use std::io::Write;
+    let mut streams = Vec::new();
+    let failed = std::cell::RefCell::new(None);
+    for l in logs {
+        streams.push(verify::log_entries(std::path::Path::new(&l.db))?);
+    }
+    // A read error ends that log's stream; it is reported after the merge.
+    let streams: Vec<_> =
+        streams.into_iter().map(|s| s.map_while(|r| r.map_err(|e| *failed.borrow_mut() = Some(e)).ok())).collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for e in verify::merge_by_time(streams) {
+        let event: serde_json::Value = serde_json::from_slice(&e.event_json).unwrap_or(serde_json::Value::Null);
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"time_ms": e.time_ms, "origin": e.origin, "seq": e.seq, "event": event})
+        )?;
+    }
+    out.flush()?;
+    match failed.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
