@@ -53,15 +53,17 @@ struct Keys {
 }
 
 impl Keys {
-    /// The keys for `epoch`: a fresh current key, the current one kept as
+    /// Rolls to `epoch`: a fresh current key, the current one kept as
     /// previous only if it belongs to the period just before; anything
-    /// older is dropped (and with the file rewritten, erased).
-    fn rolled(self, epoch: u64) -> Self {
+    /// older is dropped (and with the file rewritten, erased). False when
+    /// the keys are already at `epoch` (or the clock went back).
+    fn roll_to(&mut self, epoch: u64) -> bool {
         if self.current.epoch >= epoch {
-            return self;
+            return false;
         }
-        let previous = (self.current.epoch + 1 == epoch).then_some(self.current);
-        Self { current: Key::random(epoch), previous }
+        let old = std::mem::replace(&mut self.current, Key::random(epoch));
+        self.previous = (old.epoch + 1 == epoch).then_some(old);
+        true
     }
 
     fn encode(&self) -> String {
@@ -145,9 +147,10 @@ impl TicketKeys {
         let epoch = epoch_now();
         let keys = if path.exists() {
             let text = read_secret(&path)?;
-            Keys::decode(&text)
-                .with_context(|| format!("{} is not valid; delete it to start afresh", path.display()))?
-                .rolled(epoch)
+            let mut keys = Keys::decode(&text)
+                .with_context(|| format!("{} is not valid; delete it to start afresh", path.display()))?;
+            keys.roll_to(epoch);
+            keys
         } else {
             Keys { current: Key::random(epoch), previous: None }
         };
@@ -162,11 +165,9 @@ impl TicketKeys {
             return;
         }
         let mut keys = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if keys.current.epoch >= epoch {
+        if !keys.roll_to(epoch) {
             return;
         }
-        let old = std::mem::replace(&mut *keys, Keys { current: Key::random(epoch), previous: None });
-        *keys = old.rolled(epoch);
         if let Err(e) = write_secret(&self.path, keys.encode().as_bytes()) {
             // Resumption is an optimisation: a key that is not saved only
             // means a full handshake for each agent after a restart.
@@ -207,7 +208,7 @@ mod tests {
 
     #[test]
     fn tickets_open_under_their_key_and_the_next_period_only() {
-        let keys = Keys { current: Key::random(10), previous: None };
+        let mut keys = Keys { current: Key::random(10), previous: None };
         let t = keys.seal(b"session").unwrap();
         assert_eq!(keys.open(&t).unwrap(), b"session");
         // Every bit matters: epoch, nonce, ciphertext, tag.
@@ -219,22 +220,24 @@ mod tests {
         for n in 0..8 + NONCE_LEN + TAG_LEN {
             assert!(keys.open(&t[..n]).is_none());
         }
-        let keys = keys.rolled(11);
+        assert!(keys.roll_to(11));
         assert_eq!(keys.open(&t).unwrap(), b"session", "a ticket of the previous period");
         let t11 = keys.seal(b"later").unwrap();
-        let keys = keys.rolled(12);
+        assert!(keys.roll_to(12));
         assert!(keys.open(&t).is_none(), "two periods on, the key is gone");
         assert_eq!(keys.open(&t11).unwrap(), b"later");
-        let keys = keys.rolled(20);
+        assert!(keys.roll_to(20));
         assert!(keys.previous.is_none(), "after a gap nothing old is kept");
         assert!(keys.open(&t11).is_none());
-        let same = keys.rolled(20);
-        assert_eq!(same.current.epoch, 20);
+        assert!(!keys.roll_to(20), "already at the period");
+        assert!(!keys.roll_to(19), "the clock went back");
+        assert_eq!(keys.current.epoch, 20);
     }
 
     #[test]
     fn the_file_round_trips_and_bad_files_are_explained() {
-        let keys = Keys { current: Key::random(5), previous: None }.rolled(6);
+        let mut keys = Keys { current: Key::random(5), previous: None };
+        keys.roll_to(6);
         let t = keys.seal(b"x").unwrap();
         let back = Keys::decode(&keys.encode()).unwrap();
         assert_eq!(back.open(&t).unwrap(), b"x");
