@@ -77,13 +77,27 @@ fn handshake(broker: &Broker) -> Result<quinn::Connection, quinn::ConnectionErro
 
 const IN_FLIGHT: &str = "grantline_handshakes_in_flight";
 
+/// A broker with these admission limits and `stalled` handshakes holding
+/// slots (counted by the broker); its metrics URL and the stalling socket.
+fn broker_with_stalled(max: &str, retry_above: &str, stalled: usize) -> (Broker, String, std::net::UdpSocket) {
+    let mut broker = Broker::start_with(&[
+        "--max-handshakes",
+        max,
+        "--retry-handshakes-above",
+        retry_above,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let metrics = broker.proc.wait_line("grantlined metrics on");
+    let socket = stall_handshakes(&broker, stalled);
+    #[allow(clippy::cast_precision_loss)]
+    wait_metric(&metrics, IN_FLIGHT, stalled as f64);
+    (broker, metrics, socket)
+}
+
 #[test]
 fn past_its_handshake_limit_the_broker_refuses_with_a_retry_after_and_frees_slots_of_stalled_handshakes() {
-    let mut broker =
-        Broker::start_with(&["--max-handshakes", "4", "--retry-handshakes-above", "100", "--metrics", "127.0.0.1:0"]);
-    let metrics = broker.proc.wait_line("grantlined metrics on");
-    let _stalled = stall_handshakes(&broker, 4);
-    wait_metric(&metrics, IN_FLIGHT, 4.0);
+    let (broker, metrics, _stalled) = broker_with_stalled("4", "100", 4);
 
     let refused = handshake(&broker).unwrap_err();
     assert_eq!(
@@ -104,11 +118,7 @@ fn past_its_handshake_limit_the_broker_refuses_with_a_retry_after_and_frees_slot
 
 #[test]
 fn past_the_retry_threshold_a_sender_proves_its_address_and_is_then_served() {
-    let mut broker =
-        Broker::start_with(&["--max-handshakes", "100", "--retry-handshakes-above", "2", "--metrics", "127.0.0.1:0"]);
-    let metrics = broker.proc.wait_line("grantlined metrics on");
-    let _stalled = stall_handshakes(&broker, 2);
-    wait_metric(&metrics, IN_FLIGHT, 2.0);
+    let (broker, metrics, _stalled) = broker_with_stalled("100", "2", 2);
 
     let conn = handshake(&broker).unwrap();
     let body = scrape(&metrics);
