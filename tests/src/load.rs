@@ -643,12 +643,10 @@ pub fn storm(
         let first_wait: Vec<Duration> = by_agent
             .iter()
             .map(|c| {
-                let asked = match c.as_ref().and_then(quinn::Connection::close_reason) {
-                    Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                        <wire::Error as prost::Message>::decode(close.reason.as_ref()).ok()
-                    }
-                    _ => None,
-                };
+                let asked = c
+                    .as_ref()
+                    .and_then(quinn::Connection::close_reason)
+                    .and_then(|e| grantline_agent::run::close_reason(&e));
                 let ms = |v: u32| Duration::from_millis(u64::from(v));
                 let (after, spread) = asked.map_or((Duration::ZERO, Duration::ZERO), |e| {
                     (ms(e.retry_after_ms), ms(e.retry_spread_ms))
