@@ -27,6 +27,7 @@
 //! group = "www-data"
 //! mode = "0640"
 //! reload = "systemctl reload nginx"
+//! # writable_dir = true     # only if others may write the files' directory
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,9 @@ struct SinkFile {
     group: Option<String>,
     mode: Option<String>,
     reload: Option<String>,
+    /// Write even into a directory others can write (see `sinks::check_dir`).
+    #[serde(default)]
+    writable_dir: bool,
 }
 
 /// The local process asking, as the kernel reported it.
@@ -134,6 +138,7 @@ pub struct Sink {
     pub gid: Option<u32>,
     pub mode: u32,
     pub reload: Option<String>,
+    pub writable_dir: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +179,7 @@ pub fn group_id(name: &str) -> Option<u32> {
 impl AgentConfigFile {
     /// Reads the file; a missing file gives the defaults.
     pub fn load(path: &Path) -> Result<Self> {
-        match std::fs::read_to_string(path) {
+        match grantline_proto::files::read_bounded(path, 4 << 20) {
             Ok(text) => Self::parse(&text, user_id, group_id).with_context(|| format!("{} is invalid", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::parse("", user_id, group_id),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -269,6 +274,7 @@ impl AgentConfigFile {
                 token: s.token,
                 secret: s.secret,
                 reload: s.reload,
+                writable_dir: s.writable_dir,
             });
         }
         Ok(Self {

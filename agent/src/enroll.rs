@@ -51,7 +51,7 @@ pub fn check_identity(
 }
 
 pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
-    let ca_pem = std::fs::read_to_string(&args.ca_file)
+    let ca_pem = grantline_proto::files::read_bounded(&args.ca_file, grantline_proto::files::MAX_SECRET_FILE)
         .with_context(|| format!("cannot read the CA file {}", args.ca_file.display()))?;
     let addr = tls::resolve(&args.broker)?;
     let server_name = tls::server_name(&args.broker);

@@ -19,7 +19,7 @@ use crate::state::AgentState;
 
 pub(crate) async fn reenroll(agent: &Agent) -> Result<()> {
     let path = agent.join_token_file();
-    let token = match std::fs::read_to_string(path) {
+    let token = match grantline_proto::files::read_bounded(path, 4096) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
         Ok(_) | Err(_) => {
             anyhow::bail!(

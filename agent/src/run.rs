@@ -322,7 +322,9 @@ async fn renew_identity_loop(agent: Arc<Agent>) {
             let id = agent.identity.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             (id.not_before, id.not_after)
         };
-        let at = renew_at(nb, na, jitter_unit() * 2.0 - 1.0);
+        // An identity is long-lived and may have been loaded from disk after
+        // a restart, so its lifetime counts from its not-before.
+        let at = renew_at(nb, na, jitter_unit() * 2.0 - 1.0, now());
         let wait = u64::try_from(at - now()).unwrap_or(0);
         tracing::debug!(at, "identity renewal scheduled");
         tokio::time::sleep(Duration::from_secs(wait)).await;

@@ -14,7 +14,7 @@ use grantline_proto::wire::{self, CredentialKind};
 use rand::Rng;
 
 use crate::config::Sink;
-use crate::renew::{backoff, renew_at};
+use crate::renew::{backoff, renew_at, MIN_USEFUL_LIFETIME};
 use crate::run::{say, Agent};
 use crate::state::rfc3339;
 
@@ -29,7 +29,8 @@ pub(crate) async fn keep_all(agent: Arc<Agent>, sinks: Vec<Sink>) {
 /// What one grant produced for a sink.
 struct Obtained {
     files: Vec<(PathBuf, Vec<u8>)>,
-    not_before: i64,
+    /// When the agent received it (the lifetime that renewal is timed from).
+    received: i64,
     not_after: i64,
     lease_id: String,
 }
@@ -73,15 +74,48 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
             }
         }
         previous_lease = got.lease_id;
-        let at = renew_at(got.not_before, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0);
+        let lifetime = got.not_after - got.received;
+        if lifetime < MIN_USEFUL_LIFETIME {
+            tracing::warn!(sink = %sink.name, lifetime_s = lifetime, "the credential lives too short to be renewed reliably (under {MIN_USEFUL_LIFETIME} s); raise the sink's ttl or the policy's max_ttl");
+        }
+        let at = renew_at(got.received, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0, now());
         tokio::time::sleep(Duration::from_secs(u64::try_from(at - now()).unwrap_or(0))).await;
     }
 }
 
 fn write_files(sink: &Sink, files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
     for (path, bytes) in files {
+        if !sink.writable_dir {
+            check_dir(path, nix::unistd::geteuid().as_raw())
+                .with_context(|| format!("sink {}: will not write {}", sink.name, path.display()))?;
+        }
         write_owned(path, bytes, sink.mode, sink.uid, sink.gid)
             .with_context(|| format!("sink {}: cannot write {}", sink.name, path.display()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a sink directory that anyone but the agent's own user (or root)
+/// can write: whoever can write it can swap the files the agent writes as
+/// root between renewals, or plant names to redirect them. A sink marked
+/// `writable_dir = true` skips this.
+fn check_dir(path: &std::path::Path, agent_uid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let owner_ok = meta.uid() == 0 || meta.uid() == agent_uid;
+    let mode = meta.mode() & 0o7777;
+    if !owner_ok || mode & 0o022 != 0 {
+        bail!(
+            "{} (owner uid {}, mode {mode:04o}) can be written by others than the agent's user: they could redirect \
+             or replace the credential files; make it owned by root and not group- or world-writable \
+             (chown root {0}; chmod go-w {0}), or set `writable_dir = true` on the sink to accept the risk",
+            dir.display(),
+            meta.uid()
+        );
     }
     Ok(())
 }
@@ -130,12 +164,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             if let Some(ca) = &sink.ca {
                 files.push((ca.clone(), gr.chain_pem.into_bytes()));
             }
-            Ok(Obtained {
-                files,
-                not_before: gr.not_before_unix,
-                not_after: gr.not_after_unix,
-                lease_id: String::new(),
-            })
+            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
         }
         "ssh-user" | "ssh-host" => {
             let kind = if sink.kind == "ssh-host" { CredentialKind::SshHost } else { CredentialKind::SshUser };
@@ -155,12 +184,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
                 (path(&sink.key)?, key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes().to_vec()),
                 (path(&sink.cert)?, format!("{}\n", gr.ssh_certificate).into_bytes()),
             ];
-            Ok(Obtained {
-                files,
-                not_before: gr.not_before_unix,
-                not_after: gr.not_after_unix,
-                lease_id: String::new(),
-            })
+            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
         }
         "vault-token" => {
             let g = wire::GrantRequest {
@@ -170,18 +194,39 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             };
             let gr = agent.grant(g).await?;
             let files = vec![(path(&sink.token)?, format!("{}\n", gr.vault_token).into_bytes())];
-            Ok(Obtained {
-                files,
-                not_before: gr.not_before_unix,
-                not_after: gr.not_after_unix,
-                lease_id: String::new(),
-            })
+            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
         }
         _ => {
             let g = wire::GrantRequest { kind: CredentialKind::DynamicSecret as i32, ..base };
             let gr = agent.grant(g).await?;
             let files = vec![(path(&sink.secret)?, gr.secret_json.into_bytes())];
-            Ok(Obtained { files, not_before: gr.not_before_unix, not_after: gr.not_after_unix, lease_id: gr.lease_id })
+            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: gr.lease_id })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn sink_directories_others_can_write_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let file = dir.path().join("key.pem");
+        check_dir(&file, me).unwrap();
+        for mode in [0o770, 0o777, 0o1777, 0o722] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = format!("{:#}", check_dir(&file, me).unwrap_err());
+            assert!(err.contains("writable_dir = true"), "{mode:o}: {err}");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_dir(&file, me).unwrap();
+        // Owned by a user who is neither root nor the agent: refused.
+        if me == 0 {
+            nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(check_dir(&file, me).is_err());
         }
     }
 }

@@ -66,13 +66,16 @@ impl AgentState {
             format!("cannot read {}; enroll first with 'grantline-agent enroll'", cfg_path.display())
         })?)
         .with_context(|| format!("{} is not valid", cfg_path.display()))?;
-        let ca_pem =
-            std::fs::read_to_string(dir.join("ca.pem")).context("cannot read ca.pem in the state directory")?;
+        let ca_pem = grantline_proto::files::read_bounded(&dir.join("ca.pem"), grantline_proto::files::MAX_SECRET_FILE)
+            .context("cannot read ca.pem in the state directory")?;
         let vkey =
-            std::fs::read_to_string(dir.join("audit.vkey")).context("cannot read audit.vkey in the state directory")?;
+            grantline_proto::files::read_bounded(&dir.join("audit.vkey"), grantline_proto::files::MAX_SECRET_FILE)
+                .context("cannot read audit.vkey in the state directory")?;
         let audit_key = VerifierKey::parse(&vkey).context("audit.vkey is not a verifier key")?;
         let key_pem = read_secret(&dir.join("node.key"))?;
-        let chain_pem = std::fs::read_to_string(dir.join("node.pem")).context("cannot read node.pem")?;
+        let chain_pem =
+            grantline_proto::files::read_bounded(&dir.join("node.pem"), grantline_proto::files::MAX_SECRET_FILE)
+                .context("cannot read node.pem")?;
         let chain: Vec<Vec<u8>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
             .map(|c| c.map(|c| c.to_vec()))
             .collect::<Result<_, _>>()

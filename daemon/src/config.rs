@@ -12,6 +12,9 @@ use serde::Deserialize;
 use crate::server::admission::Limits;
 use crate::server::{load_policy, BrokerOptions};
 
+/// The largest configuration file read.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/grantline";
@@ -85,7 +88,8 @@ pub struct ConfigFile {
 /// The admin API options of a configuration file, without validating the
 /// rest (for the CLI, which only needs the socket).
 pub fn load_admin(path: &Path) -> Result<crate::server::admin::AdminOptions> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = grantline_proto::files::read_bounded(path, MAX_CONFIG_FILE)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     let file: ConfigFile =
         toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
     admin_options(file.admin)?
@@ -144,7 +148,8 @@ fn metrics_options(file: Option<MetricsFile>) -> Result<Option<SocketAddr>> {
 }
 
 pub fn load(path: &Path) -> Result<BrokerOptions> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = grantline_proto::files::read_bounded(path, MAX_CONFIG_FILE)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     let file: ConfigFile =
         toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
     options(file).with_context(|| format!("config file {} is invalid", path.display()))

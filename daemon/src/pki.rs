@@ -83,8 +83,8 @@ fn load_or_create_ca(dir: &Path, stem: &str, cn: &str, parent: Option<&Ca>) -> R
         let key_pem = read_secret(&key_path)?;
         let key =
             KeyPair::from_pem(&key_pem).with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
-        let cert_pem =
-            std::fs::read_to_string(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
+        let cert_pem = grantline_proto::files::read_bounded(&cert_path, grantline_proto::files::MAX_SECRET_FILE)
+            .with_context(|| format!("cannot read {}", cert_path.display()))?;
         let cert_der =
             first_cert_der(&cert_pem).with_context(|| format!("{} holds no certificate", cert_path.display()))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)

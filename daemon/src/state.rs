@@ -42,7 +42,12 @@ CREATE INDEX IF NOT EXISTS leases_by_node ON leases (node) WHERE revoked_at IS N
 "#;
 
 /// Columns added after the first release, each applied once.
-const MIGRATIONS: &[&str] = &["ALTER TABLE nodes ADD COLUMN last_seen INTEGER"];
+const MIGRATIONS: &[&str] = &[
+    "ALTER TABLE nodes ADD COLUMN last_seen INTEGER",
+    // The identity a renewal replaced, accepted until the agent reconnects
+    // with the new one; cleared by a re-enrollment.
+    "ALTER TABLE nodes ADD COLUMN previous_serial TEXT NOT NULL DEFAULT ''",
+];
 
 /// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
 /// of the secret is stored.
@@ -72,13 +77,20 @@ pub enum TokenError {
     Expired { id: String, at: String },
     #[error("join token store failed: {0}")]
     Store(String),
+    /// The token is sound but may not be used for this request; it stays unused.
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The current identity certificate's serial, hex.
     pub serial: String,
+    /// The serial of the identity the last renewal replaced ("" after an
+    /// enrollment): a connection made with it may finish its requests.
+    pub previous_serial: String,
     pub not_after: i64,
     pub revoked: bool,
     /// When it was revoked (0: not revoked).
@@ -166,7 +178,16 @@ impl StateDb {
     }
 
     /// Redeems a token once: the first caller wins, every later one gets `Used`.
-    pub fn redeem_token(&self, token: &str, used_by: &str, now: i64) -> Result<Redeemed, TokenError> {
+    /// Redeems a join token once. `accept` sees what the token grants before
+    /// it is spent and may refuse ([`TokenError::Refused`]): the token then
+    /// stays unused.
+    pub fn redeem_token(
+        &self,
+        token: &str,
+        used_by: &str,
+        now: i64,
+        accept: impl FnOnce(&Redeemed) -> Result<(), TokenError>,
+    ) -> Result<Redeemed, TokenError> {
         let mut parts = token.trim().split('.');
         let (Some("glt1"), Some(id), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -207,6 +228,9 @@ impl StateDb {
         if expires_at <= now {
             return Err(TokenError::Expired { id: id.into(), at: rfc3339(expires_at) });
         }
+        let labels = serde_json::from_str(&labels).map_err(|e| TokenError::Store(e.to_string()))?;
+        let redeemed = Redeemed { id: id.into(), node, labels };
+        accept(&redeemed)?;
         let changed = conn
             .execute(
                 "UPDATE join_tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3 AND used_at IS NULL",
@@ -216,15 +240,15 @@ impl StateDb {
         if changed != 1 {
             return Err(TokenError::Used(id.into()));
         }
-        let labels = serde_json::from_str(&labels).map_err(|e| TokenError::Store(e.to_string()))?;
-        Ok(Redeemed { id: id.into(), node, labels })
+        Ok(redeemed)
     }
 
     pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<()> {
         self.conn().execute(
-            "INSERT INTO nodes (name, labels, serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial, not_after = excluded.not_after",
-            params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.not_after, now],
+            "INSERT INTO nodes (name, labels, serial, previous_serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial,
+                previous_serial = excluded.previous_serial, not_after = excluded.not_after",
+            params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.previous_serial, n.not_after, now],
         )?;
         Ok(())
     }
@@ -292,7 +316,8 @@ impl StateDb {
 
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, labels, serial, not_after, revoked_at, last_seen FROM nodes")?;
+        let mut stmt =
+            conn.prepare("SELECT name, labels, serial, not_after, revoked_at, last_seen, previous_serial FROM nodes")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -301,15 +326,17 @@ impl StateDb {
                 r.get::<_, i64>(3)?,
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, Option<i64>>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, labels, serial, not_after, revoked_at, last_seen) = row?;
+            let (name, labels, serial, not_after, revoked_at, last_seen, previous_serial) = row?;
             out.push(NodeRecord {
                 name,
                 labels: serde_json::from_str(&labels)?,
                 serial,
+                previous_serial,
                 not_after,
                 revoked: revoked_at.is_some(),
                 revoked_at: revoked_at.unwrap_or(0),
@@ -343,15 +370,24 @@ mod tests {
         assert_ne!(stored, secret.as_bytes());
 
         let wrong = format!("glt1.{}.{}", t.id, "A".repeat(43));
-        assert_eq!(db.redeem_token(&wrong, "x", 1001).unwrap_err(), TokenError::Unknown(t.id.clone()));
-        let r = db.redeem_token(&t.token, "n1", 1001).unwrap();
+        assert_eq!(db.redeem_token(&wrong, "x", 1001, |_| Ok(())).unwrap_err(), TokenError::Unknown(t.id.clone()));
+        let r = db.redeem_token(&t.token, "n1", 1001, |_| Ok(())).unwrap();
         assert_eq!((r.node.as_deref(), r.labels), (Some("n1"), labels));
-        assert_eq!(db.redeem_token(&t.token, "n1", 1002).unwrap_err(), TokenError::Used(t.id.clone()));
+        assert_eq!(db.redeem_token(&t.token, "n1", 1002, |_| Ok(())).unwrap_err(), TokenError::Used(t.id.clone()));
 
         let old = db.create_token(None, &BTreeMap::new(), Duration::from_secs(60), 1000).unwrap();
-        assert!(matches!(db.redeem_token(&old.token, "x", 1060), Err(TokenError::Expired { .. })));
-        assert_eq!(db.redeem_token("nonsense", "x", 0).unwrap_err(), TokenError::Malformed);
-        assert_eq!(db.redeem_token("glt1.zz.y", "x", 0).unwrap_err(), TokenError::Malformed);
+        assert!(matches!(db.redeem_token(&old.token, "x", 1060, |_| Ok(())), Err(TokenError::Expired { .. })));
+        assert_eq!(db.redeem_token("nonsense", "x", 0, |_| Ok(())).unwrap_err(), TokenError::Malformed);
+        assert_eq!(db.redeem_token("glt1.zz.y", "x", 0, |_| Ok(())).unwrap_err(), TokenError::Malformed);
+
+        // A redemption its caller refuses leaves the token unused.
+        let t = db.create_token(None, &BTreeMap::new(), Duration::from_secs(60), 1000).unwrap();
+        let refused = db.redeem_token(&t.token, "x", 1001, |r| {
+            assert_eq!(r.node, None);
+            Err(TokenError::Refused("no".into()))
+        });
+        assert_eq!(refused.unwrap_err(), TokenError::Refused("no".into()));
+        assert!(db.redeem_token(&t.token, "x", 1001, |_| Ok(())).is_ok());
     }
 
     #[test]

@@ -16,12 +16,13 @@ use grantline_proto::audit::{tiles, StoredEntry};
 use crate::audit::anchor::Anchor;
 use crate::audit::AuditStore;
 
-/// Verifies the log in `db` under `key`, and the signed checkpoints in it and
-/// in `external`. The outer error is "could not read"; the inner result is the
-/// verdict.
+/// Verifies the log in `db` under the `trusted` keys (one of them must have
+/// started it), and the signed checkpoints in it and in `external`, each of
+/// which must be signed by a key the log reached from its trusted genesis.
+/// The outer error is "could not read"; the inner result is the verdict.
 pub fn verify_db(
     db: &Path,
-    key: &VerifierKey,
+    trusted: &[VerifierKey],
     progress: bool,
     external: &[String],
 ) -> Result<Result<Summary, Failure>> {
@@ -29,7 +30,7 @@ pub fn verify_db(
         anyhow::bail!("audit database {} does not exist", db.display());
     }
     let store =
-        AuditStore::open_read_only(db).with_context(|| format!("cannot open audit database {}", db.display()))?;
+        AuditStore::open_untrusted(db).with_context(|| format!("cannot open audit database {}", db.display()))?;
     let total = store.count().with_context(|| format!("{} is not a Grantline audit database", db.display()))?;
     // Checkpoints are read first for their sizes (so the walk records the
     // roots to compare) and their signatures checked after the entries, so
@@ -54,7 +55,7 @@ pub fn verify_db(
         );
         bar
     });
-    let mut verifier = ChainVerifier::new(key.clone());
+    let mut verifier = ChainVerifier::trusting(trusted.to_vec());
     for (_, _, size) in &unverified {
         verifier.want_root_at(*size);
     }
@@ -122,9 +123,13 @@ pub fn verify_db(
 /// checkpoint's signature vouches for them, as a tiles client would take it),
 /// that they hash to the checkpoint's root, and that every tile agrees with
 /// them. Returns the verdict and the anchor's checkpoint note.
-pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result<Summary, Failure>, String)> {
-    let note = anchor.get("checkpoint").await?.context("the anchor holds no checkpoint")?;
-    let note = String::from_utf8(note).context("the anchor's checkpoint is not text")?;
+///
+/// Entry bundles carry no signatures, so the anchor cannot prove a key
+/// rotation: the checkpoint must be signed by one of `trusted` itself (the key
+/// history, or the keys a verified database reached), never by a key that the
+/// anchor's own entries name.
+pub async fn verify_anchor(anchor: &Anchor, trusted: &[VerifierKey]) -> Result<(Result<Summary, Failure>, String)> {
+    let note = anchor_checkpoint(anchor).await?;
     // Read for its size now; its signature is checked once the entries have
     // told which keys the log has used.
     let cp = match Checkpoint::parse_body(grantline_proto::audit::note::body(&note).unwrap_or_default()) {
@@ -134,7 +139,7 @@ pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result
         }
     };
     let fail = |seq: u64, reason: String| Failure { seq: i64::try_from(seq).unwrap_or(i64::MAX), reason };
-    let mut verifier = ChainVerifier::new(key.clone()).without_signatures();
+    let mut verifier = ChainVerifier::trusting(trusted.to_vec()).without_signatures();
     verifier.want_root_at(cp.size);
     let mut tree = MemoryTree::default();
     for t in tiles::new_tiles(0, 0, cp.size) {
@@ -169,8 +174,12 @@ pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result
         Ok(s) => s,
         Err(f) => return Ok((Err(f), note)),
     };
-    if let Err(e) = Checkpoint::open_any(&note, &summary.keys) {
-        return Ok((Err(Failure { seq: -1, reason: format!("the anchor's checkpoint does not verify: {e}") }), note));
+    if let Err(e) = Checkpoint::open_any(&note, trusted) {
+        let reason = format!(
+            "the anchor's checkpoint does not verify under the keys given: {e} (the anchor cannot prove a key \
+             rotation; after one, give the key history STATE_DIR/audit.vkeys, or verify with --db too)"
+        );
+        return Ok((Err(Failure { seq: -1, reason }), note));
     }
     if summary.roots.get(&cp.size) != Some(&cp.root) {
         let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
@@ -192,6 +201,12 @@ pub async fn verify_anchor(anchor: &Anchor, key: &VerifierKey) -> Result<(Result
         }
     }
     Ok((Ok(summary), note))
+}
+
+/// The anchor's latest checkpoint note.
+pub async fn anchor_checkpoint(anchor: &Anchor) -> Result<String> {
+    let note = anchor.get("checkpoint").await?.context("the anchor holds no checkpoint")?;
+    String::from_utf8(note).context("the anchor's checkpoint is not text")
 }
 
 /// One broker's log in a fleet verification: where it was read and its verdict.
@@ -277,7 +292,7 @@ pub fn merge_by_time<I: Iterator<Item = TimelineEntry>>(streams: Vec<I>) -> impl
 
 /// A log's entries in seq order, read in batches.
 pub fn log_entries(db: &Path) -> Result<impl Iterator<Item = Result<TimelineEntry>>> {
-    let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
+    let store = AuditStore::open_untrusted(db).with_context(|| format!("cannot open {}", db.display()))?;
     let mut next = 0u64;
     let mut batch = std::collections::VecDeque::new();
     let db = db.display().to_string();

@@ -36,13 +36,17 @@ pub const ALPN: &[u8] = b"grantline/1";
 /// for a reason, so the wait is part of the protocol.
 pub const REFUSED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The longest error message a reply carries.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
 impl wire::Error {
-    /// Builds an error reply.
+    /// Builds an error reply. The message is cut to [`MAX_ERROR_MESSAGE`]
+    /// bytes: it may quote what a peer sent, and a reply stays small.
     pub fn new(code: wire::ErrorCode, message: impl Into<String>) -> Self {
         let retryable = matches!(code, wire::ErrorCode::Unavailable);
         Self {
             code: code as i32,
-            message: message.into(),
+            message: audit::event::excerpt(&message.into(), MAX_ERROR_MESSAGE),
             retryable,
             retry_after_ms: if retryable { 1000 } else { 0 },
             retry_spread_ms: 0,

@@ -80,7 +80,7 @@ fn expired_node_certificate_is_refused() {
     // Enroll a real node so the name is known, then present an expired
     // certificate for it, signed by the real node CA.
     let agent = Agent::start(&broker, "web-9");
-    drop(agent);
+    let agent_dir = agent.dir;
     let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
     let node_ca_key = KeyPair::from_pem(&std::fs::read_to_string(broker.path("node-ca.key")).unwrap()).unwrap();
     let node_ca_pem = std::fs::read_to_string(broker.path("node-ca.pem")).unwrap();
@@ -94,11 +94,20 @@ fn expired_node_certificate_is_refused() {
         };
         assert!(!outcome.is_empty());
     });
-    // And the same node with a valid certificate from that CA is served, so the
-    // refusal above was about expiry.
+    // A valid certificate from that CA that the broker never issued is not
+    // the node's identity either: only the serial recorded at enrollment (or
+    // renewal) speaks for the node.
     let (cert, key) = client_cert("web-9", &issuer, now - Duration::hours(1), now + Duration::hours(1));
     runtime().block_on(async {
         let conn = connect(&broker.addr, client_config(&ca, Some((vec![cert], key)))).await.unwrap();
+        let (code, msg) = error_of(&send_raw(&conn, &grant_request()).await.unwrap());
+        assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
+    });
+    // And the node's own identity is served, so the refusals above were
+    // about expiry and the serial.
+    runtime().block_on(async {
+        let identity = grantline_tests::raw::node_identity(agent_dir.path());
+        let conn = connect(&broker.addr, client_config(&ca, Some(identity))).await.unwrap();
         let resp = send_raw(&conn, &grant_request()).await.unwrap();
         assert!(matches!(resp.body, Some(wire::response::Body::Grant(_))), "{resp:?}");
     });

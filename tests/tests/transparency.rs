@@ -315,7 +315,12 @@ fn key_rotation_is_followed_by_verifiers_and_agents() {
 
     let db = broker.path("audit.db");
     assert_eq!(verify_with(&db, old_vkey.path(), None)["ok"], true, "the genesis key still verifies the log");
-    assert_eq!(verify_with(&db, &broker.path("audit.vkey"), None)["ok"], true, "so does the current key");
+    // The current key alone does not vouch for the entries its predecessor
+    // signed; the key history, which starts with the genesis key, does.
+    let v = verify_with(&db, &broker.path("audit.vkey"), None);
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("audit.vkeys"), "{v}");
+    assert_eq!(verify_with(&db, &broker.path("audit.vkeys"), None)["ok"], true, "the key history verifies the log");
     let stranger = grantline_proto::audit::SignerKey::generate(key(&broker).name()).unwrap();
     let stranger_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(stranger_file.path(), stranger.verifier().to_string()).unwrap();
@@ -325,7 +330,7 @@ fn key_rotation_is_followed_by_verifiers_and_agents() {
     // A checkpoint signed by a key the log never announced is refused.
     let latest = Checkpoint::open_any(&latest_checkpoint(&db), &[key(&broker)]).unwrap();
     let forged = latest.sign(&stranger).unwrap();
-    let v = verify_with(&db, &broker.path("audit.vkey"), Some(&forged));
+    let v = verify_with(&db, &broker.path("audit.vkeys"), Some(&forged));
     assert!(v["reason"].as_str().unwrap().contains("does not verify"), "{v}");
     // The anchor, republished after the rotation, verifies too.
     assert_eq!(verify_anchor(&broker.path("anchor"), old_vkey.path(), Some(&db))["ok"], true);

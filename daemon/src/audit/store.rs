@@ -8,6 +8,29 @@ use grantline_proto::audit::merkle::HashSource;
 use grantline_proto::audit::{Entry, Event, Hash, StoredEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+/// The columns of an entry row, each cut to a bound before SQLite hands it
+/// over: a hostile database cannot make a reader allocate more than a
+/// maximal entry per row. An oversized entry reads as one byte too long, so
+/// the verifier names it as too large.
+macro_rules! entry_columns {
+    () => {
+        "seq, CASE WHEN length(entry) <= 65535 THEN entry ELSE zeroblob(65536) END, \
+         substr(hash, 1, 64), substr(signature, 1, 128)"
+    };
+}
+
+/// What a database handed to the verifier may hold besides its tables:
+/// our own triggers and indexes (which never run on a read-only
+/// connection). A view, a virtual table or another trigger is refused.
+const KNOWN_TRIGGERS: &[&str] = &[
+    "entries_no_update",
+    "entries_no_delete",
+    "tree_nodes_no_update",
+    "tree_nodes_no_delete",
+    "checkpoints_no_update",
+    "checkpoints_no_delete",
+];
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS entries (
     seq       INTEGER PRIMARY KEY,
@@ -193,16 +216,67 @@ impl AuditStore {
         Ok(Self { conn })
     }
 
+    /// Opens a database that may have been made by an attacker (the
+    /// verifier's input): read-only, no SQL functions from its schema, and
+    /// only if `entries` and `checkpoints` are plain tables and the schema
+    /// holds nothing that could run code or loop on a read.
+    pub fn open_untrusted(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::{bail, Context};
+        let store = Self::open_read_only(path)?;
+        store.conn.pragma_update(None, "trusted_schema", false)?;
+        store.conn.pragma_update(None, "query_only", true)?;
+        store.conn.pragma_update(None, "cell_size_check", true)?;
+        let mut stmt = store
+            .conn
+            .prepare(
+                "SELECT substr(type, 1, 16), substr(name, 1, 256), substr(tbl_name, 1, 256), \
+                 substr(coalesce(sql, ''), 1, 64) FROM sqlite_schema LIMIT 1000",
+            )
+            .context("cannot read the database schema")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        })?;
+        let mut tables = Vec::new();
+        for row in rows {
+            let (kind, name, table, sql) = row?;
+            match kind.as_str() {
+                "table" if sql.to_ascii_uppercase().starts_with("CREATE VIRTUAL") => {
+                    bail!("{} holds a virtual table {name:?}; an audit database has none", path.display())
+                }
+                "table" => tables.push(name),
+                "index" => {}
+                "trigger" if KNOWN_TRIGGERS.contains(&name.as_str()) && name.starts_with(table.as_str()) => {}
+                "trigger" => {
+                    bail!("{} holds a trigger {name:?} on {table:?} that Grantline never makes", path.display())
+                }
+                "view" => bail!(
+                    "{} holds a view {name:?}; an audit database holds only tables, so this one was crafted",
+                    path.display()
+                ),
+                other => bail!("{} holds a schema object {name:?} of type {other:?}", path.display()),
+            }
+        }
+        if !tables.iter().any(|t| t == "entries") {
+            bail!("{} has no entries table: it is not a Grantline audit database", path.display());
+        }
+        drop(stmt);
+        Ok(store)
+    }
+
     /// The last entry, if any.
     pub fn last(&self) -> rusqlite::Result<Option<StoredEntry>> {
         self.conn
-            .query_row("SELECT seq, entry, hash, signature FROM entries ORDER BY seq DESC LIMIT 1", [], row_to_entry)
+            .query_row(
+                concat!("SELECT ", entry_columns!(), " FROM entries ORDER BY seq DESC LIMIT 1"),
+                [],
+                row_to_entry,
+            )
             .optional()
     }
 
     pub fn first(&self) -> rusqlite::Result<Option<StoredEntry>> {
         self.conn
-            .query_row("SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC LIMIT 1", [], row_to_entry)
+            .query_row(concat!("SELECT ", entry_columns!(), " FROM entries ORDER BY seq ASC LIMIT 1"), [], row_to_entry)
             .optional()
     }
 
@@ -285,7 +359,7 @@ impl AuditStore {
     /// The stored row at `seq`.
     pub fn entry_at(&self, seq: u64) -> rusqlite::Result<StoredEntry> {
         self.conn.query_row(
-            "SELECT seq, entry, hash, signature FROM entries WHERE seq = ?1",
+            concat!("SELECT ", entry_columns!(), " FROM entries WHERE seq = ?1"),
             [i64::try_from(seq).unwrap_or(i64::MAX)],
             row_to_entry,
         )
@@ -329,14 +403,16 @@ impl AuditStore {
 
     /// Every stored checkpoint note, smallest tree first.
     pub fn checkpoints(&self) -> rusqlite::Result<Vec<String>> {
-        let mut stmt = self.conn.prepare("SELECT note FROM checkpoints ORDER BY size")?;
+        // A note is a few hundred bytes; a longer one is cut and then fails
+        // to verify rather than filling memory.
+        let mut stmt = self.conn.prepare("SELECT substr(note, 1, 65536) FROM checkpoints ORDER BY size")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect()
     }
 
     /// Calls `f` for every entry in seq order, stopping at its first error.
     pub fn for_each<E>(&self, mut f: impl FnMut(StoredEntry) -> Result<(), E>) -> Result<rusqlite::Result<()>, E> {
-        let mut stmt = match self.conn.prepare("SELECT seq, entry, hash, signature FROM entries ORDER BY seq ASC") {
+        let mut stmt = match self.conn.prepare(concat!("SELECT ", entry_columns!(), " FROM entries ORDER BY seq ASC")) {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
@@ -399,9 +475,11 @@ impl AuditStore {
 
     /// Entries with seq in `[start, end)`, at most `limit`, in order.
     pub fn stored_range(&self, start: u64, end: u64, limit: usize) -> rusqlite::Result<Vec<StoredEntry>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, entry, hash, signature FROM entries WHERE seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3",
-        )?;
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+        ))?;
         let rows = stmt.query_map(
             params![
                 i64::try_from(start).unwrap_or(i64::MAX),

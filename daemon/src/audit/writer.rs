@@ -31,6 +31,8 @@ pub enum AuditError {
     Unavailable(String),
     #[error("the audit writer has stopped")]
     Stopped,
+    #[error("the event is too large to record ({0}); nothing was issued")]
+    TooLarge(String),
 }
 
 struct Append {
@@ -55,7 +57,7 @@ impl AuditLog {
         let mut state = ChainState::resume(&mut store, &key)?;
         if state.next_seq == 0 {
             let genesis = Event::Genesis { vkey: key.verifier().to_string(), software: software.to_owned() };
-            let (entry, nodes) = state.seal(&key, &genesis);
+            let (entry, nodes) = state.seal(&key, &genesis)?;
             store.append(std::slice::from_ref(&entry), &nodes).context("cannot write the audit log's genesis entry")?;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -168,28 +170,32 @@ impl ChainState {
     /// Encodes and signs the next entry and moves the chain and tree past it;
     /// returns the entry and the tree nodes it completes. The caller restores
     /// the previous state if they are not committed.
-    fn seal(&mut self, key: &SignerKey, event: &Event) -> (NewEntry, Vec<NewNode>) {
-        let (mut entry, nodes) = self.chain(event);
+    fn seal(&mut self, key: &SignerKey, event: &Event) -> Result<(NewEntry, Vec<NewNode>), AuditError> {
+        let (mut entry, nodes) = self.chain(event)?;
         entry.signature = key.sign(&entry.entry);
-        (entry, nodes)
+        Ok((entry, nodes))
     }
 
     /// [`Self::seal`] without the signature, which the caller adds (to sign a
     /// batch on every core; the chain itself needs only the entry hashes).
-    fn chain(&mut self, event: &Event) -> (NewEntry, Vec<NewNode>) {
+    /// The event is cut to its bounds; one that is still too large is refused
+    /// and the chain is left as it was, so no entry the verifier would reject
+    /// is ever written.
+    fn chain(&mut self, event: &Event) -> Result<(NewEntry, Vec<NewNode>), AuditError> {
         // Time never goes backwards in the log, even if the clock steps back.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         let time = now.max(self.last_time);
-        let entry = Entry::encode(&self.origin, self.next_seq, time, &self.prev, event);
+        let entry = Entry::encode_bounded(&self.origin, self.next_seq, time, &self.prev, event.clone())
+            .map_err(|e| AuditError::TooLarge(format!("{} event: {e}", event.type_name())))?;
         let hash = leaf_hash(&entry);
         self.prev = hash;
         self.next_seq += 1;
         self.last_time = time;
         let nodes = self.tree.push(hash);
-        (NewEntry { seq: self.next_seq - 1, hash, entry, signature: [0; 64] }, nodes)
+        Ok((NewEntry { seq: self.next_seq - 1, hash, entry, signature: [0; 64] }, nodes))
     }
 }
 
@@ -280,11 +286,24 @@ fn run(
         let mut entries = Vec::with_capacity(batch.len());
         let mut nodes = Vec::with_capacity(batch.len() * 2);
         let mut inventory = Vec::new();
-        for a in &batch {
-            let (e, n) = state.chain(&a.event);
-            inventory.extend(InventoryOp::of(e.seq, state.last_time, &a.event));
-            entries.push(e);
-            nodes.extend(n);
+        // An event that cannot be recorded is refused on its own; the rest
+        // of the batch goes on.
+        batch.retain_mut(|a| match state.chain(&a.event) {
+            Ok((e, n)) => {
+                inventory.extend(InventoryOp::of(e.seq, state.last_time, &a.event));
+                entries.push(e);
+                nodes.extend(n);
+                true
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "an event was refused by the audit log");
+                let (reply, _) = oneshot::channel();
+                let _ = std::mem::replace(&mut a.reply, reply).send(Err(err));
+                false
+            }
+        });
+        if batch.is_empty() {
+            continue;
         }
         sign_all(&key, &mut entries);
         match store.append_with_inventory(&entries, &nodes, &inventory) {
@@ -331,7 +350,7 @@ pub fn rotate_key(path: &Path, old: &SignerKey, new: &SignerKey) -> Result<u64> 
     if state.next_seq == 0 {
         bail!("the audit log is empty; start the broker once first");
     }
-    let (entry, nodes) = state.seal(old, &Event::KeyRotation { new_vkey: new.verifier().to_string() });
+    let (entry, nodes) = state.seal(old, &Event::KeyRotation { new_vkey: new.verifier().to_string() })?;
     store.append(std::slice::from_ref(&entry), &nodes).context("cannot append the key rotation")?;
     let cp = Checkpoint { origin: state.origin.clone(), size: state.tree.size(), root: state.tree.root() };
     store.add_checkpoint(cp.size, state.last_time, &cp.sign(new)?).context("cannot store the checkpoint")?;

@@ -147,6 +147,25 @@ struct AllowFile {
     path: Option<String>,
 }
 
+/// Checks a role name: what requests and policy rules name, and what may
+/// reach a Vault path (`database/creds/{role}`), so plain and never a path
+/// step of its own.
+pub fn check_role(role: &str) -> Result<(), String> {
+    let plain = role.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if role.is_empty() || role.len() > 128 || !plain || role == "." || role == ".." {
+        return Err(format!(
+            "role {:?} is not valid: use 1-128 letters, digits, '-', '_', '.' (not '.' or '..'; roles are exact names, not patterns)",
+            grantline_proto::audit::event::excerpt(role, 80)
+        ));
+    }
+    Ok(())
+}
+
+/// A Vault policy name as Vault itself stores it: trimmed and lower-cased.
+pub fn vault_policy_name(name: &str) -> String {
+    name.trim().to_lowercase()
+}
+
 /// The longest TTL any rule may grant: Grantline issues short-lived credentials.
 pub const MAX_POLICY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -175,6 +194,9 @@ impl Policy {
                     .collect::<Result<Vec<_>, _>>()?;
                 if kinds.is_empty() || a.roles.is_empty() {
                     return Err(bad("an allow entry needs at least one kind and one role".into()));
+                }
+                for role in &a.roles {
+                    check_role(role).map_err(&bad)?;
                 }
                 let max_ttl = parse_ttl(&a.max_ttl).map_err(|e| bad(format!("max_ttl: {e}")))?;
                 let default_ttl = match &a.default_ttl {
@@ -208,7 +230,7 @@ impl Policy {
                     default_ttl,
                     sans: a.sans.clone(),
                     principals: a.principals.clone(),
-                    vault_policies: a.vault_policies.clone(),
+                    vault_policies: a.vault_policies.iter().map(|p| vault_policy_name(p)).collect(),
                     max_uses: a.max_uses,
                     path,
                 });

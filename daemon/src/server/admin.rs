@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use grantline_proto::admin::admin_server::{Admin, AdminServer};
 use grantline_proto::admin::{self as api};
-use grantline_proto::audit::event::CallerInfo;
+use grantline_proto::audit::event::{excerpt, CallerInfo};
 use grantline_proto::audit::{Entry, Event};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -162,7 +162,9 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Status> {
         let value_ok = v.len() <= 256 && !v.chars().any(char::is_control);
         if !key_ok || !value_ok {
             return Err(Status::invalid_argument(format!(
-                "label {k:?}={v:?} is not valid: keys are 1-63 letters, digits, '-', '_', '.', '/'; values up to 256 printable characters"
+                "label {:?}={:?} is not valid: keys are 1-63 letters, digits, '-', '_', '.', '/'; values up to 256 printable characters",
+                excerpt(k, 80),
+                excerpt(v, 80)
             )));
         }
     }
@@ -417,8 +419,9 @@ impl Admin for AdminService {
         let admin = self.authorize(&req)?;
         match self.shared.reload_policy(Some(admin)).await {
             Ok(r) => Ok(Response::new(r)),
-            Err(super::ReloadError::Invalid(e)) => Err(Status::invalid_argument(e)),
-            Err(super::ReloadError::NotAudited(e)) => Err(Status::unavailable(e)),
+            // The error may quote the file: cut it to what a gRPC status carries.
+            Err(super::ReloadError::Invalid(e)) => Err(Status::invalid_argument(excerpt(&e, 4096))),
+            Err(super::ReloadError::NotAudited(e)) => Err(Status::unavailable(excerpt(&e, 4096))),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use grantline_proto::audit::event::CallerInfo;
+use grantline_proto::audit::event::{excerpt, CallerInfo};
 use grantline_proto::audit::Event;
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, ErrorCode};
 
@@ -31,9 +31,10 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
     match req.body {
         None => err(ErrorCode::BadRequest, "empty request: set one of enroll, renew_identity, grant, release, prove"),
         Some(Req::Enroll(r)) => enroll(shared, r).await,
-        Some(Req::RenewIdentity(r)) => match authenticate(shared, peer) {
-            Ok(node) => renew_identity(shared, &node, r).await,
-            Err(reply) => reply,
+        Some(Req::RenewIdentity(r)) => match (authenticate(shared, peer), peer) {
+            (Ok(node), Some(peer)) => renew_identity(shared, &node, &peer.serial, r).await,
+            (Ok(_), None) => err(ErrorCode::Unauthenticated, "identity renewal needs a node identity certificate"),
+            (Err(reply), _) => reply,
         },
         Some(Req::Grant(r)) => {
             let kind = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
@@ -80,6 +81,16 @@ fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, R
     let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     match nodes.get(&peer.name) {
         Some(n) if n.revoked => Err(err(ErrorCode::Revoked, format!("node {} has been revoked", peer.name))),
+        // Only the node's current identity, or the one its last renewal
+        // replaced, speaks for it: a re-enrollment shuts out every older one.
+        Some(n) if peer.serial != n.serial && peer.serial != n.previous_serial => Err(err(
+            ErrorCode::Unauthenticated,
+            format!(
+                "this identity of node {} (serial {}) was replaced when the node was enrolled again; \
+                 enroll this agent again with a token pinned to the node",
+                peer.name, peer.serial
+            ),
+        )),
         Some(n) => Ok(NodeAttrs { name: n.name.clone(), labels: n.labels.clone() }),
         None => Err(err(ErrorCode::Unauthenticated, format!("node {} is not enrolled with this broker", peer.name))),
     }
@@ -110,24 +121,43 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         reason,
         caller: None,
     };
-    let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix()) {
+    // The token is spent only once the request may use it: a name it does
+    // not pin must be free (an unpinned token never takes over an enrolled
+    // node; re-enrolling a node takes a token pinned to it), and a revoked
+    // node stays out.
+    let accept = |t: &crate::state::Redeemed| {
+        let name = t.node.as_deref().unwrap_or(&r.node_name);
+        if name.is_empty() {
+            return Err(TokenError::Refused(
+                "the token pins no node name, so the request must give one (--name)".into(),
+            ));
+        }
+        let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match nodes.get(name) {
+            Some(n) if n.revoked => {
+                Err(TokenError::Refused(format!("node {name} has been revoked and cannot enroll again")))
+            }
+            Some(_) if t.node.is_none() => Err(TokenError::Refused(format!(
+                "node {name} is already enrolled; to re-enroll it, use a token pinned to it \
+                 ('grantline token create --node {name}')"
+            ))),
+            _ => Ok(()),
+        }
+    };
+    let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix(), accept) {
         Ok(t) => t,
         Err(e) => {
             audit_denial(shared, deny(e.to_string(), &r.node_name)).await;
-            let code = if matches!(e, TokenError::Store(_)) { ErrorCode::Unavailable } else { ErrorCode::InvalidToken };
+            let code = match &e {
+                TokenError::Store(_) => ErrorCode::Unavailable,
+                TokenError::Refused(m) if m.contains("revoked") => ErrorCode::Revoked,
+                TokenError::Refused(_) => ErrorCode::BadRequest,
+                _ => ErrorCode::InvalidToken,
+            };
             return err(code, e.to_string());
         }
     };
-    let Some(name) = redeemed.node.clone().or_else(|| Some(r.node_name.clone()).filter(|n| !n.is_empty())) else {
-        audit_denial(shared, deny("the token pins no node name and the request gave none".into(), "")).await;
-        return err(ErrorCode::BadRequest, "the token pins no node name, so the request must give one (--name)");
-    };
-    let revoked =
-        shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&name).is_some_and(|n| n.revoked);
-    if revoked {
-        audit_denial(shared, deny(format!("node {name} has been revoked"), &name)).await;
-        return err(ErrorCode::Revoked, format!("node {name} has been revoked and cannot enroll again"));
-    }
+    let name = redeemed.node.clone().unwrap_or_else(|| r.node_name.clone());
     let node = NodeAttrs { name, labels: redeemed.labels };
     let event = |id: &IssuedIdentity| Event::Enrollment {
         node: node.name.clone(),
@@ -137,7 +167,7 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         fingerprint: id.fingerprint.clone(),
         not_after: id.not_after,
     };
-    match grant_identity(shared, &node, &csr, event).await {
+    match grant_identity(shared, &node, &csr, Generation::Enrollment, event).await {
         Ok((identity, receipt)) => {
             tracing::info!(node = %node.name, token = %redeemed.id, "node enrolled");
             Reply {
@@ -152,32 +182,77 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
     }
 }
 
+/// What an identity replaces: at enrollment every earlier identity of the
+/// name; at renewal the renewing one (by serial), which stays usable until
+/// the agent reconnects with the new one.
+#[derive(Clone, PartialEq, Eq)]
+enum Generation {
+    Enrollment,
+    Renewal { from: String },
+}
+
 /// Issues a node identity for `node`, audits it with `event`, records the
-/// node, and returns what goes on the wire.
+/// node, and returns what goes on the wire. Revocation wins every race: a
+/// node revoked while its identity was being issued keeps its revocation and
+/// gets no identity; so does a renewal whose identity a re-enrollment
+/// replaced meanwhile.
 #[allow(clippy::result_large_err)]
 async fn grant_identity(
     shared: &Shared,
     node: &NodeAttrs,
     csr: &CheckedCsr,
+    generation: Generation,
     event: impl FnOnce(&IssuedIdentity) -> Event,
 ) -> Result<(wire::NodeIdentity, wire::Receipt), Reply> {
     let id =
         issue_identity(&shared.pki, &node.name, csr, shared.identity_ttl).map_err(|e| err(ErrorCode::BadRequest, e))?;
     let receipt = shared.audit.append(event(&id)).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
+    let revoked = || err(ErrorCode::Revoked, format!("node {} has been revoked", node.name));
+    let _commit = shared.identity_commit.lock().await;
+    let previous_serial = {
+        let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = nodes.get(&node.name);
+        if known.is_some_and(|n| n.revoked) {
+            return Err(revoked());
+        }
+        match (&generation, known) {
+            (Generation::Enrollment, _) => String::new(),
+            (Generation::Renewal { from }, Some(n)) if n.serial == *from || n.previous_serial == *from => from.clone(),
+            (Generation::Renewal { .. }, _) => {
+                return Err(err(
+                    ErrorCode::Unauthenticated,
+                    format!(
+                        "the identity renewing node {} is no longer one of its own (it was replaced by a renewal \
+                         or a re-enrollment meanwhile)",
+                        node.name
+                    ),
+                ))
+            }
+        }
+    };
     let record = NodeRecord {
         name: node.name.clone(),
         labels: node.labels.clone(),
-        serial: id.serial,
+        serial: id.serial.clone(),
+        previous_serial,
         not_after: id.not_after,
         revoked: false,
         revoked_at: 0,
         last_seen: now_unix(),
     };
+    // The database keeps a revocation through this (the upsert never
+    // touches it); memory keeps it below.
     shared
         .state
         .upsert_node(&record, now_unix())
         .map_err(|e| err(ErrorCode::Unavailable, format!("cannot record the node: {e}")))?;
-    shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node.name.clone(), record);
+    {
+        let mut nodes = shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if nodes.get(&node.name).is_some_and(|n| n.revoked) {
+            return Err(revoked());
+        }
+        nodes.insert(node.name.clone(), record);
+    }
     let identity = wire::NodeIdentity {
         node_name: node.name.clone(),
         labels: node.labels.clone().into_iter().collect(),
@@ -187,7 +262,7 @@ async fn grant_identity(
     Ok((identity, receipt))
 }
 
-async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentityRequest) -> Reply {
+async fn renew_identity(shared: &Shared, node: &NodeAttrs, from: &str, r: wire::RenewIdentityRequest) -> Reply {
     let csr = match check_csr(&r.csr_der) {
         Ok(c) => c,
         Err(e) => return err(ErrorCode::BadRequest, e),
@@ -198,7 +273,7 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, r: wire::RenewIdentit
         fingerprint: id.fingerprint.clone(),
         not_after: id.not_after,
     };
-    match grant_identity(shared, node, &csr, event).await {
+    match grant_identity(shared, node, &csr, Generation::Renewal { from: from.to_owned() }, event).await {
         Ok((identity, receipt)) => Reply {
             body: Some(Resp::RenewIdentity(wire::RenewIdentityResponse {
                 identity: Some(identity),
@@ -244,12 +319,10 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
             return Err(format!("the request lists {n} {what}; at most {MAX_NAMES} are allowed"));
         }
     }
-    if !r.role.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) || r.role.len() > 128 {
-        return Err(format!("role {:?} is not valid: use letters, digits, '-', '_', '.'", r.role));
-    }
+    crate::policy::check_role(&r.role)?;
     let plain = |what: &str, v: &str| -> Result<(), String> {
         if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
-            return Err(format!("{what} {v:?} is not valid"));
+            return Err(format!("{what} {:?} is not valid", excerpt(v, 80)));
         }
         Ok(())
     };
@@ -268,6 +341,15 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
                 .map_err(|e| format!("ssh_public_key is not an OpenSSH public key: {e}"))?;
             for p in &r.principals {
                 plain("principal", p)?;
+                // sshd matches a host certificate's principals as patterns
+                // (and a user's against authorized_principals lists): a
+                // principal is a literal name, never a pattern.
+                if p.contains(['*', '?', '!']) {
+                    return Err(format!(
+                        "principal {:?} contains a pattern character ('*', '?' or '!'); principals are literal names",
+                        excerpt(p, 80)
+                    ));
+                }
             }
             let what = What::Ssh { public_key: key, principals: r.principals.clone(), host: kind == Kind::SshHost };
             Ok(Parsed { kind, names: r.principals.clone(), what })
@@ -276,11 +358,21 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
             for p in &r.vault_policies {
                 plain("Vault policy", p)?;
             }
-            if r.vault_policies.iter().any(|p| p == "root") {
+            // Vault trims and lower-cases policy names, so every check
+            // (the root refusal, the policy's globs) sees them as Vault will.
+            let policies: Vec<String> = r.vault_policies.iter().map(|p| crate::policy::vault_policy_name(p)).collect();
+            if policies.iter().any(|p| p == "root") {
                 return Err("the root policy is never granted".into());
             }
-            let what = What::VaultToken { policies: r.vault_policies.clone(), num_uses: r.num_uses };
-            Ok(Parsed { kind, names: r.vault_policies.clone(), what })
+            if policies.is_empty() || policies.iter().all(|p| p == "default") {
+                // With `no_default_policy` such a token would carry no
+                // policy at all; without it, only `default`, which needs no broker.
+                return Err(
+                    "the request names no Vault policy besides \"default\"; name the policies the token needs".into()
+                );
+            }
+            let what = What::VaultToken { policies: policies.clone(), num_uses: r.num_uses };
+            Ok(Parsed { kind, names: policies, what })
         }
         Kind::DynamicSecret => Ok(Parsed { kind, names: Vec::new(), what: What::Secret { path: String::new() } }),
     }

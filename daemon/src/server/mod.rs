@@ -84,6 +84,10 @@ pub(crate) struct Shared {
     /// The latest checkpoint and when the broker first saw it (for its age).
     checkpoint_seen: std::sync::Mutex<(Option<String>, std::time::Instant)>,
     nodes: RwLock<HashMap<String, NodeRecord>>,
+    /// Held while an issued identity is checked against the node's record
+    /// and recorded, so that enrollments and renewals of one name cannot
+    /// interleave (revocation needs no lock: it is never undone).
+    identity_commit: tokio::sync::Mutex<()>,
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
@@ -182,6 +186,7 @@ impl Broker {
             seen: std::sync::Mutex::new(HashMap::new()),
             checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             nodes: RwLock::new(nodes),
+            identity_commit: tokio::sync::Mutex::new(()),
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
@@ -358,8 +363,12 @@ pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .map_err(|(_, e)| anyhow::anyhow!("the state directory is locked ({e})"))
 }
 
+/// The largest policy file read: thousands of rules.
+pub const MAX_POLICY_FILE: u64 = 4 << 20;
+
 pub fn load_policy(path: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read policy file {}", path.display()))?;
+    let text = grantline_proto::files::read_bounded(path, MAX_POLICY_FILE)
+        .with_context(|| format!("cannot read policy file {}", path.display()))?;
     Policy::parse(&text).with_context(|| format!("policy file {} is invalid", path.display()))
 }
 
@@ -636,7 +645,13 @@ impl Shared {
         admin: Option<CallerInfo>,
     ) -> Result<grantline_proto::admin::ReloadPolicyResponse, ReloadError> {
         let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        match load_policy(&self.policy_path) {
+        // Reading and parsing a large file is blocking work: off the workers
+        // that serve agents.
+        let path = self.policy_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_policy(&path))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the policy loader failed: {e}")));
+        match loaded {
             Err(e) => {
                 let error = format!("{e:#}");
                 metrics::counter!("grantline_policy_reloads_total", "outcome" => "refused").increment(1);

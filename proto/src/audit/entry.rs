@@ -79,6 +79,24 @@ impl<'a> Entry<'a> {
         out
     }
 
+    /// [`Entry::encode`] of the event cut to its bounds ([`Event::bounded`]),
+    /// refused if it is still larger than [`MAX_ENTRY_LEN`]: what a writer
+    /// must use, so that every entry it signs can be stored, verified and
+    /// published.
+    pub fn encode_bounded(
+        origin: &str,
+        seq: u64,
+        time_ms: i64,
+        prev: &Hash,
+        event: Event,
+    ) -> Result<Vec<u8>, EntryError> {
+        let bytes = Self::encode(origin, seq, time_ms, prev, &event.bounded());
+        if bytes.len() > MAX_ENTRY_LEN {
+            return Err(EntryError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
     /// Decodes the fixed fields of an entry strictly; the event JSON is parsed
     /// by [`Entry::event`].
     pub fn decode(bytes: &'a [u8]) -> Result<Self, EntryError> {

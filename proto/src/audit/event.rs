@@ -103,7 +103,26 @@ pub enum Event {
     },
 }
 
+/// The most bytes of one text field that an entry records. Longer text (a
+/// hostile role, a parse error quoting a file) is cut at a character boundary
+/// and marked with its full length, so one request cannot make an entry too
+/// large to store, sign or publish.
+pub const MAX_FIELD_LEN: usize = 1024;
+/// The most items of one list or map that an entry records.
+pub const MAX_ITEMS: usize = 64;
+
 impl Event {
+    /// This event with every text field, list and map cut to the bounds
+    /// above. Events built from validated input are unchanged.
+    #[must_use]
+    pub fn bounded(self) -> Self {
+        let Ok(mut value) = serde_json::to_value(&self) else { return self };
+        if !bound_value(&mut value) {
+            return self;
+        }
+        serde_json::from_value(value).unwrap_or(self)
+    }
+
     /// A short name for logs and the verifier's summaries.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -123,6 +142,64 @@ impl Event {
     }
 }
 
+/// Cuts `s` to at most [`MAX_FIELD_LEN`] bytes, marking the cut.
+pub fn bound_text(s: &str) -> String {
+    excerpt(s, MAX_FIELD_LEN)
+}
+
+/// `s` if it has at most `max` bytes (`max` ≥ 40), else its start cut at a
+/// character boundary and marked with the full length, within `max` bytes:
+/// what an error message or an entry may quote of untrusted text.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(40);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[cut, {} bytes in all]", &s[..end], s.len())
+}
+
+/// Bounds every string, list and map in `v`; whether anything changed.
+fn bound_value(v: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.len() > MAX_FIELD_LEN => {
+            *s = bound_text(s);
+            true
+        }
+        Value::Array(items) => {
+            let mut changed = false;
+            if items.len() > MAX_ITEMS {
+                let more = items.len() - (MAX_ITEMS - 1);
+                items.truncate(MAX_ITEMS - 1);
+                if items.iter().all(Value::is_string) {
+                    items.push(Value::String(format!("…[{more} more]")));
+                }
+                changed = true;
+            }
+            items.iter_mut().fold(changed, |c, i| bound_value(i) | c)
+        }
+        Value::Object(map) => {
+            let mut changed = false;
+            // Keys are bounded like text; a cut key that collides is dropped.
+            if map.len() > MAX_ITEMS || map.keys().any(|k| k.len() > MAX_FIELD_LEN) {
+                let more = map.len().saturating_sub(MAX_ITEMS - 1);
+                let kept: serde_json::Map<String, Value> =
+                    std::mem::take(map).into_iter().take(MAX_ITEMS - 1).map(|(k, v)| (bound_text(&k), v)).collect();
+                *map = kept;
+                if more > 0 {
+                    map.insert("…".into(), Value::String(format!("[{more} more]")));
+                }
+                changed = true;
+            }
+            map.values_mut().fold(changed, |c, i| bound_value(i) | c)
+        }
+        _ => false,
+    }
+}
+
 /// The fingerprint a grant records for a Vault lease or token accessor: a
 /// domain-separated SHA-256, so the log names the credential without holding
 /// anything that could be used against Vault.
@@ -134,4 +211,71 @@ pub fn vault_fingerprint(what: &str, id: &str) -> String {
     h.update(b"\n");
     h.update(id.as_bytes());
     hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_events_cut_long_fields_and_keep_short_ones() {
+        let short = Event::Denial {
+            action: "grant".into(),
+            node: "web-1".into(),
+            kind: "x509".into(),
+            role: "web".into(),
+            policy: String::new(),
+            reason: "no rule".into(),
+            caller: None,
+        };
+        assert_eq!(short.clone().bounded(), short);
+
+        let long = "é".repeat(20_000);
+        let Event::Denial { role, reason, .. } = (Event::Denial {
+            action: "grant".into(),
+            node: "web-1".into(),
+            kind: "x509".into(),
+            role: long.clone(),
+            policy: String::new(),
+            reason: format!("unknown role {long}"),
+            caller: None,
+        })
+        .bounded() else {
+            panic!("the variant is kept")
+        };
+        assert!(role.len() <= MAX_FIELD_LEN && reason.len() <= MAX_FIELD_LEN, "{} {}", role.len(), reason.len());
+        assert!(role.ends_with("…[cut, 40000 bytes in all]"), "{role}");
+
+        let labels: BTreeMap<String, String> =
+            (0..500).map(|i| (format!("k{i:03}{}", "x".repeat(2000)), "v".into())).collect();
+        let names: Vec<String> = (0..500).map(|i| format!("n{i}")).collect();
+        let e = Event::TokenCreation {
+            token_id: "t".into(),
+            node: String::new(),
+            labels,
+            expires_at: 0,
+            admin: CallerInfo { uid: 0, gid: 0, pid: 1, exe: String::new(), unit: String::new() },
+        }
+        .bounded();
+        let Event::TokenCreation { labels, .. } = e else { panic!("the variant is kept") };
+        assert_eq!(labels.len(), MAX_ITEMS);
+        assert!(labels.keys().all(|k| k.len() <= MAX_FIELD_LEN));
+        let g = Event::Grant {
+            node: "n".into(),
+            kind: "x509".into(),
+            role: "r".into(),
+            rule: "r".into(),
+            policy: "p".into(),
+            ttl_seconds: 1,
+            serial: "s".into(),
+            fingerprint: "f".into(),
+            names,
+            not_after: 0,
+            caller: None,
+        }
+        .bounded();
+        let Event::Grant { names, .. } = g else { panic!("the variant is kept") };
+        assert_eq!(names.len(), MAX_ITEMS);
+        assert_eq!(names.last().map(String::as_str), Some("…[437 more]"));
+    }
 }

@@ -16,14 +16,22 @@ const ALG_ED25519: u8 = 0x01;
 pub enum KeyError {
     #[error("key name {0:?} is not usable: it must be non-empty and contain no '+' or white space")]
     BadName(String),
+    #[error("key name of {0} bytes is too long: a key name (the log's origin) has at most {MAX_NAME_LEN} bytes")]
+    NameTooLong(usize),
     #[error("malformed key {what}: {reason}")]
     Malformed { what: &'static str, reason: String },
     #[error("key id {found:08x} does not match the key (expected {expected:08x}); the key string was altered")]
     KeyIdMismatch { found: u32, expected: u32 },
 }
 
+/// The longest key name (and so log origin) accepted.
+pub const MAX_NAME_LEN: usize = 255;
+
 /// Checks a signed-note key name (also the log's origin).
 pub fn check_name(name: &str) -> Result<(), KeyError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(KeyError::NameTooLong(name.len()));
+    }
     if name.is_empty() || name.contains('+') || name.chars().any(char::is_whitespace) {
         return Err(KeyError::BadName(name.to_owned()));
     }

@@ -47,7 +47,10 @@ pub struct Summary {
     /// Merkle roots at the tree sizes asked for with [`ChainVerifier::want_root_at`].
     #[serde(skip)]
     pub roots: BTreeMap<u64, Hash>,
-    /// The log's signing keys in order: the genesis key, then each rotation's.
+    /// The log's signing keys in order: the genesis key (one the caller
+    /// trusts), then each rotation's. With signatures checked, every one is
+    /// reached from the trusted genesis key by rotations that the key before
+    /// it signed; without, only the genesis key is vouched for.
     #[serde(skip)]
     pub keys: Vec<VerifierKey>,
 }
@@ -61,8 +64,10 @@ fn threads() -> usize {
 }
 
 pub struct ChainVerifier {
-    /// The key the caller trusts: it must be one of the log's keys.
-    key: VerifierKey,
+    /// The keys the caller trusts: one of them must sign the genesis entry.
+    /// Trust extends from there only through rotations signed by the key in
+    /// force, so a key the log names for itself is never trusted on its word.
+    trusted: Vec<VerifierKey>,
     /// The log's keys so far; the last one signs the next entry.
     keys: Vec<VerifierKey>,
     next_seq: u64,
@@ -80,9 +85,16 @@ pub struct ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier that trusts `key` alone: the log must have been started by it.
     pub fn new(key: VerifierKey) -> Self {
+        Self::trusting(vec![key])
+    }
+
+    /// A verifier that trusts any of `keys` (a key history such as
+    /// `audit.vkeys`) to have started the log.
+    pub fn trusting(keys: Vec<VerifierKey>) -> Self {
         Self {
-            key,
+            trusted: keys,
             keys: Vec::new(),
             next_seq: 0,
             prev: ZERO_HASH,
@@ -125,7 +137,9 @@ impl ChainVerifier {
                     reason: format!("signature is {} bytes, not an ed25519 signature", row.signature.len()),
                 });
             };
-            let signer = self.signer_of(row.seq);
+            let Some(signer) = self.signer_of(row.seq) else {
+                return Err(Failure { seq: row.seq, reason: "no key is in force to sign this entry".into() });
+            };
             self.pending.push((row.seq, row.entry, sig, signer));
             if self.pending.len() >= BATCH * self.threads {
                 self.flush()?;
@@ -136,33 +150,35 @@ impl ChainVerifier {
 
     /// The key that signs the entry at `seq`: the one in force before it (a
     /// rotation entry is signed by the key it retires).
-    fn signer_of(&self, seq: i64) -> VerifierKey {
+    fn signer_of(&self, seq: i64) -> Option<VerifierKey> {
         let in_force = if self.rotated_at.last() == Some(&seq) {
             self.keys.len().saturating_sub(2)
         } else {
             self.keys.len().saturating_sub(1)
         };
-        self.keys.get(in_force).cloned().unwrap_or_else(|| self.key.clone())
+        // `check_structure` records the trusted genesis key before any
+        // signature is queued, so there is always one.
+        self.keys.get(in_force).cloned()
     }
 
     /// Checks the remaining signatures and summarizes the verified log.
     pub fn finish(mut self) -> Result<Summary, Failure> {
         self.flush()?;
-        if !self.keys.is_empty() && !self.keys.contains(&self.key) {
-            let names: Vec<String> = self.keys.iter().map(ToString::to_string).collect();
+        // An empty log has no genesis: nothing in it is signed, so it proves
+        // nothing, not even that it belongs to the key given. A broker writes
+        // its genesis at first start, so a real log is never empty.
+        let Some(genesis) = self.keys.first() else {
             return Err(Failure {
                 seq: 0,
-                reason: format!(
-                    "log was started by key {}, not by the key given ({}); its keys are: {}",
-                    names[0],
-                    self.key,
-                    names.join(", ")
-                ),
+                reason: "the log is empty: it has no genesis entry signed by the trusted key, so it proves \
+                         nothing (a broker writes its genesis at first start; this log was never started or \
+                         was emptied)"
+                    .into(),
             });
-        }
+        };
         Ok(Summary {
             entries: self.next_seq,
-            origin: self.key.name().to_owned(),
+            origin: genesis.name().to_owned(),
             head: hex::encode(self.prev),
             root: hex::encode(self.tree.root()),
             first_time_ms: self.first_time,
@@ -200,8 +216,13 @@ impl ChainVerifier {
                 entry.seq
             ));
         }
-        if entry.origin != self.key.name() && self.keys.first().is_none_or(|k| entry.origin != k.name()) {
-            return Err(format!("entry is from log {:?}, not {:?}", entry.origin, self.key.name()));
+        let origin = self.keys.first().map_or_else(|| self.trusted_names(), |g| format!("{:?}", g.name()));
+        let origin_ok = match self.keys.first() {
+            Some(genesis) => entry.origin == genesis.name(),
+            None => self.trusted.iter().any(|k| k.name() == entry.origin),
+        };
+        if !origin_ok {
+            return Err(format!("entry is from log {:?}, not {origin}", entry.origin));
         }
         if entry.prev != self.prev {
             return Err(format!(
@@ -235,6 +256,15 @@ impl ChainVerifier {
                 if genesis.name() != entry.origin {
                     return Err(format!("genesis key {genesis} is not named for the log's origin {:?}", entry.origin));
                 }
+                if !self.trusted.contains(&genesis) {
+                    let given: Vec<String> = self.trusted.iter().map(ToString::to_string).collect();
+                    return Err(format!(
+                        "log was started by key {genesis}, not by the key given ({}): it is another log, or a \
+                         forgery; if the broker rotated its key since, verify with the key history \
+                         (STATE_DIR/audit.vkeys), whose first key started the log",
+                        given.join(", ")
+                    ));
+                }
                 self.keys.push(genesis);
             }
             (Event::Genesis { .. }, _) => return Err("a second genesis entry".into()),
@@ -265,6 +295,11 @@ impl ChainVerifier {
             *slot = Some(self.tree.root());
         }
         Ok(())
+    }
+
+    fn trusted_names(&self) -> String {
+        let names: Vec<String> = self.trusted.iter().map(|k| format!("{:?}", k.name())).collect();
+        names.join(" or ")
     }
 
     /// Verifies the pending signatures, one batch per core, and names the
@@ -382,7 +417,27 @@ mod tests {
         assert_eq!(s.root, hex::encode(tree.root()));
         assert_eq!(s.roots.get(&700), Some(&merkle::root(&tree, 700).unwrap()));
         assert_eq!(s.roots.get(&5000), None, "no root for a size the log never reached");
-        assert_eq!(run(k.verifier(), Vec::new()).unwrap().entries, 0);
+    }
+
+    #[test]
+    fn an_empty_log_proves_nothing() {
+        let k = SignerKey::generate("t.example/log").unwrap();
+        let f = run(k.verifier(), Vec::new()).unwrap_err();
+        assert_eq!(f.seq, 0);
+        assert!(f.reason.contains("the log is empty") && f.reason.contains("proves nothing"), "{f}");
+    }
+
+    /// The review's forgery: a log started by the attacker's key under the
+    /// real origin, every entry signed by it, ending in a rotation that names
+    /// the real key. Nothing in it was signed by the real key.
+    #[test]
+    fn a_log_forged_under_another_key_that_rotates_to_the_real_one_is_refused() {
+        let real = SignerKey::generate("t.example/log").unwrap();
+        let evil = SignerKey::generate("t.example/log").unwrap();
+        let log = rotated(&evil, &real, 20, 19, |_| 1);
+        let f = run(real.verifier(), log).unwrap_err();
+        assert_eq!(f.seq, 0, "{f}");
+        assert!(f.reason.contains("not by the key given"), "{f}");
     }
 
     #[test]
@@ -562,7 +617,16 @@ mod tests {
         let log = rotated(&k1, &k2, 1200, 600, honest);
         let s = run(k1.verifier(), log.clone()).unwrap();
         assert_eq!(s.keys, vec![k1.verifier().clone(), k2.verifier().clone()]);
-        assert!(run(k2.verifier(), log.clone()).is_ok(), "the new key is one of the log's keys");
+        // The later key alone does not vouch for the entries before it: the
+        // caller must trust the key that started the log (the key history).
+        let f = run(k2.verifier(), log.clone()).unwrap_err();
+        assert_eq!(f.seq, 0, "{f}");
+        assert!(f.reason.contains("audit.vkeys"), "{f}");
+        let mut history = ChainVerifier::trusting(vec![k1.verifier().clone(), k2.verifier().clone()]);
+        for r in log.clone() {
+            history.push(r).unwrap();
+        }
+        assert_eq!(history.finish().unwrap().entries, 1200);
         let f = run(k3.verifier(), log).unwrap_err();
         assert!(f.reason.contains("not by the key given"), "{f}");
 
@@ -582,5 +646,99 @@ mod tests {
         rows.remove(50);
         let f = run(k.verifier(), rows).unwrap_err();
         assert_eq!(f.seq, 10, "{f}");
+    }
+
+    /// What a log built by someone holding every key but the trusted one can
+    /// prove: the verdict must be "sound" exactly when the trusted key signed
+    /// the genesis and every later entry is signed by the key in force, each
+    /// key reached from the trusted one by a rotation its predecessor signed.
+    /// The model below is that rule written independently of the verifier.
+    #[test]
+    fn property_only_keys_reached_from_the_trusted_one_make_a_log_sound() {
+        use rand::{Rng, SeedableRng};
+
+        #[derive(Clone, Copy, Debug)]
+        enum Step {
+            Genesis(usize),
+            Rotate(usize),
+            Plain,
+        }
+
+        fn model(steps: &[(Step, usize)], trusted: usize) -> bool {
+            let Some(&(Step::Genesis(first), signer)) = steps.first() else { return false };
+            if first != trusted || signer != trusted {
+                return false;
+            }
+            let (mut in_force, mut used) = (first, vec![first]);
+            for &(step, signer) in &steps[1..] {
+                if signer != in_force {
+                    return false;
+                }
+                match step {
+                    Step::Genesis(_) => return false,
+                    Step::Rotate(new) if used.contains(&new) => return false,
+                    Step::Rotate(new) => {
+                        used.push(new);
+                        in_force = new;
+                    }
+                    Step::Plain => {}
+                }
+            }
+            true
+        }
+
+        let keys: Vec<SignerKey> = (0..5).map(|_| SignerKey::generate("t.example/log").unwrap()).collect();
+        let origin = keys[0].verifier().name().to_owned();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6772_616e_746c_696e);
+        let (mut sound, mut unsound) = (0, 0);
+        for _ in 0..3000 {
+            let len = rng.gen_range(0..10);
+            // The attacker mostly follows the rules, so that both verdicts
+            // occur often; each deviation is one the model must catch.
+            let mut in_force = if rng.gen_bool(0.7) { 0 } else { rng.gen_range(0..keys.len()) };
+            let mut steps = Vec::new();
+            for seq in 0..len {
+                let step = match (seq, rng.gen_range(0..10)) {
+                    (0, _) | (_, 0) => Step::Genesis(if seq == 0 { in_force } else { rng.gen_range(0..keys.len()) }),
+                    (_, 1 | 2) => Step::Rotate(rng.gen_range(0..keys.len())),
+                    _ => Step::Plain,
+                };
+                let signer = if rng.gen_bool(0.9) { in_force } else { rng.gen_range(0..keys.len()) };
+                if let Step::Rotate(new) = step {
+                    in_force = new;
+                }
+                steps.push((step, signer));
+            }
+            let mut prev = ZERO_HASH;
+            let rows: Vec<StoredEntry> = steps
+                .iter()
+                .enumerate()
+                .map(|(seq, &(step, signer))| {
+                    let event = match step {
+                        Step::Genesis(k) => {
+                            Event::Genesis { vkey: keys[k].verifier().to_string(), software: "t".into() }
+                        }
+                        Step::Rotate(k) => Event::KeyRotation { new_vkey: keys[k].verifier().to_string() },
+                        Step::Plain => grant(seq as u64),
+                    };
+                    let bytes = Entry::encode(&origin, seq as u64, 1000, &prev, &event);
+                    prev = leaf_hash(&bytes);
+                    StoredEntry {
+                        seq: seq as i64,
+                        signature: keys[signer].sign(&bytes).to_vec(),
+                        hash: prev.to_vec(),
+                        entry: bytes,
+                    }
+                })
+                .collect();
+            let verdict = run(keys[0].verifier(), rows).is_ok();
+            assert_eq!(verdict, model(&steps, 0), "steps {steps:?}");
+            if verdict {
+                sound += 1;
+            } else {
+                unsound += 1;
+            }
+        }
+        assert!(sound > 300 && unsound > 300, "both verdicts must be exercised: {sound} sound, {unsound} unsound");
     }
 }

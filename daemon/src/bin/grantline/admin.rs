@@ -186,6 +186,10 @@ pub async fn token_create(
         map.insert(k.to_owned(), v.to_owned());
     }
     let ttl_seconds = u32::try_from(ttl.as_secs()).context("--ttl is too long")?;
+    if ttl_seconds == 0 {
+        // On the wire 0 means "the default" (1 h): never what `--ttl 0` meant.
+        bail!("--ttl {} is shorter than a second; give a duration such as 10m or 1h", humantime::format_duration(ttl));
+    }
     let req = api::CreateJoinTokenRequest { node_name: node.unwrap_or_default(), labels: map, ttl_seconds };
     let t = conn.client().await?.create_join_token(req).await?.into_inner();
     if conn.json {

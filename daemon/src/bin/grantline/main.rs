@@ -261,13 +261,13 @@ fn audit_verify(
     checkpoints: &[PathBuf],
     json: bool,
 ) -> ExitCode {
-    let key = match read_verifier_key(key_file) {
+    let keys = match read_verifier_keys(key_file) {
         Ok(k) => k,
         Err(e) => return report_error(json, EX_NOINPUT, &e),
     };
     let mut notes = Vec::new();
     for path in checkpoints {
-        match std::fs::read_to_string(path) {
+        match grantline_proto::files::read_bounded(path, MAX_NOTE_FILE) {
             Ok(n) => notes.push(n),
             Err(e) => {
                 return report_error(
@@ -278,37 +278,68 @@ fn audit_verify(
             }
         }
     }
-    let mut verdict = None;
-    if let Some(location) = anchor {
-        let checked =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
-                |rt| rt.block_on(async { verify::verify_anchor(&Anchor::open_existing(location)?, &key).await }),
-            );
-        match checked {
-            Err(e) => return report_error(json, EX_NOINPUT, &e),
-            Ok((Err(f), _)) => return report_verdict(json, Err(f)),
-            Ok((Ok(summary), note)) => {
-                notes.push(note);
-                verdict = Some(Ok(summary));
-            }
+    let verdict = match (db, anchor) {
+        (None, None) => return report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
+        (Some(db), None) => verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes),
+        (None, Some(location)) => {
+            on_anchor(location, |anchor| async move { Ok(verify::verify_anchor(&anchor, &keys).await?.0) })
         }
-    }
-    if let Some(db) = db {
-        verdict = match verify::verify_db(db, &key, std::io::stderr().is_terminal(), &notes) {
-            Err(e) => return report_error(json, EX_NOINPUT, &e),
-            Ok(v) => Some(v),
-        };
-    }
+        // The database proves the key rotations (its entries are signed), so
+        // it goes first: the anchor's checkpoint is one more checkpoint it must
+        // agree with, and the anchor's entries are then checked under the keys
+        // the database reached.
+        (Some(db), Some(location)) => on_anchor(location, |anchor| async move {
+            let note = verify::anchor_checkpoint(&anchor).await?;
+            notes.push(note.clone());
+            let summary = match verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes)? {
+                Ok(s) => s,
+                Err(f) => return Ok(Err(f)),
+            };
+            let (from_anchor, checked) = verify::verify_anchor(&anchor, &summary.keys).await?;
+            if checked != note {
+                anyhow::bail!("the anchor's checkpoint changed during verification (the broker published); run again");
+            }
+            Ok(from_anchor.map(|_| summary))
+        }),
+    };
     match verdict {
-        Some(v) => report_verdict(json, v),
-        None => report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
+        Ok(v) => report_verdict(json, v),
+        Err(e) => report_error(json, EX_NOINPUT, &e),
     }
 }
 
-fn read_verifier_key(path: &std::path::Path) -> Result<VerifierKey> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))
-        .and_then(|s| VerifierKey::parse(&s).with_context(|| format!("{} is not a verifier key", path.display())))
+/// Runs `work` on the anchor at `location` on a runtime of its own.
+fn on_anchor<F, T>(location: &str, work: impl FnOnce(Anchor) -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    let anchor = Anchor::open_existing(location)?;
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work(anchor))
+}
+
+/// Longest key file read: a key history of a few thousand rotations.
+const MAX_KEY_FILE: u64 = 1 << 20;
+/// Longest checkpoint file read: a note with a few hundred signatures.
+const MAX_NOTE_FILE: u64 = 1 << 20;
+
+/// The verifier keys in `path`, one per line: `audit.vkey` (the current key)
+/// or `audit.vkeys` (the key history, genesis key first).
+fn read_verifier_keys(path: &std::path::Path) -> Result<Vec<VerifierKey>> {
+    let text = grantline_proto::files::read_bounded(path, MAX_KEY_FILE)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    let keys = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            VerifierKey::parse(l).with_context(|| format!("{} line {} is not a verifier key", path.display(), i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if keys.is_empty() {
+        bail!("{} holds no verifier key; give the broker's audit.vkey or audit.vkeys", path.display());
+    }
+    Ok(keys)
 }
 
 fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode {
@@ -317,8 +348,8 @@ fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode 
         let [db, key_file] = pair else {
             return report_error(json, EX_USAGE, &anyhow::anyhow!("--log takes a database and a key file"));
         };
-        let verdict = read_verifier_key(key_file)
-            .and_then(|key| verify::verify_db(db, &key, std::io::stderr().is_terminal(), &[]));
+        let verdict = read_verifier_keys(key_file)
+            .and_then(|keys| verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &[]));
         match verdict {
             Ok(verdict) => verdicts.push(verify::FleetLog { db: db.display().to_string(), verdict }),
             Err(e) => return report_error(json, EX_NOINPUT, &e),

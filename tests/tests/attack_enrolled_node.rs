@@ -1,0 +1,148 @@
+//! The attacker is an enrolled node (or holds a node's key): it sends what
+//! its own agent never would. RFD 0009 lists what it cannot do; each test
+//! here shows one of those rows.
+
+#![allow(clippy::unwrap_used)]
+
+use grantline_proto::{frame, wire};
+use grantline_tests::raw::{client_config, connect, error_of, node_identity, runtime, send_raw};
+use grantline_tests::{stderr, Agent, Broker};
+
+fn request(body: wire::request::Body) -> Vec<u8> {
+    frame::encode(&wire::Request { body: Some(body) })
+}
+
+fn renewal() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+    request(wire::request::Body::RenewIdentity(wire::RenewIdentityRequest { csr_der: csr.der().to_vec() }))
+}
+
+fn nodes(broker: &Broker) -> serde_json::Value {
+    let out = broker.admin(&["nodes", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Review defect 2: a request whose fields are huge was quoted whole in its
+/// denial, making an entry the verifier rejects and the broker cannot start
+/// after. Now the entry is bounded, the log verifies and the broker restarts.
+#[test]
+fn a_huge_request_cannot_poison_the_log() {
+    let mut broker = Broker::start();
+    let agent = Agent::start(&broker, "big");
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let identity = node_identity(agent.dir.path());
+    runtime().block_on(async {
+        let conn = connect(&broker.addr, client_config(&ca, Some(identity))).await.unwrap();
+        for (role, san) in [("r".repeat(40_000), "a".to_owned()), ("dev".to_owned(), "é".repeat(30_000))] {
+            let grant = request(wire::request::Body::Grant(wire::GrantRequest {
+                kind: wire::CredentialKind::SshUser as i32,
+                role,
+                ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb2X0Yb+6Qf9V3Q2Hn0Bq7Z8yq6zG0cV7tJ0mYbPzqS"
+                    .into(),
+                principals: vec![san],
+                ..Default::default()
+            }));
+            let (code, msg) = error_of(&send_raw(&conn, &grant).await.unwrap());
+            assert_ne!(code, wire::ErrorCode::Unavailable, "{msg}");
+            assert!(msg.len() < 4096, "the reply quotes the input whole: {} bytes", msg.len());
+        }
+    });
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    broker.proc.wait();
+    broker.restart();
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["ssh", "--role", "dev", "--principal", "big", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "the broker serves after the restart: {}", stderr(&got));
+    assert!(broker.verify().0);
+}
+
+/// Review defect 3: renewals in flight while the node was revoked put it
+/// back in the broker's table as not revoked. Revocation is monotonic: once
+/// `nodes revoke` returns, the node stays revoked, whatever was in flight.
+#[test]
+fn renewals_in_flight_cannot_undo_a_revocation() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "racer");
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let identity = node_identity(agent.dir.path());
+    // Keep renewals in flight on the node's own connection until it is
+    // closed; each one that comes back is reported on `renewed`.
+    let (renewed_tx, renewed) = std::sync::mpsc::channel::<()>();
+    let flood = {
+        let (addr, ca, identity) = (broker.addr.clone(), ca.clone(), identity.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let conn = connect(&addr, client_config(&ca, Some(identity))).await.unwrap();
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..8 {
+                    let (conn, renewed_tx) = (conn.clone(), renewed_tx.clone());
+                    tasks.spawn(async move {
+                        while let Ok(resp) = send_raw(&conn, &renewal()).await {
+                            if !matches!(resp.body, Some(wire::response::Body::RenewIdentity(_))) {
+                                eprintln!("renewal answered with {resp:?}");
+                                break;
+                            }
+                            let _ = renewed_tx.send(());
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })
+        })
+    };
+    // Revoke once renewals are flowing, so that some are in flight.
+    for _ in 0..20 {
+        renewed.recv().unwrap();
+    }
+    let revoke = broker.admin(&["nodes", "revoke", "racer", "--reason", "stolen"]);
+    assert!(revoke.status.success(), "{}", stderr(&revoke));
+    flood.join().unwrap();
+    let after = renewed.try_iter().count();
+    eprintln!("{after} more renewals were answered around the revocation");
+
+    let listed = nodes(&broker);
+    let racer = listed.as_array().unwrap().iter().find(|n| n["name"] == "racer").unwrap();
+    assert_eq!(racer["revoked"], true, "the node came back from its revocation: {racer}");
+    // Neither the old identity nor any renewed one is served.
+    runtime().block_on(async {
+        if let Ok(conn) = connect(&broker.addr, client_config(&ca, Some(identity))).await {
+            let resp = send_raw(&conn, &renewal()).await;
+            if let Ok(resp) = resp {
+                assert_eq!(error_of(&resp).0, wire::ErrorCode::Revoked);
+            }
+        }
+    });
+}
+
+/// Review defect 5: a token that pins no name enrolled a second identity
+/// under the name of a healthy, enrolled node and both kept working. An
+/// unpinned token cannot take an enrolled name (and is not spent trying); a
+/// re-enrollment with a pinned token shuts the old identity out.
+#[test]
+fn an_unpinned_token_cannot_take_over_an_enrolled_name() {
+    let broker = Broker::start();
+    let web = Agent::start(&broker, "web-1");
+    let token = broker.new_token(&[]);
+    let (_, out) = Agent::enroll_with(&broker, &token, "web-1");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already enrolled"), "{}", stderr(&out));
+    // The refused attempt did not spend the token.
+    let (_, out) = Agent::enroll_with(&broker, &token, "web-2");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A token pinned to the name re-enrolls it; the old identity is out.
+    let pinned = broker.new_token(&["--node", "web-1"]);
+    let (_, out) = Agent::enroll_with(&broker, &pinned, "web-1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    runtime().block_on(async {
+        let conn = connect(&broker.addr, client_config(&ca, Some(node_identity(web.dir.path())))).await.unwrap();
+        let (code, msg) = error_of(&send_raw(&conn, &renewal()).await.unwrap());
+        assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
+        assert!(msg.contains("was replaced"), "{msg}");
+    });
+}
