@@ -26,6 +26,8 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+# A system python that any uid can run (tests drop to nobody).
+[ -x /usr/bin/python3 ] || need+=(python3)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need+=(golang-golang-x-mod-dev)
 command -v lintian >/dev/null 2>&1 || need+=(lintian)

@@ -23,8 +23,18 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
     let mut s = UnixStream::connect(socket).await.with_context(|| {
         format!("cannot reach the agent at {}; is 'grantline-agent run' running (see --socket)?", socket.display())
     })?;
-    s.write_all(&frame::encode(req)).await?;
-    s.shutdown().await?;
+    // An agent that refuses the connection (too many open) answers and
+    // closes before reading: its answer is still there to read.
+    let sent = async {
+        s.write_all(&frame::encode(req)).await?;
+        s.shutdown().await
+    }
+    .await;
+    if let Err(e) = sent {
+        if !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) {
+            return Err(e.into());
+        }
+    }
     let buf = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut s))
         .await
         .context("the agent did not answer within 60 s")??;

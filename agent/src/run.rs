@@ -366,12 +366,99 @@ async fn renew_once(agent: &Agent) -> Result<()> {
     Ok(())
 }
 
-async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
-    loop {
-        let (stream, _) = listener.accept().await.context("local socket failed")?;
-        let agent = agent.clone();
-        tokio::spawn(async move { serve_local(agent, stream).await });
+/// Connections one uid may hold open on the local socket at once.
+pub const MAX_LOCAL_PER_UID: usize = 64;
+/// Connections the local socket holds open at once, over all callers.
+pub const MAX_LOCAL: usize = 512;
+
+/// Open local connections, by caller uid: a local user cannot take every
+/// file descriptor of the agent, and one caller's connections never starve
+/// another's.
+#[derive(Default)]
+struct LocalConnections {
+    by_uid: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
+}
+
+/// One open local connection, counted until dropped.
+struct LocalSlot {
+    open: Arc<LocalConnections>,
+    uid: u32,
+}
+
+impl LocalConnections {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<LocalSlot> {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total: usize = by_uid.values().sum();
+        let mine = by_uid.entry(uid).or_default();
+        if *mine >= MAX_LOCAL_PER_UID || total >= MAX_LOCAL {
+            return None;
+        }
+        *mine += 1;
+        Some(LocalSlot { open: self.clone(), uid })
     }
+}
+
+impl Drop for LocalSlot {
+    fn drop(&mut self) {
+        let mut by_uid = self.open.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Serves the local socket; never returns. A failing accept (out of file
+/// descriptors, memory or buffers) is waited out with backoff: what a caller
+/// does to the socket never stops the agent.
+async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
+    let open = Arc::new(LocalConnections::default());
+    let mut failures = 0u32;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                failures = 0;
+                stream
+            }
+            Err(e) => {
+                let wait = backoff(failures, Duration::from_millis(20), Duration::from_secs(1), jitter_unit())
+                    .max(Duration::from_millis(10));
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot accept on the local socket; backing off");
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let Some(slot) = open.take(uid) else {
+            refuse_busy(&stream, uid);
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_local(agent, stream).await;
+        });
+    }
+}
+
+/// Answers a connection past its caller's limit without waiting for it: the
+/// reason is written if the socket takes it at once, what the caller already
+/// sent is read and dropped (closing on unread data would reset the
+/// connection before the caller reads the answer), and the connection closes.
+fn refuse_busy(stream: &UnixStream, uid: u32) {
+    let busy = local_error(
+        ErrorCode::Unavailable,
+        format!(
+            "uid {uid} has {MAX_LOCAL_PER_UID} connections open to the agent (or the agent {MAX_LOCAL} in all); \
+             close some and retry"
+        ),
+    );
+    let _ = stream.try_write(&frame::encode(&busy));
+    let mut sink = [0u8; 4096];
+    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {
@@ -388,8 +475,12 @@ async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
             Ok(req) => handle_local(&agent, req, caller).await,
         },
     };
-    let _ = stream.write_all(&frame::encode(&resp)).await;
-    let _ = stream.shutdown().await;
+    // A caller that does not read its answer does not hold the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = stream.write_all(&frame::encode(&resp)).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wire::Caller>) -> wire::LocalResponse {

@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod embedded;
+pub mod keys;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -121,6 +122,19 @@ pub fn check_csr(der: &[u8]) -> Result<CheckedCsr, String> {
     if der.is_empty() {
         return Err("the request carries no CSR".into());
     }
+    // Parsed twice on purpose: x509-parser checks the proof of possession
+    // and the key's algorithm and size; rcgen gives what signing needs.
+    let (_, request) =
+        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(
+            der,
+        )
+        .map_err(|e| format!("the CSR is not valid DER: {e}"))?;
+    // The key first: a weak key is named as such (its signature may not even
+    // be checkable).
+    keys::check_spki(&request.certification_request_info.subject_pki)?;
+    request
+        .verify_signature()
+        .map_err(|_| "the CSR's signature does not verify: it was not signed by the key it carries".to_owned())?;
     let parsed = rcgen::CertificateSigningRequestParams::from_der(&der.to_vec().into())
         .map_err(|e| format!("the CSR is not valid: {e}"))?;
     let sans = parsed
@@ -160,8 +174,29 @@ mod tests {
         let mut bad = csr.der().to_vec();
         let n = bad.len();
         bad[n - 5] ^= 0x55; // inside the signature
-        assert!(check_csr(&bad).unwrap_err().contains("not valid"));
+        assert!(check_csr(&bad).unwrap_err().contains("signature does not verify"));
         assert!(check_csr(b"garbage").is_err());
+        // Keys the broker does not certify: 1024-bit RSA (and DSA, which
+        // rcgen cannot even make) are refused; RSA 2048 is accepted.
+        let rsa = |bits: usize| {
+            let der = std::process::Command::new("openssl")
+                .args(["req", "-new", "-newkey", &format!("rsa:{bits}"), "-nodes", "-subj", "/CN=a.example"])
+                .args(["-keyout", "/dev/null", "-outform", "DER"])
+                .output()
+                .unwrap();
+            assert!(der.status.success(), "{}", String::from_utf8_lossy(&der.stderr));
+            der.stdout
+        };
+        let weak = check_csr(&rsa(1024)).unwrap_err();
+        assert!(weak.contains("1024-bit RSA"), "{weak}");
+        assert!(check_csr(&rsa(2048)).is_ok());
+        let dsa = std::process::Command::new("sh")
+            .args(["-c", "openssl dsaparam -out /dev/stdout 1024 2>/dev/null | openssl req -new -newkey dsa:/dev/stdin -nodes -subj /CN=a -keyout /dev/null -outform DER"])
+            .output()
+            .unwrap();
+        if dsa.status.success() {
+            assert!(check_csr(&dsa.stdout).unwrap_err().contains("DSA"));
+        }
         assert!(check_csr(b"").is_err());
     }
 }

@@ -286,6 +286,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn vault_policy_globs_are_lower_cased_like_vault_names() {
+        let p = Policy::parse(
+            "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['vault-token']\nroles=['r']\nmax_ttl='1h'\nvault_policies=['App-*']\n",
+        )
+        .unwrap();
+        assert_eq!(p.rules[0].allow[0].vault_policies, vec!["app-*".to_owned()]);
+    }
+
+    #[test]
     fn dev_policy_parses() {
         let p = Policy::parse(DEV_POLICY).unwrap();
         assert_eq!(p.rules.len(), 1);
@@ -304,6 +313,9 @@ mod tests {
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['vault-token']\nroles=['r']\nmax_ttl='1h'\n", "no vault_policies"),
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['r']\nmax_ttl='1h'\npath='../x'\n", "not a Vault path"),
             ("[[rule]\n", "TOML"),
+            // Roles are exact names: a glob never matches, a path step reaches Vault.
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['app-*']\nmax_ttl='1h'\n", "not patterns"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['..']\nmax_ttl='1h'\n", "role \"..\""),
         ];
         for (text, want) in cases {
             let err = Policy::parse(text).unwrap_err().to_string();

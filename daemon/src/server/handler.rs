@@ -339,6 +339,7 @@ fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
         Kind::SshUser | Kind::SshHost => {
             let key = ssh_key::PublicKey::from_openssh(&r.ssh_public_key)
                 .map_err(|e| format!("ssh_public_key is not an OpenSSH public key: {e}"))?;
+            crate::issuer::keys::check_ssh_key(&key)?;
             for p in &r.principals {
                 plain("principal", p)?;
                 // sshd matches a host certificate's principals as patterns
@@ -610,5 +611,72 @@ async fn prove(shared: &Shared, index: u64) -> Reply {
         Ok(Ok(tlog_proof)) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
         Ok(Err((code, message))) => err(code, message),
         Err(e) => err(ErrorCode::Internal, format!("proof task failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb2X0Yb+6Qf9V3Q2Hn0Bq7Z8yq6zG0cV7tJ0mYbPzqS";
+
+    fn ssh(principals: &[&str]) -> Result<Parsed, String> {
+        parse_grant(&wire::GrantRequest {
+            kind: wire::CredentialKind::SshHost as i32,
+            role: "dev".into(),
+            ssh_public_key: ED25519.into(),
+            principals: principals.iter().map(|p| (*p).to_owned()).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn token(policies: &[&str]) -> Result<Parsed, String> {
+        parse_grant(&wire::GrantRequest {
+            kind: wire::CredentialKind::VaultToken as i32,
+            role: "dev".into(),
+            vault_policies: policies.iter().map(|p| (*p).to_owned()).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// Review defect 11: `web-*.example.com` matched the policy glob
+    /// `web-?.example.com` and became a host certificate for every web host.
+    #[test]
+    fn principals_are_literal_names() {
+        assert_eq!(ssh(&["web-1.example.com"]).unwrap().names, vec!["web-1.example.com".to_owned()]);
+        for p in ["web-*.example.com", "web-?.example.com", "!root", "a,b", "a b", "a\tb", ""] {
+            let e = ssh(&[p]).err().unwrap_or_else(|| panic!("{p:?} was accepted"));
+            assert!(e.contains("principal"), "{p:?}: {e}");
+        }
+    }
+
+    /// Review defect 14: Vault lower-cases and trims policy names, so `ROOT`
+    /// was the root policy; and a request for `default` alone can only
+    /// yield a token without a useful policy.
+    #[test]
+    fn vault_policy_names_are_checked_as_vault_reads_them() {
+        for p in ["root", "ROOT", "Root", "rOoT"] {
+            assert_eq!(token(&[p]).err().as_deref(), Some("the root policy is never granted"), "{p}");
+        }
+        assert!(token(&[" root"]).is_err(), "white space is refused before Vault can trim it");
+        let parsed = token(&["App-Read"]).unwrap();
+        assert_eq!(parsed.names, vec!["app-read".to_owned()], "globs see the name Vault will store");
+        let What::VaultToken { policies, .. } = parsed.what else { panic!("a token order") };
+        assert_eq!(policies, vec!["app-read".to_owned()]);
+        assert!(token(&["default"]).err().unwrap_or_default().contains("besides \"default\""));
+        assert!(token(&["DEFAULT"]).is_err());
+    }
+
+    #[test]
+    fn roles_are_plain_names_and_never_path_steps() {
+        for role in [".", "..", "a/b", "*", "app-*", "", &"r".repeat(129)] {
+            let r = parse_grant(&wire::GrantRequest {
+                kind: wire::CredentialKind::DynamicSecret as i32,
+                role: role.to_owned(),
+                ..Default::default()
+            });
+            let e = r.err().unwrap_or_else(|| panic!("role {role:?} was accepted"));
+            assert!(e.contains("role") && e.len() < 400, "{role:?}: {e}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod admission;
+pub(crate) mod anonymous;
 mod handler;
 mod identity;
 pub mod provision;
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     /// and recorded, so that enrollments and renewals of one name cannot
     /// interleave (revocation needs no lock: it is never undone).
     identity_commit: tokio::sync::Mutex<()>,
+    /// Connections without a node identity, per address.
+    anonymous: Arc<anonymous::Anonymous>,
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
@@ -187,6 +190,7 @@ impl Broker {
             checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             nodes: RwLock::new(nodes),
             identity_commit: tokio::sync::Mutex::new(()),
+            anonymous: Arc::new(anonymous::Anonymous::default()),
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
@@ -485,6 +489,10 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
     let peer = PeerNode::from_connection(&conn);
     tracing::debug!(%remote, node = peer.as_ref().map(|p| p.name.as_str()), "connected");
     let _counted = ConnectionGauge::new();
+    if peer.is_none() {
+        serve_anonymous(&shared, &conn, remote).await;
+        return;
+    }
     let _registered = peer.as_ref().map(|p| Registration::new(&shared, &p.name, &conn));
     loop {
         match conn.accept_bi().await {
@@ -499,6 +507,32 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
             }
         }
     }
+}
+
+/// A connection without a node identity: admitted within the per-address
+/// and overall limits, it may carry one request (an enrollment) within
+/// `anonymous::WINDOW`, then it is closed.
+async fn serve_anonymous(shared: &Arc<Shared>, conn: &quinn::Connection, remote: std::net::SocketAddr) {
+    let Some(_slot) = shared.anonymous.admit(remote.ip()) else {
+        metrics::counter!("grantline_anonymous_refused_total").increment(1);
+        let e = wire::Error::new(
+            wire::ErrorCode::Unavailable,
+            format!(
+                "too many connections without a node identity from {} (at most {} at once, {} in all); \
+                 enroll one node at a time",
+                remote.ip(),
+                anonymous::PER_ADDRESS,
+                anonymous::IN_ALL
+            ),
+        );
+        revoke::close_with(conn, &e);
+        return;
+    };
+    if let Ok(Ok((send, recv))) = tokio::time::timeout(anonymous::WINDOW, conn.accept_bi()).await {
+        let served = shared.requests.spawn(serve_stream(shared.clone(), None, send, recv));
+        let _ = served.await;
+    }
+    conn.close(0u32.into(), b"one request per connection without a node identity");
 }
 
 async fn serve_stream(

@@ -1,0 +1,80 @@
+//! Connections without a node identity (enrollment, or a stranger): counted
+//! per source address and in all, so that certificate-less peers cannot hold
+//! the broker's memory (RFD 0009). Each may carry one request, then closes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// Connections without a node identity one address may hold at once.
+pub const PER_ADDRESS: usize = 8;
+/// Connections without a node identity the broker holds at once.
+pub const IN_ALL: usize = 512;
+/// How long such a connection may take to send its one request.
+pub const WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct Anonymous {
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection, counted until dropped.
+pub struct Slot {
+    counts: Arc<Anonymous>,
+    address: IpAddr,
+}
+
+impl Anonymous {
+    /// Admits a connection from `address`, or None when it or the broker is
+    /// at its limit.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let mut by_address = self.by_address.lock().unwrap_or_else(PoisonError::into_inner);
+        let total: usize = by_address.values().sum();
+        let mine = by_address.entry(address).or_default();
+        if *mine >= PER_ADDRESS || total >= IN_ALL {
+            if *mine == 0 {
+                by_address.remove(&address);
+            }
+            return None;
+        }
+        *mine += 1;
+        Some(Slot { counts: self.clone(), address })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_address = self.counts.by_address.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_capped_each_and_in_all_and_slots_come_back() {
+        let a = Arc::new(Anonymous::default());
+        let one: IpAddr = "192.0.2.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let held: Vec<Slot> = (0..PER_ADDRESS).map(|_| a.admit(one).unwrap_or_else(|| panic!("admitted"))).collect();
+        assert!(a.admit(one).is_none(), "past its limit");
+        drop(held);
+        assert!(a.admit(one).is_some(), "slots come back when connections close");
+        let many: Vec<Slot> = (0..u32::try_from(IN_ALL).unwrap_or(0))
+            .filter_map(|i| a.admit(IpAddr::from((10 << 24 | i).to_be_bytes())))
+            .collect();
+        assert_eq!(many.len(), IN_ALL);
+        assert!(a.admit(IpAddr::from([10, 9, 9, 9])).is_none(), "the broker's limit holds for new addresses");
+        assert!(
+            a.by_address.lock().unwrap_or_else(PoisonError::into_inner).len() <= IN_ALL,
+            "no entry for refused ones"
+        );
+    }
+}

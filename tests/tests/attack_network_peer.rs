@@ -1,0 +1,68 @@
+//! The attacker is a network peer without a node certificate. RFD 0009
+//! lists what it cannot do; these tests show the rows added by issue 12.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use grantline_proto::{frame, wire};
+use grantline_tests::raw::{client_config, runtime, send_raw};
+use grantline_tests::{stderr, Agent, Broker};
+
+fn empty_request() -> Vec<u8> {
+    frame::encode(&wire::Request { body: None })
+}
+
+/// Review defect 8: 500 certificate-less connections from one address, each
+/// holding unfinished streams, stayed and cost ~230 KB each. Now an address
+/// holds at most 8 such connections, each may carry one request within 10 s,
+/// and then it is closed; enrollment keeps working for everyone else.
+#[test]
+fn certificate_less_connections_are_capped_and_short_lived() {
+    let broker = Broker::start();
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    runtime().block_on(async {
+        let addr: std::net::SocketAddr = broker.addr.parse().unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..24 {
+            let c = endpoint.connect_with(client_config(&ca, None), addr, "127.0.0.1").unwrap().await.unwrap();
+            // A stream opened and left unfinished, as the review's attacker
+            // did (the broker may already have closed the connection).
+            let stream = match c.open_bi().await {
+                Ok((mut send, _recv)) => send.write_all(&[0x01]).await.ok().map(|()| send),
+                Err(_) => None,
+            };
+            conns.push((c, stream));
+        }
+        // Past the eighth, the broker closes them at once, saying why.
+        let mut refused = 0;
+        for (c, _) in &conns[8..] {
+            let reason = tokio::time::timeout(Duration::from_secs(5), c.closed()).await.expect("left open");
+            if let quinn::ConnectionError::ApplicationClosed(close) = reason {
+                let e: wire::Error = prost::Message::decode(close.reason.as_ref()).unwrap();
+                assert!(e.message.contains("without a node identity"), "{}", e.message);
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 16);
+        // The first eight are closed once their window passes.
+        let started = Instant::now();
+        for (c, _) in &conns[..8] {
+            tokio::time::timeout(Duration::from_secs(20), c.closed())
+                .await
+                .expect("an idle anonymous connection stayed");
+        }
+        eprintln!("idle anonymous connections closed {:?} after the last was opened", started.elapsed());
+
+        // One request per connection: the second stream is not served.
+        let c = endpoint.connect_with(client_config(&ca, None), addr, "127.0.0.1").unwrap().await.unwrap();
+        let first = send_raw(&c, &empty_request()).await.unwrap();
+        assert!(matches!(first.body, Some(wire::response::Body::Error(_))));
+        assert!(send_raw(&c, &empty_request()).await.is_err(), "a second request was served");
+    });
+    // And an agent still enrolls.
+    let token = broker.new_token(&[]);
+    let (_, out) = Agent::enroll_with(&broker, &token, "after-flood");
+    assert!(out.status.success(), "{}", stderr(&out));
+}
