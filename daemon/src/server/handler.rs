@@ -288,13 +288,13 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, from: &str, r: wire::
 const MAX_NAMES: usize = 64;
 
 /// The checked parts of a grant request, before policy.
-struct Parsed {
+pub(super) struct Parsed {
     kind: Kind,
     names: Vec<String>,
     what: What,
 }
 
-fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
+pub(super) fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
     let kind = match wire::CredentialKind::try_from(r.kind) {
         Ok(wire::CredentialKind::X509) => Kind::X509,
         Ok(wire::CredentialKind::SshUser) => Kind::SshUser,

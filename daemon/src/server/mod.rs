@@ -277,9 +277,21 @@ impl Broker {
         let watchdog = sd_notify::watchdog_enabled();
         let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         tokio::pin!(shutdown);
+        // The audit writer is the broker's reason to exist: if its thread
+        // ends (a panic, a fatal storage error), nothing can be issued, so
+        // the broker stops with an error and systemd restarts it.
+        let mut writer_check = tokio::time::interval(Duration::from_secs(1));
+        let mut writer_died = false;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = writer_check.tick() => {
+                    if self.audit_thread.is_finished() {
+                        tracing::error!("the audit writer stopped; the broker stops too, so that it is restarted");
+                        writer_died = true;
+                        break;
+                    }
+                }
                 _ = ping.tick(), if watchdog.is_some() => {
                     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
                         tracing::warn!(error = %e, "cannot ping the systemd watchdog");
@@ -348,6 +360,9 @@ impl Broker {
         if let Some(publisher) = self.publisher {
             let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
         }
+        if writer_died {
+            anyhow::bail!("the audit writer stopped unexpectedly; nothing could be audited, so the broker exited");
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -369,6 +384,13 @@ pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 
 /// The largest policy file read: thousands of rules.
 pub const MAX_POLICY_FILE: u64 = 4 << 20;
+
+/// The checks a grant request passes before policy decides (kind, role,
+/// names, CSR or SSH key): the broker's first parser of what a node sends,
+/// public for the fuzz targets.
+pub fn check_grant_request(r: &wire::GrantRequest) -> Result<(), String> {
+    handler::parse_grant(r).map(|_| ())
+}
 
 pub fn load_policy(path: &Path) -> Result<Policy> {
     let text = grantline_proto::files::read_bounded(path, MAX_POLICY_FILE)

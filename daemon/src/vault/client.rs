@@ -15,14 +15,32 @@ use super::config::{VaultAuth, VaultConfig};
 use super::endpoints::{RenewLease, RevokeLease};
 use crate::issuer::IssueError;
 
-/// Attempts per call: one, and two retries for errors that can pass.
+/// Attempts per idempotent call: one, and two retries for errors that can pass.
 const ATTEMPTS: u32 = 3;
+
+/// The least time between two logins forced by Vault refusing the broker's
+/// token: a burst of refusals (or a node asking for a path the broker's
+/// policy does not cover) never spends AppRole secret_id uses.
+const RELOGIN_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a call may be sent again after a failure that might have come
+/// after Vault acted on it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Retry {
+    /// Signing, reading, revoking: sending it twice does no harm.
+    Idempotent,
+    /// Creating a token or reading a dynamic secret: each attempt may mint a
+    /// credential, so it is sent once and a timeout is reported as one.
+    Once,
+}
 
 pub struct Vault {
     pub(super) config: VaultConfig,
     client: RwLock<Arc<VaultClient>>,
     /// Serializes logins so a burst of 403s logs in once.
     login_lock: tokio::sync::Mutex<()>,
+    /// When a refusal last made the broker log in again.
+    relogged_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Vault {
@@ -30,7 +48,12 @@ impl Vault {
     /// task, so a broker starts (and serves embedded kinds) while Vault is down.
     pub fn new(config: VaultConfig) -> Result<Arc<Self>> {
         let client = build_client(&config, "")?;
-        Ok(Arc::new(Self { config, client: RwLock::new(Arc::new(client)), login_lock: tokio::sync::Mutex::new(()) }))
+        Ok(Arc::new(Self {
+            config,
+            client: RwLock::new(Arc::new(client)),
+            login_lock: tokio::sync::Mutex::new(()),
+            relogged_at: std::sync::Mutex::new(None),
+        }))
     }
 
     fn client(&self) -> Arc<VaultClient> {
@@ -95,9 +118,10 @@ impl Vault {
     }
 
     /// Runs `op` against Vault: logs in first if needed, retries what can
-    /// pass (connection errors, timeouts, 5xx, sealed) with backoff, and logs
-    /// in again once when Vault refuses the broker's token.
-    pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, IssueError>
+    /// pass (connection errors, timeouts, 5xx, sealed) with backoff when
+    /// `retry` allows, and handles a refusal (403) by asking Vault whether the
+    /// broker's own token is still good: only then does it log in again.
+    pub async fn call<T, F, Fut>(&self, what: &str, retry: Retry, op: F) -> Result<T, IssueError>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -109,15 +133,31 @@ impl Vault {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.attempt(op(self.client())).await {
+            let failure = match self.attempt(op(self.client())).await {
                 Ok(v) => return Ok(v),
-                Err(Failure::Vault(ClientError::APIError { code: 403, .. })) if !relogged => {
+                Err(f) => f,
+            };
+            match failure {
+                Failure::Vault(ClientError::APIError { code: 403, errors }) if !relogged => {
                     relogged = true;
-                    tracing::info!(what, "Vault refused the broker's token; logging in again");
-                    self.login().await.map_err(|e| in_context("logging in to Vault", e))?;
+                    if !self.relogin_if_token_invalid(what).await? {
+                        metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
+                        return Err(IssueError::Internal(format!(
+                            "{what}: Vault refused it (403: {}) although the broker's token is valid: the broker's \
+                             Vault policy does not allow this path; extend that policy or the node's broker policy",
+                            errors.join("; ")
+                        )));
+                    }
                 }
-                Err(f) => match classify(f) {
-                    IssueError::Unavailable(_) if attempt < ATTEMPTS => {
+                Failure::Timeout(t) if retry == Retry::Once => {
+                    metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
+                    return Err(IssueError::Unavailable(format!(
+                        "{what}: Vault did not answer within {t:?}; not sent again, since Vault may have acted on \
+                         it (what it created is unknown to the broker and ends at the Vault role's TTL)"
+                    )));
+                }
+                f => match classify(f) {
+                    IssueError::Unavailable(_) if retry == Retry::Idempotent && attempt < ATTEMPTS => {
                         tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
                     }
                     e => {
@@ -127,6 +167,36 @@ impl Vault {
                 },
             }
         }
+    }
+
+    /// After a 403: logs in again only if Vault says the broker's own token
+    /// is no longer valid, at most once per [`RELOGIN_EVERY`], and revokes
+    /// the token it replaces. Whether it logged in.
+    async fn relogin_if_token_invalid(&self, what: &str) -> Result<bool, IssueError> {
+        let old = self.client();
+        match self.attempt(vaultrs::token::lookup_self(&*old)).await {
+            Ok(_) => return Ok(false),
+            Err(Failure::Vault(ClientError::APIError { code: 403, .. })) => {}
+            Err(f) => return Err(in_context("checking the broker's Vault token", classify(f))),
+        }
+        {
+            let mut at = self.relogged_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if at.is_some_and(|t| t.elapsed() < RELOGIN_EVERY) {
+                return Err(IssueError::Unavailable(format!(
+                    "{what}: Vault no longer accepts the broker's token and the broker logged in again less than \
+                     {RELOGIN_EVERY:?} ago; retry later"
+                )));
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        tracing::info!(what, "Vault no longer accepts the broker's token; logging in again");
+        self.login().await.map_err(|e| in_context("logging in to Vault", e))?;
+        // The replaced token is useless to us; it should not outlive its use
+        // (it may already be gone, which is fine).
+        if !old.settings.token.is_empty() {
+            let _ = self.attempt(vaultrs::token::revoke_self(&*old)).await;
+        }
+        Ok(true)
     }
 
     /// Keeps the broker's token alive: renews it at half its TTL, logs in
@@ -169,7 +239,7 @@ impl Vault {
     }
 
     pub async fn revoke_lease(&self, lease_id: &str) -> Result<(), IssueError> {
-        self.call("revoking a lease", |c| {
+        self.call("revoking a lease", Retry::Idempotent, |c| {
             let e = RevokeLease { lease_id: lease_id.to_owned() };
             async move { vaultrs::api::exec_with_empty(&*c, e).await }
         })
@@ -179,7 +249,7 @@ impl Vault {
     /// Sets a lease's TTL to `increment` from now; returns the TTL Vault granted.
     pub async fn renew_lease(&self, lease_id: &str, increment: Duration) -> Result<Duration, IssueError> {
         let r = self
-            .call("capping a lease", |c| {
+            .call("capping a lease", Retry::Idempotent, |c| {
                 let e = RenewLease { lease_id: lease_id.to_owned(), increment_secs: increment.as_secs() };
                 async move { vaultrs::api::exec_with_no_result(&*c, e).await }
             })
@@ -188,7 +258,10 @@ impl Vault {
     }
 
     pub async fn revoke_accessor(&self, accessor: &str) -> Result<(), IssueError> {
-        self.call("revoking a token", |c| async move { vaultrs::token::revoke_accessor(&*c, accessor).await }).await
+        self.call("revoking a token", Retry::Idempotent, |c| async move {
+            vaultrs::token::revoke_accessor(&*c, accessor).await
+        })
+        .await
     }
 }
 
@@ -219,6 +292,14 @@ fn classify(f: Failure) -> IssueError {
                 _ => IssueError::Internal(msg),
             }
         }
+        // An answer the client could not read is not an outage: retrying
+        // would only repeat it (and repeat what Vault did).
+        Failure::Vault(ClientError::RestClientError {
+            source:
+                e @ (rustify::errors::ClientError::ResponseParseError { .. }
+                | rustify::errors::ClientError::ResponseConversionError { .. }
+                | rustify::errors::ClientError::DataParseError { .. }),
+        }) => IssueError::Internal(format!("Vault answered something the broker cannot read: {e}")),
         Failure::Vault(e @ ClientError::RestClientError { .. }) => {
             IssueError::Unavailable(format!("cannot reach Vault: {e}"))
         }

@@ -12,7 +12,7 @@ use vaultrs::api::ssh::requests::SignSSHKeyRequest;
 use vaultrs::api::token::requests::CreateOrphanTokenRequest;
 
 use super::endpoints::LeasedRead;
-use super::Vault;
+use super::{Retry, Vault};
 use crate::issuer::embedded::unix;
 use crate::issuer::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What};
 
@@ -32,7 +32,7 @@ impl VaultIssuer {
         let mount = &self.vault.config.pki_mount;
         let r =
             self.vault
-                .call("pki sign", |c| {
+                .call("pki sign", Retry::Idempotent, |c| {
                     let mut opts = SignCertificateRequest::builder();
                     opts.alt_names(dns.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
                         .ip_sans(ips.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
@@ -75,7 +75,7 @@ impl VaultIssuer {
         let mount = &self.vault.config.ssh_mount;
         let r = self
             .vault
-            .call("ssh sign", |c| {
+            .call("ssh sign", Retry::Idempotent, |c| {
                 let mut opts = SignSSHKeyRequest::builder();
                 opts.cert_type(if host { "host" } else { "user" })
                     .valid_principals(principals.join(","))
@@ -101,7 +101,7 @@ impl VaultIssuer {
         let ttl = format!("{}s", order.ttl.as_secs());
         let auth = self
             .vault
-            .call("token create", |c| {
+            .call("token create", Retry::Once, |c| {
                 let mut opts = CreateOrphanTokenRequest::builder();
                 opts.policies(policies.to_vec())
                     .ttl(ttl.clone())
@@ -131,7 +131,7 @@ impl VaultIssuer {
     async fn secret(&self, path: &str, ttl: Duration) -> Result<Issued, IssueError> {
         let r = self
             .vault
-            .call("reading a leased secret", |c| {
+            .call("reading a leased secret", Retry::Once, |c| {
                 let e = LeasedRead { path: path.to_owned() };
                 async move { vaultrs::api::exec_with_no_result(&*c, e).await }
             })

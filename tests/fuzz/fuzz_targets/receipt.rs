@@ -1,0 +1,15 @@
+#![no_main]
+//! A grant receipt as the agent checks it against its pinned key.
+use grantline_proto::audit::receipt;
+use grantline_proto::wire;
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(r) = <wire::Receipt as prost::Message>::decode(data) {
+        let _ = receipt::check(Some(&r), &common::verifier());
+        let _ = receipt::current_key(&r, &common::verifier());
+    }
+});
