@@ -34,13 +34,13 @@ targets=${*:-$all}
 
 if $smoke; then
   target_dir=target
-  cargo build --release --manifest-path "$manifest" --target-dir "$target_dir" --bins
+  cargo build --release --locked --manifest-path "$manifest" --target-dir "$target_dir" --bins
 else
   target_dir=target/fuzz
   export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
-  cargo build --release --manifest-path "$manifest" --target-dir "$target_dir" --bins
+  cargo build --release --locked --manifest-path "$manifest" --target-dir "$target_dir" --bins
 fi
 
 mkdir -p target/fuzz/artifacts

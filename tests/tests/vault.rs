@@ -48,11 +48,15 @@ path = "database/creds/{role}"
 /// A broker logging in to `bao` with an AppRole; `extra` adds to `[vault]`.
 fn broker_with_vault(bao: &OpenBao, extra: &str) -> Broker {
     let (role_id, secret_id) = bao.setup_broker_approle();
+    broker_with_approle(bao, POLICY, &role_id, &secret_id, extra)
+}
+
+fn broker_with_approle(bao: &OpenBao, policy: &str, role_id: &str, secret_id: &str, extra: &str) -> Broker {
     let secrets = tempfile::tempdir().unwrap().keep();
     let secret_file = secrets.join("secret-id");
     grantline_proto::files::write_secret(&secret_file, secret_id.as_bytes()).unwrap();
     Broker::start_config(
-        POLICY,
+        policy,
         &format!(
             "[vault]\naddress = \"{}\"\napprole = {{ role_id = \"{role_id}\", secret_id_file = \"{}\" }}\ntimeout = \"2s\"\n{extra}",
             bao.addr,
@@ -542,4 +546,30 @@ fn vault_outage_fails_vault_kinds_retryably_keeps_embedded_kinds_and_recovers() 
     assert!(failures >= 2, "outages not audited");
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
+}
+
+/// Review defect 17: every 403 made the broker log in to AppRole again, so a
+/// node asking for a path the broker's own Vault policy does not cover spent
+/// the secret_id's uses; once they were gone, every Vault kind was down for
+/// every node. A 403 on a valid token is now reported, not answered with a login.
+#[test]
+fn refusals_for_paths_the_broker_may_not_read_do_not_spend_approle_logins() {
+    let bao = OpenBao::start();
+    let (role_id, _) = bao.setup_broker_approle();
+    bao.api("POST", "auth/approle/role/grantline", Some(json!({"secret_id_num_uses": 5})));
+    let secret_id = bao.api("POST", "auth/approle/role/grantline/secret-id", None)["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let policy = "[[rule]]\nname = \"kv\"\n[[rule.allow]]\nkinds = [\"secret\"]\nroles = [\"app\"]\nmax_ttl = \"10m\"\npath = \"kv/creds/{role}\"\n";
+    let broker = broker_with_approle(&bao, policy, &role_id, &secret_id, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let agent = Agent::start(&broker, "kv-1");
+    for _ in 0..6 {
+        let out = tempfile::tempdir().unwrap();
+        let got = agent.get(&["secret", "--role", "app", "--out", out.path().to_str().unwrap()]);
+        assert!(!got.status.success());
+        assert!(stderr(&got).contains("Vault policy does not allow"), "{}", stderr(&got));
+    }
+    let left = bao.api("POST", "auth/approle/role/grantline/secret-id/lookup", Some(json!({"secret_id": secret_id})));
+    assert_eq!(left["data"]["secret_id_num_uses"], json!(4), "one login, not one per refusal: {left}");
 }
