@@ -87,32 +87,74 @@ pub fn own_caller() -> wire::Caller {
 }
 
 /// The systemd unit (service or scope) in a /proc/PID/cgroup listing: the
-/// innermost path component that names one.
+/// outermost path component that names one. Only the system manager (and
+/// logind, for sessions) names those; below a unit, a delegated subtree
+/// (a user's own manager under `user@UID.service`, a container runtime's
+/// scope) is named by whoever it was delegated to, so an inner name proves
+/// nothing. A user's own units therefore all read as `user@UID.service`.
 pub fn unit_of_cgroup(cgroup: &str) -> String {
     cgroup
         .lines()
-        .filter_map(|l| l.splitn(3, ':').nth(2))
-        .flat_map(|path| path.split('/').rev())
+        .filter_map(|l| l.strip_prefix("0::"))
+        .flat_map(|path| path.split('/'))
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
         .unwrap_or_default()
         .to_owned()
+}
+
+/// What tells one process from another over time: its start time (clock
+/// ticks since boot, kept across exec, new for a reused pid) and its
+/// executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessMark {
+    start: u64,
+    exe: String,
+}
+
+/// The mark of process `pid`, or None if it is gone.
+pub fn process_mark(pid: u32) -> Option<ProcessMark> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let start = after.split_whitespace().nth(19)?.parse().ok()?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    Some(ProcessMark { start, exe })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Review defect 6 (units): a user with a delegated cgroup named one
+    /// `nginx.service` under their own manager and passed a `units` rule.
     #[test]
-    fn units_come_from_the_innermost_cgroup_component() {
+    fn units_come_from_the_outermost_cgroup_component() {
         assert_eq!(unit_of_cgroup("0::/system.slice/nginx.service\n"), "nginx.service");
         assert_eq!(unit_of_cgroup("0::/user.slice/user-1000.slice/session-4.scope\n"), "session-4.scope");
         assert_eq!(
-            unit_of_cgroup("0::/system.slice/docker-1.scope/app.service/init\n"),
-            "app.service",
-            "the innermost unit wins"
+            unit_of_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service\n"),
+            "user@1000.service",
+            "a user's own manager names what is below it"
         );
+        assert_eq!(
+            unit_of_cgroup("0::/system.slice/docker-1.scope/app.service/init\n"),
+            "docker-1.scope",
+            "a container names what is below its scope"
+        );
+        assert_eq!(unit_of_cgroup("1:name=systemd:/system.slice/evil.service\n0::/\n"), "", "cgroup v2 only");
         assert_eq!(unit_of_cgroup("0::/\n"), "");
         assert_eq!(unit_of_cgroup(""), "");
+    }
+
+    #[test]
+    fn a_process_mark_is_stable_for_a_process_and_absent_when_it_is_gone() {
+        let me = process_mark(std::process::id()).unwrap();
+        assert_eq!(process_mark(std::process::id()), Some(me.clone()));
+        assert_eq!(me.exe, std::env::current_exe().unwrap().display().to_string());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert_eq!(process_mark(pid), None, "a reaped process has no mark");
     }
 
     #[tokio::test]

@@ -467,11 +467,25 @@ fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {
 
 async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
     let caller = caller_of(&stream);
+    let connected = caller.as_ref().and_then(|c| crate::local::process_mark(c.pid));
     let resp = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
         Err(_) => local_error(ErrorCode::BadRequest, "no request within 10 s"),
         Ok(Err(e)) => local_error(ErrorCode::BadRequest, format!("cannot read the request: {e}")),
         Ok(Ok(buf)) => match frame::decode::<wire::LocalRequest>(&buf) {
             Err(e) => local_error(ErrorCode::BadRequest, e.to_string()),
+            // The process that connected must still be the one it was, running
+            // the same executable, once its request is in (RFD 0006: what an
+            // exe rule promises).
+            Ok(_)
+                if caller.is_some()
+                    && crate::local::process_mark(caller.as_ref().map_or(0, |c| c.pid)) != connected =>
+            {
+                local_error(
+                    ErrorCode::PermissionDenied,
+                    "the calling process exited or ran another executable between connecting and sending its \
+                     request; connect and ask from the same process",
+                )
+            }
             Ok(req) => handle_local(&agent, req, caller).await,
         },
     };

@@ -75,3 +75,46 @@ fn idle_connections_from_a_local_user_cannot_stop_the_agent() {
     let got = agent.get(&["ssh", "--role", "dev", "--principal", "p", "--out", out.path().to_str().unwrap()]);
     assert!(got.status.success(), "{}", stderr(&got));
 }
+
+/// Review defect 6: a process connected, then ran an allowed executable (or
+/// handed the socket to a child that did) before its request was read, and
+/// was recorded as that executable. The agent now refuses a request whose
+/// sender no longer runs what it ran when it connected.
+#[test]
+fn a_caller_that_execs_between_connecting_and_asking_is_refused() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "exec");
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("request");
+    let grant = grantline_proto::wire::LocalRequest {
+        body: Some(grantline_proto::wire::local_request::Body::Grant(grantline_proto::wire::GrantRequest {
+            kind: grantline_proto::wire::CredentialKind::SshUser as i32,
+            role: "dev".into(),
+            ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb2X0Yb+6Qf9V3Q2Hn0Bq7Z8yq6zG0cV7tJ0mYbPzqS".into(),
+            principals: vec!["p".into()],
+            ..Default::default()
+        })),
+    };
+    std::fs::write(&request, grantline_proto::frame::encode(&grant)).unwrap();
+    // The attacker's process (python) connects and takes its time, as the
+    // review's attacker did, then execs perl (same pid, another executable),
+    // which sends the request on the inherited socket and prints the answer.
+    // (An exec before the agent looked at the connection cannot be told from
+    // a perl caller: see RFD 0009, what an exe rule promises.)
+    let perl = format!(
+        "open(my $s, '+<&=', 3) or die; binmode $s; open(my $r, '<', '{req}') or die; binmode $r; \
+         local $/; my $q = <$r>; syswrite($s, $q); shutdown($s, 1); \
+         my $a = ''; while (sysread($s, my $b, 4096)) {{ $a .= $b }} print $a;",
+        req = request.display()
+    );
+    let script = format!(
+        "import os, socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({sock:?})\nimport time\ntime.sleep(0.3)\nos.dup2(s.fileno(), 3)\nos.set_inheritable(3, True)\nos.execv('/usr/bin/perl', ['perl', '-e', {perl:?}])\n",
+        sock = agent.socket().display().to_string(),
+    );
+    let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("ran another executable"), "{answer:?} {}", stderr(&out));
+    // The same request from one process is served.
+    let ok = agent.get(&["ssh", "--role", "dev", "--principal", "p", "--out", dir.path().join("ok").to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
