@@ -92,6 +92,24 @@ pub fn verify_db(
             }
         }
     }
+    // A rotation that ends the log has been signed only by the key it
+    // retires: the new key must vouch for it in a checkpoint, as
+    // `rotate-key` writes one, or a holder of the old key could have added it.
+    if let (Some(seq), Some(current)) = (summary.unendorsed_rotation, summary.keys.last()) {
+        let endorsed = notes
+            .iter()
+            .filter_map(|(_, note)| Checkpoint::open(note, current).ok())
+            .any(|cp| cp.size > seq && summary.roots.get(&cp.size) == Some(&cp.root));
+        if !endorsed {
+            return Ok(Err(Failure {
+                seq: i64::try_from(seq).unwrap_or(i64::MAX),
+                reason: format!(
+                    "the log ends with a rotation to key {current} that nothing signed by that key covers \
+                     (no later entry, no checkpoint): a holder of the retired key could have written it"
+                ),
+            }));
+        }
+    }
     checkpoints.sort_by_key(|(_, cp)| cp.size);
     for (what, cp) in &checkpoints {
         let Some(root) = summary.roots.get(&cp.size) else {
@@ -125,21 +143,34 @@ pub fn verify_db(
 /// them. Returns the verdict and the anchor's checkpoint note.
 ///
 /// Entry bundles carry no signatures, so the anchor cannot prove a key
-/// rotation: the checkpoint must be signed by one of `trusted` itself (the key
-/// history, or the keys a verified database reached), never by a key that the
-/// anchor's own entries name.
-pub async fn verify_anchor(anchor: &Anchor, trusted: &[VerifierKey]) -> Result<(Result<Summary, Failure>, String)> {
+/// rotation: the checkpoint must be signed by one of `checkpoint_keys` (the
+/// last key of the history given, or the keys a verified database reached),
+/// never by a key that the anchor's own entries name. `history` is what the
+/// entries' genesis and rotations are checked against.
+pub async fn verify_anchor(
+    anchor: &Anchor,
+    history: &[VerifierKey],
+    checkpoint_keys: &[VerifierKey],
+) -> Result<(Result<Summary, Failure>, String)> {
+    let trusted = checkpoint_keys;
     let note = anchor_checkpoint(anchor).await?;
     // Read for its size now; its signature is checked once the entries have
     // told which keys the log has used.
-    let cp = match Checkpoint::parse_body(grantline_proto::audit::note::body(&note).unwrap_or_default()) {
+    // The signature first: nothing the anchor says (its size above all) is
+    // used before a trusted key vouches for it.
+    let cp = match Checkpoint::open_any(&note, trusted) {
         Ok(cp) => cp,
         Err(e) => {
-            return Ok((Err(Failure { seq: -1, reason: format!("the anchor's checkpoint is not usable: {e}") }), note))
+            let reason = format!(
+                "the anchor's checkpoint does not verify under the keys given: {e} (the anchor cannot prove a key \
+                 rotation: give the key history STATE_DIR/audit.vkeys, whose last key must have signed it, or \
+                 verify with --db too)"
+            );
+            return Ok((Err(Failure { seq: -1, reason }), note));
         }
     };
     let fail = |seq: u64, reason: String| Failure { seq: i64::try_from(seq).unwrap_or(i64::MAX), reason };
-    let mut verifier = ChainVerifier::trusting(trusted.to_vec()).without_signatures();
+    let mut verifier = ChainVerifier::trusting(history.to_vec()).without_signatures();
     verifier.want_root_at(cp.size);
     let mut tree = MemoryTree::default();
     for t in tiles::new_tiles(0, 0, cp.size) {
@@ -174,13 +205,6 @@ pub async fn verify_anchor(anchor: &Anchor, trusted: &[VerifierKey]) -> Result<(
         Ok(s) => s,
         Err(f) => return Ok((Err(f), note)),
     };
-    if let Err(e) = Checkpoint::open_any(&note, trusted) {
-        let reason = format!(
-            "the anchor's checkpoint does not verify under the keys given: {e} (the anchor cannot prove a key \
-             rotation; after one, give the key history STATE_DIR/audit.vkeys, or verify with --db too)"
-        );
-        return Ok((Err(Failure { seq: -1, reason }), note));
-    }
     if summary.roots.get(&cp.size) != Some(&cp.root) {
         let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
         return Ok((Err(fail(cp.size.saturating_sub(1), reason)), note));
@@ -334,6 +358,7 @@ mod fleet_tests {
                 last_time_ms: Some(span.1),
                 roots: std::collections::BTreeMap::new(),
                 keys: Vec::new(),
+                unendorsed_rotation: None,
             }),
         }
     }

@@ -222,3 +222,47 @@ fn the_verifier_reads_only_bounded_regular_files() {
         assert_eq!(status.code(), Some(66), "{key_file}");
     }
 }
+
+/// The follow-up review's forgery: after a rotation k1 -> k2 the retired key
+/// k1 may leak. A log its holder writes — started by k1, ending under k1, or
+/// ending with a rotation to k2 that k2 never signed anything after — must
+/// not verify under the key history `audit.vkeys`, with --db or --anchor.
+#[test]
+fn a_retired_key_cannot_forge_a_log_the_key_history_accepts() {
+    let (mut broker, _) = real_key();
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    broker.proc.wait();
+    let retired = SignerKey::parse(&std::fs::read_to_string(broker.path("audit.key")).unwrap()).unwrap();
+    let out = Command::new(bin("grantline"))
+        .args(["audit", "rotate-key", "--state-dir"])
+        .arg(broker.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", grantline_tests::stderr(&out));
+    let history = broker.path("audit.vkeys");
+    let current =
+        grantline_proto::audit::VerifierKey::parse(&std::fs::read_to_string(broker.path("audit.vkey")).unwrap())
+            .unwrap();
+    // The real log verifies under the history.
+    let (code, v) = verify(&["verify", "--db"], &[&broker.path("audit.db"), Path::new("--key-file"), &history]);
+    assert_eq!(code, Some(0), "{v}");
+
+    let origin = current.name().to_owned();
+    let genesis = Event::Genesis { vkey: retired.verifier().to_string(), software: "forged".into() };
+    let under_k1: Vec<Event> = std::iter::once(genesis.clone()).chain((1..4).map(denial)).collect();
+    let mut rotating = under_k1.clone();
+    rotating.push(Event::KeyRotation { new_vkey: current.to_string() });
+    for (name, events) in [("ends under the retired key", under_k1), ("ends with an unendorsed rotation", rotating)] {
+        let forged = forge(&origin, &events, &retired);
+        let note = checkpoint(&forged, &origin, &retired);
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        write_db(&db, &forged, &note);
+        let (code, v) = verify(&["verify", "--db"], &[&db, Path::new("--key-file"), &history]);
+        assert_eq!(code, Some(65), "{name}: {v}");
+        let anchor = dir.path().join("anchor");
+        write_anchor(&anchor, &forged, &note);
+        let (code, v) = verify(&["verify", "--anchor"], &[&anchor, Path::new("--key-file"), &history]);
+        assert_eq!(code, Some(65), "{name}: {v}");
+    }
+}

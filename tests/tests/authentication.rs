@@ -117,6 +117,12 @@ fn expired_node_certificate_is_refused() {
 fn reused_and_expired_join_tokens_are_refused_and_audited() {
     let broker = Broker::start();
     let token = broker.join_token();
+    // The token `grantlined dev` made at start is in the log like any other.
+    let id = token.split('.').nth(1).unwrap().to_owned();
+    assert!(
+        broker.events().iter().any(|e| matches!(e, Event::TokenCreation { token_id, .. } if *token_id == id)),
+        "the dev broker's join token was not audited"
+    );
     let (_first, out) = Agent::enroll_with(&broker, &token, "n1");
     assert!(out.status.success(), "{}", stderr(&out));
     let (_second, out) = Agent::enroll_with(&broker, &token, "n2");

@@ -60,6 +60,25 @@ fn invalid_configs_exit_78_with_the_reason_and_bind_nothing() {
     assert!(stderr(&missing).contains("/nonexistent/grantlined.toml"));
 }
 
+/// A key file others can read is a configuration error (78, not 69: nothing
+/// is unavailable, the admin must fix a mode), named with the fix.
+#[test]
+fn a_loosely_permitted_key_file_is_a_config_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut broker = grantline_tests::Broker::start();
+    broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    broker.proc.wait();
+    std::fs::set_permissions(broker.path("audit.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(bin("grantlined"))
+        .args(["dev", "--state-dir"])
+        .arg(broker.dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}
+
 #[test]
 fn production_broker_enrolls_with_pinned_name_and_labels_and_applies_its_policy() {
     let dir = tempfile::tempdir().unwrap();

@@ -341,9 +341,10 @@ fn agents_confirm_each_grant_is_in_a_signed_checkpoint_or_report_it() {
     let broker = Broker::start();
     let mut agent = Agent::start(&broker, "watcher");
     grants(&agent, 1, "seen");
-    // genesis 0, the join token's creation 1, enrollment 2, the grant 3.
-    let line = agent.wait_line("grantline-agent confirmed seq 3 in checkpoint of size");
-    assert!(line.parse::<u64>().unwrap() >= 4, "{line}");
+    // genesis 0, the dev join token's creation 1, the agent's token's 2,
+    // enrollment 3, the grant 4.
+    let line = agent.wait_line("grantline-agent confirmed seq 4 in checkpoint of size");
+    assert!(line.parse::<u64>().unwrap() >= 5, "{line}");
 
     // A broker that stops answering after a grant: the agent reports the grant
     // it could not confirm once the deadline (30 s by default, 3 s here) passes.
@@ -351,7 +352,7 @@ fn agents_confirm_each_grant_is_in_a_signed_checkpoint_or_report_it() {
     let mut agent = Agent::run_with(agent, &["--inclusion-deadline", "3s"]);
     grants(&agent, 1, "unseen");
     broker.proc.signal(nix::sys::signal::Signal::SIGSTOP);
-    let missing = agent.wait_line("grantline-agent inclusion missing for seq 4:");
+    let missing = agent.wait_line("grantline-agent inclusion missing for seq 5:");
     assert!(!missing.is_empty());
     broker.proc.signal(nix::sys::signal::Signal::SIGCONT);
 }

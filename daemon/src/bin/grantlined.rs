@@ -91,6 +91,9 @@ fn main() -> ExitCode {
             Err(e) => return fail(EX_CONFIG, &e),
         },
     };
+    if let Err(e) = grantline_daemon::server::check_key_files(&opts.state_dir) {
+        return fail(EX_CONFIG, &e);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(EX_UNAVAILABLE, &e.into()),
@@ -134,7 +137,7 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
     let broker = Broker::open(&opts)?;
     let addr = broker.local_addr()?;
     if dev {
-        let token = broker.create_token(Duration::from_secs(3600))?;
+        let token = broker.create_token(Duration::from_secs(3600)).await?;
         let path = opts.state_dir.join("join-token");
         write_secret(&path, format!("{token}\n").as_bytes())?;
         eprintln!(

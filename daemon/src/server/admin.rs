@@ -195,26 +195,8 @@ impl Admin for AdminService {
             s => Duration::from_secs(u64::from(s)),
         };
         let node = (!r.node_name.is_empty()).then_some(r.node_name.as_str());
-        let token = self
-            .shared
-            .state
-            .create_token(node, &labels, ttl, now_unix())
-            .map_err(|e| Status::unavailable(format!("cannot store the token: {e:#}")))?;
-        let event = Event::TokenCreation {
-            token_id: token.id.clone(),
-            node: r.node_name.clone(),
-            labels,
-            expires_at: token.expires_at,
-            admin,
-        };
-        if let Err(status) = self.audit(event).await {
-            // Fail closed: a token whose creation is not in the log is never handed out.
-            if let Err(e) = self.shared.state.delete_token(&token.id) {
-                tracing::error!(error = %e, token = %token.id, "cannot withdraw an unaudited join token");
-            }
-            return Err(status);
-        }
-        tracing::info!(token = %token.id, node = %r.node_name, "join token created");
+        // Fail closed: a token whose creation is not in the log is never handed out.
+        let token = self.shared.issue_join_token(node, labels, ttl, admin).await.map_err(Status::unavailable)?;
         Ok(Response::new(api::CreateJoinTokenResponse {
             token: token.token,
             token_id: token.id,

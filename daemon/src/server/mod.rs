@@ -9,7 +9,7 @@ pub mod provision;
 mod revoke;
 pub mod tickets;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -247,8 +247,18 @@ impl Broker {
     }
 
     /// Creates a join token in this broker's state.
-    pub fn create_token(&self, ttl: Duration) -> Result<String> {
-        Ok(self.shared.state.create_token(None, &Default::default(), ttl, handler::now_unix())?.token)
+    /// A join token that pins no name (what `grantlined dev` hands out at
+    /// start), audited like one an admin creates, with the broker itself as
+    /// the admin.
+    pub async fn create_token(&self, ttl: Duration) -> Result<String> {
+        let me = CallerInfo {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            pid: std::process::id(),
+            exe: std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default(),
+            unit: String::new(),
+        };
+        Ok(self.shared.issue_join_token(None, BTreeMap::new(), ttl, me).await.map_err(anyhow::Error::msg)?.token)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -384,6 +394,29 @@ pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 
 /// The largest policy file read: thousands of rules.
 pub const MAX_POLICY_FILE: u64 = 4 << 20;
+
+/// The broker's private key files in its state directory.
+pub const KEY_FILES: &[&str] =
+    &["audit.key", "ca.key", "node-ca.key", "x509-ca.key", "ssh-ca", "quic-reset.key", "tls-tickets.key", "join-token"];
+
+/// Refuses to start when a key file in `dir` can be read by group or
+/// others: a configuration error (exit 78), found before anything binds.
+pub fn check_key_files(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for name in KEY_FILES {
+        let path = dir.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "key file {} has mode {mode:04o}, readable by others; run 'chmod 600 {}' (and consider the key exposed)",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
 
 /// The checks a grant request passes before policy decides (kind, role,
 /// names, CSR or SSH key): the broker's first parser of what a node sends,
@@ -693,6 +726,36 @@ impl Shared {
         if let Err(e) = self.state.save_last_seen(&seen) {
             tracing::warn!(error = %e, "cannot save when nodes were last seen");
         }
+    }
+
+    /// Creates a join token and audits its creation; a token whose creation
+    /// is not in the log is withdrawn and never handed out.
+    pub(crate) async fn issue_join_token(
+        &self,
+        node: Option<&str>,
+        labels: BTreeMap<String, String>,
+        ttl: Duration,
+        admin: CallerInfo,
+    ) -> Result<crate::state::NewToken, String> {
+        let token = self
+            .state
+            .create_token(node, &labels, ttl, handler::now_unix())
+            .map_err(|e| format!("cannot store the token: {e:#}"))?;
+        let event = Event::TokenCreation {
+            token_id: token.id.clone(),
+            node: node.unwrap_or_default().to_owned(),
+            labels,
+            expires_at: token.expires_at,
+            admin,
+        };
+        if let Err(e) = self.audit.append(event).await {
+            if let Err(d) = self.state.delete_token(&token.id) {
+                tracing::error!(error = %d, token = %token.id, "cannot withdraw an unaudited join token");
+            }
+            return Err(format!("not audited: {e}"));
+        }
+        tracing::info!(token = %token.id, node = node.unwrap_or_default(), "join token created");
+        Ok(token)
     }
 
     /// Re-reads the policy file; see `ReloadError`.

@@ -53,6 +53,12 @@ pub struct Summary {
     /// it signed; without, only the genesis key is vouched for.
     #[serde(skip)]
     pub keys: Vec<VerifierKey>,
+    /// The seq of the log's last key rotation when no entry follows it: the
+    /// new key has signed nothing in the log yet, so only a checkpoint it
+    /// signed can show the rotation is the broker's (a holder of the retired
+    /// key could have written it). See [`ChainVerifier::trusting`].
+    #[serde(skip)]
+    pub unendorsed_rotation: Option<u64>,
 }
 
 /// Signatures per batch verification; each core gets one batch per flush.
@@ -90,8 +96,12 @@ impl ChainVerifier {
         Self::trusting(vec![key])
     }
 
-    /// A verifier that trusts any of `keys` (a key history such as
-    /// `audit.vkeys`) to have started the log.
+    /// A verifier that trusts a key history, oldest first (`audit.vkeys`):
+    /// its first key must have started the log and each of the log's
+    /// rotations must name the next key of the history, up to its last (past
+    /// it, a rotation the key in force signed extends trust as usual). A log
+    /// that ends under an older key than the history's last is refused: a
+    /// retired key may have leaked, so what only it signed proves nothing.
     pub fn trusting(keys: Vec<VerifierKey>) -> Self {
         Self {
             trusted: keys,
@@ -176,6 +186,18 @@ impl ChainVerifier {
                     .into(),
             });
         };
+        if self.keys.len() < self.trusted.len() {
+            let (last, wanted) = (&self.keys[self.keys.len() - 1], &self.trusted[self.keys.len()]);
+            return Err(Failure {
+                seq: i64::try_from(self.next_seq).unwrap_or(i64::MAX),
+                reason: format!(
+                    "the log ends under key {last}, but the key history given continues to {wanted}: this is an \
+                     old copy of the log, or a log written with a retired key; verify a current copy"
+                ),
+            });
+        }
+        let unendorsed_rotation =
+            self.rotated_at.last().and_then(|r| u64::try_from(*r).ok()).filter(|r| r + 1 == self.next_seq);
         Ok(Summary {
             entries: self.next_seq,
             origin: genesis.name().to_owned(),
@@ -185,6 +207,7 @@ impl ChainVerifier {
             last_time_ms: self.first_time.map(|_| self.last_time),
             roots: self.wanted.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
             keys: self.keys,
+            unendorsed_rotation,
         })
     }
 
@@ -256,7 +279,7 @@ impl ChainVerifier {
                 if genesis.name() != entry.origin {
                     return Err(format!("genesis key {genesis} is not named for the log's origin {:?}", entry.origin));
                 }
-                if !self.trusted.contains(&genesis) {
+                if self.trusted.first() != Some(&genesis) {
                     let given: Vec<String> = self.trusted.iter().map(ToString::to_string).collect();
                     return Err(format!(
                         "log was started by key {genesis}, not by the key given ({}): it is another log, or a \
@@ -280,6 +303,14 @@ impl ChainVerifier {
                 }
                 if self.keys.contains(&new) {
                     return Err(format!("key rotation to {new}, a key this log already used"));
+                }
+                if let Some(next) = self.trusted.get(self.keys.len()) {
+                    if *next != new {
+                        return Err(format!(
+                            "key rotation to {new}, but the key history given says the next key is {next}: a \
+                             retired key forked the log here"
+                        ));
+                    }
                 }
                 self.keys.push(new);
                 self.rotated_at.push(row.seq);
@@ -636,6 +667,40 @@ mod tests {
         assert_eq!(f.seq, 601, "{f}");
         let f = run(k1.verifier(), rotated(&k1, &k2, 1200, 600, |s| if s < 600 { 1 } else { 2 })).unwrap_err();
         assert_eq!(f.seq, 600, "{f}");
+    }
+
+    fn run_history(keys: &[&SignerKey], rows: Vec<StoredEntry>) -> Result<Summary, Failure> {
+        let mut v = ChainVerifier::trusting(keys.iter().map(|k| k.verifier().clone()).collect());
+        for r in rows {
+            v.push(r)?;
+        }
+        v.finish()
+    }
+
+    /// The review's second forgery: the broker rotated k1 -> k2, and a
+    /// holder of the retired k1 writes a log of its own. Under the history
+    /// [k1, k2] it must not verify: it ends under k1, or it ends with a
+    /// rotation to k2 that k2 never signed anything after (flagged for the
+    /// caller, who then needs a checkpoint signed by k2).
+    #[test]
+    fn a_retired_key_cannot_forge_a_log_the_key_history_accepts() {
+        let k1 = SignerKey::generate("t.example/log").unwrap();
+        let k2 = SignerKey::generate("t.example/log").unwrap();
+        let k3 = SignerKey::generate("t.example/log").unwrap();
+        // The honest log verifies under the history, with nothing to endorse.
+        let honest = rotated(&k1, &k2, 50, 20, |s| if s <= 20 { 1 } else { 2 });
+        assert_eq!(run_history(&[&k1, &k2], honest.clone()).unwrap().unendorsed_rotation, None);
+        // k1 alone, never rotating.
+        let f = run_history(&[&k1, &k2], build(&k1, 30)).unwrap_err();
+        assert!(f.reason.contains("continues to"), "{f}");
+        // k1 rotating to k2 as its very last entry: flagged.
+        let forged = rotated(&k1, &k2, 30, 29, |_| 1);
+        assert_eq!(run_history(&[&k1, &k2], forged).unwrap().unendorsed_rotation, Some(29));
+        // k1 rotating to a key of the attacker's: not the history's next key.
+        let f = run_history(&[&k1, &k2], rotated(&k1, &k3, 30, 10, |s| if s <= 10 { 1 } else { 2 }));
+        assert!(f.is_err(), "a rotation away from the history verified");
+        // The history must start with the genesis key.
+        assert!(run_history(&[&k2, &k1], honest).is_err());
     }
 
     #[test]

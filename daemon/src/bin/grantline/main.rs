@@ -281,9 +281,19 @@ fn audit_verify(
     let verdict = match (db, anchor) {
         (None, None) => return report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
         (Some(db), None) => verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes),
-        (None, Some(location)) => {
-            on_anchor(location, |anchor| async move { Ok(verify::verify_anchor(&anchor, &keys).await?.0) })
+        (None, Some(_)) if !notes.is_empty() => {
+            return report_error(
+                json,
+                EX_USAGE,
+                &anyhow::anyhow!("--checkpoint is compared with the log's entries: give --db with it"),
+            )
         }
+        (None, Some(location)) => on_anchor(location, |anchor| async move {
+            // Only the newest key given vouches for an anchor: its entries
+            // carry no signatures, so nothing in it proves a rotation.
+            let current = keys.last().cloned().into_iter().collect::<Vec<_>>();
+            Ok(verify::verify_anchor(&anchor, &keys, &current).await?.0)
+        }),
         // The database proves the key rotations (its entries are signed), so
         // it goes first: the anchor's checkpoint is one more checkpoint it must
         // agree with, and the anchor's entries are then checked under the keys
@@ -295,7 +305,7 @@ fn audit_verify(
                 Ok(s) => s,
                 Err(f) => return Ok(Err(f)),
             };
-            let (from_anchor, checked) = verify::verify_anchor(&anchor, &summary.keys).await?;
+            let (from_anchor, checked) = verify::verify_anchor(&anchor, &keys, &summary.keys).await?;
             if checked != note {
                 anyhow::bail!("the anchor's checkpoint changed during verification (the broker published); run again");
             }
