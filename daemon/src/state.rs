@@ -91,6 +91,11 @@ pub struct NodeRecord {
     /// The serial of the identity the last renewal replaced ("" after an
     /// enrollment): a connection made with it may finish its requests.
     pub previous_serial: String,
+    /// Whether a connection has authenticated with the current identity
+    /// (memory only; a broker that starts assumes so). Until then a renewal
+    /// may still come from the previous identity (its reply may have been
+    /// lost); after, only the current one renews.
+    pub current_seen: bool,
     pub not_after: i64,
     pub revoked: bool,
     /// When it was revoked (0: not revoked).
@@ -337,6 +342,7 @@ impl StateDb {
                 labels: serde_json::from_str(&labels)?,
                 serial,
                 previous_serial,
+                current_seen: true,
                 not_after,
                 revoked: revoked_at.is_some(),
                 revoked_at: revoked_at.unwrap_or(0),

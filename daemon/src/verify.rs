@@ -16,6 +16,12 @@ use grantline_proto::audit::{tiles, StoredEntry};
 use crate::audit::anchor::Anchor;
 use crate::audit::AuditStore;
 
+/// The most checkpoint text read from one database (about ten million
+/// checkpoints, four months of a log that grows every second). Values are
+/// stored, never computed (see `AuditStore::open_untrusted`), so what is read
+/// is at most what the file holds.
+const MAX_STORED_CHECKPOINT_BYTES: usize = 2 << 30;
+
 /// Verifies the log in `db` under the `trusted` keys (one of them must have
 /// started it), and the signed checkpoints in it and in `external`, each of
 /// which must be signed by a key the log reached from its trusted genesis.
@@ -38,7 +44,13 @@ pub fn verify_db(
     let mut notes: Vec<(String, String)> =
         external.iter().enumerate().map(|(i, n)| (format!("given checkpoint #{}", i + 1), n.clone())).collect();
     // A database from before checkpoints existed has no such table: no checkpoints.
-    notes.extend(store.checkpoints().unwrap_or_default().into_iter().map(|n| ("stored checkpoint".to_owned(), n)));
+    let stored = match store.checkpoints_bounded(MAX_STORED_CHECKPOINT_BYTES) {
+        Ok(n) => n,
+        Err(e) if e.to_string().contains("exceed") => return Ok(Err(Failure { seq: -1, reason: format!("{e:#}") })),
+        // A database from before checkpoints existed has no such table.
+        Err(_) => Vec::new(),
+    };
+    notes.extend(stored.into_iter().map(|n| ("stored checkpoint".to_owned(), n)));
     let mut unverified = Vec::new();
     for (what, note) in &notes {
         let body = grantline_proto::audit::note::body(note).unwrap_or_default();

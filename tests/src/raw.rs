@@ -81,3 +81,20 @@ pub fn node_identity(state_dir: &std::path::Path) -> (Vec<CertificateDer<'static
     let chain = rustls_pemfile::certs(&mut pem.as_slice()).map(Result::unwrap).collect();
     (chain, std::fs::read_to_string(state_dir.join("node.key")).unwrap())
 }
+
+/// How the broker refused `bytes` on `conn`: the error it replied with, or
+/// the one it closed the connection with (it closes at once a connection
+/// whose identity it no longer accepts).
+pub async fn refusal_of(conn: &quinn::Connection, bytes: &[u8]) -> (wire::ErrorCode, String) {
+    if let Ok(resp) = send_raw(conn, bytes).await {
+        return error_of(&resp);
+    }
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let e: wire::Error =
+                prost::Message::decode(close.reason.as_ref()).expect("the close reason is a wire error");
+            (wire::ErrorCode::try_from(e.code).unwrap_or(wire::ErrorCode::Internal), e.message)
+        }
+        other => panic!("the connection ended without a reason: {other}"),
+    }
+}

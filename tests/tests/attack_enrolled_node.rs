@@ -110,10 +110,8 @@ fn renewals_in_flight_cannot_undo_a_revocation() {
     // Neither the old identity nor any renewed one is served.
     runtime().block_on(async {
         if let Ok(conn) = connect(&broker.addr, client_config(&ca, Some(identity))).await {
-            let resp = send_raw(&conn, &renewal()).await;
-            if let Ok(resp) = resp {
-                assert_eq!(error_of(&resp).0, wire::ErrorCode::Revoked);
-            }
+            let (code, msg) = grantline_tests::raw::refusal_of(&conn, &renewal()).await;
+            assert_eq!(code, wire::ErrorCode::Revoked, "{msg}");
         }
     });
 }
@@ -141,8 +139,36 @@ fn an_unpinned_token_cannot_take_over_an_enrolled_name() {
     let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
     runtime().block_on(async {
         let conn = connect(&broker.addr, client_config(&ca, Some(node_identity(web.dir.path())))).await.unwrap();
-        let (code, msg) = error_of(&send_raw(&conn, &renewal()).await.unwrap());
+        let (code, msg) = grantline_tests::raw::refusal_of(&conn, &renewal()).await;
         assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
         assert!(msg.contains("was replaced"), "{msg}");
+    });
+}
+
+/// The follow-up review: after a renewal S1 -> S2, a leaked copy of S1
+/// renewed again from S1 (the previous serial), took the node over and shut
+/// the real agent's S2 out. Once S2 has been used, S1 renews nothing.
+#[test]
+fn a_replaced_identity_cannot_renew_once_its_successor_is_in_use() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "renewer");
+    let s1 = node_identity(agent.dir.path());
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    runtime().block_on(async {
+        // The node renews S1 -> S2 (here by hand, keeping S2's key).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+        let req = request(wire::request::Body::RenewIdentity(wire::RenewIdentityRequest { csr_der: csr }));
+        let old = connect(&broker.addr, client_config(&ca, Some(s1.clone()))).await.unwrap();
+        let resp = send_raw(&old, &req).await.unwrap();
+        let Some(wire::response::Body::RenewIdentity(r)) = resp.body else { panic!("{resp:?}") };
+        let chain = r.identity.unwrap().chain_der.into_iter().map(rustls::pki_types::CertificateDer::from).collect();
+        // S2 is used: a connection authenticates with it and is served.
+        let new = connect(&broker.addr, client_config(&ca, Some((chain, key.serialize_pem())))).await.unwrap();
+        let (code, _) = error_of(&send_raw(&new, &frame::encode(&wire::Request { body: None })).await.unwrap());
+        assert_eq!(code, wire::ErrorCode::BadRequest, "S2 is served (an empty request is a bad request)");
+        // The leaked S1 can no longer renew.
+        let (code, msg) = grantline_tests::raw::refusal_of(&old, &renewal()).await;
+        assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
     });
 }

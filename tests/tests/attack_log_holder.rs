@@ -266,3 +266,41 @@ fn a_retired_key_cannot_forge_a_log_the_key_history_accepts() {
         assert_eq!(code, Some(65), "{name}: {v}");
     }
 }
+
+/// The follow-up review's crafted databases: a schema past the first 1,000
+/// objects, generated columns and defaults that make a small file read as
+/// gigabytes, a virtual table spelled to dodge a textual check.
+#[test]
+fn crafted_schemas_that_compute_or_hide_are_refused() {
+    let (broker, _) = real_key();
+    let dir = tempfile::tempdir().unwrap();
+    let mut many = String::new();
+    for i in 0..1100 {
+        many.push_str(&format!("CREATE TABLE t{i} (x);"));
+    }
+    many.push_str("CREATE TABLE entries (seq INTEGER PRIMARY KEY, hash BLOB, entry BLOB, signature BLOB);");
+    let crafted = [
+        ("many objects", many),
+        (
+            "generated note",
+            "CREATE TABLE entries (seq INTEGER PRIMARY KEY, hash BLOB, entry BLOB, signature BLOB); \
+             CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, time_ms INT, note TEXT AS (hex(zeroblob(32768)))); \
+             INSERT INTO checkpoints (size, time_ms) VALUES (1, 0), (2, 0);"
+                .to_owned(),
+        ),
+        (
+            "default entry",
+            "CREATE TABLE entries (seq INTEGER PRIMARY KEY, hash BLOB, entry BLOB DEFAULT (zeroblob(100000000)), signature BLOB); \
+             INSERT INTO entries (seq, hash, signature) VALUES (0, x'00', x'00');"
+                .to_owned(),
+        ),
+    ];
+    for (name, sql) in crafted {
+        let db = dir.path().join(format!("{}.db", name.replace(' ', "-")));
+        rusqlite::Connection::open(&db).unwrap().execute_batch(&sql).unwrap();
+        let (code, v) = verify(&["verify", "--db"], &[&db, Path::new("--key-file"), &broker.path("audit.vkey")]);
+        assert_ne!(code, Some(0), "{name}: {v}");
+        let text = v.to_string();
+        assert!(text.contains("crafted") || text.contains("computes"), "{name}: {v}");
+    }
+}

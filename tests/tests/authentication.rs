@@ -100,7 +100,7 @@ fn expired_node_certificate_is_refused() {
     let (cert, key) = client_cert("web-9", &issuer, now - Duration::hours(1), now + Duration::hours(1));
     runtime().block_on(async {
         let conn = connect(&broker.addr, client_config(&ca, Some((vec![cert], key)))).await.unwrap();
-        let (code, msg) = error_of(&send_raw(&conn, &grant_request()).await.unwrap());
+        let (code, msg) = grantline_tests::raw::refusal_of(&conn, &grant_request()).await;
         assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
     });
     // And the node's own identity is served, so the refusals above were

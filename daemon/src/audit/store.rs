@@ -22,6 +22,9 @@ macro_rules! entry_columns {
 /// What a database handed to the verifier may hold besides its tables:
 /// our own triggers and indexes (which never run on a read-only
 /// connection). A view, a virtual table or another trigger is refused.
+/// The most schema objects a database handed to the verifier may hold.
+const MAX_SCHEMA_OBJECTS: i64 = 64;
+
 const KNOWN_TRIGGERS: &[&str] = &[
     "entries_no_update",
     "entries_no_delete",
@@ -226,23 +229,25 @@ impl AuditStore {
         store.conn.pragma_update(None, "trusted_schema", false)?;
         store.conn.pragma_update(None, "query_only", true)?;
         store.conn.pragma_update(None, "cell_size_check", true)?;
+        let objects: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            .context("cannot read the database schema")?;
+        if objects > MAX_SCHEMA_OBJECTS {
+            bail!(
+                "{} holds {objects} schema objects; an audit database holds about 20, so this one was crafted",
+                path.display()
+            );
+        }
         let mut stmt = store
             .conn
-            .prepare(
-                "SELECT substr(type, 1, 16), substr(name, 1, 256), substr(tbl_name, 1, 256), \
-                 substr(coalesce(sql, ''), 1, 64) FROM sqlite_schema LIMIT 1000",
-            )
-            .context("cannot read the database schema")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
-        })?;
+            .prepare("SELECT substr(type, 1, 16), substr(name, 1, 256), substr(tbl_name, 1, 256) FROM sqlite_schema")?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
         let mut tables = Vec::new();
         for row in rows {
-            let (kind, name, table, sql) = row?;
+            let (kind, name, table) = row?;
             match kind.as_str() {
-                "table" if sql.to_ascii_uppercase().starts_with("CREATE VIRTUAL") => {
-                    bail!("{} holds a virtual table {name:?}; an audit database has none", path.display())
-                }
                 "table" => tables.push(name),
                 "index" => {}
                 "trigger" if KNOWN_TRIGGERS.contains(&name.as_str()) && name.starts_with(table.as_str()) => {}
@@ -256,11 +261,57 @@ impl AuditStore {
                 other => bail!("{} holds a schema object {name:?} of type {other:?}", path.display()),
             }
         }
+        drop(stmt);
         if !tables.iter().any(|t| t == "entries") {
             bail!("{} has no entries table: it is not a Grantline audit database", path.display());
         }
-        drop(stmt);
+        // SQLite's own account of each table: a virtual table (however its
+        // CREATE was spelled) is refused, and so is any column of the tables
+        // the verifier reads whose value SQLite would compute (generated
+        // columns, defaults): a stored row is read as stored, or not at all.
+        let mut list = store.conn.prepare("SELECT substr(name, 1, 256), substr(type, 1, 16) FROM pragma_table_list")?;
+        let kinds: Vec<(String, String)> =
+            list.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        drop(list);
+        for (name, kind) in &kinds {
+            if kind != "table" {
+                bail!("{} holds a {kind} table {name:?}; an audit database holds only plain tables", path.display());
+            }
+        }
+        for table in ["entries", "checkpoints"] {
+            let mut cols = store
+                .conn
+                .prepare("SELECT substr(name, 1, 64), hidden, dflt_value IS NOT NULL FROM pragma_table_xinfo(?1)")?;
+            let computed: Vec<String> = cols
+                .query_map([table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, bool>(2)?)))?
+                .filter_map(|c| c.ok().filter(|(_, hidden, default)| *hidden != 0 || *default).map(|(n, _, _)| n))
+                .collect();
+            if let Some(col) = computed.first() {
+                bail!(
+                    "{} computes column {table}.{col} (a generated column or a default); Grantline stores every \
+                     value, so this database was crafted",
+                    path.display()
+                );
+            }
+        }
         Ok(store)
+    }
+
+    /// Every stored checkpoint note, smallest tree first, refusing more than
+    /// `max_bytes` of them in all (a hostile database could hold millions).
+    pub fn checkpoints_bounded(&self, max_bytes: usize) -> anyhow::Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("SELECT substr(note, 1, 65536) FROM checkpoints ORDER BY size")?;
+        let mut rows = stmt.query([])?;
+        let (mut out, mut total) = (Vec::new(), 0usize);
+        while let Some(row) = rows.next()? {
+            let note: String = row.get(0)?;
+            total += note.len();
+            if total > max_bytes {
+                anyhow::bail!("the database's checkpoints exceed {max_bytes} bytes in all; verify it with fewer");
+            }
+            out.push(note);
+        }
+        Ok(out)
     }
 
     /// The last entry, if any.

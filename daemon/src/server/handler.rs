@@ -217,7 +217,10 @@ async fn grant_identity(
         }
         match (&generation, known) {
             (Generation::Enrollment, _) => String::new(),
-            (Generation::Renewal { from }, Some(n)) if n.serial == *from || n.previous_serial == *from => from.clone(),
+            // The previous identity renews only while the current one has not
+            // been used: a leaked old identity cannot take the node over.
+            (Generation::Renewal { from }, Some(n)) if n.serial == *from => from.clone(),
+            (Generation::Renewal { from }, Some(n)) if n.previous_serial == *from && !n.current_seen => from.clone(),
             (Generation::Renewal { .. }, _) => {
                 return Err(err(
                     ErrorCode::Unauthenticated,
@@ -235,6 +238,7 @@ async fn grant_identity(
         labels: node.labels.clone(),
         serial: id.serial.clone(),
         previous_serial,
+        current_seen: false,
         not_after: id.not_after,
         revoked: false,
         revoked_at: 0,

@@ -548,7 +548,7 @@ async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         serve_anonymous(&shared, &conn, remote).await;
         return;
     }
-    let _registered = peer.as_ref().map(|p| Registration::new(&shared, &p.name, &conn));
+    let _registered = peer.as_ref().map(|p| Registration::new(&shared, p, &conn));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -629,22 +629,59 @@ struct Registration<'a> {
     id: usize,
 }
 
+/// Connections one node may hold at once (an agent needs one; a few more
+/// cover reconnects racing the old connection's close).
+const MAX_CONNECTIONS_PER_NODE: usize = 8;
+
 impl<'a> Registration<'a> {
-    fn new(shared: &'a Shared, node: &str, conn: &quinn::Connection) -> Self {
+    /// Registers the connection of `peer`, then closes it at once if the
+    /// node is revoked, is not enrolled, presents an identity that is no
+    /// longer its own, or already holds its share of connections.
+    fn new(shared: &'a Shared, peer: &PeerNode, conn: &quinn::Connection) -> Self {
+        let node = peer.name.as_str();
         let id = conn.stable_id();
-        shared
-            .live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(node.to_owned())
-            .or_default()
-            .insert(id, conn.clone());
+        let held = {
+            let mut live = shared.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let conns = live.entry(node.to_owned()).or_default();
+            conns.insert(id, conn.clone());
+            conns.len()
+        };
         shared.mark_seen(node);
-        let revoked =
-            shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).is_some_and(|n| n.revoked);
-        if revoked {
-            let e = wire::Error::new(wire::ErrorCode::Revoked, format!("node {node} has been revoked"));
-            revoke::close_with(conn, &e);
+        let refusal = {
+            let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match nodes.get(node) {
+                Some(n) if n.revoked => Some((wire::ErrorCode::Revoked, format!("node {node} has been revoked"))),
+                None => {
+                    Some((wire::ErrorCode::Unauthenticated, format!("node {node} is not enrolled with this broker")))
+                }
+                Some(n) if peer.serial != n.serial && peer.serial != n.previous_serial => Some((
+                    wire::ErrorCode::Unauthenticated,
+                    format!(
+                        "this identity of node {node} (serial {}) was replaced when the node was enrolled again; \
+                         enroll this agent again with a token pinned to the node",
+                        peer.serial
+                    ),
+                )),
+                _ if held > MAX_CONNECTIONS_PER_NODE => Some((
+                    wire::ErrorCode::Unavailable,
+                    format!("node {node} already holds {MAX_CONNECTIONS_PER_NODE} connections; use one"),
+                )),
+                Some(n) if peer.serial == n.serial && !n.current_seen => {
+                    drop(nodes);
+                    if let Some(n) =
+                        shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(node)
+                    {
+                        if n.serial == peer.serial {
+                            n.current_seen = true;
+                        }
+                    }
+                    None
+                }
+                Some(_) => None,
+            }
+        };
+        if let Some((code, message)) = refusal {
+            revoke::close_with(conn, &wire::Error::new(code, message));
         }
         Self { shared, node: node.to_owned(), id }
     }

@@ -47,6 +47,7 @@ pub fn provision_nodes(state_dir: &Path, names: &[String], csr_der: &[u8], ttl: 
             labels: BTreeMap::from([("fixture".to_owned(), "true".to_owned())]),
             serial: id.serial,
             previous_serial: String::new(),
+            current_seen: true,
             not_after: id.not_after,
             revoked: false,
             revoked_at: 0,
