@@ -285,6 +285,16 @@ impl AgentConfigFile {
         })
     }
 
+    /// Whether any rule could allow a caller with this uid and gid anything
+    /// (without rules: root and `agent_uid`). Callers no rule names share a
+    /// small pool of the agent's connections.
+    pub fn may_ask(&self, uid: u32, gid: u32, agent_uid: u32) -> bool {
+        match &self.allow {
+            None => uid == 0 || uid == agent_uid,
+            Some(rules) => uid == 0 || rules.iter().any(|r| r.uids.contains(&uid) || r.gids.contains(&gid)),
+        }
+    }
+
     /// Whether `caller` may ask for `kind`/`role`: the name of the rule that
     /// allows it, or why not. Without rules, root and `agent_uid` may ask.
     pub fn allows(&self, caller: &Caller, kind: &str, role: &str, agent_uid: u32) -> Result<String, String> {

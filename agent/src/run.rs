@@ -370,6 +370,12 @@ async fn renew_once(agent: &Agent) -> Result<()> {
 pub const MAX_LOCAL_PER_UID: usize = 64;
 /// Connections the local socket holds open at once, over all callers.
 pub const MAX_LOCAL: usize = 512;
+/// Connections held at once by all callers that no `[[allow]]` rule names
+/// (they may still ask for the agent's status): however many uids a user
+/// commands (subordinate ids, user namespaces), they share this pool.
+pub const MAX_LOCAL_UNNAMED: usize = 64;
+/// The pool key of callers no rule names.
+const UNNAMED: u32 = u32::MAX;
 
 /// Open local connections, by caller uid: a local user cannot take every
 /// file descriptor of the agent, and one caller's connections never starve
@@ -386,11 +392,17 @@ struct LocalSlot {
 }
 
 impl LocalConnections {
-    fn take(self: &Arc<Self>, uid: u32) -> Option<LocalSlot> {
+    /// A slot for `uid`, counted in the shared pool of unnamed callers
+    /// unless `named`.
+    fn take(self: &Arc<Self>, uid: u32, named: bool) -> Option<LocalSlot> {
+        let (uid, cap) = if named { (uid, MAX_LOCAL_PER_UID) } else { (UNNAMED, MAX_LOCAL_UNNAMED) };
         let mut by_uid = self.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let total: usize = by_uid.values().sum();
         let mine = by_uid.entry(uid).or_default();
-        if *mine >= MAX_LOCAL_PER_UID || total >= MAX_LOCAL {
+        if *mine >= cap || total >= MAX_LOCAL {
+            if *mine == 0 {
+                by_uid.remove(&uid);
+            }
             return None;
         }
         *mine += 1;
@@ -431,9 +443,10 @@ async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
                 continue;
             }
         };
-        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-        let Some(slot) = open.take(uid) else {
-            refuse_busy(&stream, uid);
+        let (uid, gid) = stream.peer_cred().map_or((UNNAMED, UNNAMED), |c| (c.uid(), c.gid()));
+        let named = agent.policy.may_ask(uid, gid, nix::unistd::getuid().as_raw());
+        let Some(slot) = open.take(uid, named) else {
+            refuse_busy(&stream, uid, named);
             continue;
         };
         let agent = agent.clone();
@@ -448,17 +461,19 @@ async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
 /// reason is written if the socket takes it at once, what the caller already
 /// sent is read and dropped (closing on unread data would reset the
 /// connection before the caller reads the answer), and the connection closes.
-fn refuse_busy(stream: &UnixStream, uid: u32) {
-    let busy = local_error(
-        ErrorCode::Unavailable,
-        format!(
-            "uid {uid} has {MAX_LOCAL_PER_UID} connections open to the agent (or the agent {MAX_LOCAL} in all); \
-             close some and retry"
-        ),
-    );
+fn refuse_busy(stream: &UnixStream, uid: u32, named: bool) {
+    let who = if named {
+        format!("uid {uid} has {MAX_LOCAL_PER_UID} connections open to the agent")
+    } else {
+        format!("callers that no [[allow]] rule names (uid {uid} among them) have {MAX_LOCAL_UNNAMED} connections open")
+    };
+    let busy =
+        local_error(ErrorCode::Unavailable, format!("{who} (or the agent {MAX_LOCAL} in all); close some and retry"));
     let _ = stream.try_write(&frame::encode(&busy));
+    // One read, never a loop: a caller that keeps writing cannot hold the
+    // accept loop here.
     let mut sink = [0u8; 4096];
-    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+    let _ = stream.try_read(&mut sink);
 }
 
 fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {

@@ -96,23 +96,45 @@ fn write_files(sink: &Sink, files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
 }
 
 /// Refuses a sink directory that anyone but the agent's own user (or root)
-/// can write: whoever can write it can swap the files the agent writes as
-/// root between renewals, or plant names to redirect them. A sink marked
-/// `writable_dir = true` skips this.
+/// can write, or that sits below one: whoever can write a directory on the
+/// way can swap the files the agent writes as root between renewals, plant
+/// names to redirect them, or replace a directory on the path with a
+/// symlink to another. Every directory from `/` down is checked, on the path
+/// as written and as it resolves. A sink marked `writable_dir = true` skips
+/// this.
 fn check_dir(path: &std::path::Path, agent_uid: u32) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
     };
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let absolute = std::path::absolute(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let resolved = std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    check_one_dir(&absolute, agent_uid, false)?;
+    check_one_dir(&resolved, agent_uid, false)?;
+    for d in absolute.ancestors().chain(resolved.ancestors()).skip(1) {
+        check_one_dir(d, agent_uid, true)?;
+    }
+    Ok(())
+}
+
+/// Checks one directory; `above` for one on the way to the sink's own, where
+/// a sticky world-writable directory (`/tmp`) is fine: nobody but an entry's
+/// owner may rename or remove it there.
+fn check_one_dir(dir: &std::path::Path, agent_uid: u32, above: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // As written: a symlink on the path counts by its own owner (whoever
+    // owns it may have made it), and its target is checked on the resolved path.
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
     let owner_ok = meta.uid() == 0 || meta.uid() == agent_uid;
     let mode = meta.mode() & 0o7777;
-    if !owner_ok || mode & 0o022 != 0 {
+    let sticky = above && mode & 0o1000 != 0;
+    let writable = !meta.file_type().is_symlink() && mode & 0o022 != 0 && !sticky;
+    if !owner_ok || writable {
         bail!(
-            "{} (owner uid {}, mode {mode:04o}) can be written by others than the agent's user: they could redirect \
-             or replace the credential files; make it owned by root and not group- or world-writable \
-             (chown root {0}; chmod go-w {0}), or set `writable_dir = true` on the sink to accept the risk",
+            "{} (owner uid {}, mode {mode:04o}) can be written by others than the agent's user, and a sink's \
+             files lie below it: they could redirect or replace the credential files; make every directory on \
+             the way owned by root and not group- or world-writable, or set `writable_dir = true` on the sink \
+             to accept the risk",
             dir.display(),
             meta.uid()
         );
@@ -223,6 +245,21 @@ mod tests {
         }
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         check_dir(&file, me).unwrap();
+        // A directory on the way that others can write: refused too (the
+        // review's swap of a parent directory for a symlink).
+        let inner = dir.path().join("tls");
+        std::fs::create_dir(&inner).unwrap();
+        check_dir(&inner.join("key.pem"), me).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = format!("{:#}", check_dir(&inner.join("key.pem"), me).unwrap_err());
+        assert!(err.contains("on the way"), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A symlinked directory resolving into a writable one: refused.
+        let open = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(open.path(), &link).unwrap();
+        assert!(check_dir(&link.join("key.pem"), me).is_err());
         // Owned by a user who is neither root nor the agent: refused.
         if me == 0 {
             nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();

@@ -326,31 +326,47 @@ pub fn merge_by_time<I: Iterator<Item = TimelineEntry>>(streams: Vec<I>) -> impl
     })
 }
 
-/// A log's entries in seq order, read in batches.
-pub fn log_entries(db: &Path) -> Result<impl Iterator<Item = Result<TimelineEntry>>> {
+/// A verified log's entries in seq order, read in batches: exactly the
+/// `verified.entries` entries whose chain ends at `verified.head`, each
+/// re-hashed and linked as read, so a database changed after its
+/// verification yields an error rather than unverified rows.
+pub fn log_entries(db: &Path, verified: &Summary) -> Result<impl Iterator<Item = Result<TimelineEntry>>> {
     let store = AuditStore::open_untrusted(db).with_context(|| format!("cannot open {}", db.display()))?;
+    let (total, head) = (verified.entries, verified.head.clone());
     let mut next = 0u64;
+    let mut prev = grantline_proto::audit::ZERO_HASH;
     let mut batch = std::collections::VecDeque::new();
     let db = db.display().to_string();
     Ok(std::iter::from_fn(move || {
+        if next >= total {
+            return None;
+        }
         if batch.is_empty() {
-            match store.stored_range(next, u64::MAX, 1000) {
+            match store.stored_range(next, total, 1000) {
                 Ok(rows) => batch.extend(rows),
                 Err(e) => return Some(Err(anyhow::anyhow!("cannot read {db}: {e}"))),
             }
         }
-        let row = batch.pop_front()?;
-        next = u64::try_from(row.seq).unwrap_or(u64::MAX).saturating_add(1);
-        Some(
-            grantline_proto::audit::Entry::decode(&row.entry)
-                .map(|e| TimelineEntry {
-                    time_ms: e.time_ms,
-                    origin: e.origin.to_owned(),
-                    seq: e.seq,
-                    event_json: e.event_json.to_vec(),
-                })
-                .map_err(|e| anyhow::anyhow!("{db}: entry {} does not decode: {e}", row.seq)),
-        )
+        let at = next;
+        let changed =
+            || Some(Err(anyhow::anyhow!("{db} changed after it was verified (at seq {at}); verify it again")));
+        let Some(row) = batch.pop_front() else { return changed() };
+        let Ok(e) = grantline_proto::audit::Entry::decode(&row.entry) else { return changed() };
+        let hash = leaf_hash(&row.entry);
+        if u64::try_from(row.seq).ok() != Some(next) || e.seq != next || e.prev != prev {
+            return changed();
+        }
+        prev = hash;
+        next += 1;
+        if next == total && hex::encode(hash) != head {
+            return changed();
+        }
+        Some(Ok(TimelineEntry {
+            time_ms: e.time_ms,
+            origin: e.origin.to_owned(),
+            seq: e.seq,
+            event_json: e.event_json.to_vec(),
+        }))
     }))
 }
 

@@ -103,6 +103,9 @@ impl AuditLog {
 
     pub async fn append(&self, event: Event) -> Result<wire::Receipt, AuditError> {
         let started = Instant::now();
+        // Cut to its bounds here, on the caller's task, so the writer thread
+        // and the credential inventory see the event as it will be recorded.
+        let event = event.bounded();
         let (reply, rx) = oneshot::channel();
         self.tx.send(Append { event, reply }).await.map_err(|_| AuditError::Stopped)?;
         let result = rx.await.map_err(|_| AuditError::Stopped)?;
@@ -188,8 +191,17 @@ impl ChainState {
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         let time = now.max(self.last_time);
-        let entry = Entry::encode_bounded(&self.origin, self.next_seq, time, &self.prev, event.clone())
-            .map_err(|e| AuditError::TooLarge(format!("{} event: {e}", event.type_name())))?;
+        // `append` bounded the event's fields; an entry still too large (many
+        // long fields at once) is refused here, before the chain moves.
+        let entry = Entry::encode(&self.origin, self.next_seq, time, &self.prev, event);
+        if entry.len() > grantline_proto::audit::entry::MAX_ENTRY_LEN {
+            return Err(AuditError::TooLarge(format!(
+                "{} event: the entry would be {} bytes, over the {}-byte limit",
+                event.type_name(),
+                entry.len(),
+                grantline_proto::audit::entry::MAX_ENTRY_LEN
+            )));
+        }
         let hash = leaf_hash(&entry);
         self.prev = hash;
         self.next_seq += 1;
@@ -378,4 +390,45 @@ fn sign_all(key: &SignerKey, entries: &mut [NewEntry]) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grantline_proto::audit::event::CallerInfo;
+
+    /// Review defect 2 at the writer: an event too large even once cut to its
+    /// field bounds is refused alone; the chain does not move, later events
+    /// are recorded, and the log verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_event_is_refused_without_poisoning_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let key = SignerKey::generate("t.example/log").unwrap();
+        let vkey = key.verifier().clone();
+        let (log, writer) = AuditLog::start(&db, key, "test").unwrap();
+        let admin = CallerInfo { uid: 0, gid: 0, pid: 1, exe: String::new(), unit: String::new() };
+        // 64 labels of 1 KiB keys and values: each field within its bound,
+        // the entry over 64 KiB.
+        let labels = (0..64).map(|i| (format!("{i:04}{}", "k".repeat(1000)), "v".repeat(1000))).collect();
+        let huge = Event::TokenCreation { token_id: "t".into(), node: String::new(), labels, expires_at: 0, admin };
+        assert!(matches!(log.append(huge).await, Err(AuditError::TooLarge(_))));
+        let small = Event::Denial {
+            action: "grant".into(),
+            node: "n".into(),
+            kind: "x509".into(),
+            role: "r".repeat(40_000),
+            policy: String::new(),
+            reason: "too long a role".into(),
+            caller: None,
+        };
+        let receipt = log.append(small).await.unwrap();
+        assert_eq!(Entry::decode(&receipt.entry).unwrap().seq, 1, "the refused event took no seq");
+        drop(log);
+        writer.join().unwrap();
+        let store = AuditStore::open_read_only(&db).unwrap();
+        let mut v = grantline_proto::audit::ChainVerifier::new(vkey);
+        store.for_each(|row| v.push(row)).unwrap().unwrap();
+        assert_eq!(v.finish().unwrap().entries, 2);
+    }
 }

@@ -29,6 +29,7 @@ impl Anonymous {
     /// Admits a connection from `address`, or None when it or the broker is
     /// at its limit.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let address = source_of(address);
         let mut by_address = self.by_address.lock().unwrap_or_else(PoisonError::into_inner);
         let total: usize = by_address.values().sum();
         let mine = by_address.entry(address).or_default();
@@ -40,6 +41,19 @@ impl Anonymous {
         }
         *mine += 1;
         Some(Slot { counts: self.clone(), address })
+    }
+}
+
+/// What one source is: an IPv4 address (also when mapped into IPv6), or an
+/// IPv6 /64, the least a site or host is given, so that one host cannot
+/// count as many by cycling through its own /64.
+fn source_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
     }
 }
 
@@ -58,6 +72,19 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source() {
+        let a = Arc::new(Anonymous::default());
+        let held: Vec<Slot> = (0..u16::try_from(PER_ADDRESS).unwrap_or(0))
+            .map(|i| a.admit(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i])).unwrap_or_else(|| panic!("admitted")))
+            .collect();
+        assert!(a.admit(IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 1, 2, 3])).is_none(), "same /64");
+        assert!(a.admit(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1])).is_some(), "another /64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(source_of(mapped), IpAddr::from([192, 0, 2, 7]));
+        drop(held);
+    }
 
     #[test]
     fn addresses_are_capped_each_and_in_all_and_slots_come_back() {

@@ -502,6 +502,19 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             return err(ErrorCode::Unavailable, format!("cannot record the lease: {e}"));
         }
     }
+    // A revocation that landed while this grant was being minted: either it
+    // listed the lease just recorded, or the flag it set is seen here, and
+    // the credential is withdrawn rather than delivered.
+    let revoked_meanwhile = shared
+        .nodes
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&node.name)
+        .is_none_or(|n| n.revoked);
+    if revoked_meanwhile {
+        withdraw(shared, &issued).await;
+        return err(ErrorCode::Revoked, format!("node {} was revoked while the credential was minted", node.name));
+    }
     let seq = grantline_proto::audit::Entry::decode(&receipt.entry).map(|e| e.seq).unwrap_or(u64::MAX);
     tracing::info!(node = %node.name, kind = kind_name, role = %r.role, seq, serial = %issued.serial, fingerprint = %issued.fingerprint, "granted");
     Reply {

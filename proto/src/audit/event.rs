@@ -116,6 +116,10 @@ impl Event {
     /// above. Events built from validated input are unchanged.
     #[must_use]
     pub fn bounded(self) -> Self {
+        // Most events are small: no field of a short one can be long.
+        if serde_json::to_vec(&self).is_ok_and(|j| j.len() <= MAX_FIELD_LEN) {
+            return self;
+        }
         let Ok(mut value) = serde_json::to_value(&self) else { return self };
         if !bound_value(&mut value) {
             return self;

@@ -414,7 +414,8 @@ fn print_timeline(logs: &[verify::FleetLog]) -> Result<()> {
     let mut streams = Vec::new();
     let failed = std::cell::RefCell::new(None);
     for l in logs {
-        streams.push(verify::log_entries(std::path::Path::new(&l.db))?);
+        let Ok(verified) = &l.verdict else { anyhow::bail!("{} did not verify", l.db) };
+        streams.push(verify::log_entries(std::path::Path::new(&l.db), verified)?);
     }
     // A read error ends that log's stream; it is reported after the merge.
     let streams: Vec<_> =
