@@ -145,8 +145,9 @@ fn go_sumdb_note_and_tlog_verify_the_anchor_and_receipts() {
         String::from_utf8_lossy(&go.stdout),
         stderr(&go)
     );
-    // Genesis, the join token's creation, the enrollment and six grants.
-    assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 9"), "{}", String::from_utf8_lossy(&go.stdout));
+    // Genesis, the dev broker's and the agent's join tokens' creation, the
+    // enrollment and six grants.
+    assert!(String::from_utf8_lossy(&go.stdout).starts_with("ok 10"), "{}", String::from_utf8_lossy(&go.stdout));
 
     // And Go notices a tampered entry bundle.
     // The one partial entry bundle (the log has fewer than 256 entries).

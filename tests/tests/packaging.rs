@@ -340,9 +340,10 @@ fn logs_go_to_the_journal_with_structured_fields_when_stderr_is_the_journal() {
         }
     };
     let field = |name: &str| record.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    // Genesis, the join token, the enrollment: the grant is seq 3.
+    // Genesis, the dev broker's and the agent's join tokens, the enrollment:
+    // the grant is seq 4.
     for (name, want) in
-        [("NODE", "journaled"), ("KIND", "x509"), ("ROLE", "dev"), ("SEQ", "3"), ("SYSLOG_IDENTIFIER", "grantlined")]
+        [("NODE", "journaled"), ("KIND", "x509"), ("ROLE", "dev"), ("SEQ", "4"), ("SYSLOG_IDENTIFIER", "grantlined")]
     {
         assert_eq!(field(name), Some(want), "{name} in {record:?}");
     }
