@@ -33,14 +33,17 @@ all=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$manifest" | grep -v '^grantline-fuzz$'
 targets=${*:-$all}
 
 if $smoke; then
-  target_dir=target
-  cargo build --release --locked --manifest-path "$manifest" --target-dir "$target_dir" --bins
+  cargo build --release --locked --manifest-path "$manifest" --target-dir target --bins
+  bins=target/release
 else
-  target_dir=target/fuzz
+  # An explicit --target keeps RUSTFLAGS off build scripts and proc macros,
+  # which run on the host without libFuzzer (as cargo-fuzz does).
+  host=$(rustc -vV | sed -n 's/^host: //p')
   export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
-  cargo build --release --locked --manifest-path "$manifest" --target-dir "$target_dir" --bins
+  cargo build --release --locked --manifest-path "$manifest" --target-dir target/fuzz --target "$host" --bins
+  bins=target/fuzz/$host/release
 fi
 
 mkdir -p target/fuzz/artifacts
@@ -50,7 +53,7 @@ for t in $targets; do
   mkdir -p "$corpus"
   log=target/fuzz/$t.log
   echo "fuzz: $t for ${seconds}s" >&2
-  if "$target_dir/release/$t" "$corpus" "tests/fuzz/corpus/$t" \
+  if "$bins/$t" "$corpus" "tests/fuzz/corpus/$t" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=70000 \
     -artifact_prefix="target/fuzz/artifacts/$t-" -print_final_stats=1 >"$log" 2>&1; then
     grep -E '^(#[0-9]+.*DONE|Done [0-9]+ runs|stat::number_of_executed_units)' "$log" | tail -2 | sed "s/^/fuzz: $t: /" >&2 || true

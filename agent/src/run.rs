@@ -530,14 +530,18 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             // Releasing revokes a credential, so it takes the same permission
             // as obtaining one: kind secret, the role named in the lease path
             // (database/creds/ROLE/ID).
-            let role = r.lease_id.rsplit('/').nth(1).unwrap_or("*");
-            if let Err(reason) = agent.check_caller(caller.as_ref(), "secret", role) {
+            // A token accessor names no role: releasing a token takes a rule
+            // allowing vault-token for any role.
+            let is_token = r.lease_id.starts_with(grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX);
+            let (kind, role) =
+                if is_token { ("vault-token", "*") } else { ("secret", r.lease_id.rsplit('/').nth(1).unwrap_or("*")) };
+            if let Err(reason) = agent.check_caller(caller.as_ref(), kind, role) {
                 return local_error(ErrorCode::PermissionDenied, reason);
             }
             let Some(conn) = connection(agent, Duration::from_secs(5)).await else {
                 return wire::LocalResponse { body: Some(LocalResp::Error(CallError::NotConnected.to_wire())) };
             };
-            let fingerprint = vault_fingerprint("lease", &r.lease_id);
+            let fingerprint = grantline_proto::audit::event::released_fingerprint(&r.lease_id);
             match call(&conn, &wire::Request { body: Some(Req::Release(r)) }).await {
                 Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
                 Ok(wire::Response { body: Some(Resp::Release(rr)) }) => {

@@ -306,6 +306,18 @@ fn vault_token_has_the_capped_ttl_uses_and_policies() {
     // A policy outside the rule is refused.
     let got = agent.get(&["token", "--role", "app", "--policy", "admin", "--out", out.path().to_str().unwrap()]);
     assert_eq!(got.status.code(), Some(77), "{}", stderr(&got));
+
+    // The node releases its token by its accessor; the agent accepts the
+    // broker's receipt for it (it once reported a mismatch) and Vault no
+    // longer knows the token.
+    let released = Command::new(grantline_tests::bin("grantline-agent"))
+        .args(["release", "--lease-id", &format!("token-accessor:{accessor}"), "--socket"])
+        .arg(agent.socket())
+        .output()
+        .unwrap();
+    assert!(released.status.success(), "{}", stderr(&released));
+    let lookup = bao.cli(grantline_tests::openbao::ROOT_TOKEN, &["token", "lookup", &token]);
+    assert!(!lookup.status.success(), "the released token still works");
 }
 
 /// OpenBao's database secrets engine on `pg`, with role `readonly`.

@@ -17,7 +17,7 @@ use crate::vault::Vault;
 type Reply = wire::Response;
 
 /// Token accessors are kept in the lease table under this prefix.
-pub(crate) const TOKEN_ACCESSOR_PREFIX: &str = "token-accessor:";
+pub(crate) use grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX;
 
 pub(crate) fn now_unix() -> i64 {
     crate::issuer::embedded::unix(SystemTime::now())

@@ -204,6 +204,20 @@ fn bound_value(v: &mut serde_json::Value) -> bool {
     }
 }
 
+/// Token accessors are released (and kept for revocation) under this
+/// prefix: `token-accessor:<accessor>` names a Vault token where a lease id
+/// would name a lease.
+pub const TOKEN_ACCESSOR_PREFIX: &str = "token-accessor:";
+
+/// The fingerprint a grant records for what `release` names: a lease id, or
+/// a token accessor under [`TOKEN_ACCESSOR_PREFIX`].
+pub fn released_fingerprint(id: &str) -> String {
+    match id.strip_prefix(TOKEN_ACCESSOR_PREFIX) {
+        Some(accessor) => vault_fingerprint("token-accessor", accessor),
+        None => vault_fingerprint("lease", id),
+    }
+}
+
 /// The fingerprint a grant records for a Vault lease or token accessor: a
 /// domain-separated SHA-256, so the log names the credential without holding
 /// anything that could be used against Vault.
