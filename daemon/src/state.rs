@@ -80,6 +80,17 @@ pub enum TokenError {
     /// The token is sound but may not be used for this request; it stays unused.
     #[error("{0}")]
     Refused(String),
+    /// The node the token would enroll has been revoked; the token stays unused.
+    #[error("node {0} has been revoked and cannot enroll again")]
+    NodeRevoked(String),
+}
+
+/// Why an identity no longer speaks for its node, for the peer to read.
+pub fn replaced_identity(node: &str, serial: &str) -> String {
+    format!(
+        "this identity of node {node} (serial {serial}) was replaced when the node was enrolled again; \
+         enroll this agent again with a token pinned to the node"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +113,15 @@ pub struct NodeRecord {
     pub revoked_at: i64,
     /// When the broker last heard from it (0: never).
     pub last_seen: i64,
+}
+
+impl NodeRecord {
+    /// Whether an identity with `serial` speaks for this node: its current
+    /// one, or the one its last renewal replaced. A re-enrollment shuts out
+    /// every older one.
+    pub fn speaks_for(&self, serial: &str) -> bool {
+        serial == self.serial || serial == self.previous_serial
+    }
 }
 
 /// A Vault lease the broker handed out, kept so it can be revoked.

@@ -81,16 +81,9 @@ fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, R
     let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     match nodes.get(&peer.name) {
         Some(n) if n.revoked => Err(err(ErrorCode::Revoked, format!("node {} has been revoked", peer.name))),
-        // Only the node's current identity, or the one its last renewal
-        // replaced, speaks for it: a re-enrollment shuts out every older one.
-        Some(n) if peer.serial != n.serial && peer.serial != n.previous_serial => Err(err(
-            ErrorCode::Unauthenticated,
-            format!(
-                "this identity of node {} (serial {}) was replaced when the node was enrolled again; \
-                 enroll this agent again with a token pinned to the node",
-                peer.name, peer.serial
-            ),
-        )),
+        Some(n) if !n.speaks_for(&peer.serial) => {
+            Err(err(ErrorCode::Unauthenticated, crate::state::replaced_identity(&peer.name, &peer.serial)))
+        }
         Some(n) => Ok(NodeAttrs { name: n.name.clone(), labels: n.labels.clone() }),
         None => Err(err(ErrorCode::Unauthenticated, format!("node {} is not enrolled with this broker", peer.name))),
     }
@@ -134,9 +127,7 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         }
         let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match nodes.get(name) {
-            Some(n) if n.revoked => {
-                Err(TokenError::Refused(format!("node {name} has been revoked and cannot enroll again")))
-            }
+            Some(n) if n.revoked => Err(TokenError::NodeRevoked(name.to_owned())),
             Some(_) if t.node.is_none() => Err(TokenError::Refused(format!(
                 "node {name} is already enrolled; to re-enroll it, use a token pinned to it \
                  ('grantline token create --node {name}')"
@@ -150,7 +141,7 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
             audit_denial(shared, deny(e.to_string(), &r.node_name)).await;
             let code = match &e {
                 TokenError::Store(_) => ErrorCode::Unavailable,
-                TokenError::Refused(m) if m.contains("revoked") => ErrorCode::Revoked,
+                TokenError::NodeRevoked(_) => ErrorCode::Revoked,
                 TokenError::Refused(_) => ErrorCode::BadRequest,
                 _ => ErrorCode::InvalidToken,
             };

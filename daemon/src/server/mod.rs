@@ -654,14 +654,9 @@ impl<'a> Registration<'a> {
                 None => {
                     Some((wire::ErrorCode::Unauthenticated, format!("node {node} is not enrolled with this broker")))
                 }
-                Some(n) if peer.serial != n.serial && peer.serial != n.previous_serial => Some((
-                    wire::ErrorCode::Unauthenticated,
-                    format!(
-                        "this identity of node {node} (serial {}) was replaced when the node was enrolled again; \
-                         enroll this agent again with a token pinned to the node",
-                        peer.serial
-                    ),
-                )),
+                Some(n) if !n.speaks_for(&peer.serial) => {
+                    Some((wire::ErrorCode::Unauthenticated, crate::state::replaced_identity(node, &peer.serial)))
+                }
                 _ if held > MAX_CONNECTIONS_PER_NODE => Some((
                     wire::ErrorCode::Unavailable,
                     format!("node {node} already holds {MAX_CONNECTIONS_PER_NODE} connections; use one"),
