@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::event::vault_fingerprint;
 use grantline_proto::audit::{receipt, Event, VerifierKey};
+use grantline_proto::slots::{Slot, Slots};
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
 use grantline_proto::{frame, wire::ErrorCode};
@@ -377,48 +378,14 @@ pub const MAX_LOCAL_UNNAMED: usize = 64;
 /// The pool key of callers no rule names.
 const UNNAMED: u32 = u32::MAX;
 
-/// Open local connections, by caller uid: a local user cannot take every
-/// file descriptor of the agent, and one caller's connections never starve
-/// another's.
-#[derive(Default)]
-struct LocalConnections {
-    by_uid: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
-}
-
-/// One open local connection, counted until dropped.
-struct LocalSlot {
-    open: Arc<LocalConnections>,
-    uid: u32,
-}
-
-impl LocalConnections {
-    /// A slot for `uid`, counted in the shared pool of unnamed callers
-    /// unless `named`.
-    fn take(self: &Arc<Self>, uid: u32, named: bool) -> Option<LocalSlot> {
-        let (uid, cap) = if named { (uid, MAX_LOCAL_PER_UID) } else { (UNNAMED, MAX_LOCAL_UNNAMED) };
-        let mut by_uid = self.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let total: usize = by_uid.values().sum();
-        let mine = by_uid.entry(uid).or_default();
-        if *mine >= cap || total >= MAX_LOCAL {
-            if *mine == 0 {
-                by_uid.remove(&uid);
-            }
-            return None;
-        }
-        *mine += 1;
-        Some(LocalSlot { open: self.clone(), uid })
-    }
-}
-
-impl Drop for LocalSlot {
-    fn drop(&mut self) {
-        let mut by_uid = self.open.by_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = by_uid.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                by_uid.remove(&self.uid);
-            }
-        }
+/// Open local connections, by caller uid (callers no rule names under one
+/// key): a local user cannot take every file descriptor of the agent, and
+/// one caller's connections never starve another's.
+fn local_slot(open: &Arc<Slots<u32>>, uid: u32, named: bool) -> Option<Slot<u32>> {
+    if named {
+        open.take(uid, MAX_LOCAL_PER_UID)
+    } else {
+        open.take(UNNAMED, MAX_LOCAL_UNNAMED)
     }
 }
 
@@ -426,7 +393,7 @@ impl Drop for LocalSlot {
 /// descriptors, memory or buffers) is waited out with backoff: what a caller
 /// does to the socket never stops the agent.
 async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
-    let open = Arc::new(LocalConnections::default());
+    let open = Slots::new(MAX_LOCAL);
     let mut failures = 0u32;
     loop {
         let stream = match listener.accept().await {
@@ -445,7 +412,7 @@ async fn serve_socket(agent: Arc<Agent>, listener: UnixListener) -> Result<()> {
         };
         let (uid, gid) = stream.peer_cred().map_or((UNNAMED, UNNAMED), |c| (c.uid(), c.gid()));
         let named = agent.policy.may_ask(uid, gid, nix::unistd::getuid().as_raw());
-        let Some(slot) = open.take(uid, named) else {
+        let Some(slot) = local_slot(&open, uid, named) else {
             refuse_busy(&stream, uid, named);
             continue;
         };

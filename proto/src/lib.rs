@@ -11,6 +11,7 @@ pub mod frame;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod pem;
+pub mod slots;
 
 /// Generated wire messages (`proto/grantline/v1/wire.proto`).
 #[allow(clippy::all, clippy::pedantic)]

@@ -2,10 +2,11 @@
 //! per source address and in all, so that certificate-less peers cannot hold
 //! the broker's memory (RFD 0009). Each may carry one request, then closes.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
+
+use grantline_proto::slots::{Slot, Slots};
 
 /// Connections without a node identity one address may hold at once.
 pub const PER_ADDRESS: usize = 8;
@@ -14,33 +15,22 @@ pub const IN_ALL: usize = 512;
 /// How long such a connection may take to send its one request.
 pub const WINDOW: Duration = Duration::from_secs(10);
 
-#[derive(Default)]
+/// Connections without a node identity, counted per source.
 pub struct Anonymous {
-    by_address: Mutex<HashMap<IpAddr, usize>>,
+    slots: Arc<Slots<IpAddr>>,
 }
 
-/// One admitted connection, counted until dropped.
-pub struct Slot {
-    counts: Arc<Anonymous>,
-    address: IpAddr,
+impl Default for Anonymous {
+    fn default() -> Self {
+        Self { slots: Slots::new(IN_ALL) }
+    }
 }
 
 impl Anonymous {
-    /// Admits a connection from `address`, or None when it or the broker is
-    /// at its limit.
-    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
-        let address = source_of(address);
-        let mut by_address = self.by_address.lock().unwrap_or_else(PoisonError::into_inner);
-        let total: usize = by_address.values().sum();
-        let mine = by_address.entry(address).or_default();
-        if *mine >= PER_ADDRESS || total >= IN_ALL {
-            if *mine == 0 {
-                by_address.remove(&address);
-            }
-            return None;
-        }
-        *mine += 1;
-        Some(Slot { counts: self.clone(), address })
+    /// Admits a connection from `address`, or None when its source or the
+    /// broker is at its limit.
+    pub fn admit(&self, address: IpAddr) -> Option<Slot<IpAddr>> {
+        self.slots.take(source_of(address), PER_ADDRESS)
     }
 }
 
@@ -57,26 +47,14 @@ fn source_of(address: IpAddr) -> IpAddr {
     }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut by_address = self.counts.by_address.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = by_address.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                by_address.remove(&self.address);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn an_ipv6_slash_64_is_one_source() {
-        let a = Arc::new(Anonymous::default());
-        let held: Vec<Slot> = (0..u16::try_from(PER_ADDRESS).unwrap_or(0))
+        let a = Anonymous::default();
+        let held: Vec<Slot<IpAddr>> = (0..u16::try_from(PER_ADDRESS).unwrap_or(0))
             .map(|i| a.admit(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i])).unwrap_or_else(|| panic!("admitted")))
             .collect();
         assert!(a.admit(IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 1, 2, 3])).is_none(), "same /64");
@@ -88,20 +66,18 @@ mod tests {
 
     #[test]
     fn addresses_are_capped_each_and_in_all_and_slots_come_back() {
-        let a = Arc::new(Anonymous::default());
+        let a = Anonymous::default();
         let one: IpAddr = "192.0.2.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let held: Vec<Slot> = (0..PER_ADDRESS).map(|_| a.admit(one).unwrap_or_else(|| panic!("admitted"))).collect();
+        let held: Vec<Slot<IpAddr>> =
+            (0..PER_ADDRESS).map(|_| a.admit(one).unwrap_or_else(|| panic!("admitted"))).collect();
         assert!(a.admit(one).is_none(), "past its limit");
         drop(held);
         assert!(a.admit(one).is_some(), "slots come back when connections close");
-        let many: Vec<Slot> = (0..u32::try_from(IN_ALL).unwrap_or(0))
+        let many: Vec<Slot<IpAddr>> = (0..u32::try_from(IN_ALL).unwrap_or(0))
             .filter_map(|i| a.admit(IpAddr::from((10 << 24 | i).to_be_bytes())))
             .collect();
         assert_eq!(many.len(), IN_ALL);
         assert!(a.admit(IpAddr::from([10, 9, 9, 9])).is_none(), "the broker's limit holds for new addresses");
-        assert!(
-            a.by_address.lock().unwrap_or_else(PoisonError::into_inner).len() <= IN_ALL,
-            "no entry for refused ones"
-        );
+        assert!(a.slots.keys() <= IN_ALL, "no entry for refused ones");
     }
 }

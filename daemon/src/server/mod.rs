@@ -90,7 +90,7 @@ pub(crate) struct Shared {
     /// interleave (revocation needs no lock: it is never undone).
     identity_commit: tokio::sync::Mutex<()>,
     /// Connections without a node identity, per address.
-    anonymous: Arc<anonymous::Anonymous>,
+    anonymous: anonymous::Anonymous,
     identity_ttl: Duration,
     vkey: VerifierKey,
     requests: TaskTracker,
@@ -190,7 +190,7 @@ impl Broker {
             checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             nodes: RwLock::new(nodes),
             identity_commit: tokio::sync::Mutex::new(()),
-            anonymous: Arc::new(anonymous::Anonymous::default()),
+            anonymous: anonymous::Anonymous::default(),
             identity_ttl: opts.identity_ttl,
             vkey,
             requests: TaskTracker::new(),
