@@ -9,6 +9,7 @@ pub mod openbao;
 pub mod postgres;
 pub mod raw;
 pub mod sshd;
+pub mod vault_proxy;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -9,6 +9,7 @@ use grantline_proto::audit::Event;
 use grantline_tests::openbao::OpenBao;
 use grantline_tests::postgres::{Postgres, SUPERUSER_PASSWORD};
 use grantline_tests::sshd::Sshd;
+use grantline_tests::vault_proxy::{Fault, VaultProxy};
 use grantline_tests::{stderr, Agent, Broker};
 use serde_json::json;
 
@@ -52,14 +53,18 @@ fn broker_with_vault(bao: &OpenBao, extra: &str) -> Broker {
 }
 
 fn broker_with_approle(bao: &OpenBao, policy: &str, role_id: &str, secret_id: &str, extra: &str) -> Broker {
+    broker_at(&bao.addr, policy, role_id, secret_id, extra)
+}
+
+/// A broker that reaches Vault at `address` (for example through a [`VaultProxy`]).
+fn broker_at(address: &str, policy: &str, role_id: &str, secret_id: &str, extra: &str) -> Broker {
     let secrets = tempfile::tempdir().unwrap().keep();
     let secret_file = secrets.join("secret-id");
     grantline_proto::files::write_secret(&secret_file, secret_id.as_bytes()).unwrap();
     Broker::start_config(
         policy,
         &format!(
-            "[vault]\naddress = \"{}\"\napprole = {{ role_id = \"{role_id}\", secret_id_file = \"{}\" }}\ntimeout = \"2s\"\n{extra}",
-            bao.addr,
+            "[vault]\naddress = \"{address}\"\napprole = {{ role_id = \"{role_id}\", secret_id_file = \"{}\" }}\ntimeout = \"2s\"\n{extra}",
             secret_file.display()
         ),
     )
@@ -584,4 +589,147 @@ fn refusals_for_paths_the_broker_may_not_read_do_not_spend_approle_logins() {
     }
     let left = bao.api("POST", "auth/approle/role/grantline/secret-id/lookup", Some(json!({"secret_id": secret_id})));
     assert_eq!(left["data"]["secret_id_num_uses"], json!(4), "one login, not one per refusal: {left}");
+}
+
+/// Accessors of the live tokens Vault holds for `node` (the broker puts the
+/// node's name in each token's metadata).
+fn live_tokens_of(bao: &OpenBao, node: &str) -> Vec<String> {
+    let list = bao.api("GET", "auth/token/accessors?list=true", None);
+    let accessors: Vec<String> =
+        list["data"]["keys"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+    accessors
+        .into_iter()
+        .filter(|a| {
+            bao.api_as(
+                grantline_tests::openbao::ROOT_TOKEN,
+                "POST",
+                "auth/token/lookup-accessor",
+                Some(json!({"accessor": a})),
+            )
+            .is_ok_and(|info| info["data"]["meta"]["node"] == node)
+        })
+        .collect()
+}
+
+/// Polls `done` until it holds or `within` has passed; whether it held.
+fn eventually(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    done()
+}
+
+/// A broker behind a proxy to `bao`, with the `apps` rules and an agent `node`.
+fn behind_proxy(bao: &OpenBao, node: &str) -> (VaultProxy, Broker, Agent) {
+    bao.put_policy("app-read", "path \"secret/data/app/*\" { capabilities = [\"read\"] }");
+    let proxy = VaultProxy::start(&bao.addr);
+    let (role_id, secret_id) = bao.setup_broker_approle();
+    let broker = broker_at(&proxy.addr, POLICY, &role_id, &secret_id, "x509 = \"embedded\"\nssh = \"embedded\"\n");
+    let agent = Agent::start(&broker, node);
+    (proxy, broker, agent)
+}
+
+fn get_token(agent: &Agent) -> std::process::Output {
+    let out = tempfile::tempdir().unwrap();
+    agent.get(&["token", "--role", "app", "--policy", "app-read", "--out", out.path().to_str().unwrap()])
+}
+
+/// Review defect 15: when Vault answered a token creation after the broker's
+/// timeout, the broker sent it twice more; each attempt left a token nobody
+/// received, known to no one, alive for its TTL. Now the request is sent
+/// once, the node is told Vault timed out, and the token Vault answers late
+/// with is revoked.
+#[test]
+fn a_token_vault_answers_after_the_timeout_is_revoked_not_left_behind() {
+    let bao = OpenBao::start();
+    let (proxy, broker, agent) = behind_proxy(&bao, "late-1");
+    proxy.set(Fault {
+        path: "auth/token/create-orphan".into(),
+        delay: std::time::Duration::from_secs(8),
+        ..Fault::default()
+    });
+    let got = get_token(&agent);
+    assert_eq!(got.status.code(), Some(69), "{}", stderr(&got));
+    assert!(
+        stderr(&got).contains("did not answer within") && stderr(&got).contains("not sent again"),
+        "{}",
+        stderr(&got)
+    );
+    // Vault made the token at once; only its answer is held back.
+    assert_eq!(live_tokens_of(&bao, "late-1").len(), 1, "one token was created (the request was sent once)");
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || live_tokens_of(&bao, "late-1").is_empty()),
+        "the token Vault answered late is still alive"
+    );
+    assert_eq!(proxy.hits(), 1, "the request was sent again");
+    // The failure is in the log; nothing was granted.
+    let events = broker.events();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Denial { reason, .. } if reason.contains("did not answer within"))));
+    assert!(!events.iter().any(|e| matches!(e, Event::Grant { kind, .. } if kind == "vault-token")));
+
+    // With Vault answering in time again, tokens are granted as before.
+    proxy.set(Fault::default());
+    let got = get_token(&agent);
+    assert!(got.status.success(), "{}", stderr(&got));
+    assert_eq!(live_tokens_of(&bao, "late-1").len(), 1);
+}
+
+/// Review defect 16: an answer the client could not parse was taken for an
+/// outage and retried, and each attempt left a token behind. Now it is an
+/// internal error, sent once, and the token it names is revoked.
+#[test]
+fn a_token_answer_the_broker_cannot_use_is_revoked_and_not_retried() {
+    let bao = OpenBao::start();
+    let (proxy, broker, agent) = behind_proxy(&bao, "odd-1");
+    proxy.set(Fault {
+        path: "auth/token/create-orphan".into(),
+        replace: vec![("\"client_token\"".into(), "\"client_tokeX\"".into())],
+        ..Fault::default()
+    });
+    let got = get_token(&agent);
+    assert!(!got.status.success());
+    let err = stderr(&got);
+    assert!(err.contains("INTERNAL") && err.contains("client_token is missing"), "{err}");
+    assert!(err.contains("what Vault created was revoked"), "{err}");
+    assert_eq!(proxy.hits(), 1, "an unusable answer was taken for an outage and retried");
+    assert!(live_tokens_of(&bao, "odd-1").is_empty(), "the token of an unusable answer is alive");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+}
+
+/// Defect 15 for dynamic secrets: a database user Vault creates after the
+/// broker's timeout is revoked, not left to the role's TTL.
+#[test]
+fn a_database_lease_vault_answers_after_the_timeout_is_revoked() {
+    let pg = Postgres::start();
+    let bao = OpenBao::start();
+    setup_database(&bao, &pg);
+    let (proxy, _broker, agent) = behind_proxy(&bao, "late-db");
+    proxy.set(Fault {
+        path: "database/creds/readonly".into(),
+        delay: std::time::Duration::from_secs(8),
+        ..Fault::default()
+    });
+    let leases = || {
+        bao.api_as(
+            grantline_tests::openbao::ROOT_TOKEN,
+            "GET",
+            "sys/leases/lookup/database/creds/readonly?list=true",
+            None,
+        )
+        .map(|l| l["data"]["keys"].as_array().map_or(0, Vec::len))
+        .unwrap_or(0) // 404: no lease under the prefix
+    };
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
+    assert_eq!(got.status.code(), Some(69), "{}", stderr(&got));
+    assert_eq!(leases(), 1, "Vault made one database user (the read was sent once)");
+    assert!(eventually(std::time::Duration::from_secs(30), || leases() == 0), "the late lease is still alive");
+    assert_eq!(proxy.hits(), 1);
 }

@@ -8,6 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use grantline_proto::audit::event::vault_fingerprint;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
@@ -23,10 +26,18 @@ const ATTEMPTS: u32 = 3;
 /// policy does not cover) never spends AppRole secret_id uses.
 const RELOGIN_EVERY: Duration = Duration::from_secs(30);
 
+/// How long the answer to a call sent once is still awaited after the
+/// broker stopped waiting for it, so that what Vault created late is revoked.
+pub const LATE_ANSWER_WINDOW: Duration = Duration::from_secs(120);
+
+/// Calls whose late answers are awaited at once; beyond this (Vault hanging
+/// under load) a late request is abandoned, and logged as such.
+const MAX_LATE_ANSWERS: usize = 256;
+
 /// Whether a call may be sent again after a failure that might have come
 /// after Vault acted on it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Retry {
+enum Retry {
     /// Signing, reading, revoking: sending it twice does no harm.
     Idempotent,
     /// Creating a token or reading a dynamic secret: each attempt may mint a
@@ -41,6 +52,51 @@ pub struct Vault {
     login_lock: tokio::sync::Mutex<()>,
     /// When a refusal last made the broker log in again.
     relogged_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Bounds the requests awaited after their caller gave up.
+    late_answers: Arc<Semaphore>,
+}
+
+/// A credential Vault minted, named so it can be revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Minted {
+    Token { accessor: String },
+    Lease { lease_id: String },
+}
+
+/// A minting request still in flight. Dropped before its answer (timeout,
+/// or the caller went away), it hands the request to a task that awaits
+/// the answer and revokes what it names.
+struct LateAnswer<T: Send + 'static> {
+    task: Option<JoinHandle<Result<T, ClientError>>>,
+    vault: Arc<Vault>,
+    what: &'static str,
+    minted: fn(&T) -> Option<Minted>,
+}
+
+impl<T: Send + 'static> Drop for LateAnswer<T> {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        let (Ok(runtime), Ok(permit)) =
+            (tokio::runtime::Handle::try_current(), self.vault.late_answers.clone().try_acquire_owned())
+        else {
+            task.abort();
+            tracing::error!(
+                what = self.what,
+                "too many Vault requests are awaited after their timeout; abandoning one (what Vault created for \
+                 it, if anything, lives until its Vault TTL)"
+            );
+            return;
+        };
+        let (vault, what, minted) = (self.vault.clone(), self.what, self.minted);
+        runtime.spawn(async move {
+            let _permit = permit;
+            if let Ok(Ok(answer)) = task.await {
+                if let Some(m) = minted(&answer) {
+                    vault.withdraw(&m, what).await;
+                }
+            }
+        });
+    }
 }
 
 impl Vault {
@@ -53,6 +109,7 @@ impl Vault {
             client: RwLock::new(Arc::new(client)),
             login_lock: tokio::sync::Mutex::new(()),
             relogged_at: std::sync::Mutex::new(None),
+            late_answers: Arc::new(Semaphore::new(MAX_LATE_ANSWERS)),
         }))
     }
 
@@ -117,14 +174,66 @@ impl Vault {
         self.attempt(fut).await.map_err(classify)
     }
 
-    /// Runs `op` against Vault: logs in first if needed, retries what can
-    /// pass (connection errors, timeouts, 5xx, sealed) with backoff when
-    /// `retry` allows, and handles a refusal (403) by asking Vault whether the
-    /// broker's own token is still good: only then does it log in again.
-    pub async fn call<T, F, Fut>(&self, what: &str, retry: Retry, op: F) -> Result<T, IssueError>
+    /// Runs a call that cannot mint anything (signing, reading, revoking)
+    /// against Vault: logs in first if needed, retries what can pass
+    /// (connection errors, timeouts, 5xx, sealed) with backoff, and handles
+    /// a refusal (403) by asking Vault whether the broker's own token is
+    /// still good: only then does it log in again.
+    pub async fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, IssueError>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
+    {
+        self.drive(what, Retry::Idempotent, |c| self.attempt(op(c))).await
+    }
+
+    /// Runs a call that may mint a credential (creating a token, reading a
+    /// dynamic secret). It is sent once. If Vault has not answered within the
+    /// timeout, the caller is told so, and the request goes on waiting in the
+    /// background for up to [`LATE_ANSWER_WINDOW`]: whatever Vault created,
+    /// named by `minted`, is then revoked, never left to its Vault TTL. The
+    /// same happens if the caller stops waiting (its connection went away).
+    pub async fn call_minting<T, F, Fut>(
+        self: &Arc<Self>,
+        what: &'static str,
+        op: F,
+        minted: fn(&T) -> Option<Minted>,
+    ) -> Result<T, IssueError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.drive(what, Retry::Once, |c| self.attempt_withdrawing_late(what, op(c), minted)).await
+    }
+
+    async fn attempt_withdrawing_late<T: Send + 'static>(
+        self: &Arc<Self>,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, ClientError>> + Send + 'static,
+        minted: fn(&T) -> Option<Minted>,
+    ) -> Result<T, Failure> {
+        let mut pending = LateAnswer { task: Some(tokio::spawn(fut)), vault: self.clone(), what, minted };
+        let task = pending.task.as_mut().unwrap_or_else(|| unreachable!("just set"));
+        match tokio::time::timeout(self.config.timeout, task).await {
+            // Dropping `pending` hands the request to a withdrawing task.
+            Err(_) => Err(Failure::Timeout(self.config.timeout)),
+            Ok(joined) => {
+                pending.task = None;
+                match joined {
+                    Ok(r) => r.map_err(Failure::Vault),
+                    Err(e) => Err(Failure::Lost(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// The loop shared by both kinds of call: login, the 403 rule, and
+    /// retries where `retry` allows them.
+    async fn drive<T, S, Fut>(&self, what: &str, retry: Retry, send: S) -> Result<T, IssueError>
+    where
+        S: Fn(Arc<VaultClient>) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
     {
         if !self.has_token() {
             self.ensure_logged_in().await.map_err(|e| in_context("logging in to Vault", e))?;
@@ -133,11 +242,12 @@ impl Vault {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let failure = match self.attempt(op(self.client())).await {
+            let failure = match send(self.client()).await {
                 Ok(v) => return Ok(v),
                 Err(f) => f,
             };
             match failure {
+                // A refusal: Vault did nothing, so sending again is safe.
                 Failure::Vault(ClientError::APIError { code: 403, errors }) if !relogged => {
                     relogged = true;
                     if !self.relogin_if_token_invalid(what).await? {
@@ -153,7 +263,8 @@ impl Vault {
                     metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
                     return Err(IssueError::Unavailable(format!(
                         "{what}: Vault did not answer within {t:?}; not sent again, since Vault may have acted on \
-                         it (what it created is unknown to the broker and ends at the Vault role's TTL)"
+                         it: the broker revokes whatever Vault answers within the next {}s",
+                        LATE_ANSWER_WINDOW.as_secs()
                     )));
                 }
                 f => match classify(f) {
@@ -166,6 +277,26 @@ impl Vault {
                     }
                 },
             }
+        }
+    }
+
+    /// Revokes a credential Vault minted that no node will ever receive.
+    pub async fn withdraw(&self, minted: &Minted, what: &str) {
+        let (result, fingerprint) = match minted {
+            Minted::Token { accessor } => {
+                (self.revoke_accessor(accessor).await, vault_fingerprint("token-accessor", accessor))
+            }
+            Minted::Lease { lease_id } => (self.revoke_lease(lease_id).await, vault_fingerprint("lease", lease_id)),
+        };
+        match result {
+            Ok(()) => {
+                metrics::counter!("grantline_vault_withdrawn_total", "op" => what.to_owned()).increment(1);
+                tracing::warn!(what, %fingerprint, "revoked a Vault credential that was never delivered");
+            }
+            Err(e) => tracing::error!(
+                what, %fingerprint, error = %e,
+                "cannot revoke a Vault credential that was never delivered; it lives until its Vault TTL"
+            ),
         }
     }
 
@@ -239,7 +370,7 @@ impl Vault {
     }
 
     pub async fn revoke_lease(&self, lease_id: &str) -> Result<(), IssueError> {
-        self.call("revoking a lease", Retry::Idempotent, |c| {
+        self.call("revoking a lease", |c| {
             let e = RevokeLease { lease_id: lease_id.to_owned() };
             async move { vaultrs::api::exec_with_empty(&*c, e).await }
         })
@@ -249,7 +380,7 @@ impl Vault {
     /// Sets a lease's TTL to `increment` from now; returns the TTL Vault granted.
     pub async fn renew_lease(&self, lease_id: &str, increment: Duration) -> Result<Duration, IssueError> {
         let r = self
-            .call("capping a lease", Retry::Idempotent, |c| {
+            .call("capping a lease", |c| {
                 let e = RenewLease { lease_id: lease_id.to_owned(), increment_secs: increment.as_secs() };
                 async move { vaultrs::api::exec_with_no_result(&*c, e).await }
             })
@@ -258,16 +389,16 @@ impl Vault {
     }
 
     pub async fn revoke_accessor(&self, accessor: &str) -> Result<(), IssueError> {
-        self.call("revoking a token", Retry::Idempotent, |c| async move {
-            vaultrs::token::revoke_accessor(&*c, accessor).await
-        })
-        .await
+        self.call("revoking a token", |c| async move { vaultrs::token::revoke_accessor(&*c, accessor).await }).await
     }
 }
 
 fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient> {
     let mut b = VaultClientSettingsBuilder::default();
-    b.address(&config.address).token(token).timeout(Some(config.timeout));
+    // Each call's own deadline is `config.timeout` (see `attempt`); the
+    // HTTP client's is the longer window in which a minting call's late
+    // answer is still read, so what it created can be revoked.
+    b.address(&config.address).token(token).timeout(Some(config.timeout.max(LATE_ANSWER_WINDOW)));
     if let Some(ca) = &config.ca_file {
         b.ca_certs(vec![ca.display().to_string()]);
     }
@@ -278,6 +409,8 @@ fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient> {
 enum Failure {
     Timeout(Duration),
     Vault(ClientError),
+    /// The task carrying the request ended without an answer.
+    Lost(String),
 }
 
 /// Sorts Vault failures into what the agent should do about them.
@@ -304,6 +437,7 @@ fn classify(f: Failure) -> IssueError {
             IssueError::Unavailable(format!("cannot reach Vault: {e}"))
         }
         Failure::Vault(other) => IssueError::Internal(format!("unexpected answer from Vault: {other}")),
+        Failure::Lost(e) => IssueError::Internal(format!("the request to Vault was lost: {e}")),
     }
 }
 

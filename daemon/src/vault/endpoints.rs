@@ -2,10 +2,14 @@
 //!
 //! vaultrs's database credential call returns only `data` and drops the
 //! `lease_id`; reading the path through [`LeasedRead`] keeps the whole response.
+//! Both calls that mint ([`LeasedRead`], [`CreateOrphanToken`]) return the
+//! answer as plain JSON, read field by field by the issuer: a typed parse
+//! that fails would lose the name of what Vault created, and with it the
+//! means to revoke it.
 
 use rustify::endpoint::Endpoint;
 use rustify::enums::{RequestMethod, RequestType, ResponseType};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use vaultrs::api::EndpointResult;
 
 /// `GET /v1/<path>` returning the full response, lease included.
@@ -14,7 +18,7 @@ pub struct LeasedRead {
 }
 
 impl Endpoint for LeasedRead {
-    type Response = EndpointResult<Map<String, Value>>;
+    type Response = Value;
     const REQUEST_BODY_TYPE: RequestType = RequestType::JSON;
     const RESPONSE_BODY_TYPE: ResponseType = ResponseType::JSON;
 
@@ -24,6 +28,30 @@ impl Endpoint for LeasedRead {
 
     fn method(&self) -> RequestMethod {
         RequestMethod::GET
+    }
+}
+
+/// `POST /v1/auth/token/create-orphan` with `body` (policies, TTLs, uses,
+/// metadata), returning the whole answer.
+pub struct CreateOrphanToken {
+    pub body: Value,
+}
+
+impl Endpoint for CreateOrphanToken {
+    type Response = Value;
+    const REQUEST_BODY_TYPE: RequestType = RequestType::JSON;
+    const RESPONSE_BODY_TYPE: ResponseType = ResponseType::JSON;
+
+    fn path(&self) -> String {
+        "auth/token/create-orphan".into()
+    }
+
+    fn method(&self) -> RequestMethod {
+        RequestMethod::POST
+    }
+
+    fn body(&self) -> Result<Option<Vec<u8>>, rustify::errors::ClientError> {
+        Ok(Some(serde_json::to_vec(&self.body).unwrap_or_default()))
     }
 }
 

@@ -11,7 +11,7 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignIntermediateRequest;
 
-use super::{Retry, Vault};
+use super::Vault;
 use crate::audit::AuditLog;
 use crate::issuer::embedded::{sign_leaf, unix};
 use crate::issuer::{IssueError, IssueFuture, Issuer, Order, What};
@@ -61,7 +61,7 @@ impl Intermediate {
         let ttl = format!("{}s", self.vault.config.intermediate_ttl.as_secs());
         let r = self
             .vault
-            .call("signing the intermediate", Retry::Idempotent, |c| {
+            .call("signing the intermediate", |c| {
                 let mut opts = SignIntermediateRequest::builder();
                 opts.ttl(ttl.clone()).max_path_length(0).use_csr_values(true);
                 let csr_pem = csr_pem.clone();

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use grantline_proto::audit::event::vault_fingerprint;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignCertificateRequest;
 use vaultrs::api::ssh::requests::SignSSHKeyRequest;
-use vaultrs::api::token::requests::CreateOrphanTokenRequest;
 
-use super::endpoints::LeasedRead;
-use super::{Retry, Vault};
+use super::endpoints::{CreateOrphanToken, LeasedRead};
+use super::{Minted, Vault};
 use crate::issuer::embedded::unix;
 use crate::issuer::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What};
 
@@ -32,7 +32,7 @@ impl VaultIssuer {
         let mount = &self.vault.config.pki_mount;
         let r =
             self.vault
-                .call("pki sign", Retry::Idempotent, |c| {
+                .call("pki sign", |c| {
                     let mut opts = SignCertificateRequest::builder();
                     opts.alt_names(dns.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
                         .ip_sans(ips.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
@@ -75,7 +75,7 @@ impl VaultIssuer {
         let mount = &self.vault.config.ssh_mount;
         let r = self
             .vault
-            .call("ssh sign", Retry::Idempotent, |c| {
+            .call("ssh sign", |c| {
                 let mut opts = SignSSHKeyRequest::builder();
                 opts.cert_type(if host { "host" } else { "user" })
                     .valid_principals(principals.join(","))
@@ -99,54 +99,69 @@ impl VaultIssuer {
 
     async fn token(&self, order: &Order, policies: &[String], num_uses: u32) -> Result<Issued, IssueError> {
         let ttl = format!("{}s", order.ttl.as_secs());
-        let auth = self
+        let body = serde_json::json!({
+            "policies": policies,
+            "ttl": ttl,
+            "explicit_max_ttl": ttl,
+            "num_uses": num_uses,
+            "no_default_policy": true,
+            "renewable": false,
+            "display_name": format!("grantline-{}", order.node),
+            "meta": { "node": order.node, "role": order.role },
+        });
+        let answer = self
             .vault
-            .call("token create", Retry::Once, |c| {
-                let mut opts = CreateOrphanTokenRequest::builder();
-                opts.policies(policies.to_vec())
-                    .ttl(ttl.clone())
-                    .explicit_max_ttl(ttl.clone())
-                    .num_uses(u64::from(num_uses))
-                    .no_default_policy(true)
-                    .renewable(false)
-                    .display_name(format!("grantline-{}", order.node))
-                    .meta(std::collections::HashMap::from([
-                        ("node".to_owned(), order.node.clone()),
-                        ("role".to_owned(), order.role.clone()),
-                    ]));
-                async move { vaultrs::token::new_orphan(&*c, Some(&mut opts)).await }
-            })
+            .call_minting(
+                "token create",
+                |c| {
+                    let e = CreateOrphanToken { body: body.clone() };
+                    async move { vaultrs::api::exec_with_no_result(&*c, e).await }
+                },
+                minted_token,
+            )
             .await?;
+        let token = match read_token_answer(&answer, policies) {
+            Ok(t) => t,
+            Err(why) => return Err(self.refuse_answer("token create", &answer, minted_token, why).await),
+        };
         let now = unix(SystemTime::now());
         Ok(Issued {
-            fingerprint: vault_fingerprint("token-accessor", &auth.accessor),
+            fingerprint: vault_fingerprint("token-accessor", &token.accessor),
             not_before: now,
-            not_after: now + i64::try_from(auth.lease_duration).unwrap_or(0),
-            vault_token: auth.client_token,
-            token_accessor: auth.accessor,
+            not_after: now + i64::try_from(token.lease_duration).unwrap_or(0),
+            vault_token: token.client_token,
+            token_accessor: token.accessor,
             ..Issued::default()
         })
     }
 
     async fn secret(&self, path: &str, ttl: Duration) -> Result<Issued, IssueError> {
-        let r = self
+        let answer = self
             .vault
-            .call("reading a leased secret", Retry::Once, |c| {
-                let e = LeasedRead { path: path.to_owned() };
-                async move { vaultrs::api::exec_with_no_result(&*c, e).await }
-            })
+            .call_minting(
+                "reading a leased secret",
+                |c| {
+                    let e = LeasedRead { path: path.to_owned() };
+                    async move { vaultrs::api::exec_with_no_result(&*c, e).await }
+                },
+                minted_lease,
+            )
             .await?;
-        if r.lease_id.is_empty() {
-            return Err(IssueError::BadRequest(format!("{path} is not a leased secret (Vault returned no lease)")));
-        }
-        let mut lease = Duration::from_secs(u64::from(r.lease_duration));
+        let leased = match read_lease_answer(&answer) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                return Err(IssueError::BadRequest(format!("{path} is not a leased secret (Vault returned no lease)")))
+            }
+            Err(why) => return Err(self.refuse_answer("reading a leased secret", &answer, minted_lease, why).await),
+        };
+        let mut lease = Duration::from_secs(leased.lease_duration);
         if lease > ttl {
             // Cap the lease at what policy allows; if Vault will not shorten
             // it, give the secret back rather than hand out more than allowed.
-            match self.vault.renew_lease(&r.lease_id, ttl).await {
+            match self.vault.renew_lease(&leased.lease_id, ttl).await {
                 Ok(granted) if granted <= ttl => lease = granted,
                 outcome => {
-                    let _ = self.vault.revoke_lease(&r.lease_id).await;
+                    let _ = self.vault.revoke_lease(&leased.lease_id).await;
                     let why = match outcome {
                         Ok(granted) => format!("Vault kept its TTL at {granted:?}"),
                         Err(e) => e.to_string(),
@@ -157,17 +172,107 @@ impl VaultIssuer {
                 }
             }
         }
-        let data = r.data.unwrap_or_default();
         let now = unix(SystemTime::now());
         Ok(Issued {
-            fingerprint: vault_fingerprint("lease", &r.lease_id),
+            fingerprint: vault_fingerprint("lease", &leased.lease_id),
             not_before: now,
             not_after: now + i64::try_from(lease.as_secs()).unwrap_or(0),
-            secret_json: serde_json::Value::Object(data).to_string(),
-            lease_id: r.lease_id,
+            secret_json: serde_json::Value::Object(leased.data).to_string(),
+            lease_id: leased.lease_id,
             ..Issued::default()
         })
     }
+
+    /// An answer the broker will not deliver: revokes what it names, and
+    /// says why, as an internal error (sending the request again would only
+    /// repeat it).
+    async fn refuse_answer(
+        &self,
+        what: &'static str,
+        answer: &Value,
+        minted: fn(&Value) -> Option<Minted>,
+        why: String,
+    ) -> IssueError {
+        let fate = match minted(answer) {
+            Some(m) => {
+                self.vault.withdraw(&m, what).await;
+                "what Vault created was revoked"
+            }
+            None => "the answer names nothing the broker could revoke",
+        };
+        IssueError::Internal(format!("{what}: Vault's answer is not usable ({why}); {fate}"))
+    }
+}
+
+/// The token named in an answer to `auth/token/create-orphan`.
+fn minted_token(answer: &Value) -> Option<Minted> {
+    let accessor = answer.pointer("/auth/accessor")?.as_str()?;
+    (!accessor.is_empty()).then(|| Minted::Token { accessor: accessor.to_owned() })
+}
+
+/// The lease named in an answer to a leased read.
+fn minted_lease(answer: &Value) -> Option<Minted> {
+    let lease_id = answer.get("lease_id")?.as_str()?;
+    (!lease_id.is_empty()).then(|| Minted::Lease { lease_id: lease_id.to_owned() })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct CreatedToken {
+    client_token: String,
+    accessor: String,
+    lease_duration: u64,
+}
+
+/// Reads a token creation's answer. The token must carry policies, and only
+/// those asked for: a token without any (Vault answers one for a request of
+/// `default` alone under `no_default_policy`) or with more is not delivered.
+fn read_token_answer(answer: &Value, asked: &[String]) -> Result<CreatedToken, String> {
+    let auth = answer.get("auth").filter(|a| a.is_object()).ok_or("it has no auth object")?;
+    let text = |field: &str| {
+        auth.get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or(format!("auth.{field} is missing"))
+    };
+    let (client_token, accessor) = (text("client_token")?, text("accessor")?);
+    let lease_duration =
+        auth.get("lease_duration").and_then(Value::as_u64).ok_or("auth.lease_duration is not a number")?;
+    let policies: Vec<&str> = match auth.get("policies") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => {
+            list.iter().map(|p| p.as_str().ok_or("auth.policies holds a non-string")).collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err("auth.policies is not a list".into()),
+    };
+    if policies.is_empty() {
+        return Err("the token has no policies".into());
+    }
+    if let Some(extra) = policies.iter().find(|p| !asked.iter().any(|a| a == *p)) {
+        return Err(format!("the token carries policy {extra:?}, which was not asked for"));
+    }
+    Ok(CreatedToken { client_token, accessor, lease_duration })
+}
+
+struct LeasedSecret {
+    lease_id: String,
+    lease_duration: u64,
+    data: Map<String, Value>,
+}
+
+/// Reads a leased read's answer; `None` when the path is not leased.
+fn read_lease_answer(answer: &Value) -> Result<Option<LeasedSecret>, String> {
+    if minted_lease(answer).is_none() {
+        return Ok(None);
+    }
+    let lease_id = answer["lease_id"].as_str().unwrap_or_default().to_owned();
+    let lease_duration =
+        answer.get("lease_duration").and_then(Value::as_u64).ok_or("lease_duration is not a number")?;
+    let data = match answer.get("data") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => return Err("it has no data object".into()),
+    };
+    Ok(Some(LeasedSecret { lease_id, lease_duration, data }))
 }
 
 impl Issuer for VaultIssuer {
@@ -180,5 +285,68 @@ impl Issuer for VaultIssuer {
                 What::Secret { path } => self.secret(path, order.ttl).await,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn answer(auth: Value) -> Value {
+        json!({ "request_id": "r", "auth": auth })
+    }
+
+    fn asked() -> Vec<String> {
+        vec!["app-read".to_owned()]
+    }
+
+    #[test]
+    fn a_complete_token_answer_is_read() {
+        let a = answer(json!({ "client_token": "t", "accessor": "a", "lease_duration": 60, "policies": ["app-read"] }));
+        let t = read_token_answer(&a, &asked()).unwrap();
+        assert_eq!(t, CreatedToken { client_token: "t".into(), accessor: "a".into(), lease_duration: 60 });
+    }
+
+    #[test]
+    fn a_token_answer_that_cannot_be_delivered_still_names_the_token_to_revoke() {
+        let cases = [
+            // What Vault answers for `default` alone under no_default_policy.
+            (json!({ "client_token": "t", "accessor": "a", "lease_duration": 60, "policies": null }), "no policies"),
+            (json!({ "client_token": "t", "accessor": "a", "lease_duration": 60, "policies": [] }), "no policies"),
+            (
+                json!({ "client_token": "t", "accessor": "a", "lease_duration": 60, "policies": ["app-read", "root"] }),
+                "\"root\", which was not asked for",
+            ),
+            (json!({ "accessor": "a", "lease_duration": 60, "policies": ["app-read"] }), "client_token is missing"),
+            (
+                json!({ "client_token": "t", "accessor": "a", "lease_duration": "60", "policies": ["app-read"] }),
+                "lease_duration",
+            ),
+            (
+                json!({ "client_token": "t", "accessor": "a", "lease_duration": 60, "policies": "app-read" }),
+                "not a list",
+            ),
+        ];
+        for (auth, why) in cases {
+            let a = answer(auth);
+            let err = read_token_answer(&a, &asked()).unwrap_err();
+            assert!(err.contains(why), "{err:?} should say {why:?}");
+            assert_eq!(minted_token(&a), Some(Minted::Token { accessor: "a".into() }));
+        }
+        assert!(read_token_answer(&json!({ "data": {} }), &asked()).unwrap_err().contains("no auth"));
+        assert_eq!(minted_token(&json!({ "auth": { "accessor": "" } })), None);
+    }
+
+    #[test]
+    fn lease_answers_are_read_or_name_the_lease_to_revoke() {
+        let good = json!({ "lease_id": "database/creds/ro/x", "lease_duration": 300, "data": { "username": "u" } });
+        let l = read_lease_answer(&good).unwrap().unwrap();
+        assert_eq!((l.lease_id.as_str(), l.lease_duration), ("database/creds/ro/x", 300));
+        assert!(read_lease_answer(&json!({ "lease_id": "", "data": {} })).unwrap().is_none(), "not leased");
+        let bad = json!({ "lease_id": "database/creds/ro/x", "lease_duration": 300, "data": "u" });
+        assert!(read_lease_answer(&bad).is_err());
+        assert_eq!(minted_lease(&bad), Some(Minted::Lease { lease_id: "database/creds/ro/x".into() }));
     }
 }

@@ -9,7 +9,7 @@ mod endpoints;
 mod intermediate;
 mod issuer;
 
-pub use client::{Retry, Vault};
+pub use client::{Minted, Vault};
 pub use config::{VaultConfig, X509Mode};
 pub use intermediate::Intermediate;
 pub use issuer::VaultIssuer;
