@@ -220,3 +220,76 @@ print(json.dumps({"token": token.token, "expires": token.expires_at_unix,
     let nodes = json_of(&broker.admin(&["nodes", "list", "--json"]));
     assert_eq!(nodes[0]["labels"]["team"], "py", "{nodes}");
 }
+
+/// Connects to `admin_socket` as uid/gid 65534 with `groups` (setpriv's
+/// form: `--groups=4` or `--clear-groups`), then hands the connection to a
+/// child and exits: the child relays it to a new socket, returned, which
+/// anyone may use. The broker sees the credentials of the process that
+/// connected, which no longer exists.
+fn relay_connection_of_a_gone_process(admin_socket: &std::path::Path, groups: &str) -> tempfile::TempDir {
+    const RELAY: &str = r#"
+import os, select, socket, sys
+up = socket.socket(socket.AF_UNIX)
+up.connect(sys.argv[1])
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(sys.argv[2])
+os.chmod(sys.argv[2], 0o777)
+srv.listen(1)
+if os.fork():
+    os._exit(0)  # the process that connected is gone
+srv.settimeout(60)
+conn, _ = srv.accept()
+while True:
+    ready, _, _ = select.select([up, conn], [], [], 60)
+    if not ready:
+        break
+    for s in ready:
+        data = s.recv(65536)
+        if not data:
+            sys.exit(0)
+        (conn if s is up else up).sendall(data)
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let connected = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", groups, "--", "/usr/bin/python3", "-c", RELAY])
+        .arg(admin_socket)
+        .arg(dir.path().join("relay.sock"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(connected.success(), "the relay did not start");
+    dir
+}
+
+/// The admin API once read a caller's supplementary groups from
+/// /proc/PID/status when a request came in, so it judged whatever process
+/// held the pid by then: a process gone since (its pid free for reuse by a
+/// member of the admin group) had no groups at all. It now judges the
+/// groups the kernel recorded at connect() (SO_PEERGROUPS).
+#[test]
+fn admin_callers_are_judged_by_the_groups_they_connected_with_not_by_their_pid_later() {
+    let broker = Broker::start_config(
+        POLICY,
+        "[admin]\nsocket = \"{dir}/admin.sock\"\nsocket_mode = \"0666\"\ngroup = \"adm\"\n[metrics]\nenabled = false\n",
+    );
+    std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let list_through = |relay: &tempfile::TempDir| {
+        Command::new(bin("grantline"))
+            .args(["nodes", "list", "--socket"])
+            .arg(relay.path().join("relay.sock"))
+            .output()
+            .unwrap()
+    };
+    // A member of `adm` (gid 4 on Debian) connected; it is gone, its
+    // connection is used by another process.
+    let member = relay_connection_of_a_gone_process(&broker.admin_socket(), "--groups=4");
+    let got = list_through(&member);
+    assert!(got.status.success(), "a member of the admin group was refused: {}", stderr(&got));
+    // Someone outside the group connected: refused, whoever holds its pid.
+    let outsider = relay_connection_of_a_gone_process(&broker.admin_socket(), "--clear-groups");
+    let got = list_through(&outsider);
+    assert_eq!(got.status.code(), Some(77), "{}", stderr(&got));
+    assert!(stderr(&got).contains("uid 65534 may not use the admin API"), "{}", stderr(&got));
+}

@@ -18,8 +18,9 @@ use grantline_proto::admin::{self as api};
 use grantline_proto::audit::event::{excerpt, CallerInfo};
 use grantline_proto::audit::{Entry, Event};
 use tokio::net::UnixListener;
+
+use super::admin_peer::{AdminPeer, AdminStream};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::handler::now_unix;
@@ -82,7 +83,9 @@ pub(crate) async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let service = AdminService { shared, admin_gid };
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
+        conn.map(AdminStream::new)
+    });
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(AdminServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -97,30 +100,20 @@ struct AdminService {
     admin_gid: Option<u32>,
 }
 
-/// The caller's supplementary groups, from /proc (SO_PEERCRED carries only
-/// the primary group).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
 impl AdminService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<CallerInfo, Status> {
-        let cred =
-            req.extensions().get::<UdsConnectInfo>().and_then(|i| i.peer_cred).ok_or_else(|| {
-                Status::permission_denied("the admin API answers only local callers on its Unix socket")
-            })?;
+        let peer = req.extensions().get::<AdminPeer>();
+        let cred = peer
+            .and_then(|p| p.uds.peer_cred)
+            .ok_or_else(|| Status::permission_denied("the admin API answers only local callers on its Unix socket"))?;
+        let groups = peer.map(|p| &*p.groups).unwrap_or_default();
         let pid = cred.pid().unwrap_or(0);
         let (uid, gid) = (cred.uid(), cred.gid());
         let admin_group = |g: u32| self.admin_gid == Some(g);
         let allowed = uid == 0
             || uid == nix::unistd::geteuid().as_raw()
             || admin_group(gid)
-            || (self.admin_gid.is_some() && supplementary_groups(pid).into_iter().any(admin_group));
+            || groups.iter().copied().any(admin_group);
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
         let caller = CallerInfo { uid, gid, pid: u32::try_from(pid).unwrap_or(0), exe, unit: String::new() };
         if !allowed {

@@ -1,6 +1,7 @@
 //! The broker: QUIC listener, connection and stream handling, shutdown.
 
 pub mod admin;
+mod admin_peer;
 pub mod admission;
 pub(crate) mod anonymous;
 mod handler;
