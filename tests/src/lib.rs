@@ -7,6 +7,7 @@
 pub mod load;
 pub mod openbao;
 pub mod postgres;
+pub mod quic_peer;
 pub mod raw;
 pub mod sshd;
 pub mod vault_proxy;

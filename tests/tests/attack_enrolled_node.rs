@@ -172,3 +172,95 @@ fn a_replaced_identity_cannot_renew_once_its_successor_is_in_use() {
         assert_eq!(code, wire::ErrorCode::Unauthenticated, "{msg}");
     });
 }
+
+/// With an independent QUIC client (aioquic), the holder of a node's key
+/// resumes the node's TLS session: the broker's tickets allow no 0-RTT data
+/// (a request in it could be replayed by anyone who captured it, minting
+/// twice), a resumed session's request waits for the handshake, and once the
+/// node is revoked, resuming a session from before the revocation does not
+/// bring it back: the connection is closed, the renewal never served.
+#[test]
+fn resumed_sessions_carry_no_0rtt_and_do_not_outlive_a_revocation() {
+    use grantline_tests::quic_peer;
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "resumer");
+    let (host, port) = quic_peer::host_port(&broker.addr);
+    let ca = broker.path("ca.pem");
+    let ticket = tempfile::tempdir().unwrap();
+    let ticket = ticket.path().join("ticket");
+    let state = agent.dir.path();
+    let args = |mode: &'static str, payload: String| {
+        [
+            mode.to_owned(),
+            host.clone(),
+            port.clone(),
+            ca.display().to_string(),
+            state.join("node.pem").display().to_string(),
+            state.join("node.key").display().to_string(),
+            ticket.display().to_string(),
+            payload,
+        ]
+    };
+    let run = |a: [String; 8]| quic_peer::run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let empty = hex::encode(frame::encode(&wire::Request { body: None }));
+    let answered = |v: &serde_json::Value| {
+        let reply = hex::decode(v["reply"].as_str().unwrap_or_default()).unwrap();
+        !reply.is_empty() && frame::decode::<wire::Response>(&reply).is_ok()
+    };
+
+    let first = run(args("ticket", empty.clone()));
+    assert!(answered(&first), "{first}");
+    assert!(first["max_early_data_size"].as_u64().unwrap_or(0) == 0, "the ticket allows 0-RTT: {first}");
+    let resumed = run(args("resume", empty));
+    assert_eq!(resumed["resumed"], true, "{resumed}");
+    assert_eq!(resumed["early_data_accepted"], false, "{resumed}");
+    assert!(answered(&resumed), "a resumed session's request was not served: {resumed}");
+
+    let revoke = broker.admin(&["nodes", "revoke", "resumer", "--reason", "key stolen"]);
+    assert!(revoke.status.success(), "{}", stderr(&revoke));
+    let after = run(args("resume", hex::encode(renewal())));
+    assert!(!answered(&after), "a revoked node's resumed session was served: {after}");
+    let reason = after["closed"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("has been revoked"), "{after}");
+    let renewals = broker
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, grantline_proto::audit::Event::IdentityRenewal { .. }))
+        .count();
+    assert_eq!(renewals, 0, "a renewal was served to a revoked node");
+}
+
+/// A node (or the holder of its key) holds at most 8 connections: each costs
+/// the broker memory, and one node must not crowd out the others. The ones
+/// past the limit are closed with the reason; those within it are served.
+#[test]
+fn a_node_cannot_hold_more_than_eight_connections() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "hoarder");
+    let ca = std::fs::read_to_string(broker.path("ca.pem")).unwrap();
+    let identity = node_identity(agent.dir.path());
+    let empty = frame::encode(&wire::Request { body: None });
+    runtime().block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..12 {
+            conns.push(connect(&broker.addr, client_config(&ca, Some(identity.clone()))).await.unwrap());
+        }
+        let (mut served, mut refused) = (0, 0);
+        for conn in &conns {
+            let (code, msg) = grantline_tests::raw::refusal_of(conn, &empty).await;
+            if msg.contains("already holds 8 connections") {
+                refused += 1;
+            } else {
+                assert_eq!(code, wire::ErrorCode::BadRequest, "{msg}");
+                served += 1;
+            }
+        }
+        // The agent holds one of the eight itself.
+        assert!(served <= 8 && refused >= 4, "{served} served, {refused} refused");
+        drop(conns);
+    });
+    // The node's own agent is not the one shut out.
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["x509", "--role", "dev", "--san", "a.example.com", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+}

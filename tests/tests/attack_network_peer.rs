@@ -66,3 +66,38 @@ fn certificate_less_connections_are_capped_and_short_lived() {
     let (_, out) = Agent::enroll_with(&broker, &token, "after-flood");
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The same rows through an independent QUIC implementation (aioquic), with
+/// frames no Grantline client builds: a truncated varint length, a length
+/// past the limit, a length that disagrees with the bytes, and protobuf
+/// garbage. The first is answered with an error naming the fault, the
+/// connection then closed with the reason; the broker serves agents after.
+#[test]
+fn an_independent_quic_client_sending_malformed_frames_gets_errors_and_nothing_else() {
+    use grantline_tests::quic_peer;
+    let broker = Broker::start();
+    let (host, port) = quic_peer::host_port(&broker.addr);
+    let ca = broker.path("ca.pem").display().to_string();
+    let cases: [(&str, &str); 4] = [
+        ("ff", "bad length prefix"),
+        ("ffff0f", "frame too large"),
+        ("0a0102", "declares 10 bytes but 2 follow"),
+        ("03ffffff", "not a valid Request"),
+    ];
+    for (frame_hex, says) in cases {
+        let v = quic_peer::run(&["frames", &host, &port, &ca, frame_hex, "00"]);
+        let reply = hex::decode(v["exchanges"][0]["reply"].as_str().unwrap_or_default()).unwrap();
+        let reply: wire::Response = frame::decode(&reply).unwrap_or_else(|e| panic!("{frame_hex}: {e}: {v}"));
+        let Some(wire::response::Body::Error(e)) = reply.body else { panic!("{frame_hex}: not an error: {v}") };
+        assert!(e.message.contains(says), "{frame_hex}: {:?} should say {says:?}", e.message);
+        // The second request on the connection is not served.
+        let second = v["exchanges"][1]["reply"].as_str().unwrap_or_default();
+        assert!(second.is_empty(), "{frame_hex}: a second request was served: {v}");
+        let closed = v["closed"]["reason"].as_str().unwrap_or_default();
+        assert!(closed.contains("one request per connection"), "{frame_hex}: {v}");
+    }
+    let agent = Agent::start(&broker, "after-garbage");
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["x509", "--role", "dev", "--san", "a.example.com", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", stderr(&got));
+}
