@@ -174,3 +174,41 @@ fn an_agent_whose_identity_expired_while_the_broker_was_down_re_enrolls_with_a_t
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
 }
+
+/// Review defect 9: renewal was due at half-life from `not_before`, which is
+/// backdated 60 s, so a credential of 60 s or less was due the moment it
+/// arrived and the agent renewed (and reloaded) in a tight loop: 1,124
+/// grants in 10 s. Renewal is now timed from receipt with a 5 s floor, and
+/// the agent warns that such a TTL is too short.
+#[test]
+fn a_short_lived_sink_is_renewed_at_the_floor_not_in_a_loop() {
+    let broker = Broker::start();
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path().display();
+    let config = format!(
+        r#"
+[[sink]]
+name = "short"
+kind = "x509"
+role = "dev"
+ttl = "2s"
+sans = ["short-1.example.com"]
+cert = "{d}/cert.pem"
+key = "{d}/key.pem"
+reload = "echo reloaded >> {d}/reloads"
+"#
+    );
+    let mut agent = agent_with_config(&broker, "short-1", &config);
+    agent.wait_line("grantline-agent sink short written");
+    let first = std::time::Instant::now();
+    agent.wait_line("grantline-agent sink short written");
+    agent.wait_line("grantline-agent sink short written");
+    let two_renewals = first.elapsed();
+    assert!(
+        two_renewals >= std::time::Duration::from_secs(9),
+        "two renewals of a 2 s credential took {two_renewals:?}, under twice the 5 s floor"
+    );
+    let grants =
+        broker.events().into_iter().filter(|e| matches!(e, Event::Grant { kind, .. } if kind == "x509")).count();
+    assert!(grants <= 4, "{grants} grants for three writes");
+}
