@@ -211,6 +211,13 @@ pub fn reconnect_wait(attempt: u32, retry_after: Duration, spread: Duration, uni
     }
 }
 
+/// A connection that lived this long resets the reconnection backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// The backoff step at which a shut-out identity retries: waits of up to
+/// the 30 s cap.
+const SHUT_OUT_ATTEMPT: u32 = 8;
+
 async fn maintain_connection(agent: Arc<Agent>) {
     let mut attempt = 0u32;
     loop {
@@ -222,12 +229,18 @@ async fn maintain_connection(agent: Arc<Agent>) {
         }
         match connect(&agent).await {
             Ok(conn) => {
-                attempt = 0;
+                let connected_at = tokio::time::Instant::now();
                 agent.conn.send_replace(Some(conn.clone()));
                 announce(&format!("grantline-agent connected to {}", agent.config.broker));
                 tokio::select! {
                     reason = conn.closed() => {
                         agent.conn.send_replace(None);
+                        // Only a connection that lasted starts the backoff
+                        // afresh: one the broker closes at once (an identity
+                        // it no longer takes) must not be retried at once.
+                        if connected_at.elapsed() >= STABLE_CONNECTION {
+                            attempt = 0;
+                        }
                         match close_reason(&reason) {
                             Some(e) if e.code == ErrorCode::Revoked as i32 => {
                                 agent.revoked.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -236,6 +249,18 @@ async fn maintain_connection(agent: Arc<Agent>) {
                                 // Only an admin can undo this: re-enrolling
                                 // as another node takes a new join token.
                                 return std::future::pending().await;
+                            }
+                            Some(e) if e.code == ErrorCode::Unauthenticated as i32 => {
+                                // This identity no longer speaks for the node
+                                // (it was enrolled again elsewhere, or the
+                                // broker does not know it): only a new
+                                // enrollment helps, so ask for one, slowly.
+                                tracing::error!(
+                                    reason = %e.message,
+                                    "the broker no longer accepts this node's identity; enroll again with a new join token"
+                                );
+                                announce(&format!("grantline-agent shut out: {}", e.message));
+                                attempt = attempt.max(SHUT_OUT_ATTEMPT);
                             }
                             Some(e) => {
                                 tracing::warn!(reason = %e, "the broker closed the connection; reconnecting");

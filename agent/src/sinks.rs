@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grantline_proto::files::write_owned;
+use grantline_proto::files::stage_owned;
 use grantline_proto::wire::{self, CredentialKind};
 use rand::Rng;
 
@@ -59,9 +59,16 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
                 }
             }
         };
-        if let Err(e) = write_files(&sink, &got.files) {
-            tracing::error!(sink = %sink.name, error = %format!("{e:#}"), "cannot write a sink");
-            tokio::time::sleep(Duration::from_secs(10)).await;
+        let at = renew_at(got.received, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0, now());
+        if !write_until(&sink, &got, at).await {
+            // Never put in place: give its lease back rather than leave it
+            // to its TTL, and obtain a fresh one (no sooner than renewal
+            // would have: a sink that cannot be written is not a loop).
+            if !got.lease_id.is_empty() {
+                if let Err(e) = agent.release(&got.lease_id).await {
+                    tracing::warn!(sink = %sink.name, error = %e, "cannot release an unwritten lease; it ends at its TTL");
+                }
+            }
             continue;
         }
         say(&format!("grantline-agent sink {} written, valid until {}", sink.name, rfc3339(got.not_after)));
@@ -78,19 +85,52 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
         if lifetime < MIN_USEFUL_LIFETIME {
             tracing::warn!(sink = %sink.name, lifetime_s = lifetime, "the credential lives too short to be renewed reliably (under {MIN_USEFUL_LIFETIME} s); raise the sink's ttl or the policy's max_ttl");
         }
-        let at = renew_at(got.received, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0, now());
         tokio::time::sleep(Duration::from_secs(u64::try_from(at - now()).unwrap_or(0))).await;
     }
 }
 
+/// Writes the sink's files, retrying the same credential with backoff
+/// (1 s doubling to 60 s) while it is not yet due for renewal at `due`;
+/// whether they were written. A write failure (a full disk, a directory
+/// where a file goes) never mints a new credential per retry.
+async fn write_until(sink: &Sink, got: &Obtained, due: i64) -> bool {
+    let mut attempt = 0u32;
+    loop {
+        let e = match write_files(sink, &got.files) {
+            Ok(()) => return true,
+            Err(e) => e,
+        };
+        let wait = backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), rand::thread_rng().gen())
+            .max(Duration::from_millis(500));
+        let give_up = now().saturating_add(i64::try_from(wait.as_secs()).unwrap_or(i64::MAX)) >= due;
+        tracing::error!(sink = %sink.name, error = %format!("{e:#}"), retry_in = ?wait, give_up, "cannot write a sink; the files in place are unchanged");
+        say(&format!("grantline-agent sink {} not written: {e:#}", sink.name));
+        tokio::time::sleep(if give_up { Duration::from_secs(u64::try_from(due - now()).unwrap_or(0)) } else { wait })
+            .await;
+        if give_up {
+            return false;
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Writes every file of the sink, or (as far as the file system allows)
+/// none: each is staged in full first, so a failure while writing leaves
+/// the old set in place, a key never beside a certificate it does not match.
 fn write_files(sink: &Sink, files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let mut staged = Vec::with_capacity(files.len());
     for (path, bytes) in files {
         if !sink.writable_dir {
             check_dir(path, nix::unistd::geteuid().as_raw())
                 .with_context(|| format!("sink {}: will not write {}", sink.name, path.display()))?;
         }
-        write_owned(path, bytes, sink.mode, sink.uid, sink.gid)
+        let s = stage_owned(path, bytes, sink.mode, sink.uid, sink.gid)
             .with_context(|| format!("sink {}: cannot write {}", sink.name, path.display()))?;
+        s.destination_is_free().with_context(|| format!("sink {}: cannot replace {}", sink.name, path.display()))?;
+        staged.push((path, s));
+    }
+    for (path, s) in staged {
+        s.commit().with_context(|| format!("sink {}: cannot replace {}", sink.name, path.display()))?;
     }
     Ok(())
 }

@@ -29,6 +29,61 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 /// file is private (0600) until it has its owner, then gets `mode`, then
 /// replaces `path`.
 pub fn write_owned(path: &Path, contents: &[u8], mode: u32, owner: Option<u32>, group: Option<u32>) -> io::Result<()> {
+    stage_owned(path, contents, mode, owner, group)?.commit()
+}
+
+/// A file written in full beside its destination, not yet in its place:
+/// [`Staged::commit`] renames it there; dropped uncommitted, it is removed.
+/// Staging every file of a set before committing any means a failure while
+/// writing (a full disk) replaces none of them.
+#[must_use = "a staged file is removed unless committed"]
+pub struct Staged {
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Puts the file in its place and makes the rename durable. A directory
+    /// at the destination is refused before anything moves.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.destination_is_free()?;
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|e| context(e, format!("cannot rename {} to {}", self.tmp.display(), self.path.display())))?;
+        self.committed = true;
+        if let Ok(d) = fs::File::open(self.tmp.parent().unwrap_or(Path::new("."))) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Whether the destination can take the file (nothing there, or not a
+    /// directory): checked for a whole set before committing any.
+    pub fn destination_is_free(&self) -> io::Result<()> {
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.is_dir() => Err(io::Error::other(format!("{} is a directory", self.path.display()))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `contents` to an unpredictable temporary name beside `path`, with
+/// `mode`, `owner` and `group`, synced to disk; see [`Staged`].
+pub fn stage_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> io::Result<Staged> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -48,25 +103,15 @@ pub fn write_owned(path: &Path, contents: &[u8], mode: u32, owner: Option<u32>, 
         .mode(mode & 0o600)
         .open(&tmp)
         .map_err(|e| context(e, format!("cannot create {}", tmp.display())))?;
-    let result = (|| {
-        if owner.is_some() || group.is_some() {
-            std::os::unix::fs::fchown(&f, owner, group)
-                .map_err(|e| context(e, format!("cannot give {} to uid {owner:?} gid {group:?}", path.display())))?;
-        }
-        f.set_permissions(fs::Permissions::from_mode(mode))
-    })();
-    let result = result.and_then(|()| f.write_all(contents)).and_then(|()| f.sync_all()).and_then(|()| {
-        fs::rename(&tmp, path).map_err(|e| context(e, format!("cannot rename {} to {}", tmp.display(), path.display())))
-    });
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    let staged = Staged { tmp, path: path.to_path_buf(), committed: false };
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::fchown(&f, owner, group)
+            .map_err(|e| context(e, format!("cannot give {} to uid {owner:?} gid {group:?}", path.display())))?;
     }
-    // Make the rename itself durable.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(staged)
 }
 
 /// Reads a UTF-8 file of at most `max` bytes. Only a regular file is read (a

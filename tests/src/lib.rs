@@ -74,6 +74,17 @@ impl Proc {
         self.wait_for(needle, |l| l.contains(needle))
     }
 
+    /// The stdout lines printed during the next `window`: for showing that
+    /// something does not happen often.
+    pub fn lines_for(&mut self, window: Duration) -> Vec<String> {
+        let until = std::time::Instant::now() + window;
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+            lines.push(line);
+        }
+        lines
+    }
+
     fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + READY;
         loop {

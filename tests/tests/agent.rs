@@ -212,3 +212,44 @@ reload = "echo reloaded >> {d}/reloads"
         broker.events().into_iter().filter(|e| matches!(e, Event::Grant { kind, .. } if kind == "x509")).count();
     assert!(grants <= 4, "{grants} grants for three writes");
 }
+
+/// A sink that cannot be written (here a directory where its certificate
+/// goes; a full disk does the same) once made the agent fetch a new
+/// credential every 10 s, each a new grant (a new database user for a
+/// secret sink, never released), and replaced the key beside a certificate
+/// it no longer matched. Now the same credential is retried with backoff,
+/// nothing is replaced until every file can be, and it goes in place once
+/// the way is clear: one grant.
+#[test]
+fn a_sink_that_cannot_be_written_is_retried_with_the_same_credential() {
+    let broker = Broker::start();
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path().display();
+    std::fs::create_dir(files.path().join("cert.pem")).unwrap();
+    let config = format!(
+        r#"
+[[sink]]
+name = "blocked"
+kind = "x509"
+role = "dev"
+ttl = "1h"
+sans = ["blocked-1.example.com"]
+key = "{d}/key.pem"
+cert = "{d}/cert.pem"
+"#
+    );
+    let mut agent = agent_with_config(&broker, "blocked-1", &config);
+    let why = agent.wait_line("grantline-agent sink blocked not written:");
+    assert!(why.contains("is a directory"), "{why}");
+    assert!(!files.path().join("key.pem").exists(), "the key was put in place without its certificate");
+    std::fs::remove_dir(files.path().join("cert.pem")).unwrap();
+    agent.wait_line("grantline-agent sink blocked written");
+    let grants =
+        broker.events().into_iter().filter(|e| matches!(e, Event::Grant { kind, .. } if kind == "x509")).count();
+    assert_eq!(grants, 1, "a new credential was fetched for each failed write");
+    let leftovers = std::fs::read_dir(files.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(leftovers, 0, "staged files were left behind");
+}

@@ -264,3 +264,26 @@ fn a_node_cannot_hold_more_than_eight_connections() {
     let got = agent.get(&["x509", "--role", "dev", "--san", "a.example.com", "--out", out.path().to_str().unwrap()]);
     assert!(got.status.success(), "{}", stderr(&got));
 }
+
+/// An agent whose identity no longer speaks for its node (the name was
+/// enrolled again, say on a rebuilt host, and the old one started) was
+/// closed at once by the broker and reconnected about ten times a second,
+/// forever: a full handshake each time. Now it says it is shut out and backs
+/// off to its 30 s cap; only a connection that lasted resets the backoff.
+#[test]
+fn a_shut_out_identity_does_not_reconnect_in_a_loop() {
+    let broker = Broker::start();
+    let mut old = Agent::start(&broker, "twin");
+    old.proc = None; // stopped, as a host is before its rebuild
+    let token = broker.new_token(&["--node", "twin"]);
+    let (_new, out) = Agent::enroll_with(&broker, &token, "twin");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut old = Agent::run_with(old, &[]);
+    let lines = old.proc.as_mut().unwrap().lines_for(std::time::Duration::from_secs(5));
+    let reconnects = lines.iter().filter(|l| l.starts_with("grantline-agent connected")).count();
+    assert!(reconnects <= 2, "{reconnects} reconnections in 5 s by an identity the broker shuts out");
+    assert!(
+        lines.iter().any(|l| l.starts_with("grantline-agent shut out:") && l.contains("twin")),
+        "the agent did not say it is shut out: {lines:?}"
+    );
+}

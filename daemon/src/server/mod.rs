@@ -358,6 +358,11 @@ impl Broker {
         // Background tasks (Vault token, intermediate rotation) may hold
         // handles to the audit log: stop them first, so that dropping the
         // last handle lets the writer drain, sign its final checkpoint and exit.
+        // What Vault answers late for requests the broker gave up on is
+        // revoked before the broker goes.
+        if let Some(vault) = &self.shared.vault {
+            vault.drain(Duration::from_secs(10)).await;
+        }
         for task in &self.background {
             task.abort();
         }

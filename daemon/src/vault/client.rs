@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use grantline_proto::audit::event::vault_fingerprint;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
@@ -54,6 +55,11 @@ pub struct Vault {
     relogged_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// Bounds the requests awaited after their caller gave up.
     late_answers: Arc<Semaphore>,
+    /// Those requests, so a stopping broker can wait for them.
+    late_tasks: TaskTracker,
+    /// When the broker last tried to log in, so requests arriving while it
+    /// is logged out do not each spend an AppRole secret_id use.
+    login_tried_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// A credential Vault minted, named so it can be revoked.
@@ -88,14 +94,14 @@ impl<T: Send + 'static> Drop for LateAnswer<T> {
             return;
         };
         let (vault, what, minted) = (self.vault.clone(), self.what, self.minted);
-        runtime.spawn(async move {
+        runtime.spawn(self.vault.late_tasks.track_future(async move {
             let _permit = permit;
             if let Ok(Ok(answer)) = task.await {
                 if let Some(m) = minted(&answer) {
                     vault.withdraw(&m, what).await;
                 }
             }
-        });
+        }));
     }
 }
 
@@ -110,6 +116,8 @@ impl Vault {
             login_lock: tokio::sync::Mutex::new(()),
             relogged_at: std::sync::Mutex::new(None),
             late_answers: Arc::new(Semaphore::new(MAX_LATE_ANSWERS)),
+            late_tasks: TaskTracker::new(),
+            login_tried_at: std::sync::Mutex::new(None),
         }))
     }
 
@@ -121,13 +129,35 @@ impl Vault {
         !self.client().settings.token.is_empty()
     }
 
-    /// Logs in unless another task did while this one waited.
+    /// Logs in unless another task did while this one waited, or a login
+    /// was tried less than [`RELOGIN_EVERY`] ago (the token task keeps
+    /// trying, with backoff): a burst of requests while Vault is slow must
+    /// not spend a secret_id use each.
     async fn ensure_logged_in(&self) -> Result<(), IssueError> {
         let _guard = self.login_lock.lock().await;
         if self.has_token() {
             return Ok(());
         }
+        let tried = *self.login_tried_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(at) = tried.filter(|t| t.elapsed() < RELOGIN_EVERY) {
+            return Err(IssueError::Unavailable(format!(
+                "the broker is not logged in to Vault (its last login, {}s ago, failed); it keeps trying",
+                at.elapsed().as_secs()
+            )));
+        }
         self.login_locked().await.map(|_| ())
+    }
+
+    /// Waits up to `limit` for the late answers still awaited (a stopping
+    /// broker), so what they created is revoked; says how many it left.
+    pub async fn drain(&self, limit: Duration) {
+        self.late_tasks.close();
+        if tokio::time::timeout(limit, self.late_tasks.wait()).await.is_err() {
+            tracing::error!(
+                left = self.late_tasks.len(),
+                "stopping with Vault requests still unanswered; what Vault creates for them lives until its TTL"
+            );
+        }
     }
 
     /// Obtains a fresh token; returns its TTL (zero: it does not expire).
@@ -137,6 +167,8 @@ impl Vault {
     }
 
     async fn login_locked(&self) -> Result<Duration, IssueError> {
+        *self.login_tried_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::time::Instant::now());
         let (token, ttl) = match &self.config.auth {
             VaultAuth::Token { file } => {
                 let token = grantline_proto::files::read_secret(file)
@@ -192,7 +224,7 @@ impl Vault {
     /// timeout, the caller is told so, and the request goes on waiting in the
     /// background for up to [`LATE_ANSWER_WINDOW`]: whatever Vault created,
     /// named by `minted`, is then revoked, never left to its Vault TTL. The
-    /// same happens if the caller stops waiting (its connection went away).
+    /// same happens if the calling task is cancelled while it waits.
     pub async fn call_minting<T, F, Fut>(
         self: &Arc<Self>,
         what: &'static str,
@@ -242,7 +274,8 @@ impl Vault {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let failure = match send(self.client()).await {
+            let client = self.client();
+            let failure = match send(client.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(f) => f,
             };
@@ -250,7 +283,7 @@ impl Vault {
                 // A refusal: Vault did nothing, so sending again is safe.
                 Failure::Vault(ClientError::APIError { code: 403, errors }) if !relogged => {
                     relogged = true;
-                    if !self.relogin_if_token_invalid(what).await? {
+                    if !self.relogin_if_token_invalid(what, &client).await? {
                         metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
                         return Err(IssueError::Internal(format!(
                             "{what}: Vault refused it (403: {}) although the broker's token is valid: the broker's \
@@ -263,7 +296,8 @@ impl Vault {
                     metrics::counter!("grantline_vault_errors_total", "op" => what.to_owned()).increment(1);
                     return Err(IssueError::Unavailable(format!(
                         "{what}: Vault did not answer within {t:?}; not sent again, since Vault may have acted on \
-                         it: the broker revokes whatever Vault answers within the next {}s",
+                         it: the broker revokes whatever Vault answers within the next {}s (unless it already \
+                         awaits {MAX_LATE_ANSWERS} late answers: then that is logged)",
                         LATE_ANSWER_WINDOW.as_secs()
                     )));
                 }
@@ -303,8 +337,12 @@ impl Vault {
     /// After a 403: logs in again only if Vault says the broker's own token
     /// is no longer valid, at most once per [`RELOGIN_EVERY`], and revokes
     /// the token it replaces. Whether it logged in.
-    async fn relogin_if_token_invalid(&self, what: &str) -> Result<bool, IssueError> {
+    async fn relogin_if_token_invalid(&self, what: &str, refused: &Arc<VaultClient>) -> Result<bool, IssueError> {
         let old = self.client();
+        if !Arc::ptr_eq(&old, refused) {
+            // Another task logged in since: try again with its token.
+            return Ok(true);
+        }
         match self.attempt(vaultrs::token::lookup_self(&*old)).await {
             Ok(_) => return Ok(false),
             Err(Failure::Vault(ClientError::APIError { code: 403, .. })) => {}

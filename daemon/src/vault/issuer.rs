@@ -161,7 +161,8 @@ impl VaultIssuer {
             match self.vault.renew_lease(&leased.lease_id, ttl).await {
                 Ok(granted) if granted <= ttl => lease = granted,
                 outcome => {
-                    let _ = self.vault.revoke_lease(&leased.lease_id).await;
+                    let lease = Minted::Lease { lease_id: leased.lease_id.clone() };
+                    self.vault.withdraw(&lease, "reading a leased secret").await;
                     let why = match outcome {
                         Ok(granted) => format!("Vault kept its TTL at {granted:?}"),
                         Err(e) => e.to_string(),
