@@ -16,16 +16,18 @@ use grantline_proto::audit::{tiles, StoredEntry};
 use crate::audit::anchor::Anchor;
 use crate::audit::AuditStore;
 
-/// The most checkpoint text read from one database (about ten million
-/// checkpoints, four months of a log that grows every second). Values are
-/// stored, never computed (see `AuditStore::open_untrusted`), so what is read
-/// is at most what the file holds.
-const MAX_STORED_CHECKPOINT_BYTES: usize = 2 << 30;
+/// Stored checkpoints read from the database at a time.
+const CHECKPOINT_PAGE: usize = 1024;
 
 /// Verifies the log in `db` under the `trusted` keys (one of them must have
 /// started it), and the signed checkpoints in it and in `external`, each of
 /// which must be signed by a key the log reached from its trusted genesis.
 /// The outer error is "could not read"; the inner result is the verdict.
+///
+/// Stored checkpoints are checked in step with the walk over the entries, a
+/// page at a time: each when the tree reaches its size, against the root
+/// and the keys at that point. So memory stays bounded whatever the number
+/// of checkpoints (a broker signs one every few seconds, for years).
 pub fn verify_db(
     db: &Path,
     trusted: &[VerifierKey],
@@ -38,25 +40,18 @@ pub fn verify_db(
     let store =
         AuditStore::open_untrusted(db).with_context(|| format!("cannot open audit database {}", db.display()))?;
     let total = store.count().with_context(|| format!("{} is not a Grantline audit database", db.display()))?;
-    // Checkpoints are read first for their sizes (so the walk records the
-    // roots to compare) and their signatures checked after the entries, so
-    // that a bad entry is reported before a checkpoint that disagrees with it.
-    let mut notes: Vec<(String, String)> =
-        external.iter().enumerate().map(|(i, n)| (format!("given checkpoint #{}", i + 1), n.clone())).collect();
-    // A database from before checkpoints existed has no such table: no checkpoints.
-    let stored = match store.checkpoints_bounded(MAX_STORED_CHECKPOINT_BYTES) {
-        Ok(n) => n,
-        Err(e) if e.to_string().contains("exceed") => return Ok(Err(Failure { seq: -1, reason: format!("{e:#}") })),
-        // A database from before checkpoints existed has no such table.
-        Err(_) => Vec::new(),
-    };
-    notes.extend(stored.into_iter().map(|n| ("stored checkpoint".to_owned(), n)));
+    // Given checkpoints are few: read first for their sizes (so the walk
+    // records the roots to compare) and their signatures checked after the
+    // entries, so that a bad entry is reported before a checkpoint that
+    // disagrees with it.
     let mut unverified = Vec::new();
-    for (what, note) in &notes {
+    for (i, note) in external.iter().enumerate() {
         let body = grantline_proto::audit::note::body(note).unwrap_or_default();
         match Checkpoint::parse_body(body) {
-            Ok(cp) => unverified.push((what, note, cp.size)),
-            Err(e) => return Ok(Err(Failure { seq: -1, reason: format!("a {what} is not usable: {e}") })),
+            Ok(cp) => unverified.push((i + 1, note, cp.size)),
+            Err(e) => {
+                return Ok(Err(Failure { seq: -1, reason: format!("given checkpoint #{} is not usable: {e}", i + 1) }))
+            }
         }
     }
     let bar = (progress && total >= 10_000).then(|| {
@@ -71,7 +66,12 @@ pub fn verify_db(
     for (_, _, size) in &unverified {
         verifier.want_root_at(*size);
     }
+    // A database from before checkpoints existed has no such table: no checkpoints.
+    let has_checkpoints = store.checkpoints_after(None, 1).is_ok();
+    let mut stored = StoredCheckpoints { store: &store, page: Vec::new().into_iter(), after: None, last: None };
+    let mut next = if has_checkpoints { stored.next()? } else { None };
     let mut n = 0u64;
+    // After each entry, the checkpoints whose tree it completes.
     let walked = store.for_each(|row| {
         n += 1;
         if let Some(b) = &bar {
@@ -79,7 +79,8 @@ pub fn verify_db(
                 b.set_position(n);
             }
         }
-        verifier.push(row)
+        verifier.push(row)?;
+        check_stored(&mut verifier, &mut stored, &mut next)
     });
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -88,30 +89,46 @@ pub fn verify_db(
         Err(failure) => return Ok(Err(failure)),
         Ok(read) => {
             read.with_context(|| format!("cannot read {}", db.display()))?;
-            match verifier.finish() {
+            let summary = match verifier.finish() {
                 Ok(s) => s,
                 Err(f) => return Ok(Err(f)),
+            };
+            if let Some((size, _)) = next {
+                return Ok(Err(truncated(summary.entries, "stored checkpoint", size)));
             }
+            summary
         }
     };
     let mut checkpoints = Vec::new();
-    for (what, note, size) in unverified {
+    for (i, note, size) in unverified {
         match Checkpoint::open_any(note, &summary.keys) {
-            Ok(cp) => checkpoints.push((what, cp)),
+            Ok(cp) => checkpoints.push((i, cp)),
             Err(e) => {
                 let seq = i64::try_from(size).unwrap_or(i64::MAX);
-                return Ok(Err(Failure { seq, reason: format!("a {what} of size {size} does not verify: {e}") }));
+                return Ok(Err(Failure {
+                    seq,
+                    reason: format!("given checkpoint #{i} of size {size} does not verify: {e}"),
+                }));
             }
         }
     }
     // A rotation that ends the log has been signed only by the key it
     // retires: the new key must vouch for it in a checkpoint, as
     // `rotate-key` writes one, or a holder of the old key could have added it.
+    // Only a checkpoint of the whole log covers the final entry.
     if let (Some(seq), Some(current)) = (summary.unendorsed_rotation, summary.keys.last()) {
-        let endorsed = notes
-            .iter()
-            .filter_map(|(_, note)| Checkpoint::open(note, current).ok())
-            .any(|cp| cp.size > seq && summary.roots.get(&cp.size) == Some(&cp.root));
+        // A stored checkpoint of the whole log has had its root checked in
+        // the walk; a given one is checked against the roots recorded.
+        let stored_endorses = stored
+            .last
+            .as_ref()
+            .filter(|(size, _)| *size == summary.entries && *size > seq)
+            .is_some_and(|(_, note)| Checkpoint::open(note, current).is_ok());
+        let endorsed = stored_endorses
+            || external
+                .iter()
+                .filter_map(|note| Checkpoint::open(note, current).ok())
+                .any(|cp| cp.size > seq && summary.roots.get(&cp.size) == Some(&cp.root));
         if !endorsed {
             return Ok(Err(Failure {
                 seq: i64::try_from(seq).unwrap_or(i64::MAX),
@@ -123,29 +140,107 @@ pub fn verify_db(
         }
     }
     checkpoints.sort_by_key(|(_, cp)| cp.size);
-    for (what, cp) in &checkpoints {
+    for (i, cp) in &checkpoints {
+        let what = format!("given checkpoint #{i}");
         let Some(root) = summary.roots.get(&cp.size) else {
-            return Ok(Err(Failure {
-                seq: i64::try_from(summary.entries).unwrap_or(i64::MAX),
-                reason: format!(
-                    "the log ends after {} entries but a {what} signed by the log covers {}: entries were truncated or the log was rolled back",
-                    summary.entries, cp.size
-                ),
-            }));
+            return Ok(Err(truncated(summary.entries, &what, cp.size)));
         };
         if *root != cp.root {
-            return Ok(Err(Failure {
-                seq: i64::try_from(cp.size).unwrap_or(i64::MAX) - 1,
-                reason: format!(
-                    "fork: a {what} signed by the log gives the first {} entries the root {}, but they hash to {}",
-                    cp.size,
-                    hex::encode(cp.root),
-                    hex::encode(root)
-                ),
-            }));
+            return Ok(Err(fork(&what, cp.size, &cp.root, root)));
         }
     }
     Ok(Ok(summary))
+}
+
+/// The stored checkpoints, smallest first, read a page at a time; `last`
+/// keeps the most recent one checked (for the endorsement of a final rotation).
+struct StoredCheckpoints<'a> {
+    store: &'a AuditStore,
+    page: std::vec::IntoIter<(u64, String)>,
+    after: Option<u64>,
+    last: Option<(u64, String)>,
+}
+
+impl StoredCheckpoints<'_> {
+    fn next(&mut self) -> Result<Option<(u64, String)>> {
+        if let Some(cp) = self.page.next() {
+            self.after = Some(cp.0);
+            return Ok(Some(cp));
+        }
+        self.page =
+            self.store.checkpoints_after(self.after, CHECKPOINT_PAGE).context("cannot read checkpoints")?.into_iter();
+        let cp = self.page.next();
+        if let Some((size, _)) = &cp {
+            self.after = Some(*size);
+        }
+        Ok(cp)
+    }
+}
+
+/// Checks every stored checkpoint whose tree the walk has just completed:
+/// its note must cover the size it is stored under, be signed by a key the
+/// log has reached, and give the root the entries hash to.
+fn check_stored(
+    verifier: &mut ChainVerifier,
+    stored: &mut StoredCheckpoints<'_>,
+    next: &mut Option<(u64, String)>,
+) -> Result<(), Failure> {
+    let unreadable = |e: anyhow::Error| Failure { seq: -1, reason: format!("{e:#}") };
+    while let Some((size, note)) = next.take() {
+        // The empty tree's checkpoint is checked once the genesis entry has
+        // named the key that signs it.
+        let ready = if size == 0 { verifier.size() == 1 } else { size == verifier.size() };
+        if !ready {
+            *next = Some((size, note));
+            return Ok(());
+        }
+        let root = if size == 0 { grantline_proto::audit::merkle::empty_root() } else { verifier.root() };
+        let seq = i64::try_from(size).unwrap_or(i64::MAX) - 1;
+        let body = grantline_proto::audit::note::body(&note).unwrap_or_default();
+        let failure = match Checkpoint::parse_body(body) {
+            Err(e) => Some(Failure { seq: -1, reason: format!("a stored checkpoint is not usable: {e}") }),
+            Ok(cp) if cp.size != size => Some(Failure {
+                seq,
+                reason: format!("a stored checkpoint covers {} entries but is stored as covering {size}", cp.size),
+            }),
+            Ok(_) => match Checkpoint::open_any(&note, verifier.keys()) {
+                Err(e) => Some(Failure {
+                    seq: i64::try_from(size).unwrap_or(i64::MAX),
+                    reason: format!("a stored checkpoint of size {size} does not verify: {e}"),
+                }),
+                Ok(cp) if cp.root != root => Some(fork("stored checkpoint", size, &cp.root, &root)),
+                Ok(_) => None,
+            },
+        };
+        if let Some(f) = failure {
+            // An earlier entry whose signature is still pending fails first.
+            verifier.flush_signatures()?;
+            return Err(f);
+        }
+        stored.last = Some((size, note));
+        *next = stored.next().map_err(unreadable)?;
+    }
+    Ok(())
+}
+
+fn truncated(entries: u64, what: &str, size: u64) -> Failure {
+    Failure {
+        seq: i64::try_from(entries).unwrap_or(i64::MAX),
+        reason: format!(
+            "the log ends after {entries} entries but a {what} signed by the log covers {size}: entries were truncated or the log was rolled back"
+        ),
+    }
+}
+
+fn fork(what: &str, size: u64, claimed: &[u8; 32], computed: &[u8; 32]) -> Failure {
+    Failure {
+        seq: i64::try_from(size).unwrap_or(i64::MAX) - 1,
+        reason: format!(
+            "fork: a {what} signed by the log gives the first {size} entries the root {}, but they hash to {}",
+            hex::encode(claimed),
+            hex::encode(computed)
+        ),
+    }
 }
 
 /// Verifies a log from its anchor alone: the checkpoint's signature, every
@@ -428,5 +523,118 @@ mod fleet_tests {
         assert_eq!(merged, want.map(|(o, s)| (o.to_owned(), s)).to_vec());
         let none: Vec<std::vec::IntoIter<TimelineEntry>> = vec![Vec::new().into_iter()];
         assert_eq!(merge_by_time(none).count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use grantline_proto::audit::{Event, SignerKey};
+
+    use super::*;
+    use crate::audit::AuditLog;
+
+    /// A log of `n` entries under `key` (genesis included), with a stored
+    /// checkpoint at every size: more than one page of them.
+    fn log_with_a_checkpoint_per_entry(dir: &Path, key: &SignerKey, n: u64) -> std::path::PathBuf {
+        let db = dir.join("audit.db");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let copy = SignerKey::parse(&key.to_private_string()).unwrap();
+        let (log, writer) = AuditLog::start(&db, copy, "test").unwrap();
+        rt.block_on(async {
+            for i in 1..n {
+                let e = Event::LeaseRevocation { node: "n".into(), lease: format!("{i}"), reason: String::new() };
+                log.append(e).await.unwrap();
+            }
+        });
+        drop(log);
+        writer.join().unwrap();
+        let store = AuditStore::open(&db).unwrap();
+        let mut v = ChainVerifier::new(key.verifier().clone());
+        for size in 0..=n {
+            v.want_root_at(size);
+        }
+        store.for_each(|row| v.push(row)).unwrap().unwrap();
+        let summary = v.finish().unwrap();
+        for (size, root) in summary.roots {
+            let cp = Checkpoint { origin: summary.origin.clone(), size, root };
+            store.add_checkpoint(size, 0, &cp.sign(key).unwrap()).unwrap();
+        }
+        db
+    }
+
+    fn insert(db: &Path, size: i64, note: &str) {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?1, 0, ?2)",
+            rusqlite::params![size, note],
+        )
+        .map_err(|e| e.to_string())
+        .or_else(|_| {
+            conn.execute_batch(
+                "DROP TRIGGER IF EXISTS checkpoints_no_update; DROP TRIGGER IF EXISTS checkpoints_no_delete;",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?1, 0, ?2)",
+                rusqlite::params![size, note],
+            )
+        })
+        .unwrap();
+    }
+
+    /// Stored checkpoints are checked in step with the entries, a page at a
+    /// time (the verifier once held them all in memory, and refused a log
+    /// whose checkpoints passed 2 GiB): every one of 2,500 verifies, and
+    /// each way one can be wrong is reported at its size.
+    #[test]
+    fn stored_checkpoints_are_checked_in_step_page_by_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SignerKey::generate("t.example/log").unwrap();
+        let n = 2_500;
+        let db = log_with_a_checkpoint_per_entry(dir.path(), &key, n);
+        let trusted = [key.verifier().clone()];
+        let summary = verify_db(&db, &trusted, false, &[]).unwrap().unwrap();
+        assert_eq!(summary.entries, n);
+
+        let fail = |db: &Path| verify_db(db, &trusted, false, &[]).unwrap().unwrap_err();
+        let copy = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::copy(&db, &p).unwrap();
+            p
+        };
+        let other = SignerKey::generate("t.example/log").unwrap();
+        let root_at = |size: u64| {
+            let body = grantline_proto::audit::note::body(&latest_at(&db, size)).unwrap().to_owned();
+            Checkpoint::parse_body(&body).unwrap().root
+        };
+        // A checkpoint at 1,700 (the second page) signed by a key the log never had.
+        let foreign = copy("foreign.db");
+        let cp = Checkpoint { origin: "t.example/log".into(), size: 1_700, root: root_at(1_700) };
+        insert(&foreign, 1_700, &cp.sign(&other).unwrap());
+        let f = fail(&foreign);
+        assert!(f.reason.contains("of size 1700 does not verify"), "{f:?}");
+        // One whose root is not the entries'.
+        let forked = copy("forked.db");
+        let cp = Checkpoint { origin: "t.example/log".into(), size: 1_200, root: root_at(7) };
+        insert(&forked, 1_200, &cp.sign(&key).unwrap());
+        let f = fail(&forked);
+        assert!(f.reason.starts_with("fork: a stored checkpoint") && f.seq == 1_199, "{f:?}");
+        // One stored under a size its note does not cover.
+        let moved = copy("moved.db");
+        insert(&moved, 900, &latest_at(&db, 901));
+        let f = fail(&moved);
+        assert!(f.reason.contains("covers 901 entries but is stored as covering 900"), "{f:?}");
+        // One past the end: the log was truncated.
+        let past = copy("past.db");
+        let cp = Checkpoint { origin: "t.example/log".into(), size: n + 5, root: root_at(7) };
+        insert(&past, i64::try_from(n + 5).unwrap(), &cp.sign(&key).unwrap());
+        let f = fail(&past);
+        assert!(f.reason.contains("truncated or the log was rolled back"), "{f:?}");
+    }
+
+    fn latest_at(db: &Path, size: u64) -> String {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.query_row("SELECT note FROM checkpoints WHERE size = ?1", [i64::try_from(size).unwrap()], |r| r.get(0))
+            .unwrap()
     }
 }

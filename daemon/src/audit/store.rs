@@ -297,21 +297,21 @@ impl AuditStore {
         Ok(store)
     }
 
-    /// Every stored checkpoint note, smallest tree first, refusing more than
-    /// `max_bytes` of them in all (a hostile database could hold millions).
-    pub fn checkpoints_bounded(&self, max_bytes: usize) -> anyhow::Result<Vec<String>> {
-        let mut stmt = self.conn.prepare("SELECT substr(note, 1, 65536) FROM checkpoints ORDER BY size")?;
-        let mut rows = stmt.query([])?;
-        let (mut out, mut total) = (Vec::new(), 0usize);
-        while let Some(row) = rows.next()? {
-            let note: String = row.get(0)?;
-            total += note.len();
-            if total > max_bytes {
-                anyhow::bail!("the database's checkpoints exceed {max_bytes} bytes in all; verify it with fewer");
-            }
-            out.push(note);
-        }
-        Ok(out)
+    /// Up to `limit` stored checkpoints covering more than `after` entries
+    /// (all, from size 0, for `None`), smallest first, as (size, note): read a page at a time, so that a
+    /// log with millions of checkpoints is verified in bounded memory.
+    pub fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> rusqlite::Result<Vec<(u64, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT size, substr(note, 1, 65536) FROM checkpoints WHERE size > ?1 ORDER BY size LIMIT ?2",
+        )?;
+        let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(rusqlite::params![after, limit], |r| {
+            let size: i64 = r.get(0)?;
+            let size = u64::try_from(size).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, size))?;
+            Ok((size, r.get::<_, String>(1)?))
+        })?;
+        rows.collect()
     }
 
     /// The last entry, if any.

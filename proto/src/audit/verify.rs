@@ -125,6 +125,28 @@ impl ChainVerifier {
         self.wanted.entry(size).or_insert(if size == 0 { Some(merkle::empty_root()) } else { None });
     }
 
+    /// Entries pushed so far: the size of the tree over them.
+    pub fn size(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The Merkle root over the entries pushed so far.
+    pub fn root(&self) -> Hash {
+        self.tree.root()
+    }
+
+    /// The log's keys reached so far, genesis first (their rotations'
+    /// signatures may still be pending: [`Self::flush_signatures`]).
+    pub fn keys(&self) -> &[VerifierKey] {
+        &self.keys
+    }
+
+    /// Checks every signature still pending, so that a failure found now by
+    /// the caller (a checkpoint that disagrees) is reported after any earlier one.
+    pub fn flush_signatures(&mut self) -> Result<(), Failure> {
+        self.flush()
+    }
+
     /// Checks the chain and hashes only (signatures are skipped). For speed
     /// measurements and for logs whose signatures were checked elsewhere.
     pub fn without_signatures(mut self) -> Self {
