@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use grantline_proto::audit::Entry;
 use grantline_proto::files::stage_owned;
 use grantline_proto::wire::{self, CredentialKind};
 use rand::Rng;
@@ -29,8 +30,11 @@ pub(crate) async fn keep_all(agent: Arc<Agent>, sinks: Vec<Sink>) {
 /// What one grant produced for a sink.
 struct Obtained {
     files: Vec<(PathBuf, Vec<u8>)>,
-    /// When the agent received it (the lifetime that renewal is timed from).
+    /// When the agent received it, on the agent's clock.
     received: i64,
+    /// How long it lives from its issue, on the broker's clock (see
+    /// [`lifetime_of`]): renewal counts half of it from `received`.
+    lifetime: i64,
     not_after: i64,
     lease_id: String,
 }
@@ -59,7 +63,12 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
                 }
             }
         };
-        let at = renew_at(got.received, got.not_after, rand::thread_rng().gen::<f64>() * 2.0 - 1.0, now());
+        let at = renew_at(
+            got.received,
+            got.received.saturating_add(got.lifetime),
+            rand::thread_rng().gen::<f64>() * 2.0 - 1.0,
+            now(),
+        );
         if !write_until(&sink, &got, at).await {
             // Never put in place: give its lease back rather than leave it
             // to its TTL, and obtain a fresh one (no sooner than renewal
@@ -81,7 +90,7 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
             }
         }
         previous_lease = got.lease_id;
-        let lifetime = got.not_after - got.received;
+        let lifetime = got.lifetime;
         if lifetime < MIN_USEFUL_LIFETIME {
             tracing::warn!(sink = %sink.name, lifetime_s = lifetime, "the credential lives too short to be renewed reliably (under {MIN_USEFUL_LIFETIME} s); raise the sink's ttl or the policy's max_ttl");
         }
@@ -204,6 +213,15 @@ fn ttl_seconds(sink: &Sink) -> u32 {
     sink.ttl.map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
+/// A credential's lifetime on the broker's clock: from the audit entry that
+/// recorded its grant (its receipt, already checked) to its not-after. The
+/// agent's own clock then only counts that long from receipt, so an agent
+/// whose clock is off from the broker's renews neither late nor early.
+fn lifetime_of(gr: &wire::GrantResponse) -> i64 {
+    let issued = gr.receipt.as_ref().and_then(|r| Entry::decode(&r.entry).ok()).map(|e| e.time_ms.div_euclid(1000));
+    gr.not_after_unix.saturating_sub(issued.unwrap_or_else(now))
+}
+
 async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
     let base = wire::GrantRequest {
         role: sink.role.clone(),
@@ -218,6 +236,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             let (key, csr) = crate::get::x509_key_and_csr(&sans)?;
             let g = wire::GrantRequest { kind: CredentialKind::X509 as i32, csr_der: csr, sans, ..base };
             let gr = agent.grant(g).await?;
+            let lifetime = lifetime_of(&gr);
             crate::get::check_x509(&gr, &key)?;
             let mut files = vec![
                 (path(&sink.key)?, key.serialize_pem().into_bytes()),
@@ -226,7 +245,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             if let Some(ca) = &sink.ca {
                 files.push((ca.clone(), gr.chain_pem.into_bytes()));
             }
-            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
+            Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
         "ssh-user" | "ssh-host" => {
             let kind = if sink.kind == "ssh-host" { CredentialKind::SshHost } else { CredentialKind::SshUser };
@@ -238,6 +257,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
                 ..base
             };
             let gr = agent.grant(g).await?;
+            let lifetime = lifetime_of(&gr);
             let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)?;
             if cert.public_key() != key.public_key().key_data() {
                 bail!("the issued SSH certificate is for another key");
@@ -246,7 +266,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
                 (path(&sink.key)?, key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes().to_vec()),
                 (path(&sink.cert)?, format!("{}\n", gr.ssh_certificate).into_bytes()),
             ];
-            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
+            Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
         "vault-token" => {
             let g = wire::GrantRequest {
@@ -255,14 +275,16 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
                 ..base
             };
             let gr = agent.grant(g).await?;
+            let lifetime = lifetime_of(&gr);
             let files = vec![(path(&sink.token)?, format!("{}\n", gr.vault_token).into_bytes())];
-            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: String::new() })
+            Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
         _ => {
             let g = wire::GrantRequest { kind: CredentialKind::DynamicSecret as i32, ..base };
             let gr = agent.grant(g).await?;
+            let lifetime = lifetime_of(&gr);
             let files = vec![(path(&sink.secret)?, gr.secret_json.into_bytes())];
-            Ok(Obtained { files, received: now(), not_after: gr.not_after_unix, lease_id: gr.lease_id })
+            Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: gr.lease_id })
         }
     }
 }
@@ -270,6 +292,25 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use grantline_proto::audit::Event;
+
+    /// An agent whose clock is behind the broker's renewed late (the
+    /// credential could expire on disk first); one ahead, early. The
+    /// lifetime now comes from the broker's own clock: the receipt's entry.
+    #[test]
+    fn the_lifetime_is_read_on_the_broker_s_clock() {
+        let issued_ms = 1_000_000_000;
+        let event = Event::LeaseRevocation { node: "n".into(), lease: "l".into(), reason: String::new() };
+        let entry = Entry::encode("t.example/log", 4, issued_ms, &[0; 32], &event);
+        let gr = wire::GrantResponse {
+            not_after_unix: 1_000_000 + 600,
+            receipt: Some(wire::Receipt { entry, signature: vec![], rotations: vec![] }),
+            ..Default::default()
+        };
+        assert_eq!(lifetime_of(&gr), 600, "whatever the agent's clock says");
+        let without = wire::GrantResponse { not_after_unix: now() + 60, ..Default::default() };
+        assert!((59..=60).contains(&lifetime_of(&without)));
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
