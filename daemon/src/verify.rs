@@ -66,8 +66,9 @@ pub fn verify_db(
     for (_, _, size) in &unverified {
         verifier.want_root_at(*size);
     }
-    // A database from before checkpoints existed has no such table: no checkpoints.
-    let has_checkpoints = store.checkpoints_after(None, 1).is_ok();
+    // A database from before checkpoints existed has no such table: no
+    // checkpoints. Any other failure to read them fails the verification.
+    let has_checkpoints = store.has_table("checkpoints").context("cannot read the database schema")?;
     let mut stored = StoredCheckpoints { store: &store, page: Vec::new().into_iter(), after: None, last: None };
     let mut next = if has_checkpoints { stored.next()? } else { None };
     let mut n = 0u64;
@@ -630,6 +631,54 @@ mod checkpoint_tests {
         insert(&past, i64::try_from(n + 5).unwrap(), &cp.sign(&key).unwrap());
         let f = fail(&past);
         assert!(f.reason.contains("truncated or the log was rolled back"), "{f:?}");
+    }
+
+    /// A checkpoints table rebuilt without its key (or loosely typed) made
+    /// paging quadratic and let rows repeat or hide; a negative size was
+    /// skipped. Both are refused now, whatever the rows say.
+    #[test]
+    fn a_checkpoints_table_not_of_grantline_s_shape_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SignerKey::generate("t.example/log").unwrap();
+        let db = log_with_a_checkpoint_per_entry(dir.path(), &key, 20);
+        let trusted = [key.verifier().clone()];
+        let rebuilt = |name: &str, table: &str| {
+            let p = dir.path().join(name);
+            std::fs::copy(&db, &p).unwrap();
+            let conn = rusqlite::Connection::open(&p).unwrap();
+            conn.execute_batch(&format!(
+                "DROP TRIGGER checkpoints_no_update; DROP TRIGGER checkpoints_no_delete;
+                 ALTER TABLE checkpoints RENAME TO old; {table};
+                 INSERT INTO checkpoints SELECT size, time_ms, note FROM old; DROP TABLE old;"
+            ))
+            .unwrap();
+            p
+        };
+        for (name, table) in [
+            (
+                "nokey.db",
+                "CREATE TABLE checkpoints (size INTEGER NOT NULL, time_ms INTEGER NOT NULL, note TEXT NOT NULL) STRICT",
+            ),
+            ("loose.db", "CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, time_ms INTEGER, note TEXT)"),
+            (
+                "any.db",
+                "CREATE TABLE checkpoints (size ANY PRIMARY KEY, time_ms INTEGER NOT NULL, note TEXT NOT NULL) STRICT",
+            ),
+        ] {
+            let p = rebuilt(name, table);
+            let err = format!("{:#}", verify_db(&p, &trusted, false, &[]).unwrap_err());
+            assert!(err.contains("table checkpoints is not Grantline's"), "{name}: {err}");
+        }
+        let negative = rebuilt(
+            "negative.db",
+            "CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, note TEXT NOT NULL) STRICT",
+        );
+        rusqlite::Connection::open(&negative)
+            .unwrap()
+            .execute("INSERT INTO checkpoints VALUES (-5, 0, 'hidden')", [])
+            .unwrap();
+        let err = format!("{:#}", verify_db(&negative, &trusted, false, &[]).unwrap_err());
+        assert!(err.contains("negative size -5"), "{err}");
     }
 
     fn latest_at(db: &Path, size: u64) -> String {

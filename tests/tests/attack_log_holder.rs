@@ -64,8 +64,10 @@ fn checkpoint(f: &Forged, origin: &str, by: &SignerKey) -> String {
 fn write_db(path: &Path, f: &Forged, checkpoint: &str) {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch(
-        "CREATE TABLE entries (seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, entry BLOB NOT NULL, signature BLOB NOT NULL);
-         CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, note TEXT NOT NULL);",
+        // Grantline's own table shapes, so the verifier's checks of the
+        // rows (not of the schema) are what refuse the forgery.
+        "CREATE TABLE entries (seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, entry BLOB NOT NULL, signature BLOB NOT NULL) STRICT;
+         CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, note TEXT NOT NULL) STRICT;",
     )
     .unwrap();
     for (seq, (entry, hash, sig)) in f.rows.iter().enumerate() {

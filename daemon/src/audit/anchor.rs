@@ -17,6 +17,10 @@ use tokio::sync::watch;
 
 use super::AuditStore;
 
+/// The largest object a log publishes: an entry bundle of 256 entries of
+/// the largest size, each with its two-byte length.
+pub const MAX_OBJECT_BYTES: u64 = 256 * (grantline_proto::audit::entry::MAX_ENTRY_LEN as u64 + 2);
+
 /// Where the log is published.
 #[derive(Clone)]
 pub struct Anchor {
@@ -66,9 +70,25 @@ impl Anchor {
         rel.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
     }
 
+    /// Reads one object. Nothing the log publishes is larger than a full
+    /// entry bundle, so a larger object (a writer of the anchor filling it,
+    /// or a sparse file) is refused by its size before a byte is read.
     pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
         match self.store.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
+            Ok(r) if r.meta.size > MAX_OBJECT_BYTES => anyhow::bail!(
+                "{rel} in anchor {} is {} bytes, more than any object a Grantline log publishes ({MAX_OBJECT_BYTES}); \
+                 the anchor was tampered with",
+                self.url,
+                r.meta.size
+            ),
+            Ok(r) => {
+                let bytes = r.bytes().await?;
+                // The size the store announced is what was read, or it is refused.
+                if bytes.len() as u64 > MAX_OBJECT_BYTES {
+                    anyhow::bail!("{rel} in anchor {} grew past {MAX_OBJECT_BYTES} bytes while read", self.url);
+                }
+                Ok(Some(bytes.to_vec()))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {rel} from anchor {}", self.url)),
         }
@@ -181,5 +201,25 @@ async fn publish_note(anchor: &Anchor, db: &FsPath, key: &VerifierKey, note: Opt
         },
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "the writer's checkpoint does not verify"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An anchor object larger than anything a log publishes (here a sparse
+    /// 8 GiB checkpoint, which takes no disk) is refused by its size, before
+    /// the verifier reads it into memory.
+    #[tokio::test]
+    async fn an_object_larger_than_any_the_log_publishes_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::File::create(dir.path().join("checkpoint")).unwrap().set_len(8 << 30).unwrap();
+        std::fs::write(dir.path().join("small"), b"fine").unwrap();
+        let anchor = Anchor::open_existing(dir.path().to_str().unwrap()).unwrap();
+        let err = anchor.get("checkpoint").await.unwrap_err().to_string();
+        assert!(err.contains("more than any object a Grantline log publishes"), "{err}");
+        assert_eq!(anchor.get("small").await.unwrap().unwrap(), b"fine");
+        assert!(anchor.get("absent").await.unwrap().is_none());
     }
 }

@@ -278,6 +278,35 @@ impl AuditStore {
                 bail!("{} holds a {kind} table {name:?}; an audit database holds only plain tables", path.display());
             }
         }
+        // The tables the verifier reads are Grantline's own shape: STRICT,
+        // keyed by their integer sequence (the rowid), so every read is one
+        // ordered pass over unique keys of one type. A table rebuilt without
+        // its key would make paging quadratic and let rows repeat or hide.
+        let strict: Vec<(String, bool)> = {
+            let mut list = store.conn.prepare("SELECT substr(name, 1, 256), strict FROM pragma_table_list")?;
+            let rows = list.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (table, key) in [("entries", "seq"), ("checkpoints", "size")] {
+            if !tables.iter().any(|t| t == table) {
+                continue; // only a log from before checkpoints lacks one
+            }
+            let is_strict = strict.iter().any(|(name, s)| name == table && *s);
+            let keys: Vec<(String, String)> = {
+                let mut cols = store.conn.prepare(
+                    "SELECT substr(name, 1, 64), substr(type, 1, 16) FROM pragma_table_xinfo(?1) WHERE pk > 0",
+                )?;
+                let rows = cols.query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            if !is_strict || keys != [(key.to_owned(), "INTEGER".to_owned())] {
+                bail!(
+                    "{}: table {table} is not Grantline's (a STRICT table keyed by {key} INTEGER PRIMARY KEY); \
+                     this database was rebuilt or crafted",
+                    path.display()
+                );
+            }
+        }
         for table in ["entries", "checkpoints"] {
             let mut cols = store
                 .conn
@@ -297,21 +326,52 @@ impl AuditStore {
         Ok(store)
     }
 
+    /// Whether the database has a table named `name`.
+    pub fn has_table(&self, name: &str) -> rusqlite::Result<bool> {
+        self.conn.query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1", [name], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })
+    }
+
     /// Up to `limit` stored checkpoints covering more than `after` entries
     /// (all, from size 0, for `None`), smallest first, as (size, note): read a page at a time, so that a
     /// log with millions of checkpoints is verified in bounded memory.
-    pub fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> rusqlite::Result<Vec<(u64, String)>> {
+    pub fn checkpoints_after(&self, after: Option<u64>, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
+        // Cut in bytes, not characters: a page holds at most 64 MiB of notes.
+        // The first page starts below every key, so a negative size (which
+        // no log writes) is read, and refused, rather than skipped.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT size, substr(note, 1, 65536) FROM checkpoints WHERE size > ?1 ORDER BY size LIMIT ?2",
+            "SELECT size, substr(CAST(note AS BLOB), 1, 65536) FROM checkpoints WHERE size >= ?1 ORDER BY size LIMIT ?2",
         )?;
-        let after = after.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+        let after_key = after.map_or(i64::MIN, |a| i64::try_from(a).unwrap_or(i64::MAX).saturating_add(1));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(rusqlite::params![after, limit], |r| {
-            let size: i64 = r.get(0)?;
-            let size = u64::try_from(size).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, size))?;
-            Ok((size, r.get::<_, String>(1)?))
+        let rows = stmt.query_map(rusqlite::params![after_key, limit], |r| {
+            // A note that is not UTF-8 reads as empty, which no check accepts.
+            Ok((r.get::<_, i64>(0)?, String::from_utf8(r.get::<_, Vec<u8>>(1)?).unwrap_or_default()))
         })?;
-        rows.collect()
+        let mut page = Vec::with_capacity(limit.try_into().unwrap_or(0).min(4096));
+        for row in rows {
+            let (size, note) = row?;
+            let Ok(size) = u64::try_from(size) else {
+                anyhow::bail!(
+                    "a stored checkpoint has the negative size {size}, which no log writes: the database was crafted"
+                );
+            };
+            page.push((size, note));
+        }
+        // Sizes must rise strictly from `after`: a corrupt index that hands
+        // back a row already read must not loop the reader.
+        let mut last = after;
+        for (size, _) in &page {
+            if last.is_some_and(|l| *size <= l) {
+                anyhow::bail!(
+                    "the checkpoints table returned size {size} after {}: the database is corrupt",
+                    last.unwrap_or_default()
+                );
+            }
+            last = Some(*size);
+        }
+        Ok(page)
     }
 
     /// The last entry, if any.
