@@ -1,5 +1,6 @@
 //! grantline-agent: parse, then call into the library.
 
+use grantline_proto::exit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,7 +75,7 @@ fn print_man_page() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("grantline-agent: {e}");
-            ExitCode::from(EX_SOFTWARE)
+            ExitCode::from(exit::SOFTWARE)
         }
     }
 }
@@ -143,22 +144,17 @@ enum GetCommand {
     },
 }
 
-const EX_DATAERR: u8 = 65;
-const EX_UNAVAILABLE: u8 = 69;
-const EX_SOFTWARE: u8 = 70;
-const EX_NOPERM: u8 = 77;
-
 fn exit_for(e: &anyhow::Error) -> ExitCode {
     let wire_err: Option<&wire::Error> =
         e.downcast_ref::<get::Refused>().map(|r| &r.0).or_else(|| e.downcast_ref::<enroll::Refused>().map(|r| &r.0));
     let code = match wire_err.map(|w| ErrorCode::try_from(w.code).unwrap_or(ErrorCode::Unspecified)) {
-        Some(ErrorCode::BadRequest) => EX_DATAERR,
-        Some(ErrorCode::Unavailable) => EX_UNAVAILABLE,
+        Some(ErrorCode::BadRequest) => exit::DATAERR,
+        Some(ErrorCode::Unavailable) => exit::UNAVAILABLE,
         Some(
             ErrorCode::PermissionDenied | ErrorCode::InvalidToken | ErrorCode::Unauthenticated | ErrorCode::Revoked,
-        ) => EX_NOPERM,
-        Some(_) => EX_SOFTWARE,
-        None => EX_UNAVAILABLE,
+        ) => exit::NOPERM,
+        Some(_) => exit::SOFTWARE,
+        None => exit::UNAVAILABLE,
     };
     eprintln!("grantline-agent: {e:#}");
     ExitCode::from(code)

@@ -39,9 +39,7 @@ struct Obtained {
     lease_id: String,
 }
 
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+use grantline_proto::clock::now_unix as now;
 
 async fn keep(agent: Arc<Agent>, sink: Sink) {
     let mut previous_lease = String::new();

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod clock;
+pub mod exit;
 pub mod files;
 pub mod frame;
 #[cfg(feature = "logging")]

@@ -329,8 +329,7 @@ fn run(
                 cp.maybe(&store, &key, &state, false);
                 if pruned.elapsed() >= PRUNE_EVERY {
                     pruned = Instant::now();
-                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                    if let Err(e) = store.prune_inventory(i64::try_from(now).unwrap_or(i64::MAX)) {
+                    if let Err(e) = store.prune_inventory(grantline_proto::clock::now_unix()) {
                         tracing::warn!(error = %e, "cannot prune the credential inventory");
                     }
                 }

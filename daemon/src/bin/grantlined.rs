@@ -1,5 +1,6 @@
 //! grantlined: parse and validate, build, run.
 
+use grantline_proto::exit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,9 +53,6 @@ enum Command {
     Man,
 }
 
-const EX_UNAVAILABLE: u8 = 69;
-const EX_CONFIG: u8 = 78;
-
 fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     grantline_proto::logging::init("grantlined");
@@ -64,7 +62,7 @@ fn main() -> ExitCode {
             let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
             return match page.render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(EX_UNAVAILABLE, &e.into()),
+                Err(e) => fail(exit::UNAVAILABLE, &e.into()),
             };
         }
         Some(Command::Dev {
@@ -84,23 +82,23 @@ fn main() -> ExitCode {
             Ok(BrokerOptions { limits, ..o })
         }) {
             Ok(o) => (o, true),
-            Err(e) => return fail(EX_CONFIG, &e),
+            Err(e) => return fail(exit::CONFIG, &e),
         },
         None => match config::load(&cli.config) {
             Ok(o) => (o, false),
-            Err(e) => return fail(EX_CONFIG, &e),
+            Err(e) => return fail(exit::CONFIG, &e),
         },
     };
     if let Err(e) = grantline_daemon::server::check_key_files(&opts.state_dir) {
-        return fail(EX_CONFIG, &e);
+        return fail(exit::CONFIG, &e);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
-        Err(e) => return fail(EX_UNAVAILABLE, &e.into()),
+        Err(e) => return fail(exit::UNAVAILABLE, &e.into()),
     };
     match runtime.block_on(serve(opts, dev)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(EX_UNAVAILABLE, &e),
+        Err(e) => fail(exit::UNAVAILABLE, &e),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Request handling: enrollment, identity renewal and grants. Each path ends
 //! the same way: nothing leaves the broker before its audit entry is durable.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use grantline_proto::audit::event::{excerpt, CallerInfo};
 use grantline_proto::audit::Event;
@@ -19,9 +19,7 @@ type Reply = wire::Response;
 /// Token accessors are kept in the lease table under this prefix.
 pub(crate) use grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX;
 
-pub(crate) fn now_unix() -> i64 {
-    crate::issuer::embedded::unix(SystemTime::now())
-}
+pub(crate) use grantline_proto::clock::now_unix;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Reply {
     Reply { body: Some(Resp::Error(wire::Error::new(code, msg))) }

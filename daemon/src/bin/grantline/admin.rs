@@ -1,6 +1,7 @@
 //! The admin commands: a gRPC client of the broker's admin API on its Unix
 //! socket. Tables for people, `--json` for scripts, sysexits exit codes.
 
+use grantline_proto::exit;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -108,30 +109,23 @@ pub enum PolicyCommand {
     Reload,
 }
 
-pub const EX_DATAERR: u8 = 65;
-pub const EX_NOUSER: u8 = 67;
-pub const EX_UNAVAILABLE: u8 = 69;
-pub const EX_SOFTWARE: u8 = 70;
-pub const EX_TEMPFAIL: u8 = 75;
-pub const EX_NOPERM: u8 = 77;
-
 /// Prints the error and maps it to a sysexits code.
 pub fn fail(e: &anyhow::Error) -> ExitCode {
     let code = if let Some(s) = e.downcast_ref::<tonic::Status>() {
         eprintln!("grantline: {}", s.message());
         match s.code() {
-            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange => EX_DATAERR,
-            tonic::Code::NotFound => EX_NOUSER,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => EX_NOPERM,
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => EX_TEMPFAIL,
-            _ => EX_SOFTWARE,
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange => exit::DATAERR,
+            tonic::Code::NotFound => exit::NOUSER,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => exit::NOPERM,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit::TEMPFAIL,
+            _ => exit::SOFTWARE,
         }
     } else if e.downcast_ref::<Unreachable>().is_some() {
         eprintln!("grantline: {e:#}");
-        EX_UNAVAILABLE
+        exit::UNAVAILABLE
     } else {
         eprintln!("grantline: {e:#}");
-        EX_DATAERR
+        exit::DATAERR
     };
     ExitCode::from(code)
 }
@@ -322,7 +316,7 @@ pub async fn grants(conn: &Conn, cmd: GrantsCommand) -> Result<()> {
 fn grant_state(g: &api::Grant) -> &'static str {
     if g.revoked_at_unix != 0 {
         "revoked"
-    } else if g.not_after_unix <= time::OffsetDateTime::now_utc().unix_timestamp() {
+    } else if g.not_after_unix <= grantline_proto::clock::now_unix() {
         "expired"
     } else {
         "live"

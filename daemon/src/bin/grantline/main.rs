@@ -2,6 +2,7 @@
 
 mod admin;
 
+use grantline_proto::exit;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,11 +157,6 @@ enum AuditCommand {
     },
 }
 
-const EX_USAGE: u8 = 64;
-const EX_DATAERR: u8 = 65;
-const EX_NOINPUT: u8 = 66;
-const EX_SOFTWARE: u8 = 70;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -168,7 +164,7 @@ fn main() -> ExitCode {
             let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("1");
             match page.render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => report_error(false, EX_SOFTWARE, &e.into()),
+                Err(e) => report_error(false, exit::SOFTWARE, &e.into()),
             }
         }
         Command::Token(TokenCommand::Create { conn, node, labels, ttl }) => {
@@ -190,11 +186,11 @@ fn main() -> ExitCode {
                 print!("{text}");
                 ExitCode::SUCCESS
             }
-            Err(e) => report_error(false, EX_DATAERR, &e),
+            Err(e) => report_error(false, exit::DATAERR, &e),
         },
         Command::Audit(AuditCommand::RotateKey { state_dir }) => match rotate_key(&state_dir) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => report_error(false, EX_SOFTWARE, &e),
+            Err(e) => report_error(false, exit::SOFTWARE, &e),
         },
         Command::Audit(AuditCommand::Checkpoint { db }) => {
             match AuditStore::open_read_only(&db).and_then(|s| s.latest_checkpoint()) {
@@ -203,9 +199,9 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(None) => {
-                    report_error(false, EX_DATAERR, &anyhow::anyhow!("{} holds no checkpoint yet", db.display()))
+                    report_error(false, exit::DATAERR, &anyhow::anyhow!("{} holds no checkpoint yet", db.display()))
                 }
-                Err(e) => report_error(false, EX_NOINPUT, &anyhow::anyhow!("cannot read {}: {e}", db.display())),
+                Err(e) => report_error(false, exit::NOINPUT, &anyhow::anyhow!("cannot read {}: {e}", db.display())),
             }
         }
     }
@@ -263,7 +259,7 @@ fn audit_verify(
 ) -> ExitCode {
     let keys = match read_verifier_keys(key_file) {
         Ok(k) => k,
-        Err(e) => return report_error(json, EX_NOINPUT, &e),
+        Err(e) => return report_error(json, exit::NOINPUT, &e),
     };
     let mut notes = Vec::new();
     for path in checkpoints {
@@ -272,19 +268,19 @@ fn audit_verify(
             Err(e) => {
                 return report_error(
                     json,
-                    EX_NOINPUT,
+                    exit::NOINPUT,
                     &anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()),
                 )
             }
         }
     }
     let verdict = match (db, anchor) {
-        (None, None) => return report_error(json, EX_USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
+        (None, None) => return report_error(json, exit::USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
         (Some(db), None) => verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes),
         (None, Some(_)) if !notes.is_empty() => {
             return report_error(
                 json,
-                EX_USAGE,
+                exit::USAGE,
                 &anyhow::anyhow!("--checkpoint is compared with the log's entries: give --db with it"),
             )
         }
@@ -314,7 +310,7 @@ fn audit_verify(
     };
     match verdict {
         Ok(v) => report_verdict(json, v),
-        Err(e) => report_error(json, EX_NOINPUT, &e),
+        Err(e) => report_error(json, exit::NOINPUT, &e),
     }
 }
 
@@ -356,13 +352,13 @@ fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode 
     let mut verdicts = Vec::new();
     for pair in logs.chunks(2) {
         let [db, key_file] = pair else {
-            return report_error(json, EX_USAGE, &anyhow::anyhow!("--log takes a database and a key file"));
+            return report_error(json, exit::USAGE, &anyhow::anyhow!("--log takes a database and a key file"));
         };
         let verdict = read_verifier_keys(key_file)
             .and_then(|keys| verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &[]));
         match verdict {
             Ok(verdict) => verdicts.push(verify::FleetLog { db: db.display().to_string(), verdict }),
-            Err(e) => return report_error(json, EX_NOINPUT, &e),
+            Err(e) => return report_error(json, exit::NOINPUT, &e),
         }
     }
     let fleet = verify::fleet_verdict(&verdicts);
@@ -398,11 +394,11 @@ fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode 
         }
     }
     if !fleet.ok {
-        return ExitCode::from(EX_DATAERR);
+        return ExitCode::from(exit::DATAERR);
     }
     if timeline {
         if let Err(e) = print_timeline(&verdicts) {
-            return report_error(false, EX_NOINPUT, &e);
+            return report_error(false, exit::NOINPUT, &e);
         }
     }
     ExitCode::SUCCESS
@@ -458,7 +454,7 @@ fn report_verdict(
             } else {
                 println!("FAILED at seq {}: {}", f.seq, f.reason);
             }
-            ExitCode::from(EX_DATAERR)
+            ExitCode::from(exit::DATAERR)
         }
     }
 }
