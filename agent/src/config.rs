@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use grantline_proto::wire::CredentialKind;
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/grantline/agent.toml";
@@ -123,7 +124,7 @@ pub struct AllowRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sink {
     pub name: String,
-    pub kind: String,
+    pub kind: CredentialKind,
     pub role: String,
     pub ttl: Option<Duration>,
     pub sans: Vec<String>,
@@ -149,8 +150,6 @@ pub struct AgentConfigFile {
     pub allow: Option<Vec<AllowRule>>,
     pub sinks: Vec<Sink>,
 }
-
-const KINDS: &[&str] = &["x509", "ssh-user", "ssh-host", "vault-token", "secret"];
 
 fn octal(what: &str, s: &str) -> Result<u32> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -199,8 +198,8 @@ impl AgentConfigFile {
                 bail!("allow rule {:?} needs at least one kind and one role (\"*\" for any)", a.name);
             }
             for k in &a.kinds {
-                if k != "*" && !KINDS.contains(&k.as_str()) {
-                    bail!("allow rule {:?}: unknown kind {k:?}; use {}", a.name, KINDS.join(", "));
+                if k != "*" && CredentialKind::from_policy_name(k).is_none() {
+                    bail!("allow rule {:?}: unknown kind {k:?}; use {}", a.name, CredentialKind::policy_names());
                 }
             }
             if a.users.is_empty() && a.uids.is_empty() && a.groups.is_empty() && a.gids.is_empty() {
@@ -219,23 +218,25 @@ impl AgentConfigFile {
         let mut sinks = Vec::new();
         for s in file.sink {
             let ctx = || format!("sink {:?}", s.name);
-            if !KINDS.contains(&s.kind.as_str()) {
-                bail!("sink {:?}: unknown kind {:?}; use {}", s.name, s.kind, KINDS.join(", "));
-            }
-            let needs: &[(&str, bool)] = match s.kind.as_str() {
-                "x509" | "ssh-user" | "ssh-host" => &[("cert", s.cert.is_some()), ("key", s.key.is_some())],
-                "vault-token" => &[("token", s.token.is_some())],
-                _ => &[("secret", s.secret.is_some())],
+            let Some(kind) = CredentialKind::from_policy_name(&s.kind) else {
+                bail!("sink {:?}: unknown kind {:?}; use {}", s.name, s.kind, CredentialKind::policy_names());
+            };
+            let needs: &[(&str, bool)] = match kind {
+                CredentialKind::X509 | CredentialKind::SshUser | CredentialKind::SshHost => {
+                    &[("cert", s.cert.is_some()), ("key", s.key.is_some())]
+                }
+                CredentialKind::VaultToken => &[("token", s.token.is_some())],
+                CredentialKind::DynamicSecret | CredentialKind::Unspecified => &[("secret", s.secret.is_some())],
             };
             for (field, present) in needs {
                 if !present {
                     bail!("sink {:?} of kind {} needs a `{field}` path", s.name, s.kind);
                 }
             }
-            if s.kind.starts_with("ssh") && s.principals.is_empty() {
+            if matches!(kind, CredentialKind::SshUser | CredentialKind::SshHost) && s.principals.is_empty() {
                 bail!("sink {:?} needs principals", s.name);
             }
-            if s.kind == "vault-token" && s.vault_policies.is_empty() {
+            if kind == CredentialKind::VaultToken && s.vault_policies.is_empty() {
                 bail!("sink {:?} needs vault_policies", s.name);
             }
             let ttl = match &s.ttl {
@@ -262,7 +263,7 @@ impl AgentConfigFile {
                     .map(|v| v[0]),
                 mode: s.mode.as_deref().map(|m| octal("mode", m)).transpose().with_context(ctx)?.unwrap_or(0o600),
                 name: s.name,
-                kind: s.kind,
+                kind,
                 role: s.role,
                 ttl,
                 sans: s.sans,

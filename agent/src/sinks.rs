@@ -228,8 +228,8 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
         ..Default::default()
     };
     let path = |p: &Option<PathBuf>| p.clone().context("missing path");
-    match sink.kind.as_str() {
-        "x509" => {
+    match sink.kind {
+        CredentialKind::X509 => {
             let sans = if sink.sans.is_empty() { vec![agent.node_name().to_owned()] } else { sink.sans.clone() };
             let (key, csr) = crate::get::x509_key_and_csr(&sans)?;
             let g = wire::GrantRequest { kind: CredentialKind::X509 as i32, csr_der: csr, sans, ..base };
@@ -245,8 +245,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             }
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        "ssh-user" | "ssh-host" => {
-            let kind = if sink.kind == "ssh-host" { CredentialKind::SshHost } else { CredentialKind::SshUser };
+        kind @ (CredentialKind::SshUser | CredentialKind::SshHost) => {
             let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
             let g = wire::GrantRequest {
                 kind: kind as i32,
@@ -266,7 +265,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             ];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        "vault-token" => {
+        CredentialKind::VaultToken => {
             let g = wire::GrantRequest {
                 kind: CredentialKind::VaultToken as i32,
                 vault_policies: sink.vault_policies.clone(),
@@ -277,7 +276,8 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             let files = vec![(path(&sink.token)?, format!("{}\n", gr.vault_token).into_bytes())];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        _ => {
+        CredentialKind::Unspecified => bail!("sink {}: no kind (the agent's configuration refuses this)", sink.name),
+        CredentialKind::DynamicSecret => {
             let g = wire::GrantRequest { kind: CredentialKind::DynamicSecret as i32, ..base };
             let gr = agent.grant(g).await?;
             let lifetime = lifetime_of(&gr);
