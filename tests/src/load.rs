@@ -78,10 +78,12 @@ impl Dialer {
                 Some(wait) => ConnectFailure { what: "handshake: refused".into(), retry_after: wait },
                 None => ConnectFailure::other(format!("handshake: {e}")),
             }),
-            Err(_) => Err(ConnectFailure::other("handshake: timeout".into())),
+            Err(_) => Err(ConnectFailure::other(HANDSHAKE_TIMEOUT.into())),
         }
     }
 }
+
+const HANDSHAKE_TIMEOUT: &str = "handshake: timeout";
 
 /// Why a load generator agent did not connect, and the wait the broker
 /// asked for (a refused handshake, RFD 0008).
@@ -375,16 +377,20 @@ impl Fleet {
     fn connect(
         &self,
         i: usize,
-    ) -> impl std::future::Future<Output = Result<(quinn::Connection, Duration, u32), ConnectFailure>> + Send + 'static
+    ) -> impl std::future::Future<Output = Result<(quinn::Connection, Duration, u32, u32), ConnectFailure>> + Send + 'static
     {
         let (limit, dialer) = (self.limit.clone(), self.dialer(i));
         async move {
-            let mut refusals = 0u32;
+            let (mut refusals, mut timeouts) = (0u32, 0u32);
             loop {
                 let permit = limit.acquire().await.unwrap();
                 let dialed = dialer.dial().await;
                 drop(permit);
                 match dialed {
+                    // A handshake lost under load is tried again, as the
+                    // agent reconnects after any failure; once only, so a
+                    // broker that never answers is still reported.
+                    Err(e) if e.what == HANDSHAKE_TIMEOUT && timeouts < 1 => timeouts += 1,
                     Err(e) if !e.retry_after.is_zero() && refusals < 30 => {
                         let unit = rand::random::<f64>();
                         let wait = grantline_agent::run::reconnect_wait(refusals, e.retry_after, Duration::ZERO, unit);
@@ -392,7 +398,7 @@ impl Fleet {
                         refusals += 1;
                     }
                     Err(e) => return Err(e),
-                    Ok((c, t)) => return Ok((c, t, refusals)),
+                    Ok((c, t)) => return Ok((c, t, refusals, timeouts)),
                 }
             }
         }
@@ -422,10 +428,13 @@ impl Fleet {
                 let c = connect.await;
                 let mut tally = tally.lock().unwrap();
                 match c {
-                    Ok((c, handshake, refusals)) => {
+                    Ok((c, handshake, refusals, timeouts)) => {
                         tally.latencies.push(handshake);
                         if refusals > 0 {
                             *tally.retries.entry("handshake: refused".into()).or_default() += refusals as usize;
+                        }
+                        if timeouts > 0 {
+                            *tally.retries.entry(HANDSHAKE_TIMEOUT.into()).or_default() += timeouts as usize;
                         }
                         (i, Some(c))
                     }
