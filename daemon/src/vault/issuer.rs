@@ -3,9 +3,10 @@
 //! The Grantline role is the Vault role name; policy has already capped TTLs.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use grantline_proto::audit::event::vault_fingerprint;
+use grantline_proto::clock::now_unix;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignCertificateRequest;
@@ -13,7 +14,6 @@ use vaultrs::api::ssh::requests::SignSSHKeyRequest;
 
 use super::endpoints::{CreateOrphanToken, LeasedRead};
 use super::{Minted, Vault};
-use crate::issuer::embedded::unix;
 use crate::issuer::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What};
 
 pub struct VaultIssuer {
@@ -109,22 +109,15 @@ impl VaultIssuer {
             "display_name": format!("grantline-{}", order.node),
             "meta": { "node": order.node, "role": order.role },
         });
-        let answer = self
-            .vault
-            .call_minting(
+        let token = self
+            .mint(
                 "token create",
-                |c| {
-                    let e = CreateOrphanToken { body: body.clone() };
-                    async move { vaultrs::api::exec_with_no_result(&*c, e).await }
-                },
+                || CreateOrphanToken { body: body.clone() },
                 minted_token,
+                |answer| read_token_answer(answer, policies),
             )
             .await?;
-        let token = match read_token_answer(&answer, policies) {
-            Ok(t) => t,
-            Err(why) => return Err(self.refuse_answer("token create", &answer, minted_token, why).await),
-        };
-        let now = unix(SystemTime::now());
+        let now = now_unix();
         Ok(Issued {
             fingerprint: vault_fingerprint("token-accessor", &token.accessor),
             not_before: now,
@@ -136,23 +129,11 @@ impl VaultIssuer {
     }
 
     async fn secret(&self, path: &str, ttl: Duration) -> Result<Issued, IssueError> {
-        let answer = self
-            .vault
-            .call_minting(
-                "reading a leased secret",
-                |c| {
-                    let e = LeasedRead { path: path.to_owned() };
-                    async move { vaultrs::api::exec_with_no_result(&*c, e).await }
-                },
-                minted_lease,
-            )
+        let leased = self
+            .mint("reading a leased secret", || LeasedRead { path: path.to_owned() }, minted_lease, read_lease_answer)
             .await?;
-        let leased = match read_lease_answer(&answer) {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                return Err(IssueError::BadRequest(format!("{path} is not a leased secret (Vault returned no lease)")))
-            }
-            Err(why) => return Err(self.refuse_answer("reading a leased secret", &answer, minted_lease, why).await),
+        let Some(leased) = leased else {
+            return Err(IssueError::BadRequest(format!("{path} is not a leased secret (Vault returned no lease)")));
         };
         let mut lease = Duration::from_secs(leased.lease_duration);
         if lease > ttl {
@@ -173,7 +154,7 @@ impl VaultIssuer {
                 }
             }
         }
-        let now = unix(SystemTime::now());
+        let now = now_unix();
         Ok(Issued {
             fingerprint: vault_fingerprint("lease", &leased.lease_id),
             not_before: now,
@@ -184,24 +165,43 @@ impl VaultIssuer {
         })
     }
 
-    /// An answer the broker will not deliver: revokes what it names, and
-    /// says why, as an internal error (sending the request again would only
-    /// repeat it).
-    async fn refuse_answer(
+    /// Sends the minting `endpoint` once ([`Vault::call_minting`]) and reads
+    /// its answer with `read`. An answer `read` will not deliver is
+    /// revoked (what `minted` names in it) and reported, with why, as an
+    /// internal error: sending the request again would only repeat it.
+    async fn mint<E, R>(
         &self,
         what: &'static str,
-        answer: &Value,
+        endpoint: impl Fn() -> E,
         minted: fn(&Value) -> Option<Minted>,
-        why: String,
-    ) -> IssueError {
-        let fate = match minted(answer) {
+        read: impl FnOnce(&Value) -> Result<R, String>,
+    ) -> Result<R, IssueError>
+    where
+        E: rustify::endpoint::Endpoint<Response = Value> + Send + 'static,
+    {
+        let answer = self
+            .vault
+            .call_minting(
+                what,
+                |c| {
+                    let e = endpoint();
+                    async move { vaultrs::api::exec_with_no_result(&*c, e).await }
+                },
+                minted,
+            )
+            .await?;
+        let why = match read(&answer) {
+            Ok(r) => return Ok(r),
+            Err(why) => why,
+        };
+        let fate = match minted(&answer) {
             Some(m) => {
                 self.vault.withdraw(&m, what).await;
                 "what Vault created was revoked"
             }
             None => "the answer names nothing the broker could revoke",
         };
-        IssueError::Internal(format!("{what}: Vault's answer is not usable ({why}); {fate}"))
+        Err(IssueError::Internal(format!("{what}: Vault's answer is not usable ({why}); {fate}")))
     }
 }
 
