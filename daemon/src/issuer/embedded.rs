@@ -133,4 +133,4 @@ impl Issuer for EmbeddedIssuer {
     }
 }
 
-pub use grantline_proto::clock::unix;
+use grantline_proto::clock::unix;

@@ -6,9 +6,9 @@ use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose,
 use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
-use crate::issuer::embedded::unix;
 use crate::issuer::CheckedCsr;
 use crate::pki::{random_serial, Pki};
+use grantline_proto::clock::unix;
 
 /// The authenticated node behind a connection, read from the certificate that
 /// rustls has already verified against the node CA.

@@ -7,13 +7,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grantline_proto::audit::Event;
+use grantline_proto::clock::now_unix;
 use rcgen::{CertificateParams, DnType, KeyPair};
 use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignIntermediateRequest;
 
 use super::Vault;
 use crate::audit::AuditLog;
-use crate::issuer::embedded::{sign_leaf, unix};
+use crate::issuer::embedded::sign_leaf;
 use crate::issuer::{IssueError, IssueFuture, Issuer, Order, What};
 
 struct LocalCa {
@@ -104,7 +105,7 @@ impl Intermediate {
             not_after,
         };
         self.audit.append(event).await.map_err(|e| IssueError::Unavailable(e.to_string()))?;
-        let ca = LocalCa { issuer, chain_pem, obtained: unix(SystemTime::now()), not_after };
+        let ca = LocalCa { issuer, chain_pem, obtained: now_unix(), not_after };
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(ca));
         tracing::info!(%serial, not_after, "new intermediate CA from Vault");
         Ok(())
@@ -115,7 +116,7 @@ impl Intermediate {
     pub async fn maintain(self: Arc<Self>) {
         let mut failures = 0u32;
         loop {
-            let now = unix(SystemTime::now());
+            let now = now_unix();
             let due = self.current().map_or(now, |ca| rotate_at(ca.obtained, ca.not_after));
             if due > now {
                 tokio::time::sleep(Duration::from_secs(u64::try_from(due - now).unwrap_or(0))).await;
@@ -142,7 +143,7 @@ impl Issuer for Intermediate {
             let Some(ca) = self.current() else {
                 return Err(IssueError::Unavailable("no intermediate CA from Vault yet (is Vault reachable?)".into()));
             };
-            let now = unix(SystemTime::now());
+            let now = now_unix();
             if ca.not_after <= now {
                 return Err(IssueError::Unavailable(
                     "the intermediate CA expired and Vault has not signed a new one".into(),
