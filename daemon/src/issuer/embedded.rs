@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use grantline_proto::clock::unix;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
 use sha2::{Digest, Sha256};
 
@@ -132,5 +133,3 @@ impl Issuer for EmbeddedIssuer {
         })
     }
 }
-
-use grantline_proto::clock::unix;
