@@ -14,7 +14,7 @@ have deb "$CARGO_DEB_VERSION" || cargo install --locked --quiet cargo-deb --vers
 have generate-rpm "$CARGO_GENERATE_RPM_VERSION" \
   || cargo install --locked --quiet cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION"
 
-cargo build --release --locked -p grantline-daemon -p grantline-agent --bins
+cargo build --release --locked -p grantline-daemon -p grantline-cli -p grantline-agent --bins
 
 out=target/packages
 stage=$out/stage

@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tonic_prost_build::configure()
             .build_client(true)
             .build_server(true)
+            // Callers dial their own channel (a Unix socket), so the client
+            // needs no tonic transport and the CLI links no gRPC server.
+            .build_transport(false)
             .compile_fds(protox::compile([admin], ["proto"])?)?;
     }
     Ok(())

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grantline_agent::state::rfc3339;
 use grantline_agent::{enroll, get, local, run, DEFAULT_SOCKET};
+use grantline_proto::clock::rfc3339;
 use grantline_proto::wire::{self, ErrorCode};
 
 /// The Grantline node agent.

@@ -386,7 +386,7 @@ async fn renew_once(agent: &Agent) -> Result<()> {
     *agent.identity.write().map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;
     agent.renewed.notify_one();
     tracing::info!(not_after = until, "node identity renewed");
-    announce(&format!("grantline-agent identity renewed until {}", crate::state::rfc3339(until)));
+    announce(&format!("grantline-agent identity renewed until {}", grantline_proto::clock::rfc3339(until)));
     Ok(())
 }
 

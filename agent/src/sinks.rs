@@ -17,7 +17,7 @@ use rand::Rng;
 use crate::config::Sink;
 use crate::renew::{backoff, renew_at, MIN_USEFUL_LIFETIME};
 use crate::run::{say, Agent};
-use crate::state::rfc3339;
+use grantline_proto::clock::rfc3339;
 
 /// Keeps every sink fresh; never returns.
 pub(crate) async fn keep_all(agent: Arc<Agent>, sinks: Vec<Sink>) {

@@ -12,29 +12,12 @@ use serde::Deserialize;
 use crate::server::admission::Limits;
 use crate::server::{load_policy, BrokerOptions};
 
-/// The largest configuration file read.
-const MAX_CONFIG_FILE: u64 = 1 << 20;
-
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_DEV_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/grantline";
 pub const DEFAULT_POLICY: &str = "/etc/grantline/policy.toml";
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/grantline/admin.sock";
-pub const DEFAULT_ADMIN_GROUP: &str = "grantline";
+use grantline_proto::admin_file::{AdminFile, MAX_CONFIG_FILE};
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
-
-/// `[admin]`: the admin API's Unix socket.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    /// Default true.
-    pub enabled: Option<bool>,
-    pub socket: Option<PathBuf>,
-    /// Members may call the API; default "grantline".
-    pub group: Option<String>,
-    /// Octal file mode of the socket, default "0660".
-    pub socket_mode: Option<String>,
-}
 
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -85,33 +68,15 @@ pub struct ConfigFile {
     pub limits: Option<LimitsFile>,
 }
 
-/// The admin API options of a configuration file, without validating the
-/// rest (for the CLI, which only needs the socket).
-pub fn load_admin(path: &Path) -> Result<crate::server::admin::AdminOptions> {
-    let text = grantline_proto::files::read_bounded(path, MAX_CONFIG_FILE)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let file: ConfigFile =
-        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
-    admin_options(file.admin)?
-        .with_context(|| format!("{} disables the admin API ([admin] enabled = false)", path.display()))
-}
-
 fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::admin::AdminOptions>> {
     let file = file.unwrap_or_default();
-    if file.enabled == Some(false) {
+    if !file.enabled() {
         return Ok(None);
     }
-    let mode = match file.socket_mode.as_deref() {
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .with_context(|| format!("admin.socket_mode {m:?} is not an octal file mode like \"0660\""))?,
-        None => 0o660,
-    };
     Ok(Some(crate::server::admin::AdminOptions {
-        socket: file.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
-        group: Some(file.group.unwrap_or_else(|| DEFAULT_ADMIN_GROUP.into())).filter(|g| !g.is_empty()),
-        mode,
+        socket: file.socket(),
+        group: file.group(),
+        mode: file.mode().map_err(anyhow::Error::msg)?,
     }))
 }
 

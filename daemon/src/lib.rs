@@ -4,7 +4,6 @@
 // alone allows unsafe code.
 #![deny(unsafe_code)]
 
-pub mod audit;
 pub mod config;
 pub mod issuer;
 pub mod metrics;
@@ -13,4 +12,7 @@ pub mod policy;
 pub mod server;
 pub mod state;
 pub mod vault;
-pub mod verify;
+
+/// The audit log's shells live in their own crate, shared with the CLI.
+pub use grantline_audit as audit;
+pub use grantline_audit::verify;

@@ -13,6 +13,15 @@ pub fn now_unix() -> i64 {
     unix(SystemTime::now())
 }
 
+/// `unix` seconds as an RFC 3339 UTC time, or the number itself when it is
+/// out of the calendar's range.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -23,5 +32,12 @@ mod tests {
         assert_eq!(unix(UNIX_EPOCH - std::time::Duration::from_secs(5)), 0);
         assert_eq!(unix(UNIX_EPOCH + std::time::Duration::from_secs(90)), 90);
         assert!(now_unix() > 1_700_000_000);
+    }
+
+    #[test]
+    fn times_print_as_rfc3339_or_as_the_number() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(i64::MAX), i64::MAX.to_string());
     }
 }

@@ -5,6 +5,7 @@
 //! SQLite live in the daemon and agent crates.
 #![forbid(unsafe_code)]
 
+pub mod admin_file;
 pub mod audit;
 pub mod clock;
 pub mod exit;

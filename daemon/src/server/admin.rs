@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -412,10 +412,4 @@ fn audit_entry(row: grantline_proto::audit::StoredEntry) -> api::AuditEntry {
         entry: row.entry,
         signature: row.signature,
     }
-}
-
-/// The admin socket path a `grantlined.toml` configures.
-pub fn socket_of_config(path: &Path) -> Result<PathBuf> {
-    let opts = crate::config::load_admin(path)?;
-    Ok(opts.socket)
 }

@@ -384,19 +384,7 @@ impl Broker {
     }
 }
 
-/// Takes the state directory's lock (`grantlined.lock`), without waiting.
-/// The broker holds it while it runs; offline tools take it to be sure no
-/// broker writes the log under them.
-pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("grantlined.lock"))
-        .with_context(|| format!("cannot open {}", dir.join("grantlined.lock").display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| anyhow::anyhow!("the state directory is locked ({e})"))
-}
+pub use grantline_audit::lock_state_dir;
 
 /// The largest policy file read: thousands of rules.
 pub const MAX_POLICY_FILE: u64 = 4 << 20;

@@ -34,7 +34,7 @@ pub(crate) async fn revoke_node(
             Some(n) if n.revoked => {
                 return Err(Status::failed_precondition(format!(
                     "node {name} was already revoked at {}",
-                    crate::state::rfc3339(n.revoked_at)
+                    grantline_proto::clock::rfc3339(n.revoked_at)
                 )))
             }
             Some(n) => n.serial.clone(),

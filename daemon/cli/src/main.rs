@@ -1,4 +1,7 @@
-//! grantline: the admin and verification CLI.
+//! grantline: the admin client of a running broker and the offline audit
+//! verifier. A crate of its own so that security teams verify with a
+//! program that links no QUIC, Vault or gRPC server code.
+#![forbid(unsafe_code)]
 
 mod admin;
 
@@ -9,10 +12,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use grantline_daemon::audit::anchor::Anchor;
-use grantline_daemon::audit::prove::{prove, Which};
-use grantline_daemon::audit::AuditStore;
-use grantline_daemon::verify;
+use grantline_audit::anchor::Anchor;
+use grantline_audit::prove::{prove, Which};
+use grantline_audit::verify;
+use grantline_audit::AuditStore;
 use grantline_proto::audit::{SignerKey, VerifierKey};
 
 /// Grantline administration and audit verification.
@@ -220,13 +223,13 @@ fn with_runtime(work: impl std::future::Future<Output = Result<()>>) -> ExitCode
 }
 
 fn rotate_key(dir: &std::path::Path) -> Result<()> {
-    let _lock = grantline_daemon::server::lock_state_dir(dir)
+    let _lock = grantline_audit::lock_state_dir(dir)
         .context("grantlined is running on this state directory; stop it before rotating the key")?;
     let key_path = dir.join("audit.key");
     let old = SignerKey::parse(&grantline_proto::files::read_secret(&key_path)?)
         .with_context(|| format!("{} is not a signed-note private key", key_path.display()))?;
     let new = SignerKey::generate(old.verifier().name())?;
-    let seq = grantline_daemon::audit::writer::rotate_key(&dir.join("audit.db"), &old, &new)?;
+    let seq = grantline_audit::writer::rotate_key(&dir.join("audit.db"), &old, &new)?;
     // The old private key is gone once the new one is in place; the public
     // history stays in the log (and in audit.vkeys for convenience).
     let history = dir.join("audit.vkeys");

@@ -13,8 +13,8 @@ use grantline_proto::audit::entry::leaf_hash;
 use grantline_proto::audit::merkle::MemoryTree;
 use grantline_proto::audit::{tiles, StoredEntry};
 
-use crate::audit::anchor::Anchor;
-use crate::audit::AuditStore;
+use crate::anchor::Anchor;
+use crate::AuditStore;
 
 /// Stored checkpoints read from the database at a time.
 const CHECKPOINT_PAGE: usize = 1024;
@@ -532,7 +532,7 @@ mod checkpoint_tests {
     use grantline_proto::audit::{Event, SignerKey};
 
     use super::*;
-    use crate::audit::AuditLog;
+    use crate::AuditLog;
 
     /// A log of `n` entries under `key` (genesis included), with a stored
     /// checkpoint at every size: more than one page of them.

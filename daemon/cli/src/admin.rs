@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use grantline_daemon::state::rfc3339;
 use grantline_proto::admin::admin_client::AdminClient;
 use grantline_proto::admin::{self as api};
+use grantline_proto::admin_file::{self, AdminFile};
+use grantline_proto::clock::rfc3339;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -40,9 +41,9 @@ impl Conn {
             return Ok(d.join("admin.sock"));
         }
         if self.config.exists() {
-            return grantline_daemon::server::admin::socket_of_config(&self.config);
+            return socket_of_config(&self.config);
         }
-        Ok(grantline_daemon::config::DEFAULT_ADMIN_SOCKET.into())
+        Ok(admin_file::DEFAULT_SOCKET.into())
     }
 
     async fn client(&self) -> Result<AdminClient<Channel>> {
@@ -66,6 +67,25 @@ impl Conn {
         // A fleet's node list or inventory is larger than tonic's 4 MiB default.
         Ok(AdminClient::new(channel).max_decoding_message_size(512 << 20))
     }
+}
+
+/// The admin socket a `grantlined.toml` configures: its `[admin]` section
+/// alone is read (the broker checks the rest when it starts).
+fn socket_of_config(path: &std::path::Path) -> Result<PathBuf> {
+    #[derive(serde::Deserialize)]
+    struct OnlyAdmin {
+        admin: Option<AdminFile>,
+    }
+    let text = grantline_proto::files::read_bounded(path, admin_file::MAX_CONFIG_FILE)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: OnlyAdmin =
+        toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))?;
+    let admin = file.admin.unwrap_or_default();
+    if !admin.enabled() {
+        bail!("{} disables the admin API ([admin] enabled = false)", path.display());
+    }
+    admin.mode().map_err(anyhow::Error::msg)?;
+    Ok(admin.socket())
 }
 
 /// The broker could not be reached.
