@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grantline_proto::wire::CredentialKind;
+use grantline_proto::kind::Kind;
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/grantline/agent.toml";
@@ -117,14 +117,15 @@ pub struct AllowRule {
     pub gids: Vec<u32>,
     pub exe: Vec<String>,
     pub units: Vec<String>,
-    pub kinds: Vec<String>,
+    /// The kinds it allows; None for any ("*").
+    pub kinds: Option<Vec<Kind>>,
     pub roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sink {
     pub name: String,
-    pub kind: CredentialKind,
+    pub kind: Kind,
     pub role: String,
     pub ttl: Option<Duration>,
     pub sans: Vec<String>,
@@ -197,11 +198,15 @@ impl AgentConfigFile {
             if a.kinds.is_empty() || a.roles.is_empty() {
                 bail!("allow rule {:?} needs at least one kind and one role (\"*\" for any)", a.name);
             }
-            for k in &a.kinds {
-                if k != "*" && CredentialKind::from_policy_name(k).is_none() {
-                    bail!("allow rule {:?}: unknown kind {k:?}; use {}", a.name, CredentialKind::policy_names());
-                }
-            }
+            let kinds = if a.kinds.iter().any(|k| k == "*") {
+                None
+            } else {
+                let named = a.kinds.iter().map(|k| {
+                    Kind::parse(k)
+                        .with_context(|| format!("allow rule {:?}: unknown kind {k:?}; use {}", a.name, Kind::names()))
+                });
+                Some(named.collect::<Result<Vec<Kind>>>()?)
+            };
             if a.users.is_empty() && a.uids.is_empty() && a.groups.is_empty() && a.gids.is_empty() {
                 bail!("allow rule {:?} names no users, uids, groups or gids; say who may ask", a.name);
             }
@@ -211,32 +216,30 @@ impl AgentConfigFile {
                 name: a.name,
                 exe: a.exe,
                 units: a.units,
-                kinds: a.kinds,
+                kinds,
                 roles: a.roles,
             });
         }
         let mut sinks = Vec::new();
         for s in file.sink {
             let ctx = || format!("sink {:?}", s.name);
-            let Some(kind) = CredentialKind::from_policy_name(&s.kind) else {
-                bail!("sink {:?}: unknown kind {:?}; use {}", s.name, s.kind, CredentialKind::policy_names());
+            let Some(kind) = Kind::parse(&s.kind) else {
+                bail!("sink {:?}: unknown kind {:?}; use {}", s.name, s.kind, Kind::names());
             };
             let needs: &[(&str, bool)] = match kind {
-                CredentialKind::X509 | CredentialKind::SshUser | CredentialKind::SshHost => {
-                    &[("cert", s.cert.is_some()), ("key", s.key.is_some())]
-                }
-                CredentialKind::VaultToken => &[("token", s.token.is_some())],
-                CredentialKind::DynamicSecret | CredentialKind::Unspecified => &[("secret", s.secret.is_some())],
+                Kind::X509 | Kind::SshUser | Kind::SshHost => &[("cert", s.cert.is_some()), ("key", s.key.is_some())],
+                Kind::VaultToken => &[("token", s.token.is_some())],
+                Kind::DynamicSecret => &[("secret", s.secret.is_some())],
             };
             for (field, present) in needs {
                 if !present {
                     bail!("sink {:?} of kind {} needs a `{field}` path", s.name, s.kind);
                 }
             }
-            if matches!(kind, CredentialKind::SshUser | CredentialKind::SshHost) && s.principals.is_empty() {
+            if matches!(kind, Kind::SshUser | Kind::SshHost) && s.principals.is_empty() {
                 bail!("sink {:?} needs principals", s.name);
             }
-            if kind == CredentialKind::VaultToken && s.vault_policies.is_empty() {
+            if kind == Kind::VaultToken && s.vault_policies.is_empty() {
                 bail!("sink {:?} needs vault_policies", s.name);
             }
             let ttl = match &s.ttl {
@@ -298,7 +301,7 @@ impl AgentConfigFile {
 
     /// Whether `caller` may ask for `kind`/`role`: the name of the rule that
     /// allows it, or why not. Without rules, root and `agent_uid` may ask.
-    pub fn allows(&self, caller: &Caller, kind: &str, role: &str, agent_uid: u32) -> Result<String, String> {
+    pub fn allows(&self, caller: &Caller, kind: Kind, role: &str, agent_uid: u32) -> Result<String, String> {
         let Some(rules) = &self.allow else {
             if caller.uid == 0 || caller.uid == agent_uid {
                 return Ok("default".into());
@@ -313,7 +316,8 @@ impl AgentConfigFile {
             let who = r.uids.contains(&caller.uid) || r.gids.contains(&caller.gid);
             let exe = r.exe.is_empty() || glob(&r.exe, &caller.exe);
             let unit = r.units.is_empty() || glob(&r.units, &caller.unit);
-            if who && exe && unit && glob(&r.kinds, kind) && glob(&r.roles, role) {
+            let kind_ok = r.kinds.as_ref().is_none_or(|kinds| kinds.contains(&kind));
+            if who && exe && unit && kind_ok && glob(&r.roles, role) {
                 return Ok(r.name.clone());
             }
         }
@@ -369,24 +373,24 @@ roles = ["db-*"]
         )
         .unwrap();
         let nginx = caller(33, 33, "/usr/sbin/nginx", "nginx.service");
-        assert_eq!(c.allows(&nginx, "x509", "web", 999), Ok("nginx".into()));
-        assert!(c.allows(&nginx, "ssh-user", "web", 999).is_err(), "kind");
-        assert!(c.allows(&nginx, "x509", "db", 999).is_err(), "role");
-        assert!(c.allows(&caller(33, 33, "/usr/bin/curl", "nginx.service"), "x509", "web", 999).is_err(), "exe");
-        assert!(c.allows(&caller(33, 33, "/usr/sbin/nginx", "cron.service"), "x509", "web", 999).is_err(), "unit");
-        let e = c.allows(&caller(1000, 1000, "/bin/sh", ""), "x509", "web", 999).unwrap_err();
+        assert_eq!(c.allows(&nginx, Kind::X509, "web", 999), Ok("nginx".into()));
+        assert!(c.allows(&nginx, Kind::SshUser, "web", 999).is_err(), "kind");
+        assert!(c.allows(&nginx, Kind::X509, "db", 999).is_err(), "role");
+        assert!(c.allows(&caller(33, 33, "/usr/bin/curl", "nginx.service"), Kind::X509, "web", 999).is_err(), "exe");
+        assert!(c.allows(&caller(33, 33, "/usr/sbin/nginx", "cron.service"), Kind::X509, "web", 999).is_err(), "unit");
+        let e = c.allows(&caller(1000, 1000, "/bin/sh", ""), Kind::X509, "web", 999).unwrap_err();
         assert!(e.contains("uid 1000"), "{e}");
-        assert_eq!(c.allows(&caller(5, 110, "/x", ""), "secret", "db-ro", 999), Ok("certs".into()));
+        assert_eq!(c.allows(&caller(5, 110, "/x", ""), Kind::DynamicSecret, "db-ro", 999), Ok("certs".into()));
         // Root gets nothing it is not given once rules exist.
-        assert!(c.allows(&caller(0, 0, "/x", ""), "x509", "web", 0).is_err());
+        assert!(c.allows(&caller(0, 0, "/x", ""), Kind::X509, "web", 0).is_err());
     }
 
     #[test]
     fn without_rules_only_root_and_the_agent_user_may_ask() {
         let c = AgentConfigFile::parse("", users, groups).unwrap();
-        assert!(c.allows(&caller(0, 0, "", ""), "x509", "dev", 999).is_ok());
-        assert!(c.allows(&caller(999, 999, "", ""), "x509", "dev", 999).is_ok());
-        assert!(c.allows(&caller(65534, 65534, "", ""), "x509", "dev", 999).is_err());
+        assert!(c.allows(&caller(0, 0, "", ""), Kind::X509, "dev", 999).is_ok());
+        assert!(c.allows(&caller(999, 999, "", ""), Kind::X509, "dev", 999).is_ok());
+        assert!(c.allows(&caller(65534, 65534, "", ""), Kind::X509, "dev", 999).is_err());
         assert_eq!(c.socket_mode, 0o666);
         assert_eq!(c.join_token_file, Path::new(DEFAULT_JOIN_TOKEN_FILE));
     }

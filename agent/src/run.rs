@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::event::vault_fingerprint;
 use grantline_proto::audit::{receipt, Event, VerifierKey};
+use grantline_proto::kind::Kind;
 use grantline_proto::slots::{Slot, Slots};
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
@@ -523,8 +524,11 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             // A token accessor names no role: releasing a token takes a rule
             // allowing vault-token for any role.
             let is_token = r.lease_id.starts_with(grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX);
-            let (kind, role) =
-                if is_token { ("vault-token", "*") } else { ("secret", r.lease_id.rsplit('/').nth(1).unwrap_or("*")) };
+            let (kind, role) = if is_token {
+                (Kind::VaultToken, "*")
+            } else {
+                (Kind::DynamicSecret, r.lease_id.rsplit('/').nth(1).unwrap_or("*"))
+            };
             if let Err(reason) = agent.check_caller(caller.as_ref(), kind, role) {
                 return local_error(ErrorCode::PermissionDenied, reason);
             }
@@ -553,7 +557,12 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             }
         }
         Some(LocalReq::Grant(mut g)) => {
-            let kind = wire::CredentialKind::try_from(g.kind).map(|k| k.policy_name()).unwrap_or("unknown");
+            let Some(kind) = Kind::from_wire(g.kind) else {
+                return local_error(
+                    ErrorCode::BadRequest,
+                    format!("unknown credential kind {}; use {}", g.kind, Kind::names()),
+                );
+            };
             if let Err(reason) = agent.check_caller(caller.as_ref(), kind, &g.role) {
                 return local_error(ErrorCode::PermissionDenied, reason);
             }
@@ -568,7 +577,7 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
 
 impl Agent {
     /// Applies agent.toml's [[allow]] rules to a local caller.
-    fn check_caller(&self, caller: Option<&wire::Caller>, kind: &str, role: &str) -> Result<(), String> {
+    fn check_caller(&self, caller: Option<&wire::Caller>, kind: Kind, role: &str) -> Result<(), String> {
         let Some(who) = caller else {
             return Err(
                 "the calling process could not be identified (it exited, or its pid was reused); try again".into()
@@ -576,7 +585,7 @@ impl Agent {
         };
         let asking = Caller { uid: who.uid, gid: who.gid, pid: who.pid, exe: who.exe.clone(), unit: who.unit.clone() };
         self.policy.allows(&asking, kind, role, nix::unistd::getuid().as_raw()).map(|_| ()).map_err(|reason| {
-            tracing::warn!(uid = who.uid, pid = who.pid, exe = %who.exe, kind, role, %reason, "local caller refused");
+            tracing::warn!(uid = who.uid, pid = who.pid, exe = %who.exe, %kind, role, %reason, "local caller refused");
             format!("refused by the agent's policy: {reason}")
         })
     }
@@ -584,7 +593,7 @@ impl Agent {
     /// Asks the broker for a credential and checks its receipt; an X.509
     /// request without SANs gets the node name.
     pub(crate) async fn grant(&self, mut g: wire::GrantRequest) -> Result<wire::GrantResponse, wire::Error> {
-        let is_x509 = g.kind == wire::CredentialKind::X509 as i32;
+        let is_x509 = Kind::from_wire(g.kind) == Some(Kind::X509);
         if is_x509 && g.sans.is_empty() {
             g.sans = vec![self.config.node_name.clone()];
         }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::Entry;
 use grantline_proto::files::stage_owned;
-use grantline_proto::wire::{self, CredentialKind};
+use grantline_proto::kind::Kind;
+use grantline_proto::wire;
 use rand::Rng;
 
 use crate::config::Sink;
@@ -229,10 +230,10 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
     };
     let path = |p: &Option<PathBuf>| p.clone().context("missing path");
     match sink.kind {
-        CredentialKind::X509 => {
+        Kind::X509 => {
             let sans = if sink.sans.is_empty() { vec![agent.node_name().to_owned()] } else { sink.sans.clone() };
             let (key, csr) = crate::get::x509_key_and_csr(&sans)?;
-            let g = wire::GrantRequest { kind: CredentialKind::X509 as i32, csr_der: csr, sans, ..base };
+            let g = wire::GrantRequest { kind: Kind::X509.wire() as i32, csr_der: csr, sans, ..base };
             let gr = agent.grant(g).await?;
             let lifetime = lifetime_of(&gr);
             crate::get::check_x509(&gr, &key)?;
@@ -245,10 +246,10 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             }
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        kind @ (CredentialKind::SshUser | CredentialKind::SshHost) => {
+        kind @ (Kind::SshUser | Kind::SshHost) => {
             let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
             let g = wire::GrantRequest {
-                kind: kind as i32,
+                kind: kind.wire() as i32,
                 ssh_public_key: key.public_key().to_openssh()?,
                 principals: sink.principals.clone(),
                 ..base
@@ -265,9 +266,9 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             ];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        CredentialKind::VaultToken => {
+        Kind::VaultToken => {
             let g = wire::GrantRequest {
-                kind: CredentialKind::VaultToken as i32,
+                kind: Kind::VaultToken.wire() as i32,
                 vault_policies: sink.vault_policies.clone(),
                 ..base
             };
@@ -276,9 +277,8 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             let files = vec![(path(&sink.token)?, format!("{}\n", gr.vault_token).into_bytes())];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
-        CredentialKind::Unspecified => bail!("sink {}: no kind (the agent's configuration refuses this)", sink.name),
-        CredentialKind::DynamicSecret => {
-            let g = wire::GrantRequest { kind: CredentialKind::DynamicSecret as i32, ..base };
+        Kind::DynamicSecret => {
+            let g = wire::GrantRequest { kind: Kind::DynamicSecret.wire() as i32, ..base };
             let gr = agent.grant(g).await?;
             let lifetime = lifetime_of(&gr);
             let files = vec![(path(&sink.secret)?, gr.secret_json.into_bytes())];

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod exit;
 pub mod files;
 pub mod frame;
+pub mod kind;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod pem;
@@ -70,46 +71,3 @@ impl std::fmt::Display for wire::Error {
 }
 
 impl std::error::Error for wire::Error {}
-
-impl wire::CredentialKind {
-    /// The name used in policy files, audit events and the CLI.
-    pub fn policy_name(self) -> &'static str {
-        match self {
-            Self::Unspecified => "unspecified",
-            Self::X509 => "x509",
-            Self::SshUser => "ssh-user",
-            Self::SshHost => "ssh-host",
-            Self::VaultToken => "vault-token",
-            Self::DynamicSecret => "secret",
-        }
-    }
-
-    /// Every kind a credential can be (not `Unspecified`).
-    pub const ALL: [Self; 5] = [Self::X509, Self::SshUser, Self::SshHost, Self::VaultToken, Self::DynamicSecret];
-
-    /// The kind named `name` in policy and config files.
-    pub fn from_policy_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.policy_name() == name)
-    }
-
-    /// The names of [`Self::ALL`], for error messages.
-    pub fn policy_names() -> String {
-        Self::ALL.map(Self::policy_name).join(", ")
-    }
-}
-
-#[cfg(test)]
-mod kind_tests {
-    use super::wire::CredentialKind;
-
-    #[test]
-    fn every_kind_is_found_by_its_policy_name_and_nothing_else_is() {
-        for k in CredentialKind::ALL {
-            assert_eq!(CredentialKind::from_policy_name(k.policy_name()), Some(k));
-        }
-        for name in ["unspecified", "", "X509", "ssh", "*"] {
-            assert_eq!(CredentialKind::from_policy_name(name), None, "{name}");
-        }
-        assert_eq!(CredentialKind::policy_names(), "x509, ssh-user, ssh-host, vault-token, secret");
-    }
-}

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use grantline_proto::kind::Kind;
 use wildmatch::WildMatch;
 
-use super::{Allow, Kind, Policy, Rule};
+use super::rules::{Allow, Policy, Rule};
 
 /// What policy knows about the requesting node (from its identity certificate
 /// and enrollment record, never from the request).

@@ -35,7 +35,7 @@ pub(crate) async fn handle(shared: &Shared, peer: Option<&PeerNode>, req: wire::
             (Err(reply), _) => reply,
         },
         Some(Req::Grant(r)) => {
-            let kind = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
+            let kind = Kind::name_of_wire(r.kind);
             let reply = match authenticate(shared, peer) {
                 Ok(node) => grant(shared, &node, r).await,
                 Err(reply) => reply,
@@ -288,18 +288,8 @@ pub(super) struct Parsed {
 }
 
 pub(super) fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
-    let kind = match wire::CredentialKind::try_from(r.kind) {
-        Ok(wire::CredentialKind::X509) => Kind::X509,
-        Ok(wire::CredentialKind::SshUser) => Kind::SshUser,
-        Ok(wire::CredentialKind::SshHost) => Kind::SshHost,
-        Ok(wire::CredentialKind::VaultToken) => Kind::VaultToken,
-        Ok(wire::CredentialKind::DynamicSecret) => Kind::DynamicSecret,
-        _ => {
-            return Err(format!(
-                "unknown credential kind {}; use x509, ssh-user, ssh-host, vault-token or secret",
-                r.kind
-            ))
-        }
+    let Some(kind) = Kind::from_wire(r.kind) else {
+        return Err(format!("unknown credential kind {}; use {}", r.kind, Kind::names()));
     };
     if r.role.is_empty() {
         return Err("the request names no role".into());
@@ -396,7 +386,7 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
         exe: c.exe.clone(),
         unit: c.unit.clone(),
     });
-    let kind_name = wire::CredentialKind::try_from(r.kind).map(|k| k.policy_name()).unwrap_or("unknown");
+    let kind_name = Kind::name_of_wire(r.kind);
     let denial = |reason: String| Event::Denial {
         action: "grant".into(),
         node: node.name.clone(),
