@@ -68,12 +68,12 @@ pub struct ConfigFile {
     pub limits: Option<LimitsFile>,
 }
 
-fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::admin::AdminOptions>> {
+fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::AdminOptions>> {
     let file = file.unwrap_or_default();
     if !file.enabled() {
         return Ok(None);
     }
-    Ok(Some(crate::server::admin::AdminOptions {
+    Ok(Some(crate::server::AdminOptions {
         socket: file.socket(),
         group: file.group(),
         mode: file.mode().map_err(anyhow::Error::msg)?,
@@ -173,11 +173,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         identity_ttl,
         vault: None,
         anchor: Some(state_dir.join("anchor").display().to_string()),
-        admin: Some(crate::server::admin::AdminOptions {
-            socket: state_dir.join("admin.sock"),
-            group: None,
-            mode: 0o600,
-        }),
+        admin: Some(crate::server::AdminOptions { socket: state_dir.join("admin.sock"), group: None, mode: 0o600 }),
         metrics: None,
         limits: Limits::default(),
     })

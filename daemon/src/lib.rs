@@ -9,6 +9,7 @@ pub mod issuer;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod registry;
 pub mod server;
 pub mod state;
 pub mod vault;

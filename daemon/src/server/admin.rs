@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,21 +22,12 @@ use super::admin_peer::{AdminPeer, AdminStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::handler::now_unix;
 use super::identity::check_node_name;
-use super::Shared;
+use super::options::AdminOptions;
+use super::shared::Shared;
 use crate::audit::prove::{prove, Which};
 use crate::audit::store::GrantFilter;
-
-/// Where the admin API listens and who may call it.
-#[derive(Debug, Clone)]
-pub struct AdminOptions {
-    pub socket: PathBuf,
-    /// Members of this group may call (besides root and the broker's user).
-    pub group: Option<String>,
-    /// The socket file's mode; 0660 unless configured.
-    pub mode: u32,
-}
+use grantline_proto::clock::now_unix;
 
 /// Binds the admin socket: a stale socket is replaced, a live one refused.
 pub fn bind(opts: &AdminOptions) -> Result<(UnixListener, Option<u32>)> {
@@ -202,33 +192,22 @@ impl Admin for AdminService {
         req: Request<api::ListNodesRequest>,
     ) -> Result<Response<api::ListNodesResponse>, Status> {
         self.authorize(&req)?;
-        let mut nodes: Vec<api::Node> = {
-            let known = self.shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            known
-                .values()
-                .map(|n| api::Node {
-                    name: n.name.clone(),
-                    labels: n.labels.clone().into_iter().collect(),
-                    connected: false,
-                    last_seen_unix: n.last_seen,
-                    identity_not_after_unix: n.not_after,
-                    revoked: n.revoked,
-                    revoked_at_unix: n.revoked_at,
-                    identity_serial: n.serial.clone(),
-                })
-                .collect()
-        };
-        {
-            let live = self.shared.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let seen = self.shared.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for n in &mut nodes {
-                n.connected = live.get(&n.name).is_some_and(|c| !c.is_empty());
-                if let Some(at) = seen.get(&n.name) {
-                    n.last_seen_unix = n.last_seen_unix.max(*at);
-                }
-            }
-        }
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let nodes = self
+            .shared
+            .registry
+            .list()
+            .into_iter()
+            .map(|l| api::Node {
+                connected: l.connected,
+                last_seen_unix: l.record.last_seen,
+                identity_not_after_unix: l.record.not_after,
+                revoked: l.record.revoked,
+                revoked_at_unix: l.record.revoked_at,
+                identity_serial: l.record.serial,
+                labels: l.record.labels.into_iter().collect(),
+                name: l.record.name,
+            })
+            .collect();
         Ok(Response::new(api::ListNodesResponse { nodes }))
     }
 
@@ -395,8 +374,8 @@ impl Admin for AdminService {
         match self.shared.reload_policy(Some(admin)).await {
             Ok(r) => Ok(Response::new(r)),
             // The error may quote the file: cut it to what a gRPC status carries.
-            Err(super::ReloadError::Invalid(e)) => Err(Status::invalid_argument(excerpt(&e, 4096))),
-            Err(super::ReloadError::NotAudited(e)) => Err(Status::unavailable(excerpt(&e, 4096))),
+            Err(super::reload::ReloadError::Invalid(e)) => Err(Status::invalid_argument(excerpt(&e, 4096))),
+            Err(super::reload::ReloadError::NotAudited(e)) => Err(Status::unavailable(excerpt(&e, 4096))),
         }
     }
 }

@@ -8,18 +8,18 @@ use grantline_proto::audit::Event;
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, ErrorCode};
 
 use super::identity::{check_node_name, issue_identity, IssuedIdentity, PeerNode};
-use super::Shared;
+use super::revoke::revoke_lease;
+use super::shared::Shared;
 use crate::issuer::{check_csr, CheckedCsr, IssueError, Issued, Issuer, Order, What};
 use crate::policy::{decide, Allowed, Decision, Kind, NodeAttrs, PolicyRequest};
 use crate::state::{LeaseRecord, NodeRecord, TokenError};
-use crate::vault::Vault;
 
 type Reply = wire::Response;
 
 /// Token accessors are kept in the lease table under this prefix.
 pub(crate) use grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX;
 
-pub(crate) use grantline_proto::clock::now_unix;
+use grantline_proto::clock::now_unix;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Reply {
     Reply { body: Some(Resp::Error(wire::Error::new(code, msg))) }
@@ -76,15 +76,14 @@ fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, R
             format!("node identity of {} expired; reconnect with a renewed identity or enroll again", peer.name),
         ));
     }
-    let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match nodes.get(&peer.name) {
+    shared.registry.with(&peer.name, |known| match known {
         Some(n) if n.revoked => Err(err(ErrorCode::Revoked, format!("node {} has been revoked", peer.name))),
         Some(n) if !n.speaks_for(&peer.serial) => {
             Err(err(ErrorCode::Unauthenticated, crate::state::replaced_identity(&peer.name, &peer.serial)))
         }
         Some(n) => Ok(NodeAttrs { name: n.name.clone(), labels: n.labels.clone() }),
         None => Err(err(ErrorCode::Unauthenticated, format!("node {} is not enrolled with this broker", peer.name))),
-    }
+    })
 }
 
 async fn audit_denial(shared: &Shared, event: Event) {
@@ -123,15 +122,14 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
                 "the token pins no node name, so the request must give one (--name)".into(),
             ));
         }
-        let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match nodes.get(name) {
+        shared.registry.with(name, |known| match known {
             Some(n) if n.revoked => Err(TokenError::NodeRevoked(name.to_owned())),
             Some(_) if t.node.is_none() => Err(TokenError::Refused(format!(
                 "node {name} is already enrolled; to re-enroll it, use a token pinned to it \
                  ('grantline token create --node {name}')"
             ))),
             _ => Ok(()),
-        }
+        })
     };
     let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix(), accept) {
         Ok(t) => t,
@@ -198,30 +196,28 @@ async fn grant_identity(
     let receipt = shared.audit.append(event(&id)).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))?;
     let revoked = || err(ErrorCode::Revoked, format!("node {} has been revoked", node.name));
     let _commit = shared.identity_commit.lock().await;
-    let previous_serial = {
-        let nodes = shared.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let known = nodes.get(&node.name);
+    let previous_serial = shared.registry.with(&node.name, |known| {
         if known.is_some_and(|n| n.revoked) {
             return Err(revoked());
         }
         match (&generation, known) {
-            (Generation::Enrollment, _) => String::new(),
+            (Generation::Enrollment, _) => Ok(String::new()),
             // The previous identity renews only while the current one has not
             // been used: a leaked old identity cannot take the node over.
-            (Generation::Renewal { from }, Some(n)) if n.serial == *from => from.clone(),
-            (Generation::Renewal { from }, Some(n)) if n.previous_serial == *from && !n.current_seen => from.clone(),
-            (Generation::Renewal { .. }, _) => {
-                return Err(err(
-                    ErrorCode::Unauthenticated,
-                    format!(
-                        "the identity renewing node {} is no longer one of its own (it was replaced by a renewal \
-                         or a re-enrollment meanwhile)",
-                        node.name
-                    ),
-                ))
+            (Generation::Renewal { from }, Some(n)) if n.serial == *from => Ok(from.clone()),
+            (Generation::Renewal { from }, Some(n)) if n.previous_serial == *from && !n.current_seen => {
+                Ok(from.clone())
             }
+            (Generation::Renewal { .. }, _) => Err(err(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the identity renewing node {} is no longer one of its own (it was replaced by a renewal \
+                     or a re-enrollment meanwhile)",
+                    node.name
+                ),
+            )),
         }
-    };
+    })?;
     let record = NodeRecord {
         name: node.name.clone(),
         labels: node.labels.clone(),
@@ -239,12 +235,8 @@ async fn grant_identity(
         .state
         .upsert_node(&record, now_unix())
         .map_err(|e| err(ErrorCode::Unavailable, format!("cannot record the node: {e}")))?;
-    {
-        let mut nodes = shared.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if nodes.get(&node.name).is_some_and(|n| n.revoked) {
-            return Err(revoked());
-        }
-        nodes.insert(node.name.clone(), record);
+    if !shared.registry.record(record) {
+        return Err(revoked());
     }
     let identity = wire::NodeIdentity {
         node_name: node.name.clone(),
@@ -287,7 +279,14 @@ pub(super) struct Parsed {
     what: What,
 }
 
-pub(super) fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
+/// The checks a grant request passes before policy decides (kind, role,
+/// names, CSR or SSH key): the broker's first parser of what a node sends,
+/// public for the fuzz targets.
+pub fn check_grant_request(r: &wire::GrantRequest) -> Result<(), String> {
+    parse_grant(r).map(|_| ())
+}
+
+fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
     let Some(kind) = Kind::from_wire(r.kind) else {
         return Err(format!("unknown credential kind {}; use {}", r.kind, Kind::names()));
     };
@@ -484,13 +483,7 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
     // A revocation that landed while this grant was being minted: either it
     // listed the lease just recorded, or the flag it set is seen here, and
     // the credential is withdrawn rather than delivered.
-    let revoked_meanwhile = shared
-        .nodes
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&node.name)
-        .is_none_or(|n| n.revoked);
-    if revoked_meanwhile {
+    if shared.registry.is_out(&node.name) {
         withdraw(shared, &issued).await;
         return err(ErrorCode::Revoked, format!("node {} was revoked while the credential was minted", node.name));
     }
@@ -552,31 +545,8 @@ async fn release(shared: &Shared, node: &NodeAttrs, r: wire::ReleaseRequest) -> 
     }
     match revoke_lease(shared, vault, &lease, "released by the node").await {
         Ok(receipt) => Reply { body: Some(Resp::Release(wire::ReleaseResponse { receipt: Some(receipt) })) },
-        Err(reply) => reply,
+        Err(reason) => err(ErrorCode::Unavailable, reason),
     }
-}
-
-/// Revokes one lease in Vault, marks it, and audits the revocation.
-#[allow(clippy::result_large_err)]
-pub(crate) async fn revoke_lease(
-    shared: &Shared,
-    vault: &Vault,
-    lease: &LeaseRecord,
-    reason: &str,
-) -> Result<wire::Receipt, Reply> {
-    let revoked = match lease.lease_id.strip_prefix(TOKEN_ACCESSOR_PREFIX) {
-        Some(accessor) => vault.revoke_accessor(accessor).await,
-        None => vault.revoke_lease(&lease.lease_id).await,
-    };
-    if let Err(e) = revoked {
-        return Err(err(ErrorCode::Unavailable, format!("Vault did not revoke the lease: {e}")));
-    }
-    if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()) {
-        tracing::error!(error = %e, "lease revoked in Vault but not marked in state.db");
-    }
-    let event =
-        Event::LeaseRevocation { node: lease.node.clone(), lease: lease.fingerprint.clone(), reason: reason.into() };
-    shared.audit.append(event).await.map_err(|e| err(ErrorCode::Unavailable, e.to_string()))
 }
 
 /// The inclusion proof of entry `index` in the latest checkpoint.

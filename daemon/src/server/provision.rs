@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use grantline_proto::audit::Event;
 
 use super::identity::{check_node_name, issue_identity};
-use super::{load_or_create_audit_key, lock_state_dir};
+use super::state_dir::{load_or_create_audit_key, lock_state_dir};
 use crate::audit::AuditLog;
 use crate::issuer::check_csr;
 use crate::pki::Pki;
@@ -28,7 +28,7 @@ pub fn provision_nodes(state_dir: &Path, names: &[String], csr_der: &[u8], ttl: 
     }
     let csr = check_csr(csr_der).map_err(anyhow::Error::msg)?;
     let pki = Pki::load_or_create(state_dir, &[])?;
-    let now = super::handler::now_unix();
+    let now = grantline_proto::clock::now_unix();
     let mut leaves = Vec::with_capacity(names.len());
     let mut records = Vec::with_capacity(names.len());
     let mut events = Vec::with_capacity(names.len());

@@ -1,0 +1,253 @@
+//! The broker's node registry: every enrolled node's record, the live
+//! connections of each, and when each was last heard from (not yet saved).
+//! The handler, the admin API and revocation go through its methods; its
+//! locks are its own and never held across an await.
+//!
+//! Revocation is monotonic here as in `state.db`: once a record is revoked,
+//! nothing in this type clears the flag.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use crate::state::NodeRecord;
+
+/// Why a node may not use an identity, as the registry sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Enrolled, not revoked, and the identity is its own.
+    Good,
+    Revoked,
+    NotEnrolled,
+    /// The identity was replaced by a renewal that has been used, or by a
+    /// re-enrollment.
+    Replaced,
+}
+
+/// What `admit` decided for a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    Yes,
+    /// Refused for the node's standing.
+    Refused(Standing),
+    /// The node already holds this many connections.
+    TooMany(usize),
+}
+
+/// Connections one node may hold at once (an agent needs one; a few more
+/// cover reconnects racing the old connection's close).
+pub const MAX_CONNECTIONS_PER_NODE: usize = 8;
+
+/// Nodes, live connections (of type `C`) and last-seen times.
+pub struct Registry<C> {
+    nodes: RwLock<HashMap<String, NodeRecord>>,
+    live: Mutex<HashMap<String, HashMap<usize, C>>>,
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+/// An enrolled node as the admin API lists it.
+pub struct Listed {
+    pub record: NodeRecord,
+    pub connected: bool,
+}
+
+impl<C: Clone> Registry<C> {
+    /// A registry of the nodes `state.db` holds.
+    pub fn new(nodes: Vec<NodeRecord>) -> Self {
+        Self {
+            nodes: RwLock::new(nodes.into_iter().map(|n| (n.name.clone(), n)).collect()),
+            live: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads the record of `name` (None if not enrolled) without copying it.
+    pub fn with<T>(&self, name: &str, f: impl FnOnce(Option<&NodeRecord>) -> T) -> T {
+        f(self.nodes.read().unwrap_or_else(PoisonError::into_inner).get(name))
+    }
+
+    /// Whether `serial` may speak for `name`.
+    pub fn standing(&self, name: &str, serial: &str) -> Standing {
+        self.with(name, |n| match n {
+            None => Standing::NotEnrolled,
+            Some(n) if n.revoked => Standing::Revoked,
+            Some(n) if !n.speaks_for(serial) => Standing::Replaced,
+            Some(_) => Standing::Good,
+        })
+    }
+
+    /// True when `name` is revoked or not enrolled (any longer).
+    pub fn is_out(&self, name: &str) -> bool {
+        self.with(name, |n| n.is_none_or(|n| n.revoked))
+    }
+
+    /// Puts `record` in place of the node's, unless the node is revoked:
+    /// then nothing changes and false is returned.
+    pub fn record(&self, record: NodeRecord) -> bool {
+        let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+        if nodes.get(&record.name).is_some_and(|n| n.revoked) {
+            return false;
+        }
+        nodes.insert(record.name.clone(), record);
+        true
+    }
+
+    /// Marks `name` revoked at `at` and takes its live connections, for the
+    /// caller to close. A connection registering after this sees the flag.
+    pub fn revoke(&self, name: &str, at: i64) -> Vec<C> {
+        if let Some(n) = self.nodes.write().unwrap_or_else(PoisonError::into_inner).get_mut(name) {
+            n.revoked = true;
+            n.revoked_at = at;
+        }
+        let conns = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(name).unwrap_or_default();
+        conns.into_values().collect()
+    }
+
+    /// Registers connection `id` of `name` presenting `serial`, then says
+    /// whether it may stay. Registered before the node's standing is read,
+    /// so a concurrent `revoke` either takes the connection or is seen. The
+    /// first connection with a renewed identity marks it used.
+    pub fn admit(&self, name: &str, serial: &str, id: usize, conn: C, now: i64) -> Admitted {
+        let held = {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let conns = live.entry(name.to_owned()).or_default();
+            conns.insert(id, conn);
+            conns.len()
+        };
+        self.mark_seen(name, now);
+        match self.standing(name, serial) {
+            Standing::Good if held > MAX_CONNECTIONS_PER_NODE => Admitted::TooMany(MAX_CONNECTIONS_PER_NODE),
+            Standing::Good => {
+                let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+                if let Some(n) = nodes.get_mut(name).filter(|n| n.serial == serial) {
+                    n.current_seen = true;
+                }
+                Admitted::Yes
+            }
+            other => Admitted::Refused(other),
+        }
+    }
+
+    /// Forgets connection `id` of `name`, noting when it was last seen.
+    pub fn leave(&self, name: &str, id: usize, now: i64) {
+        {
+            let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(conns) = live.get_mut(name) {
+                conns.remove(&id);
+                if conns.is_empty() {
+                    live.remove(name);
+                }
+            }
+        }
+        self.mark_seen(name, now);
+    }
+
+    /// Notes that `name` was heard from at `at`.
+    pub fn mark_seen(&self, name: &str, at: i64) {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned(), at);
+    }
+
+    /// Takes the last-seen times noted since the last call, and keeps them
+    /// in the records, for the caller to save.
+    pub fn take_seen(&self) -> Vec<(String, i64)> {
+        let seen: Vec<(String, i64)> = self.seen.lock().unwrap_or_else(PoisonError::into_inner).drain().collect();
+        if !seen.is_empty() {
+            let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+            for (name, at) in &seen {
+                if let Some(n) = nodes.get_mut(name) {
+                    n.last_seen = n.last_seen.max(*at);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Every enrolled node by name, whether it is connected, and when it was
+    /// last seen (counting times not yet saved).
+    pub fn list(&self) -> Vec<Listed> {
+        let mut out: Vec<Listed> = self
+            .nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|n| Listed { record: n.clone(), connected: false })
+            .collect();
+        {
+            let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            for n in &mut out {
+                n.connected = live.get(&n.record.name).is_some_and(|c| !c.is_empty());
+                if let Some(at) = seen.get(&n.record.name) {
+                    n.record.last_seen = n.record.last_seen.max(*at);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        out
+    }
+
+    /// How many nodes hold at least one connection.
+    pub fn connected_nodes(&self) -> usize {
+        self.live.lock().map_or(0, |l| l.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, serial: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            labels: Default::default(),
+            serial: serial.into(),
+            previous_serial: String::new(),
+            current_seen: false,
+            not_after: i64::MAX,
+            revoked: false,
+            revoked_at: 0,
+            last_seen: 0,
+        }
+    }
+
+    #[test]
+    fn a_revocation_is_never_undone_by_a_later_record() {
+        let r: Registry<u8> = Registry::new(vec![node("web-1", "01")]);
+        assert_eq!(r.admit("web-1", "01", 1, 7, 10), Admitted::Yes);
+        assert_eq!(r.revoke("web-1", 20), vec![7], "the live connection is handed back to be closed");
+        assert!(!r.record(node("web-1", "02")), "a renewal in flight must not clear the flag");
+        assert_eq!(r.standing("web-1", "02"), Standing::Revoked);
+        assert_eq!(r.admit("web-1", "01", 2, 8, 30), Admitted::Refused(Standing::Revoked));
+        assert!(r.is_out("web-1") && r.is_out("never-enrolled"));
+    }
+
+    #[test]
+    fn connections_are_counted_per_node_and_identities_checked() {
+        let r: Registry<u8> = Registry::new(vec![node("a", "01")]);
+        for id in 0..MAX_CONNECTIONS_PER_NODE {
+            assert_eq!(r.admit("a", "01", id, 0, 1), Admitted::Yes);
+        }
+        assert_eq!(r.admit("a", "01", 99, 0, 1), Admitted::TooMany(MAX_CONNECTIONS_PER_NODE));
+        assert_eq!(r.admit("a", "02", 100, 0, 1), Admitted::Refused(Standing::Replaced));
+        assert_eq!(r.admit("b", "01", 101, 0, 1), Admitted::Refused(Standing::NotEnrolled));
+        assert_eq!(r.connected_nodes(), 2, "refused connections stay registered until they leave");
+        for id in (0..MAX_CONNECTIONS_PER_NODE).chain([99, 100]) {
+            r.leave("a", id, 5);
+        }
+        r.leave("b", 101, 5);
+        assert_eq!(r.connected_nodes(), 0);
+        assert!(r.with("a", |n| n.is_some_and(|n| n.current_seen)), "the identity was used");
+    }
+
+    #[test]
+    fn last_seen_times_are_taken_once_and_kept_in_the_records() {
+        let r: Registry<u8> = Registry::new(vec![node("a", "01")]);
+        r.mark_seen("a", 40);
+        r.mark_seen("gone", 41);
+        assert_eq!(r.list()[0].record.last_seen, 40, "listed before it is saved");
+        let mut taken = r.take_seen();
+        taken.sort();
+        assert_eq!(taken, vec![("a".to_owned(), 40), ("gone".to_owned(), 41)]);
+        assert!(r.take_seen().is_empty());
+        assert!(r.with("a", |n| n.is_some_and(|n| n.last_seen == 40)));
+    }
+}
