@@ -112,7 +112,7 @@ impl Broker {
             audit,
             policy: RwLock::new(Arc::new(opts.policy.clone())),
             policy_path: opts.policy_path.clone(),
-            state,
+            state: Arc::new(state),
             checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             registry,
             identity_commit: tokio::sync::Mutex::new(()),
@@ -275,8 +275,7 @@ impl Broker {
         };
         tracing::info!(agents, spread = ?spread, "closing agent connections; they reconnect over the spread");
         self.endpoint.close((wire::ErrorCode::Unavailable as u32).into(), &prost::Message::encode_to_vec(&bye));
-        let shared = self.shared.clone();
-        let _ = tokio::task::spawn_blocking(move || shared.flush_last_seen()).await;
+        self.shared.flush_last_seen().await;
 
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;

@@ -131,7 +131,7 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
             _ => Ok(()),
         })
     };
-    let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix(), accept) {
+    let redeemed = match shared.state.redeem_token(&r.token, &r.node_name, now_unix(), Box::new(accept)).await {
         Ok(t) => t,
         Err(e) => {
             audit_denial(shared, deny(e.to_string(), &r.node_name)).await;
@@ -234,6 +234,7 @@ async fn grant_identity(
     shared
         .state
         .upsert_node(&record, now_unix())
+        .await
         .map_err(|e| err(ErrorCode::Unavailable, format!("cannot record the node: {e}")))?;
     if !shared.registry.record(record) {
         return Err(revoked());
@@ -475,7 +476,7 @@ async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Repl
             fingerprint: issued.fingerprint.clone(),
             expires_at: issued.not_after,
         };
-        if let Err(e) = shared.state.record_lease(&lease) {
+        if let Err(e) = shared.state.record_lease(&lease).await {
             withdraw(shared, &issued).await;
             return err(ErrorCode::Unavailable, format!("cannot record the lease: {e}"));
         }
@@ -525,7 +526,7 @@ async fn release(shared: &Shared, node: &NodeAttrs, r: wire::ReleaseRequest) -> 
     let Some(vault) = &shared.vault else {
         return err(ErrorCode::BadRequest, "this broker has no Vault backend, so it holds no leases");
     };
-    let lease = match shared.state.lease(&r.lease_id) {
+    let lease = match shared.state.lease(&r.lease_id).await {
         Ok(Some(l)) => l,
         Ok(None) => return err(ErrorCode::BadRequest, "no such lease was granted by this broker"),
         Err(e) => return err(ErrorCode::Unavailable, format!("cannot read leases: {e}")),

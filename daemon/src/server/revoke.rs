@@ -38,7 +38,7 @@ pub(crate) async fn revoke_node(
         Some(n) => Ok(n.serial.clone()),
     })?;
     let now = now_unix();
-    match shared.state.revoke_node(name, now) {
+    match shared.state.revoke_node(name, now).await {
         Ok(true) => {}
         Ok(false) => return Err(Status::failed_precondition(format!("node {name} was revoked meanwhile"))),
         Err(e) => return Err(Status::unavailable(format!("cannot record the revocation: {e:#}"))),
@@ -63,7 +63,7 @@ pub(crate) async fn revoke_node(
     let mut leases_revoked = 0u32;
     let mut leases_failed = Vec::new();
     if let Some(vault) = &shared.vault {
-        let leases = shared.state.live_leases(name, now).map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        let leases = shared.state.live_leases(name, now).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         for lease in leases {
             match revoke_lease(shared, vault, &lease, "node revoked").await {
                 Ok(_) => leases_revoked += 1,
@@ -92,7 +92,7 @@ pub(crate) async fn revoke_lease(
     if let Err(e) = revoked {
         return Err(format!("Vault did not revoke the lease: {e}"));
     }
-    if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()) {
+    if let Err(e) = shared.state.mark_lease_revoked(&lease.lease_id, now_unix()).await {
         tracing::error!(error = %e, "lease revoked in Vault but not marked in state.db");
     }
     let event =

@@ -19,7 +19,7 @@ use crate::issuer::backends::Backends;
 use crate::pki::Pki;
 use crate::policy::Policy;
 use crate::registry::Registry;
-use crate::state::StateDb;
+use crate::state::StateStore;
 use crate::vault::Vault;
 
 pub(crate) struct Shared {
@@ -29,7 +29,7 @@ pub(crate) struct Shared {
     pub(super) audit: AuditLog,
     pub(super) policy: RwLock<Arc<Policy>>,
     pub(super) policy_path: PathBuf,
-    pub(super) state: StateDb,
+    pub(super) state: Arc<dyn StateStore>,
     /// The latest checkpoint and when the broker first saw it (for its age).
     pub(super) checkpoint_seen: std::sync::Mutex<(Option<String>, std::time::Instant)>,
     /// Enrolled nodes, their live connections and last-seen times.
@@ -71,13 +71,13 @@ impl Shared {
         metrics::gauge!("grantline_handshakes_in_flight").set(self.handshakes.in_flight() as f64);
     }
 
-    /// Saves last-seen times to state.db in one transaction.
-    pub(super) fn flush_last_seen(&self) {
+    /// Saves last-seen times to the state store in one batch.
+    pub(super) async fn flush_last_seen(&self) {
         let seen = self.registry.take_seen();
         if seen.is_empty() {
             return;
         }
-        if let Err(e) = self.state.save_last_seen(&seen) {
+        if let Err(e) = self.state.save_last_seen(seen).await {
             tracing::warn!(error = %e, "cannot save when nodes were last seen");
         }
     }
@@ -94,6 +94,7 @@ impl Shared {
         let token = self
             .state
             .create_token(node, &labels, ttl, now_unix())
+            .await
             .map_err(|e| format!("cannot store the token: {e:#}"))?;
         let event = Event::TokenCreation {
             token_id: token.id.clone(),
@@ -103,7 +104,7 @@ impl Shared {
             admin,
         };
         if let Err(e) = self.audit.append(event).await {
-            if let Err(d) = self.state.delete_token(&token.id) {
+            if let Err(d) = self.state.delete_token(&token.id).await {
                 tracing::error!(error = %d, token = %token.id, "cannot withdraw an unaudited join token");
             }
             return Err(format!("not audited: {e}"));
@@ -124,9 +125,7 @@ pub(super) async fn upkeep(shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else { return };
         shared.track_checkpoint();
         if n % 30 == 29 {
-            // SQLite work, off the workers that serve agents (and possible on
-            // any runtime, so that a test can run a broker in-process).
-            let _ = tokio::task::spawn_blocking(move || shared.flush_last_seen()).await;
+            shared.flush_last_seen().await;
         }
     }
 }

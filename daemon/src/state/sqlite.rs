@@ -1,9 +1,10 @@
-//! Mutable broker state in `state.db`: join tokens (stored hashed) and enrolled
-//! nodes. The audit log is separate and append-only; this database is not.
+//! The state store of one broker: SQLite in `state.db` (WAL, synchronous
+//! writes), with its schema and migrations. Batches of writes run off the
+//! async workers.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +13,10 @@ use base64::Engine;
 use grantline_proto::clock::rfc3339;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
+
+use super::store::{
+    Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
+};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS join_tokens (
@@ -50,92 +55,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN previous_serial TEXT NOT NULL DEFAULT ''",
 ];
 
-/// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
-/// of the secret is stored.
-pub struct NewToken {
-    pub id: String,
-    pub token: String,
-    pub expires_at: i64,
-}
-
-/// What a redeemed token grants.
-#[derive(Debug, Clone)]
-pub struct Redeemed {
-    pub id: String,
-    pub node: Option<String>,
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TokenError {
-    #[error("join token is malformed; it looks like glt1.<id>.<secret>")]
-    Malformed,
-    #[error("join token {0} is unknown; create one with 'grantline token create'")]
-    Unknown(String),
-    #[error("join token {0} was already used; tokens are single-use, create a new one with 'grantline token create'")]
-    Used(String),
-    #[error("join token {id} expired at {at}; create a new one with 'grantline token create'")]
-    Expired { id: String, at: String },
-    #[error("join token store failed: {0}")]
-    Store(String),
-    /// The token is sound but may not be used for this request; it stays unused.
-    #[error("{0}")]
-    Refused(String),
-    /// The node the token would enroll has been revoked; the token stays unused.
-    #[error("node {0} has been revoked and cannot enroll again")]
-    NodeRevoked(String),
-}
-
-/// Why an identity no longer speaks for its node, for the peer to read.
-pub fn replaced_identity(node: &str, serial: &str) -> String {
-    format!(
-        "this identity of node {node} (serial {serial}) was replaced when the node was enrolled again; \
-         enroll this agent again with a token pinned to the node"
-    )
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRecord {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// The current identity certificate's serial, hex.
-    pub serial: String,
-    /// The serial of the identity the last renewal replaced ("" after an
-    /// enrollment): a connection made with it may finish its requests.
-    pub previous_serial: String,
-    /// Whether a connection has authenticated with the current identity
-    /// (memory only; a broker that starts assumes so). Until then a renewal
-    /// may still come from the previous identity (its reply may have been
-    /// lost); after, only the current one renews.
-    pub current_seen: bool,
-    pub not_after: i64,
-    pub revoked: bool,
-    /// When it was revoked (0: not revoked).
-    pub revoked_at: i64,
-    /// When the broker last heard from it (0: never).
-    pub last_seen: i64,
-}
-
-impl NodeRecord {
-    /// Whether an identity with `serial` speaks for this node: its current
-    /// one, or the one its last renewal replaced. A re-enrollment shuts out
-    /// every older one.
-    pub fn speaks_for(&self, serial: &str) -> bool {
-        serial == self.serial || serial == self.previous_serial
-    }
-}
-
-/// A Vault lease the broker handed out, kept so it can be revoked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseRecord {
-    pub lease_id: String,
-    pub node: String,
-    pub fingerprint: String,
-    pub expires_at: i64,
-}
-
+/// `state.db`.
 pub struct StateDb {
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
 }
 
 impl StateDb {
@@ -150,7 +72,7 @@ impl StateDb {
             conn.execute_batch(m).with_context(|| format!("cannot upgrade {} (step {step})", path.display()))?;
             conn.pragma_update(None, "user_version", step)?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -203,8 +125,8 @@ impl StateDb {
         Ok(())
     }
 
-    /// Redeems a token once: the first caller wins, every later one gets `Used`.
-    /// Redeems a join token once. `accept` sees what the token grants before
+    /// Redeems a join token once: the first caller wins, every later one
+    /// gets `Used`. `accept` sees what the token grants before
     /// it is spent and may refuse ([`TokenError::Refused`]): the token then
     /// stays unused.
     pub fn redeem_token(
@@ -371,6 +293,70 @@ impl StateDb {
             });
         }
         Ok(out)
+    }
+}
+
+/// Runs `work` on the connection off the async workers (a batch can take
+/// a while on a large fleet).
+fn off_workers<T: Send + 'static>(
+    conn: &Arc<Mutex<Connection>>,
+    work: impl FnOnce(&StateDb) -> Result<T> + Send + 'static,
+) -> StoreFuture<'static, T> {
+    let db = StateDb { conn: conn.clone() };
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || work(&db)).await.map_err(|e| anyhow::anyhow!("state store task: {e}"))?
+    })
+}
+
+impl StateStore for StateDb {
+    fn create_token<'a>(
+        &'a self,
+        node: Option<&'a str>,
+        labels: &'a BTreeMap<String, String>,
+        ttl: Duration,
+        now: i64,
+    ) -> StoreFuture<'a, NewToken> {
+        Box::pin(std::future::ready(StateDb::create_token(self, node, labels, ttl, now)))
+    }
+
+    fn delete_token<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(StateDb::delete_token(self, id)))
+    }
+
+    fn redeem_token<'a>(&'a self, token: &'a str, used_by: &'a str, now: i64, accept: Accept<'a>) -> TokenFuture<'a> {
+        Box::pin(std::future::ready(StateDb::redeem_token(self, token, used_by, now, accept)))
+    }
+
+    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(StateDb::upsert_node(self, node, now)))
+    }
+
+    fn revoke_node<'a>(&'a self, name: &'a str, now: i64) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(StateDb::revoke_node(self, name, now)))
+    }
+
+    fn save_last_seen(&self, seen: Vec<(String, i64)>) -> StoreFuture<'static, ()> {
+        off_workers(&self.conn, move |db| db.save_last_seen(&seen))
+    }
+
+    fn nodes(&self) -> StoreFuture<'static, Vec<NodeRecord>> {
+        off_workers(&self.conn, |db| db.nodes())
+    }
+
+    fn record_lease<'a>(&'a self, lease: &'a LeaseRecord) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(StateDb::record_lease(self, lease)))
+    }
+
+    fn lease<'a>(&'a self, lease_id: &'a str) -> StoreFuture<'a, Option<LeaseRecord>> {
+        Box::pin(std::future::ready(StateDb::lease(self, lease_id)))
+    }
+
+    fn live_leases<'a>(&'a self, node: &'a str, now: i64) -> StoreFuture<'a, Vec<LeaseRecord>> {
+        Box::pin(std::future::ready(StateDb::live_leases(self, node, now)))
+    }
+
+    fn mark_lease_revoked<'a>(&'a self, lease_id: &'a str, now: i64) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(StateDb::mark_lease_revoked(self, lease_id, now)))
     }
 }
 
