@@ -158,6 +158,26 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
 }
 
 /// The embedded defaults of `grantlined dev`.
+/// Creates a dev broker's state directory (0700) with its anchor directory
+/// and, unless one is there, the permissive dev policy.
+pub fn prepare_dev_dir(state_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir.join("anchor"))?;
+    let policy = state_dir.join("policy.toml");
+    if !policy.exists() {
+        std::fs::write(&policy, crate::policy::DEV_POLICY)
+            .with_context(|| format!("cannot write {}", policy.display()))?;
+    }
+    Ok(())
+}
+
+/// A dev broker's options (`grantlined dev`) for a state directory that
+/// `prepare_dev_dir` made.
 pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
     if identity_ttl < Duration::from_secs(10) {
         bail!("--node-identity-ttl must be at least 10s");

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod grant;
 pub mod issuer;
 pub mod metrics;
 pub mod pki;

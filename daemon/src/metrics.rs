@@ -29,13 +29,21 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 /// Seconds; group commit keeps appends in the low milliseconds.
 const APPEND_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
-/// Installs the process-wide Prometheus recorder; once per process.
+/// The process-wide Prometheus recorder, installed by the first call; later
+/// calls (a second broker in one process, as tests run them) share it.
 pub fn install() -> Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = HANDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(h) = installed.as_ref() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("grantline_audit_append_seconds".into()), APPEND_BUCKETS)
         .context("histogram buckets")?
         .install_recorder()
-        .context("cannot install the metrics recorder")
+        .context("cannot install the metrics recorder")?;
+    *installed = Some(handle.clone());
+    Ok(handle)
 }
 
 /// Binds the metrics listener. Only loopback addresses are accepted: the
@@ -91,4 +99,18 @@ fn respond(req: &Request<Incoming>, handle: &PrometheusHandle, refresh: &Refresh
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    /// A second broker in one process (tests start several) shares the
+    /// recorder instead of failing to install its own.
+    #[test]
+    fn the_recorder_is_installed_once_and_shared() {
+        let first = super::install().unwrap();
+        let second = super::install().unwrap();
+        metrics::counter!("grantline_test_shared_total").increment(1);
+        assert!(first.render().contains("grantline_test_shared_total"));
+        assert!(second.render().contains("grantline_test_shared_total"));
+    }
 }

@@ -4,6 +4,7 @@
 //! never guessed with sleeps.
 #![allow(clippy::unwrap_used)]
 
+pub mod in_process;
 pub mod load;
 pub mod openbao;
 pub mod postgres;
@@ -247,7 +248,7 @@ impl Broker {
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        BrokerSide::path(self, name)
     }
 
     /// The join token `grantlined dev` wrote.
@@ -267,19 +268,57 @@ impl Broker {
 
     /// A fresh token from `grantline token create`.
     pub fn new_token(&self, extra: &[&str]) -> String {
-        let out = grantline(&["token", "create", "--state-dir", self.dir.path().to_str().unwrap()], extra);
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        BrokerSide::new_token(self, extra)
     }
 
     /// `grantline audit verify --json` on this broker's log.
     pub fn verify(&self) -> (bool, serde_json::Value) {
-        verify_db(&self.path("audit.db"), &self.path("audit.vkey"))
+        BrokerSide::verify(self)
     }
 
     /// Every event in the audit log, in order.
     pub fn events(&self) -> Vec<Event> {
+        BrokerSide::events(self)
+    }
+}
+
+/// What a test needs of a broker however it runs: a `grantlined` process
+/// ([`Broker`]) or the library in this process
+/// ([`in_process::InProcessBroker`]).
+pub trait BrokerSide {
+    /// Where it listens, IP:PORT.
+    fn addr(&self) -> &str;
+    fn state_dir(&self) -> &Path;
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.state_dir().join(name)
+    }
+
+    /// A fresh token from `grantline token create`.
+    fn new_token(&self, extra: &[&str]) -> String {
+        let out = grantline(&["token", "create", "--state-dir", self.state_dir().to_str().unwrap()], extra);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `grantline audit verify --json` on its log.
+    fn verify(&self) -> (bool, serde_json::Value) {
+        verify_db(&self.path("audit.db"), &self.path("audit.vkey"))
+    }
+
+    /// Every event in its audit log, in order.
+    fn events(&self) -> Vec<Event> {
         events(&self.path("audit.db"))
+    }
+}
+
+impl BrokerSide for Broker {
+    fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn state_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 
@@ -316,10 +355,10 @@ pub struct Agent {
 
 impl Agent {
     /// Enrolls with `token` (exit status and output returned for checks).
-    pub fn enroll_with(broker: &Broker, token: &str, name: &str) -> (Self, Output) {
+    pub fn enroll_with(broker: &impl BrokerSide, token: &str, name: &str) -> (Self, Output) {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(bin("grantline-agent"))
-            .args(["enroll", "--broker", &broker.addr, "--token", token, "--ca-file"])
+            .args(["enroll", "--broker", broker.addr(), "--token", token, "--ca-file"])
             .arg(broker.path("ca.pem"))
             .arg("--state-dir")
             .arg(dir.path())
@@ -330,7 +369,7 @@ impl Agent {
     }
 
     /// Enrolls with a fresh token and starts `run`, waiting until connected.
-    pub fn start(broker: &Broker, name: &str) -> Self {
+    pub fn start(broker: &impl BrokerSide, name: &str) -> Self {
         let token = broker.new_token(&[]);
         let (mut agent, out) = Self::enroll_with(broker, &token, name);
         assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));

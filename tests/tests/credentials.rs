@@ -6,7 +6,8 @@
 use std::process::Command;
 
 use grantline_proto::audit::Event;
-use grantline_tests::{mode, pem_fingerprint, stderr, Agent, Broker};
+use grantline_tests::in_process::InProcessBroker;
+use grantline_tests::{mode, pem_fingerprint, stderr, Agent, Broker, BrokerSide};
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -14,8 +15,24 @@ fn now() -> i64 {
 
 #[test]
 fn x509_leaf_verifies_with_openssl_and_matches_request_and_policy() {
-    let broker = Broker::start();
-    let agent = Agent::start(&broker, "web-1");
+    x509_grant(&Broker::start());
+}
+
+/// The same grant from a broker the test runs in-process (`Broker::open`
+/// and `Broker::run` with a shutdown handle), which then stops cleanly and
+/// leaves a log that verifies.
+#[test]
+fn x509_grant_from_an_in_process_broker() {
+    let mut broker = InProcessBroker::start();
+    x509_grant(&broker);
+    broker.stop().expect("the in-process broker stops cleanly");
+    let (ok, v) = broker.verify();
+    assert!(ok, "{v}");
+    assert!(!broker.path("admin.sock").exists(), "the admin socket is removed at shutdown");
+}
+
+fn x509_grant(broker: &impl BrokerSide) {
+    let agent = Agent::start(broker, "web-1");
     let out = tempfile::tempdir().unwrap();
     let o = out.path().to_str().unwrap();
     let before = now();

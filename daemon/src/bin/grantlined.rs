@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use grantline_daemon::config;
-use grantline_daemon::policy::DEV_POLICY;
 use grantline_daemon::server::{Broker, BrokerOptions};
 use grantline_proto::files::write_secret;
 
@@ -113,17 +112,7 @@ fn prepare_dev(
     identity_ttl: Duration,
     metrics: Option<&str>,
 ) -> Result<BrokerOptions> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    std::fs::create_dir_all(state_dir.join("anchor"))?;
-    let policy = state_dir.join("policy.toml");
-    if !policy.exists() {
-        std::fs::write(&policy, DEV_POLICY).with_context(|| format!("cannot write {}", policy.display()))?;
-    }
+    config::prepare_dev_dir(state_dir)?;
     let mut opts = config::dev_options(state_dir, listen, identity_ttl)?;
     if let Some(m) = metrics {
         opts.metrics = Some(m.parse().with_context(|| format!("--metrics {m:?} is not IP:PORT, e.g. 127.0.0.1:9464"))?);

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{IssueError, IssueFuture, Issuer, Order, What};
+use super::{IssueError, IssueFuture, Issued, Issuer, Order, What, WithdrawFuture};
 
 pub struct Backends {
     pub x509: Arc<dyn Issuer>,
@@ -24,6 +24,13 @@ impl Issuer for Backends {
                     ))
                 }),
             },
+        }
+    }
+
+    fn withdraw<'a>(&'a self, issued: &'a Issued) -> WithdrawFuture<'a> {
+        match &self.vault {
+            Some(v) if !issued.lease_id.is_empty() || !issued.token_accessor.is_empty() => v.withdraw(issued),
+            _ => Box::pin(std::future::ready(Ok(()))),
         }
     }
 }

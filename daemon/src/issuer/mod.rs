@@ -113,8 +113,18 @@ pub enum IssueError {
 
 pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, IssueError>> + Send + 'a>>;
 
+pub type WithdrawFuture<'a> = Pin<Box<dyn Future<Output = Result<(), IssueError>> + Send + 'a>>;
+
 pub trait Issuer: Send + Sync {
     fn issue<'a>(&'a self, order: &'a Order) -> IssueFuture<'a>;
+
+    /// Takes back a credential that will not be delivered (its grant could
+    /// not be audited, or the node was revoked meanwhile). A certificate
+    /// that never leaves the broker needs nothing; a Vault lease or token
+    /// is revoked.
+    fn withdraw<'a>(&'a self, _issued: &'a Issued) -> WithdrawFuture<'a> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// Parses a PKCS#10 CSR and verifies its self-signature.

@@ -21,12 +21,13 @@ use super::state_dir::{load_or_create_audit_key, lock_state_dir};
 use super::{admin, admission, anonymous, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::{AuditLog, AuditReaders};
+use crate::grant::{GrantService, SystemClock};
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
 use crate::pki::Pki;
 use crate::registry::Registry;
-use crate::state::StateDb;
+use crate::state::{StateDb, StateStore};
 use crate::vault::{Intermediate, Vault, VaultIssuer, X509Mode};
 
 pub struct Broker {
@@ -58,7 +59,8 @@ impl Broker {
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
         let state = StateDb::open(&opts.state_dir.join("state.db"))?;
-        let registry = Registry::new(state.nodes()?);
+        let registry = Arc::new(Registry::new(state.nodes()?));
+        let state: Arc<dyn StateStore> = Arc::new(state);
         let (audit, audit_thread) =
             AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
@@ -105,14 +107,21 @@ impl Broker {
             }
             None => None,
         };
+        let grants = GrantService {
+            issuer: Arc::new(issuer),
+            audit: Arc::new(audit.clone()),
+            state: state.clone(),
+            clock: Arc::new(SystemClock),
+            nodes: registry.clone(),
+        };
         let shared = Arc::new(Shared {
-            issuer,
+            grants,
             vault,
             pki,
             audit,
             policy: RwLock::new(Arc::new(opts.policy.clone())),
             policy_path: opts.policy_path.clone(),
-            state: Arc::new(state),
+            state,
             checkpoint_seen: std::sync::Mutex::new((None, std::time::Instant::now())),
             registry,
             identity_commit: tokio::sync::Mutex::new(()),

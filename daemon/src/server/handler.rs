@@ -1,23 +1,18 @@
 //! Request handling: enrollment, identity renewal and grants. Each path ends
 //! the same way: nothing leaves the broker before its audit entry is durable.
 
-use std::time::Duration;
-
-use grantline_proto::audit::event::{excerpt, CallerInfo};
 use grantline_proto::audit::Event;
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, ErrorCode};
 
 use super::identity::{check_node_name, issue_identity, IssuedIdentity, PeerNode};
 use super::revoke::revoke_lease;
 use super::shared::Shared;
-use crate::issuer::{check_csr, CheckedCsr, IssueError, Issued, Issuer, Order, What};
-use crate::policy::{decide, Allowed, Decision, Kind, NodeAttrs, PolicyRequest};
-use crate::state::{LeaseRecord, NodeRecord, TokenError};
+use crate::grant::GrantError;
+use crate::issuer::{check_csr, CheckedCsr};
+use crate::policy::{Kind, NodeAttrs};
+use crate::state::{NodeRecord, TokenError};
 
 type Reply = wire::Response;
-
-/// Token accessors are kept in the lease table under this prefix.
-pub(crate) use grantline_proto::audit::event::TOKEN_ACCESSOR_PREFIX;
 
 use grantline_proto::clock::now_unix;
 
@@ -270,255 +265,21 @@ async fn renew_identity(shared: &Shared, node: &NodeAttrs, from: &str, r: wire::
     }
 }
 
-/// The most SANs, principals or policies one request may name.
-const MAX_NAMES: usize = 64;
-
-/// The checked parts of a grant request, before policy.
-pub(super) struct Parsed {
-    kind: Kind,
-    names: Vec<String>,
-    what: What,
-}
-
-/// The checks a grant request passes before policy decides (kind, role,
-/// names, CSR or SSH key): the broker's first parser of what a node sends,
-/// public for the fuzz targets.
-pub fn check_grant_request(r: &wire::GrantRequest) -> Result<(), String> {
-    parse_grant(r).map(|_| ())
-}
-
-fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
-    let Some(kind) = Kind::from_wire(r.kind) else {
-        return Err(format!("unknown credential kind {}; use {}", r.kind, Kind::names()));
-    };
-    if r.role.is_empty() {
-        return Err("the request names no role".into());
-    }
-    // Every name lands in the audit entry, which must stay small.
-    for (what, n) in
-        [("SANs", r.sans.len()), ("principals", r.principals.len()), ("Vault policies", r.vault_policies.len())]
-    {
-        if n > MAX_NAMES {
-            return Err(format!("the request lists {n} {what}; at most {MAX_NAMES} are allowed"));
-        }
-    }
-    crate::policy::check_role(&r.role)?;
-    let plain = |what: &str, v: &str| -> Result<(), String> {
-        if v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
-            return Err(format!("{what} {:?} is not valid", excerpt(v, 80)));
-        }
-        Ok(())
-    };
-    match kind {
-        Kind::X509 => {
-            let csr = check_csr(&r.csr_der)?;
-            let names = if r.sans.is_empty() { csr.sans.clone() } else { r.sans.clone() };
-            for n in &names {
-                crate::pki::parse_san(n)?;
-            }
-            csr.names_within(&names)?;
-            Ok(Parsed { kind, what: What::X509 { csr, sans: names.clone() }, names })
-        }
-        Kind::SshUser | Kind::SshHost => {
-            let key = ssh_key::PublicKey::from_openssh(&r.ssh_public_key)
-                .map_err(|e| format!("ssh_public_key is not an OpenSSH public key: {e}"))?;
-            crate::issuer::keys::check_ssh_key(&key)?;
-            for p in &r.principals {
-                plain("principal", p)?;
-                // sshd matches a host certificate's principals as patterns
-                // (and a user's against authorized_principals lists): a
-                // principal is a literal name, never a pattern.
-                if p.contains(['*', '?', '!']) {
-                    return Err(format!(
-                        "principal {:?} contains a pattern character ('*', '?' or '!'); principals are literal names",
-                        excerpt(p, 80)
-                    ));
-                }
-            }
-            let what = What::Ssh { public_key: key, principals: r.principals.clone(), host: kind == Kind::SshHost };
-            Ok(Parsed { kind, names: r.principals.clone(), what })
-        }
-        Kind::VaultToken => {
-            for p in &r.vault_policies {
-                plain("Vault policy", p)?;
-            }
-            // Vault trims and lower-cases policy names, so every check
-            // (the root refusal, the policy's globs) sees them as Vault will.
-            let policies: Vec<String> = r.vault_policies.iter().map(|p| crate::policy::vault_policy_name(p)).collect();
-            if policies.iter().any(|p| p == "root") {
-                return Err("the root policy is never granted".into());
-            }
-            if policies.is_empty() || policies.iter().all(|p| p == "default") {
-                // With `no_default_policy` such a token would carry no
-                // policy at all; without it, only `default`, which needs no broker.
-                return Err(
-                    "the request names no Vault policy besides \"default\"; name the policies the token needs".into()
-                );
-            }
-            let what = What::VaultToken { policies: policies.clone(), num_uses: r.num_uses };
-            Ok(Parsed { kind, names: policies, what })
-        }
-        Kind::DynamicSecret => Ok(Parsed { kind, names: Vec::new(), what: What::Secret { path: String::new() } }),
-    }
-}
-
-/// Applies what policy allowed: caps on uses, the leased path.
-fn bind_to_policy(what: What, allowed: &Allowed) -> What {
-    match what {
-        What::VaultToken { policies, num_uses } => {
-            let num_uses = match allowed.max_uses {
-                Some(cap) if num_uses == 0 || num_uses > cap => cap,
-                _ => num_uses,
-            };
-            What::VaultToken { policies, num_uses }
-        }
-        What::Secret { .. } => What::Secret { path: allowed.path.clone() },
-        other => other,
-    }
-}
-
+/// A grant through the grant service, its outcome mapped to the wire.
 async fn grant(shared: &Shared, node: &NodeAttrs, r: wire::GrantRequest) -> Reply {
     let policy = shared.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let caller = r.caller.as_ref().map(|c| CallerInfo {
-        uid: c.uid,
-        gid: c.gid,
-        pid: c.pid,
-        exe: c.exe.clone(),
-        unit: c.unit.clone(),
-    });
-    let kind_name = Kind::name_of_wire(r.kind);
-    let denial = |reason: String| Event::Denial {
-        action: "grant".into(),
-        node: node.name.clone(),
-        kind: kind_name.into(),
-        role: r.role.clone(),
-        policy: policy.hash().into(),
-        reason,
-        caller: caller.clone(),
-    };
-    let parsed = match parse_grant(&r) {
-        Ok(p) => p,
+    match shared.grants.grant(&policy, node, &r).await {
+        Ok(granted) => Reply { body: Some(Resp::Grant(granted)) },
         Err(e) => {
-            audit_denial(shared, denial(format!("bad request: {e}"))).await;
-            return err(ErrorCode::BadRequest, e);
-        }
-    };
-    let ask = PolicyRequest {
-        kind: parsed.kind,
-        role: &r.role,
-        ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds))),
-        names: &parsed.names,
-    };
-    let allowed = match decide(&policy, &ask, node) {
-        Decision::Allow(a) => a,
-        Decision::Deny { reason } => {
-            tracing::info!(node = %node.name, kind = kind_name, role = %r.role, %reason, "grant denied");
-            audit_denial(shared, denial(reason.clone())).await;
-            return err(ErrorCode::PermissionDenied, reason);
-        }
-    };
-    let order = Order {
-        node: node.name.clone(),
-        role: r.role.clone(),
-        ttl: allowed.ttl,
-        what: bind_to_policy(parsed.what, &allowed),
-    };
-    let issued = match shared.issuer.issue(&order).await {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::warn!(node = %node.name, kind = kind_name, role = %r.role, error = %e, "issuing failed");
-            audit_denial(shared, denial(format!("issuer failed: {e}"))).await;
-            let code = match e {
-                IssueError::BadRequest(_) => ErrorCode::BadRequest,
-                IssueError::Unavailable(_) => ErrorCode::Unavailable,
-                IssueError::Internal(_) => ErrorCode::Internal,
+            let code = match &e {
+                GrantError::BadRequest(_) => ErrorCode::BadRequest,
+                GrantError::Denied(_) => ErrorCode::PermissionDenied,
+                GrantError::Revoked(_) => ErrorCode::Revoked,
+                GrantError::Unavailable(_) => ErrorCode::Unavailable,
+                GrantError::Internal(_) => ErrorCode::Internal,
             };
-            return err(code, e.to_string());
+            err(code, e.to_string())
         }
-    };
-    let names = match &order.what {
-        What::Secret { path } => vec![path.clone()],
-        _ => parsed.names,
-    };
-    let event = Event::Grant {
-        node: node.name.clone(),
-        kind: kind_name.into(),
-        role: r.role.clone(),
-        rule: allowed.rule,
-        policy: policy.hash().into(),
-        ttl_seconds: u64::try_from(issued.not_after - now_unix()).unwrap_or(0).min(allowed.ttl.as_secs()),
-        serial: issued.serial.clone(),
-        fingerprint: issued.fingerprint.clone(),
-        names,
-        not_after: issued.not_after,
-        caller,
-    };
-    let receipt = match shared.audit.append(event).await {
-        Ok(r) => r,
-        Err(e) => {
-            // Fail closed: the credential is never sent, and what Vault
-            // already created is withdrawn.
-            withdraw(shared, &issued).await;
-            return err(ErrorCode::Unavailable, e.to_string());
-        }
-    };
-    // Leases, and token accessors under a prefix, are kept so that a node's
-    // revocation can revoke them in Vault.
-    let revocable = if issued.lease_id.is_empty() {
-        (!issued.token_accessor.is_empty()).then(|| format!("{TOKEN_ACCESSOR_PREFIX}{}", issued.token_accessor))
-    } else {
-        Some(issued.lease_id.clone())
-    };
-    if let Some(lease_id) = revocable {
-        let lease = LeaseRecord {
-            lease_id,
-            node: node.name.clone(),
-            fingerprint: issued.fingerprint.clone(),
-            expires_at: issued.not_after,
-        };
-        if let Err(e) = shared.state.record_lease(&lease).await {
-            withdraw(shared, &issued).await;
-            return err(ErrorCode::Unavailable, format!("cannot record the lease: {e}"));
-        }
-    }
-    // A revocation that landed while this grant was being minted: either it
-    // listed the lease just recorded, or the flag it set is seen here, and
-    // the credential is withdrawn rather than delivered.
-    if shared.registry.is_out(&node.name) {
-        withdraw(shared, &issued).await;
-        return err(ErrorCode::Revoked, format!("node {} was revoked while the credential was minted", node.name));
-    }
-    let seq = grantline_proto::audit::Entry::decode(&receipt.entry).map(|e| e.seq).unwrap_or(u64::MAX);
-    tracing::info!(node = %node.name, kind = kind_name, role = %r.role, seq, serial = %issued.serial, fingerprint = %issued.fingerprint, "granted");
-    Reply {
-        body: Some(Resp::Grant(wire::GrantResponse {
-            kind: r.kind,
-            cert_pem: issued.cert_pem,
-            chain_pem: issued.chain_pem,
-            ssh_certificate: issued.ssh_certificate,
-            not_before_unix: issued.not_before,
-            not_after_unix: issued.not_after,
-            receipt: Some(receipt),
-            vault_token: issued.vault_token,
-            token_accessor: issued.token_accessor,
-            secret_json: issued.secret_json,
-            lease_id: issued.lease_id,
-        })),
-    }
-}
-
-/// Revokes a Vault credential that will not be delivered.
-async fn withdraw(shared: &Shared, issued: &Issued) {
-    let Some(vault) = &shared.vault else { return };
-    let result = if !issued.lease_id.is_empty() {
-        vault.revoke_lease(&issued.lease_id).await
-    } else if !issued.token_accessor.is_empty() {
-        vault.revoke_accessor(&issued.token_accessor).await
-    } else {
-        return;
-    };
-    if let Err(e) = result {
-        tracing::error!(fingerprint = %issued.fingerprint, error = %e, "could not withdraw an undelivered Vault credential");
     }
 }
 
@@ -578,72 +339,5 @@ async fn prove(shared: &Shared, index: u64) -> Reply {
         Ok(Ok(tlog_proof)) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
         Ok(Err((code, message))) => err(code, message),
         Err(e) => err(ErrorCode::Internal, format!("proof task failed: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb2X0Yb+6Qf9V3Q2Hn0Bq7Z8yq6zG0cV7tJ0mYbPzqS";
-
-    fn ssh(principals: &[&str]) -> Result<Parsed, String> {
-        parse_grant(&wire::GrantRequest {
-            kind: wire::CredentialKind::SshHost as i32,
-            role: "dev".into(),
-            ssh_public_key: ED25519.into(),
-            principals: principals.iter().map(|p| (*p).to_owned()).collect(),
-            ..Default::default()
-        })
-    }
-
-    fn token(policies: &[&str]) -> Result<Parsed, String> {
-        parse_grant(&wire::GrantRequest {
-            kind: wire::CredentialKind::VaultToken as i32,
-            role: "dev".into(),
-            vault_policies: policies.iter().map(|p| (*p).to_owned()).collect(),
-            ..Default::default()
-        })
-    }
-
-    /// Review defect 11: `web-*.example.com` matched the policy glob
-    /// `web-?.example.com` and became a host certificate for every web host.
-    #[test]
-    fn principals_are_literal_names() {
-        assert_eq!(ssh(&["web-1.example.com"]).unwrap().names, vec!["web-1.example.com".to_owned()]);
-        for p in ["web-*.example.com", "web-?.example.com", "!root", "a,b", "a b", "a\tb", ""] {
-            let e = ssh(&[p]).err().unwrap_or_else(|| panic!("{p:?} was accepted"));
-            assert!(e.contains("principal"), "{p:?}: {e}");
-        }
-    }
-
-    /// Review defect 14: Vault lower-cases and trims policy names, so `ROOT`
-    /// was the root policy; and a request for `default` alone can only
-    /// yield a token without a useful policy.
-    #[test]
-    fn vault_policy_names_are_checked_as_vault_reads_them() {
-        for p in ["root", "ROOT", "Root", "rOoT"] {
-            assert_eq!(token(&[p]).err().as_deref(), Some("the root policy is never granted"), "{p}");
-        }
-        assert!(token(&[" root"]).is_err(), "white space is refused before Vault can trim it");
-        let parsed = token(&["App-Read"]).unwrap();
-        assert_eq!(parsed.names, vec!["app-read".to_owned()], "globs see the name Vault will store");
-        let What::VaultToken { policies, .. } = parsed.what else { panic!("a token order") };
-        assert_eq!(policies, vec!["app-read".to_owned()]);
-        assert!(token(&["default"]).err().unwrap_or_default().contains("besides \"default\""));
-        assert!(token(&["DEFAULT"]).is_err());
-    }
-
-    #[test]
-    fn roles_are_plain_names_and_never_path_steps() {
-        for role in [".", "..", "a/b", "*", "app-*", "", &"r".repeat(129)] {
-            let r = parse_grant(&wire::GrantRequest {
-                kind: wire::CredentialKind::DynamicSecret as i32,
-                role: role.to_owned(),
-                ..Default::default()
-            });
-            let e = r.err().unwrap_or_else(|| panic!("role {role:?} was accepted"));
-            assert!(e.contains("role") && e.len() < 400, "{role:?}: {e}");
-        }
     }
 }

@@ -30,8 +30,8 @@ mod shared;
 mod state_dir;
 pub mod tickets;
 
+pub use crate::grant::check_grant_request;
 pub use broker::Broker;
-pub use handler::check_grant_request;
 pub use identity::PeerNode;
 pub use options::{AdminOptions, BrokerOptions};
 pub use state_dir::{check_key_files, load_policy, lock_state_dir, KEY_FILES, MAX_POLICY_FILE};

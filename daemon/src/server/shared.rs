@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{admission, anonymous};
 use crate::audit::{AuditLog, AuditReaders};
-use crate::issuer::backends::Backends;
+use crate::grant::GrantService;
 use crate::pki::Pki;
 use crate::policy::Policy;
 use crate::registry::Registry;
@@ -24,7 +24,8 @@ use crate::vault::Vault;
 
 pub(crate) struct Shared {
     pub(super) pki: Arc<Pki>,
-    pub(super) issuer: Backends,
+    /// The grant path, over the issuers, the log, the state and the registry.
+    pub(super) grants: GrantService,
     pub(super) vault: Option<Arc<Vault>>,
     pub(super) audit: AuditLog,
     pub(super) policy: RwLock<Arc<Policy>>,
@@ -33,7 +34,7 @@ pub(crate) struct Shared {
     /// The latest checkpoint and when the broker first saw it (for its age).
     pub(super) checkpoint_seen: std::sync::Mutex<(Option<String>, std::time::Instant)>,
     /// Enrolled nodes, their live connections and last-seen times.
-    pub(super) registry: Registry<quinn::Connection>,
+    pub(super) registry: Arc<Registry<quinn::Connection>>,
     /// Held while an issued identity is checked against the node's record
     /// and recorded, so that enrollments and renewals of one name cannot
     /// interleave (revocation needs no lock: it is never undone).

@@ -14,7 +14,7 @@ use vaultrs::api::ssh::requests::SignSSHKeyRequest;
 
 use super::endpoints::{CreateOrphanToken, LeasedRead};
 use super::{Minted, Vault};
-use crate::issuer::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What};
+use crate::issuer::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What, WithdrawFuture};
 
 pub struct VaultIssuer {
     vault: Arc<Vault>,
@@ -284,6 +284,18 @@ impl Issuer for VaultIssuer {
                 What::Ssh { public_key, principals, host } => self.ssh(order, public_key, principals, *host).await,
                 What::VaultToken { policies, num_uses } => self.token(order, policies, *num_uses).await,
                 What::Secret { path } => self.secret(path, order.ttl).await,
+            }
+        })
+    }
+
+    fn withdraw<'a>(&'a self, issued: &'a Issued) -> WithdrawFuture<'a> {
+        Box::pin(async move {
+            if !issued.lease_id.is_empty() {
+                self.vault.revoke_lease(&issued.lease_id).await
+            } else if !issued.token_accessor.is_empty() {
+                self.vault.revoke_accessor(&issued.token_accessor).await
+            } else {
+                Ok(())
             }
         })
     }
