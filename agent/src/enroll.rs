@@ -1,11 +1,11 @@
 //! `grantline-agent enroll`: redeem a join token for a node identity.
 
+use grantline_proto::audit::event::certificate_fingerprint;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::{receipt, VerifierKey};
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp};
-use sha2::{Digest, Sha256};
 
 use crate::broker::call;
 use crate::state::{AgentConfig, AgentState, Identity};
@@ -46,7 +46,7 @@ pub fn check_identity(
     if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         bail!("the broker certified another key than ours");
     }
-    receipt::check_grant(r, vkey, &hex::encode(Sha256::digest(leaf)))?;
+    receipt::check_grant(r, vkey, &certificate_fingerprint(leaf))?;
     Identity::from_parts(key.serialize_pem(), chain)
 }
 

@@ -3,13 +3,19 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+mod client;
 pub mod config;
+pub mod connection;
 pub mod enroll;
 pub mod get;
+mod inclusion;
 pub mod local;
+mod local_server;
 pub mod recover;
 pub mod renew;
+mod renewal;
 pub mod run;
+mod session;
 pub mod sinks;
 pub mod state;
 pub mod tls;

@@ -14,7 +14,7 @@
 use anyhow::{Context, Result};
 
 use crate::enroll::{enroll, EnrollArgs};
-use crate::run::{say, Agent};
+use crate::session::{say, Agent};
 use crate::state::AgentState;
 
 pub(crate) async fn reenroll(agent: &Agent) -> Result<()> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::Entry;
+use grantline_proto::clock::now_unix as now;
 use grantline_proto::files::stage_owned;
 use grantline_proto::kind::Kind;
 use grantline_proto::wire;
@@ -17,7 +18,7 @@ use rand::Rng;
 
 use crate::config::Sink;
 use crate::renew::{backoff, renew_at, MIN_USEFUL_LIFETIME};
-use crate::run::{say, Agent};
+use crate::session::{say, Agent};
 use grantline_proto::clock::rfc3339;
 
 /// Keeps every sink fresh; never returns.
@@ -40,8 +41,6 @@ struct Obtained {
     lease_id: String,
 }
 
-use grantline_proto::clock::now_unix as now;
-
 async fn keep(agent: Arc<Agent>, sink: Sink) {
     let mut previous_lease = String::new();
     loop {
@@ -55,7 +54,7 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
                         .map_or(Duration::ZERO, |w| Duration::from_millis(u64::from(w.retry_after_ms)));
                     let wait =
                         backoff(attempt, Duration::from_secs(1), Duration::from_secs(60), rand::thread_rng().gen())
-                            .max(retry_after.min(crate::run::MAX_BROKER_WAIT));
+                            .max(retry_after.min(crate::connection::MAX_BROKER_WAIT));
                     tracing::warn!(sink = %sink.name, error = %format!("{e:#}"), retry_in = ?wait, "cannot renew a sink; the files in place stay until they expire");
                     tokio::time::sleep(wait).await;
                     attempt = attempt.saturating_add(1);

@@ -74,7 +74,7 @@ impl Dialer {
             .map_err(|e| ConnectFailure::other(format!("connect: {e}")))?;
         match tokio::time::timeout(Duration::from_secs(30), connecting).await {
             Ok(Ok(c)) => Ok((c, t.elapsed())),
-            Ok(Err(e)) => Err(match grantline_agent::run::refused_retry_after(&e) {
+            Ok(Err(e)) => Err(match grantline_agent::connection::refused_retry_after(&e) {
                 Some(wait) => ConnectFailure { what: "handshake: refused".into(), retry_after: wait },
                 None => ConnectFailure::other(format!("handshake: {e}")),
             }),
@@ -393,7 +393,8 @@ impl Fleet {
                     Err(e) if e.what == HANDSHAKE_TIMEOUT && timeouts < 1 => timeouts += 1,
                     Err(e) if !e.retry_after.is_zero() && refusals < 30 => {
                         let unit = rand::random::<f64>();
-                        let wait = grantline_agent::run::reconnect_wait(refusals, e.retry_after, Duration::ZERO, unit);
+                        let wait =
+                            grantline_agent::connection::reconnect_wait(refusals, e.retry_after, Duration::ZERO, unit);
                         tokio::time::sleep(wait).await;
                         refusals += 1;
                     }
@@ -655,12 +656,12 @@ pub fn storm(
                 let asked = c
                     .as_ref()
                     .and_then(quinn::Connection::close_reason)
-                    .and_then(|e| grantline_agent::run::close_reason(&e));
+                    .and_then(|e| grantline_agent::connection::close_reason(&e));
                 let ms = |v: u32| Duration::from_millis(u64::from(v));
                 let (after, spread) = asked.map_or((Duration::ZERO, Duration::ZERO), |e| {
                     (ms(e.retry_after_ms), ms(e.retry_spread_ms))
                 });
-                grantline_agent::run::reconnect_wait(0, after, spread, rand::random::<f64>())
+                grantline_agent::connection::reconnect_wait(0, after, spread, rand::random::<f64>())
             })
             .collect();
         for (i, wait) in first_wait.into_iter().enumerate() {
@@ -689,7 +690,7 @@ pub fn storm(
                     };
                     // The agent's own reconnect policy.
                     let unit = rand::random::<f64>();
-                    let wait = grantline_agent::run::reconnect_wait(attempt, retry_after, Duration::ZERO, unit);
+                    let wait = grantline_agent::connection::reconnect_wait(attempt, retry_after, Duration::ZERO, unit);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }

@@ -101,7 +101,7 @@ fn past_its_handshake_limit_the_broker_refuses_with_a_retry_after_and_frees_slot
 
     let refused = handshake(&broker).unwrap_err();
     assert_eq!(
-        grantline_agent::run::refused_retry_after(&refused),
+        grantline_agent::connection::refused_retry_after(&refused),
         Some(grantline_proto::REFUSED_RETRY_AFTER),
         "not a refusal the agent would wait out: {refused}"
     );

@@ -2,12 +2,12 @@
 //! from the SSH CA. Signing is CPU work of tens of microseconds; it runs inline
 //! on the request task.
 
+use grantline_proto::audit::event::certificate_fingerprint;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use grantline_proto::clock::unix;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
-use sha2::{Digest, Sha256};
 
 use super::{CheckedCsr, IssueError, IssueFuture, Issued, Issuer, Order, What};
 use crate::pki::{parse_san, random_serial, Pki};
@@ -54,7 +54,7 @@ pub fn sign_leaf(
         p.signed_by(&csr.public_key, ca).map_err(|e| IssueError::Internal(format!("signing the leaf failed: {e}")))?;
     Ok(Issued {
         serial: hex::encode(serial.to_bytes()),
-        fingerprint: hex::encode(Sha256::digest(cert.der())),
+        fingerprint: certificate_fingerprint(cert.der()),
         not_before: unix(now - BACKDATE),
         not_after: unix(now + ttl),
         cert_pem: cert.pem(),
@@ -103,7 +103,7 @@ fn sign_ssh(
     let blob = cert.to_bytes().map_err(|e| IssueError::Internal(e.to_string()))?;
     Ok(Issued {
         serial: serial.to_string(),
-        fingerprint: hex::encode(Sha256::digest(&blob)),
+        fingerprint: certificate_fingerprint(&blob),
         not_before: valid_after,
         not_after: valid_before,
         ssh_certificate: cert.to_openssh().map_err(|e| IssueError::Internal(e.to_string()))?,

@@ -1,10 +1,10 @@
 //! Node identities: reading the peer's certificate, issuing identity certificates.
 
+use grantline_proto::audit::event::certificate_fingerprint;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
 use rustls::pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
 
 use crate::issuer::CheckedCsr;
 use crate::pki::{random_serial, Pki};
@@ -74,7 +74,7 @@ pub fn issue_identity(pki: &Pki, name: &str, csr: &CheckedCsr, ttl: Duration) ->
         .signed_by(&csr.public_key, &pki.node_ca.issuer)
         .map_err(|e| format!("signing the node identity failed: {e}"))?;
     Ok(IssuedIdentity {
-        fingerprint: hex::encode(Sha256::digest(cert.der())),
+        fingerprint: certificate_fingerprint(cert.der()),
         chain_der: vec![cert.der().to_vec(), pki.node_ca.cert_der.to_vec(), pki.root.cert_der.to_vec()],
         serial: hex::encode(serial.to_bytes()),
         not_after: unix(now + ttl),

@@ -3,13 +3,13 @@
 //! leaves locally with it, and rotates it before it expires. Every rotation is
 //! an audit entry, written before the new CA signs anything.
 
+use grantline_proto::audit::event::certificate_fingerprint;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grantline_proto::audit::Event;
 use grantline_proto::clock::now_unix;
 use rcgen::{CertificateParams, DnType, KeyPair};
-use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignIntermediateRequest;
 
 use super::Vault;
@@ -101,7 +101,7 @@ impl Intermediate {
             ca: "x509-intermediate".into(),
             issuer: format!("vault:{mount}"),
             serial: serial.clone(),
-            fingerprint: hex::encode(Sha256::digest(&der)),
+            fingerprint: certificate_fingerprint(&der),
             not_after,
         };
         self.audit.append(event).await.map_err(|e| IssueError::Unavailable(e.to_string()))?;

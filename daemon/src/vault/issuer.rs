@@ -2,13 +2,13 @@
 //! `auth/token/create-orphan`, and leased reads such as `database/creds/:role`.
 //! The Grantline role is the Vault role name; policy has already capped TTLs.
 
+use grantline_proto::audit::event::certificate_fingerprint;
 use std::sync::Arc;
 use std::time::Duration;
 
 use grantline_proto::audit::event::vault_fingerprint;
 use grantline_proto::clock::now_unix;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use vaultrs::api::pki::requests::SignCertificateRequest;
 use vaultrs::api::ssh::requests::SignSSHKeyRequest;
 
@@ -55,7 +55,7 @@ impl VaultIssuer {
         };
         Ok(Issued {
             serial: r.serial_number.replace(':', ""),
-            fingerprint: hex::encode(Sha256::digest(&der)),
+            fingerprint: certificate_fingerprint(&der),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             cert_pem: format!("{}\n", r.certificate.trim_end()),
@@ -89,7 +89,7 @@ impl VaultIssuer {
         let blob = cert.to_bytes().map_err(|e| IssueError::Internal(e.to_string()))?;
         Ok(Issued {
             serial: cert.serial().to_string(),
-            fingerprint: hex::encode(Sha256::digest(&blob)),
+            fingerprint: certificate_fingerprint(&blob),
             not_before: i64::try_from(cert.valid_after()).unwrap_or(0),
             not_after: i64::try_from(cert.valid_before()).unwrap_or(i64::MAX),
             ssh_certificate: r.signed_key.trim().to_owned(),

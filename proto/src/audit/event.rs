@@ -218,6 +218,14 @@ pub fn released_fingerprint(id: &str) -> String {
     }
 }
 
+/// The fingerprint the log records for a certificate: SHA-256, hex, of its
+/// DER (X.509) or of its wire encoding (SSH). The broker computes it when it
+/// issues; the agent when it checks the receipt against what it received.
+pub fn certificate_fingerprint(encoded: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(encoded))
+}
+
 /// The fingerprint a grant records for a Vault lease or token accessor: a
 /// domain-separated SHA-256, so the log names the credential without holding
 /// anything that could be used against Vault.
