@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-test-deps.sh
+# The layout rules of RFD 0001: no import circle, no product file over 450 lines.
+scripts/check-layout.py
 cargo build --release --locked --workspace --bins
 # The .deb and .rpm packages the packaging tests install and inspect.
 packaging/build.sh

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use grantline_proto::files::{write_atomic, write_secret};
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 
+use crate::credentials;
 use crate::local::request;
 
 /// The agent or broker said no; kept apart so the CLI can pick an exit code.
@@ -55,31 +56,9 @@ fn prepare_out(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
 }
 
-/// A fresh P-256 key and a CSR naming only `sans` (the first also as CN).
-pub fn x509_key_and_csr(sans: &[String]) -> Result<(rcgen::KeyPair, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::new(sans.to_vec()).context("invalid SAN")?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    if let Some(first) = sans.first() {
-        params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
-    }
-    let csr = params.serialize_request(&key)?;
-    Ok((key, csr.der().to_vec()))
-}
-
-/// Refuses a certificate that does not certify `key`.
-pub fn check_x509(gr: &wire::GrantResponse, key: &rcgen::KeyPair) -> Result<()> {
-    let der = rustls_pemfile::certs(&mut gr.cert_pem.as_bytes()).next().context("the reply holds no certificate")??;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).context("the issued certificate does not parse")?;
-    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
-        bail!("the issued certificate is for another key; refusing it");
-    }
-    Ok(())
-}
-
 pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
     prepare_out(&args.out)?;
-    let (key, csr_der) = x509_key_and_csr(&args.sans)?;
+    let (key, csr_der) = credentials::x509_key_and_csr(&args.sans)?;
     let gr = grant(
         &args.socket,
         wire::GrantRequest {
@@ -92,7 +71,7 @@ pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
         },
     )
     .await?;
-    check_x509(&gr, &key)?;
+    credentials::check_x509(&gr, &key)?;
     write_secret(&args.out.join("key.pem"), key.serialize_pem().as_bytes())?;
     write_atomic(&args.out.join("cert.pem"), gr.cert_pem.as_bytes(), 0o644)?;
     write_atomic(&args.out.join("ca.pem"), gr.chain_pem.as_bytes(), 0o644)?;
@@ -101,8 +80,7 @@ pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
 
 pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
     prepare_out(&args.out)?;
-    let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
-    let public = key.public_key().to_openssh()?;
+    let (key, public) = credentials::ssh_key()?;
     let kind = if args.host { wire::CredentialKind::SshHost } else { wire::CredentialKind::SshUser };
     let gr = grant(
         &args.socket,
@@ -116,14 +94,10 @@ pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
         },
     )
     .await?;
-    let cert =
-        ssh_key::Certificate::from_openssh(&gr.ssh_certificate).context("the issued SSH certificate does not parse")?;
-    if cert.public_key() != key.public_key().key_data() {
-        bail!("the issued SSH certificate is for another key; refusing it");
-    }
-    write_secret(&args.out.join("id_ed25519"), key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes())?;
+    credentials::check_ssh(&gr, &key)?;
+    write_secret(&args.out.join("id_ed25519"), &credentials::ssh_key_file(&key)?)?;
     write_atomic(&args.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
-    write_atomic(&args.out.join("id_ed25519-cert.pub"), format!("{}\n", gr.ssh_certificate).as_bytes(), 0o644)?;
+    write_atomic(&args.out.join("id_ed25519-cert.pub"), &credentials::ssh_cert_file(&gr), 0o644)?;
     Ok(gr)
 }
 

@@ -6,6 +6,7 @@ pub mod broker;
 mod client;
 pub mod config;
 pub mod connection;
+pub mod credentials;
 pub mod enroll;
 pub mod get;
 mod inclusion;

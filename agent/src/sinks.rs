@@ -17,6 +17,7 @@ use grantline_proto::wire;
 use rand::Rng;
 
 use crate::config::Sink;
+use crate::credentials;
 use crate::renew::{backoff, renew_at, MIN_USEFUL_LIFETIME};
 use crate::session::{say, Agent};
 use grantline_proto::clock::rfc3339;
@@ -231,11 +232,11 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
     match sink.kind {
         Kind::X509 => {
             let sans = if sink.sans.is_empty() { vec![agent.node_name().to_owned()] } else { sink.sans.clone() };
-            let (key, csr) = crate::get::x509_key_and_csr(&sans)?;
+            let (key, csr) = credentials::x509_key_and_csr(&sans)?;
             let g = wire::GrantRequest { kind: Kind::X509.wire() as i32, csr_der: csr, sans, ..base };
             let gr = agent.grant(g).await?;
             let lifetime = lifetime_of(&gr);
-            crate::get::check_x509(&gr, &key)?;
+            credentials::check_x509(&gr, &key)?;
             let mut files = vec![
                 (path(&sink.key)?, key.serialize_pem().into_bytes()),
                 (path(&sink.cert)?, gr.cert_pem.into_bytes()),
@@ -246,22 +247,19 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }
         kind @ (Kind::SshUser | Kind::SshHost) => {
-            let key = ssh_key::PrivateKey::random(&mut rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
+            let (key, public) = credentials::ssh_key()?;
             let g = wire::GrantRequest {
                 kind: kind.wire() as i32,
-                ssh_public_key: key.public_key().to_openssh()?,
+                ssh_public_key: public,
                 principals: sink.principals.clone(),
                 ..base
             };
             let gr = agent.grant(g).await?;
             let lifetime = lifetime_of(&gr);
-            let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate)?;
-            if cert.public_key() != key.public_key().key_data() {
-                bail!("the issued SSH certificate is for another key");
-            }
+            credentials::check_ssh(&gr, &key)?;
             let files = vec![
-                (path(&sink.key)?, key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes().to_vec()),
-                (path(&sink.cert)?, format!("{}\n", gr.ssh_certificate).into_bytes()),
+                (path(&sink.key)?, credentials::ssh_key_file(&key)?),
+                (path(&sink.cert)?, credentials::ssh_cert_file(&gr)),
             ];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
         }

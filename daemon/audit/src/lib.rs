@@ -9,12 +9,17 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub mod anchor;
+pub mod fleet;
+pub mod inventory;
 pub mod prove;
+mod readers;
 pub mod store;
+mod untrusted;
 pub mod verify;
 pub mod writer;
 
-pub use store::{AuditReaders, AuditStore};
+pub use readers::AuditReaders;
+pub use store::AuditStore;
 pub use writer::{AuditError, AuditLog};
 
 /// Takes the state directory's lock (`grantlined.lock`), without waiting.

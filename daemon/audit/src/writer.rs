@@ -17,7 +17,8 @@ use grantline_proto::audit::{Entry, Event, Hash, SignerKey, ZERO_HASH};
 use grantline_proto::wire;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::store::{AuditStore, InventoryOp, NewEntry, NewNode};
+use super::inventory::InventoryOp;
+use super::store::{AuditStore, NewEntry, NewNode};
 
 /// How many appends may wait for the writer; beyond this, callers wait for room
 /// (back-pressure) instead of growing a queue without bound.

@@ -4,19 +4,18 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod audit;
+mod report;
 
 use grantline_proto::exit;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use grantline_audit::anchor::Anchor;
-use grantline_audit::prove::{prove, Which};
-use grantline_audit::verify;
+
+use crate::report::report_error;
 use grantline_audit::AuditStore;
-use grantline_proto::audit::{SignerKey, VerifierKey};
 
 /// Grantline administration and audit verification.
 #[derive(Parser)]
@@ -181,17 +180,19 @@ fn main() -> ExitCode {
             with_runtime(admin::audit_tail(&conn, from, last, follow))
         }
         Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
-            audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
+            audit::audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
         }
-        Command::Audit(AuditCommand::VerifyFleet { logs, json, timeline }) => audit_verify_fleet(&logs, json, timeline),
-        Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit_prove(&db, index, old_size) {
+        Command::Audit(AuditCommand::VerifyFleet { logs, json, timeline }) => {
+            audit::audit_verify_fleet(&logs, json, timeline)
+        }
+        Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit::audit_prove(&db, index, old_size) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => report_error(false, exit::DATAERR, &e),
         },
-        Command::Audit(AuditCommand::RotateKey { state_dir }) => match rotate_key(&state_dir) {
+        Command::Audit(AuditCommand::RotateKey { state_dir }) => match audit::rotate_key(&state_dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => report_error(false, exit::SOFTWARE, &e),
         },
@@ -220,253 +221,4 @@ fn with_runtime(work: impl std::future::Future<Output = Result<()>>) -> ExitCode
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => admin::fail(&e),
     }
-}
-
-fn rotate_key(dir: &std::path::Path) -> Result<()> {
-    let _lock = grantline_audit::lock_state_dir(dir)
-        .context("grantlined is running on this state directory; stop it before rotating the key")?;
-    let key_path = dir.join("audit.key");
-    let old = SignerKey::parse(&grantline_proto::files::read_secret(&key_path)?)
-        .with_context(|| format!("{} is not a signed-note private key", key_path.display()))?;
-    let new = SignerKey::generate(old.verifier().name())?;
-    let seq = grantline_audit::writer::rotate_key(&dir.join("audit.db"), &old, &new)?;
-    // The old private key is gone once the new one is in place; the public
-    // history stays in the log (and in audit.vkeys for convenience).
-    let history = dir.join("audit.vkeys");
-    let mut keys = std::fs::read_to_string(&history).unwrap_or_else(|_| format!("{}\n", old.verifier()));
-    keys.push_str(&format!("{}\n", new.verifier()));
-    grantline_proto::files::write_atomic(&history, keys.as_bytes(), 0o644)?;
-    grantline_proto::files::write_secret(&key_path, new.to_private_string().as_bytes())?;
-    grantline_proto::files::write_atomic(&dir.join("audit.vkey"), format!("{}\n", new.verifier()).as_bytes(), 0o644)?;
-    println!("rotated the audit key at seq {seq}: {} -> {}", old.verifier(), new.verifier());
-    Ok(())
-}
-
-fn audit_prove(db: &std::path::Path, index: Option<u64>, old_size: Option<u64>) -> Result<String> {
-    let store = AuditStore::open_read_only(db).with_context(|| format!("cannot open {}", db.display()))?;
-    let note = store.latest_checkpoint()?.with_context(|| format!("{} holds no checkpoint yet", db.display()))?;
-    let which = match (index, old_size) {
-        (_, Some(old)) => Which::Consistency(old),
-        (Some(i), None) => Which::Inclusion(i),
-        (None, None) => bail!("give --index or --old-size"),
-    };
-    Ok(prove(&store, &note, which)?.0)
-}
-
-fn audit_verify(
-    db: Option<&std::path::Path>,
-    anchor: Option<&str>,
-    key_file: &std::path::Path,
-    checkpoints: &[PathBuf],
-    json: bool,
-) -> ExitCode {
-    let keys = match read_verifier_keys(key_file) {
-        Ok(k) => k,
-        Err(e) => return report_error(json, exit::NOINPUT, &e),
-    };
-    let mut notes = Vec::new();
-    for path in checkpoints {
-        match grantline_proto::files::read_bounded(path, MAX_NOTE_FILE) {
-            Ok(n) => notes.push(n),
-            Err(e) => {
-                return report_error(
-                    json,
-                    exit::NOINPUT,
-                    &anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()),
-                )
-            }
-        }
-    }
-    let verdict = match (db, anchor) {
-        (None, None) => return report_error(json, exit::USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
-        (Some(db), None) => verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes),
-        (None, Some(_)) if !notes.is_empty() => {
-            return report_error(
-                json,
-                exit::USAGE,
-                &anyhow::anyhow!("--checkpoint is compared with the log's entries: give --db with it"),
-            )
-        }
-        (None, Some(location)) => on_anchor(location, |anchor| async move {
-            // Only the newest key given vouches for an anchor: its entries
-            // carry no signatures, so nothing in it proves a rotation.
-            let current = keys.last().cloned().into_iter().collect::<Vec<_>>();
-            Ok(verify::verify_anchor(&anchor, &keys, &current).await?.0)
-        }),
-        // The database proves the key rotations (its entries are signed), so
-        // it goes first: the anchor's checkpoint is one more checkpoint it must
-        // agree with, and the anchor's entries are then checked under the keys
-        // the database reached.
-        (Some(db), Some(location)) => on_anchor(location, |anchor| async move {
-            let note = verify::anchor_checkpoint(&anchor).await?;
-            notes.push(note.clone());
-            let summary = match verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes)? {
-                Ok(s) => s,
-                Err(f) => return Ok(Err(f)),
-            };
-            let (from_anchor, checked) = verify::verify_anchor(&anchor, &keys, &summary.keys).await?;
-            if checked != note {
-                anyhow::bail!("the anchor's checkpoint changed during verification (the broker published); run again");
-            }
-            Ok(from_anchor.map(|_| summary))
-        }),
-    };
-    match verdict {
-        Ok(v) => report_verdict(json, v),
-        Err(e) => report_error(json, exit::NOINPUT, &e),
-    }
-}
-
-/// Runs `work` on the anchor at `location` on a runtime of its own.
-fn on_anchor<F, T>(location: &str, work: impl FnOnce(Anchor) -> F) -> Result<T>
-where
-    F: std::future::Future<Output = Result<T>>,
-{
-    let anchor = Anchor::open_existing(location)?;
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work(anchor))
-}
-
-/// Longest key file read: a key history of a few thousand rotations.
-const MAX_KEY_FILE: u64 = 1 << 20;
-/// Longest checkpoint file read: a note with a few hundred signatures.
-const MAX_NOTE_FILE: u64 = 1 << 20;
-
-/// The verifier keys in `path`, one per line: `audit.vkey` (the current key)
-/// or `audit.vkeys` (the key history, genesis key first).
-fn read_verifier_keys(path: &std::path::Path) -> Result<Vec<VerifierKey>> {
-    let text = grantline_proto::files::read_bounded(path, MAX_KEY_FILE)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    let keys = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            VerifierKey::parse(l).with_context(|| format!("{} line {} is not a verifier key", path.display(), i + 1))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if keys.is_empty() {
-        bail!("{} holds no verifier key; give the broker's audit.vkey or audit.vkeys", path.display());
-    }
-    Ok(keys)
-}
-
-fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -> ExitCode {
-    let mut verdicts = Vec::new();
-    for pair in logs.chunks(2) {
-        let [db, key_file] = pair else {
-            return report_error(json, exit::USAGE, &anyhow::anyhow!("--log takes a database and a key file"));
-        };
-        let verdict = read_verifier_keys(key_file)
-            .and_then(|keys| verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &[]));
-        match verdict {
-            Ok(verdict) => verdicts.push(verify::FleetLog { db: db.display().to_string(), verdict }),
-            Err(e) => return report_error(json, exit::NOINPUT, &e),
-        }
-    }
-    let fleet = verify::fleet_verdict(&verdicts);
-    if json {
-        let logs: Vec<_> = verdicts
-            .iter()
-            .map(|l| match &l.verdict {
-                Ok(s) => serde_json::json!({"db": l.db, "ok": true, "origin": s.origin, "entries": s.entries, "head": s.head, "root": s.root}),
-                Err(f) => serde_json::json!({"db": l.db, "ok": false, "seq": f.seq, "reason": f.reason}),
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"ok": fleet.ok, "entries": fleet.entries, "first_time_ms": fleet.first_time_ms,
-                "last_time_ms": fleet.last_time_ms, "logs": logs, "problems": fleet.problems})
-        );
-    } else {
-        // With a timeline, stdout is the timeline's alone.
-        let say = |line: String| if timeline { eprintln!("{line}") } else { println!("{line}") };
-        for l in &verdicts {
-            if let Ok(s) = &l.verdict {
-                say(format!(
-                    "OK: {} entries in log {}, head {}, root {} ({})",
-                    s.entries, s.origin, s.head, s.root, l.db
-                ));
-            }
-        }
-        for p in &fleet.problems {
-            say(format!("FAILED: {p}"));
-        }
-        if fleet.ok {
-            say(format!("OK: {} logs, {} entries", verdicts.len(), fleet.entries));
-        }
-    }
-    if !fleet.ok {
-        return ExitCode::from(exit::DATAERR);
-    }
-    if timeline {
-        if let Err(e) = print_timeline(&verdicts) {
-            return report_error(false, exit::NOINPUT, &e);
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-/// The verified logs' entries merged on time, one JSON object a line.
-fn print_timeline(logs: &[verify::FleetLog]) -> Result<()> {
-    use std::io::Write;
-    let mut streams = Vec::new();
-    let failed = std::cell::RefCell::new(None);
-    for l in logs {
-        let Ok(verified) = &l.verdict else { anyhow::bail!("{} did not verify", l.db) };
-        streams.push(verify::log_entries(std::path::Path::new(&l.db), verified)?);
-    }
-    // A read error ends that log's stream; it is reported after the merge.
-    let streams: Vec<_> =
-        streams.into_iter().map(|s| s.map_while(|r| r.map_err(|e| *failed.borrow_mut() = Some(e)).ok())).collect();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for e in verify::merge_by_time(streams) {
-        let event: serde_json::Value = serde_json::from_slice(&e.event_json).unwrap_or(serde_json::Value::Null);
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"time_ms": e.time_ms, "origin": e.origin, "seq": e.seq, "event": event})
-        )?;
-    }
-    out.flush()?;
-    match failed.into_inner() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-fn report_verdict(
-    json: bool,
-    verdict: Result<grantline_proto::audit::Summary, grantline_proto::audit::Failure>,
-) -> ExitCode {
-    match verdict {
-        Ok(s) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": true, "entries": s.entries, "origin": s.origin, "head": s.head, "root": s.root, "first_time_ms": s.first_time_ms, "last_time_ms": s.last_time_ms})
-                );
-            } else {
-                println!("OK: {} entries in log {}, head {}, root {}", s.entries, s.origin, s.head, s.root);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(f) => {
-            if json {
-                println!("{}", serde_json::json!({"ok": false, "seq": f.seq, "reason": f.reason}));
-            } else {
-                println!("FAILED at seq {}: {}", f.seq, f.reason);
-            }
-            ExitCode::from(exit::DATAERR)
-        }
-    }
-}
-
-fn report_error(json: bool, code: u8, e: &anyhow::Error) -> ExitCode {
-    if json {
-        println!("{}", serde_json::json!({"ok": false, "error": format!("{e:#}")}));
-    } else {
-        eprintln!("grantline: {e:#}");
-    }
-    ExitCode::from(code)
 }

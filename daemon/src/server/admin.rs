@@ -25,8 +25,8 @@ use tonic::{Request, Response, Status};
 use super::identity::check_node_name;
 use super::options::AdminOptions;
 use super::shared::Shared;
+use crate::audit::inventory::GrantFilter;
 use crate::audit::prove::{prove, Which};
-use crate::audit::store::GrantFilter;
 use grantline_proto::clock::now_unix;
 
 /// Binds the admin socket: a stale socket is replaced, a live one refused.

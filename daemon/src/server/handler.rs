@@ -317,27 +317,13 @@ async fn prove(shared: &Shared, index: u64) -> Reply {
         return err(ErrorCode::Unavailable, "no checkpoint has been signed yet; retry in a second");
     };
     let reader = shared.audit_reader.clone();
-    let built = tokio::task::spawn_blocking(move || -> Result<String, (ErrorCode, String)> {
-        let unavailable = |m: String| (ErrorCode::Unavailable, m);
-        let body = grantline_proto::audit::note::body(&note)
-            .ok_or_else(|| unavailable("the latest checkpoint is not a note".into()))?;
-        let cp =
-            grantline_proto::audit::checkpoint::Checkpoint::parse_body(body).map_err(|e| unavailable(e.to_string()))?;
-        if index >= cp.size {
-            return Err(unavailable(format!(
-                "entry {index} is not in the latest checkpoint (size {}) yet; retry in a second",
-                cp.size
-            )));
-        }
-        let proof = reader
-            .with(|store| grantline_proto::audit::merkle::inclusion_proof(store, index, cp.size))
-            .map_err(|e| unavailable(format!("cannot build the proof: {e}")))?;
-        Ok(grantline_proto::audit::checkpoint::InclusionReceipt { index, proof, checkpoint_note: note }.format())
+    let built = tokio::task::spawn_blocking(move || {
+        reader.with(|store| crate::audit::prove::prove(store, &note, crate::audit::prove::Which::Inclusion(index)))
     })
     .await;
     match built {
-        Ok(Ok(tlog_proof)) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
-        Ok(Err((code, message))) => err(code, message),
+        Ok(Ok((tlog_proof, _))) => Reply { body: Some(Resp::Prove(wire::ProveResponse { tlog_proof })) },
+        Ok(Err(e)) => err(ErrorCode::Unavailable, format!("{e:#}")),
         Err(e) => err(ErrorCode::Internal, format!("proof task failed: {e}")),
     }
 }

@@ -6,6 +6,7 @@
 mod client;
 pub mod config;
 mod endpoints;
+mod failure;
 mod intermediate;
 mod issuer;
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Finds import circles between the source files of each crate (RFD 0001).
+"""Checks the layout rules of RFD 0001: no import circle between the source
+files of a crate, and no product source file over 450 lines.
 
 A file depends on another when it names an item of that file's module:
 `crate::a::b`, `super::x`, `self::x` or a child module `x::` declared in
@@ -10,8 +11,8 @@ A parent that declares `mod child;` does not depend on it by declaring
 it; a parent that names an item of its child does. Test modules
 (`#[cfg(test)]`) are left out: they may reach into what they test.
 
-Prints each circle and exits 1 if there is one, 0 if there is none.
-Usage: scripts/import-cycles.py [crate-src-dir ...]
+Prints each circle and each long file, and exits 1 if there is one.
+Usage: scripts/check-layout.py [crate-src-dir ...]
 """
 
 import os
@@ -19,6 +20,9 @@ import re
 import sys
 
 DEFAULT_ROOTS = ["proto/src", "daemon/src", "daemon/audit/src", "daemon/cli/src", "agent/src", "tests/src"]
+# The product crates, whose files are held to MAX_LINES.
+PRODUCT_ROOTS = ["proto/src", "daemon/src", "daemon/audit/src", "daemon/cli/src", "agent/src"]
+MAX_LINES = 450
 
 PATH = re.compile(r"\b((?:crate|super|self)(?:::[A-Za-z_][A-Za-z0-9_]*)+|[a-z_][a-z0-9_]*(?:::[A-Za-z_][A-Za-z0-9_]*)+)")
 MOD_DECL = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+([a-z_][a-z0-9_]*)\s*;", re.M)
@@ -175,10 +179,21 @@ def main():
             for m in comp:
                 inside = sorted(os.path.relpath(mods[t]) for t in edges[m] if t in comp)
                 print(f"  {os.path.relpath(mods[m])} uses {', '.join(inside)}")
+    long_files = 0
+    for root in roots:
+        if root not in PRODUCT_ROOTS:
+            continue
+        paths = (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".rs"))
+        for path in sorted(paths):
+            lines = sum(1 for _ in open(path, encoding="utf-8"))
+            if lines > MAX_LINES:
+                long_files += 1
+                print(f"{os.path.relpath(path)} has {lines} lines (at most {MAX_LINES}); split it by idea")
     if found:
         print(f"{found} import circle(s); move what both sides need into a module both import")
+    if found or long_files:
         return 1
-    print(f"no import circles in {', '.join(roots)}")
+    print(f"no import circles in {', '.join(roots)}; no product file over {MAX_LINES} lines")
     return 0
 
 
