@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::files::{write_atomic, write_secret};
+use grantline_proto::kind::Kind;
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
 
 use crate::credentials;
@@ -17,21 +18,35 @@ use crate::local::request;
 #[error("{0}")]
 pub struct Refused(pub wire::Error);
 
-pub struct GetX509 {
+/// What every `get` says: the role, where to write, the agent's socket and
+/// the lifetime wanted (policy caps it; None: the role's default).
+pub struct Ask {
     pub role: String,
     pub out: PathBuf,
     pub socket: PathBuf,
     pub ttl: Option<Duration>,
-    pub sans: Vec<String>,
 }
 
-pub struct GetSsh {
-    pub role: String,
-    pub principals: Vec<String>,
-    pub out: PathBuf,
-    pub socket: PathBuf,
-    pub ttl: Option<Duration>,
-    pub host: bool,
+/// A credential written: the reply, and the files, for the caller to report.
+pub struct Written {
+    pub response: wire::GrantResponse,
+    pub files: String,
+}
+
+impl Ask {
+    /// Asks the running agent for `request` (its kind and what the kind
+    /// needs) under this role and lifetime, once the output directory is
+    /// there.
+    async fn grant(&self, kind: Kind, request: wire::GrantRequest) -> Result<wire::GrantResponse> {
+        prepare_out(&self.out)?;
+        let g = wire::GrantRequest {
+            kind: kind.wire() as i32,
+            role: self.role.clone(),
+            ttl_seconds: ttl_seconds(self.ttl)?,
+            ..request
+        };
+        grant(&self.socket, g).await
+    }
 }
 
 fn ttl_seconds(ttl: Option<Duration>) -> Result<u32> {
@@ -56,112 +71,56 @@ fn prepare_out(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
 }
 
-pub async fn get_x509(args: GetX509) -> Result<wire::GrantResponse> {
-    prepare_out(&args.out)?;
-    let (key, csr_der) = credentials::x509_key_and_csr(&args.sans)?;
-    let gr = grant(
-        &args.socket,
-        wire::GrantRequest {
-            kind: wire::CredentialKind::X509 as i32,
-            role: args.role,
-            ttl_seconds: ttl_seconds(args.ttl)?,
-            csr_der,
-            sans: args.sans,
-            ..Default::default()
-        },
-    )
-    .await?;
+/// An X.509 certificate: writes `cert.pem`, `key.pem` (0600) and `ca.pem`.
+pub async fn get_x509(ask: &Ask, sans: Vec<String>) -> Result<Written> {
+    let (key, csr_der) = credentials::x509_key_and_csr(&sans)?;
+    let gr = ask.grant(Kind::X509, wire::GrantRequest { csr_der, sans, ..Default::default() }).await?;
     credentials::check_x509(&gr, &key)?;
-    write_secret(&args.out.join("key.pem"), key.serialize_pem().as_bytes())?;
-    write_atomic(&args.out.join("cert.pem"), gr.cert_pem.as_bytes(), 0o644)?;
-    write_atomic(&args.out.join("ca.pem"), gr.chain_pem.as_bytes(), 0o644)?;
-    Ok(gr)
+    write_secret(&ask.out.join("key.pem"), key.serialize_pem().as_bytes())?;
+    write_atomic(&ask.out.join("cert.pem"), gr.cert_pem.as_bytes(), 0o644)?;
+    write_atomic(&ask.out.join("ca.pem"), gr.chain_pem.as_bytes(), 0o644)?;
+    Ok(Written { response: gr, files: "cert.pem, key.pem, ca.pem".into() })
 }
 
-pub async fn get_ssh(args: GetSsh) -> Result<wire::GrantResponse> {
-    prepare_out(&args.out)?;
+/// An SSH user (or host) certificate: writes `id_ed25519` (0600),
+/// `id_ed25519.pub` and `id_ed25519-cert.pub`.
+pub async fn get_ssh(ask: &Ask, principals: Vec<String>, host: bool) -> Result<Written> {
     let (key, public) = credentials::ssh_key()?;
-    let kind = if args.host { wire::CredentialKind::SshHost } else { wire::CredentialKind::SshUser };
-    let gr = grant(
-        &args.socket,
-        wire::GrantRequest {
-            kind: kind as i32,
-            role: args.role,
-            ttl_seconds: ttl_seconds(args.ttl)?,
-            ssh_public_key: public.clone(),
-            principals: args.principals,
-            ..Default::default()
-        },
-    )
-    .await?;
+    let kind = if host { Kind::SshHost } else { Kind::SshUser };
+    let request = wire::GrantRequest { ssh_public_key: public.clone(), principals, ..Default::default() };
+    let gr = ask.grant(kind, request).await?;
     credentials::check_ssh(&gr, &key)?;
-    write_secret(&args.out.join("id_ed25519"), &credentials::ssh_key_file(&key)?)?;
-    write_atomic(&args.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
-    write_atomic(&args.out.join("id_ed25519-cert.pub"), &credentials::ssh_cert_file(&gr), 0o644)?;
-    Ok(gr)
-}
-
-pub struct GetToken {
-    pub role: String,
-    pub policies: Vec<String>,
-    pub out: PathBuf,
-    pub socket: PathBuf,
-    pub ttl: Option<Duration>,
-    pub uses: u32,
+    write_secret(&ask.out.join("id_ed25519"), &credentials::ssh_key_file(&key)?)?;
+    write_atomic(&ask.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
+    write_atomic(&ask.out.join("id_ed25519-cert.pub"), &credentials::ssh_cert_file(&gr), 0o644)?;
+    Ok(Written { response: gr, files: "id_ed25519, id_ed25519.pub, id_ed25519-cert.pub".into() })
 }
 
 /// A Vault token: writes `token` (0600) and `token.json` (accessor, expiry; 0600).
-pub async fn get_token(args: GetToken) -> Result<wire::GrantResponse> {
-    prepare_out(&args.out)?;
-    let gr = grant(
-        &args.socket,
-        wire::GrantRequest {
-            kind: wire::CredentialKind::VaultToken as i32,
-            role: args.role,
-            ttl_seconds: ttl_seconds(args.ttl)?,
-            vault_policies: args.policies.clone(),
-            num_uses: args.uses,
-            ..Default::default()
-        },
-    )
-    .await?;
+pub async fn get_token(ask: &Ask, policies: Vec<String>, uses: u32) -> Result<Written> {
+    let request = wire::GrantRequest { vault_policies: policies.clone(), num_uses: uses, ..Default::default() };
+    let gr = ask.grant(Kind::VaultToken, request).await?;
     if gr.vault_token.is_empty() {
         bail!("the reply holds no token");
     }
-    write_secret(&args.out.join("token"), format!("{}\n", gr.vault_token).as_bytes())?;
+    write_secret(&ask.out.join("token"), format!("{}\n", gr.vault_token).as_bytes())?;
     let meta = serde_json::json!({
         "accessor": gr.token_accessor,
-        "policies": args.policies,
+        "policies": policies,
         "not_after_unix": gr.not_after_unix,
     });
-    write_secret(&args.out.join("token.json"), format!("{meta:#}\n").as_bytes())?;
-    Ok(gr)
-}
-
-pub struct GetSecret {
-    pub role: String,
-    pub out: PathBuf,
-    pub socket: PathBuf,
-    pub ttl: Option<Duration>,
+    write_secret(&ask.out.join("token.json"), format!("{meta:#}\n").as_bytes())?;
+    Ok(Written { response: gr, files: "token, token.json".into() })
 }
 
 /// A dynamic secret: writes `secret.json` (0600) with the data, lease id and expiry.
-pub async fn get_secret(args: GetSecret) -> Result<wire::GrantResponse> {
-    prepare_out(&args.out)?;
-    let gr = grant(
-        &args.socket,
-        wire::GrantRequest {
-            kind: wire::CredentialKind::DynamicSecret as i32,
-            role: args.role,
-            ttl_seconds: ttl_seconds(args.ttl)?,
-            ..Default::default()
-        },
-    )
-    .await?;
+pub async fn get_secret(ask: &Ask) -> Result<Written> {
+    let gr = ask.grant(Kind::DynamicSecret, wire::GrantRequest::default()).await?;
     let data: serde_json::Value = serde_json::from_str(&gr.secret_json).context("the secret is not JSON")?;
     let doc = serde_json::json!({ "data": data, "lease_id": gr.lease_id, "not_after_unix": gr.not_after_unix });
-    write_secret(&args.out.join("secret.json"), format!("{doc:#}\n").as_bytes())?;
-    Ok(gr)
+    write_secret(&ask.out.join("secret.json"), format!("{doc:#}\n").as_bytes())?;
+    let files = format!("secret.json (lease {})", gr.lease_id);
+    Ok(Written { response: gr, files })
 }
 
 /// Gives a dynamic secret back: the broker revokes its lease.

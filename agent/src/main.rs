@@ -84,64 +84,59 @@ fn print_man_page() -> ExitCode {
 enum GetCommand {
     /// An X.509 certificate: writes cert.pem, key.pem (0600) and ca.pem.
     X509 {
-        #[arg(long)]
-        role: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Lifetime wanted; policy caps it. Default: the role's default.
-        #[arg(long)]
-        ttl: Option<humantime::Duration>,
+        #[command(flatten)]
+        ask: AskArgs,
         /// Subject alternative name (DNS name or IP); repeatable. Default: the node name.
         #[arg(long = "san")]
         sans: Vec<String>,
     },
     /// An SSH certificate: writes id_ed25519 (0600), id_ed25519.pub, id_ed25519-cert.pub.
     Ssh {
-        #[arg(long)]
-        role: String,
+        #[command(flatten)]
+        ask: AskArgs,
         /// Principal (user name, or host name with --host); repeatable.
         #[arg(long = "principal", required = true)]
         principals: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        #[arg(long)]
-        ttl: Option<humantime::Duration>,
         /// A host certificate instead of a user certificate.
         #[arg(long)]
         host: bool,
     },
     /// A Vault token: writes token (0600) and token.json.
     Token {
-        #[arg(long)]
-        role: String,
+        #[command(flatten)]
+        ask: AskArgs,
         /// Vault policy for the token; repeatable.
         #[arg(long = "policy", required = true)]
         policies: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        #[arg(long)]
-        ttl: Option<humantime::Duration>,
         /// How many times the token may be used (0: the policy's cap, or unlimited).
         #[arg(long, default_value_t = 0)]
         uses: u32,
     },
     /// A dynamic secret such as database credentials: writes secret.json (0600).
     Secret {
-        #[arg(long)]
-        role: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: PathBuf,
-        #[arg(long)]
-        ttl: Option<humantime::Duration>,
+        #[command(flatten)]
+        ask: AskArgs,
     },
+}
+
+/// What every `get` takes.
+#[derive(clap::Args)]
+struct AskArgs {
+    #[arg(long)]
+    role: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Lifetime wanted; policy caps it. Default: the role's default.
+    #[arg(long)]
+    ttl: Option<humantime::Duration>,
+}
+
+impl AskArgs {
+    fn ask(self) -> get::Ask {
+        get::Ask { role: self.role, out: self.out, socket: self.socket, ttl: self.ttl.map(Into::into) }
+    }
 }
 
 fn exit_for(e: &anyhow::Error) -> ExitCode {
@@ -194,54 +189,34 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Get(GetCommand::X509 { role, out, socket, ttl, sans }) => {
-                let gr = get::get_x509(get::GetX509 { role, out: out.clone(), socket, ttl: ttl.map(Into::into), sans })
-                    .await?;
+            Command::Get(what) => {
+                let (ask, written) = match what {
+                    GetCommand::X509 { ask, sans } => {
+                        let ask = ask.ask();
+                        let w = get::get_x509(&ask, sans).await?;
+                        (ask, w)
+                    }
+                    GetCommand::Ssh { ask, principals, host } => {
+                        let ask = ask.ask();
+                        let w = get::get_ssh(&ask, principals, host).await?;
+                        (ask, w)
+                    }
+                    GetCommand::Token { ask, policies, uses } => {
+                        let ask = ask.ask();
+                        let w = get::get_token(&ask, policies, uses).await?;
+                        (ask, w)
+                    }
+                    GetCommand::Secret { ask } => {
+                        let ask = ask.ask();
+                        let w = get::get_secret(&ask).await?;
+                        (ask, w)
+                    }
+                };
                 println!(
-                    "wrote {}/cert.pem, key.pem, ca.pem; valid until {}",
-                    out.display(),
-                    rfc3339(gr.not_after_unix)
-                );
-                Ok(())
-            }
-            Command::Get(GetCommand::Ssh { role, principals, out, socket, ttl, host }) => {
-                let gr = get::get_ssh(get::GetSsh {
-                    role,
-                    principals,
-                    out: out.clone(),
-                    socket,
-                    ttl: ttl.map(Into::into),
-                    host,
-                })
-                .await?;
-                println!(
-                    "wrote {}/id_ed25519, id_ed25519.pub, id_ed25519-cert.pub; valid until {}",
-                    out.display(),
-                    rfc3339(gr.not_after_unix)
-                );
-                Ok(())
-            }
-            Command::Get(GetCommand::Token { role, policies, out, socket, ttl, uses }) => {
-                let gr = get::get_token(get::GetToken {
-                    role,
-                    policies,
-                    out: out.clone(),
-                    socket,
-                    ttl: ttl.map(Into::into),
-                    uses,
-                })
-                .await?;
-                println!("wrote {}/token, token.json; valid until {}", out.display(), rfc3339(gr.not_after_unix));
-                Ok(())
-            }
-            Command::Get(GetCommand::Secret { role, out, socket, ttl }) => {
-                let gr = get::get_secret(get::GetSecret { role, out: out.clone(), socket, ttl: ttl.map(Into::into) })
-                    .await?;
-                println!(
-                    "wrote {}/secret.json (lease {}); valid until {}",
-                    out.display(),
-                    gr.lease_id,
-                    rfc3339(gr.not_after_unix)
+                    "wrote {}/{}; valid until {}",
+                    ask.out.display(),
+                    written.files,
+                    rfc3339(written.response.not_after_unix)
                 );
                 Ok(())
             }

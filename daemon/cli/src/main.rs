@@ -7,15 +7,15 @@ mod admin;
 mod audit;
 mod report;
 
-use grantline_proto::exit;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use grantline_audit::AuditStore;
+use grantline_proto::exit;
 
 use crate::report::report_error;
-use grantline_audit::AuditStore;
 
 /// Grantline administration and audit verification.
 #[derive(Parser)]
