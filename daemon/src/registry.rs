@@ -103,9 +103,10 @@ impl<C: Clone> Registry<C> {
     }
 
     /// Registers connection `id` of `name` presenting `serial`, then says
-    /// whether it may stay. Registered before the node's standing is read,
-    /// so a concurrent `revoke` either takes the connection or is seen. The
-    /// first connection with a renewed identity marks it used.
+    /// whether it may stay; a node in good standing was seen at `now`.
+    /// Registered before the node's standing is read, so a concurrent
+    /// `revoke` either takes the connection or is seen. The first
+    /// connection with a renewed identity marks it used.
     pub fn admit(&self, name: &str, serial: &str, id: usize, conn: C, now: i64) -> Admitted {
         let held = {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,10 +114,14 @@ impl<C: Clone> Registry<C> {
             conns.insert(id, conn);
             conns.len()
         };
-        self.mark_seen(name, now);
         match self.standing(name, serial) {
-            Standing::Good if held > MAX_CONNECTIONS_PER_NODE => Admitted::TooMany(MAX_CONNECTIONS_PER_NODE),
             Standing::Good => {
+                // Only an identity that may stay counts as the node being
+                // heard from: a revoked or replaced one retrying does not.
+                self.mark_seen(name, now);
+                if held > MAX_CONNECTIONS_PER_NODE {
+                    return Admitted::TooMany(MAX_CONNECTIONS_PER_NODE);
+                }
                 let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
                 if let Some(n) = nodes.get_mut(name).filter(|n| n.serial == serial) {
                     n.current_seen = true;
@@ -127,8 +132,9 @@ impl<C: Clone> Registry<C> {
         }
     }
 
-    /// Forgets connection `id` of `name`, noting when it was last seen.
-    pub fn leave(&self, name: &str, id: usize, now: i64) {
+    /// Forgets connection `id` of `name`, noting `seen_at` as when the node
+    /// was last heard from (None for a connection that was refused).
+    pub fn leave(&self, name: &str, id: usize, seen_at: Option<i64>) {
         {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(conns) = live.get_mut(name) {
@@ -138,7 +144,9 @@ impl<C: Clone> Registry<C> {
                 }
             }
         }
-        self.mark_seen(name, now);
+        if let Some(at) = seen_at {
+            self.mark_seen(name, at);
+        }
     }
 
     /// Notes that `name` was heard from at `at`.
@@ -231,11 +239,30 @@ mod tests {
         assert_eq!(r.admit("b", "01", 101, 0, 1), Admitted::Refused(Standing::NotEnrolled));
         assert_eq!(r.connected_nodes(), 2, "refused connections stay registered until they leave");
         for id in (0..MAX_CONNECTIONS_PER_NODE).chain([99, 100]) {
-            r.leave("a", id, 5);
+            r.leave("a", id, Some(5));
         }
-        r.leave("b", 101, 5);
+        r.leave("b", 101, None);
         assert_eq!(r.connected_nodes(), 0);
         assert!(r.with("a", |n| n.is_some_and(|n| n.current_seen)), "the identity was used");
+    }
+
+    /// Review finding: a revoked or replaced identity that keeps
+    /// reconnecting made its node look alive (`nodes list` showed each
+    /// refused attempt as last seen).
+    #[test]
+    fn refused_connections_do_not_count_as_seen() {
+        let mut revoked = node("gone", "01");
+        revoked.revoked = true;
+        let r: Registry<u8> = Registry::new(vec![revoked, node("a", "02")]);
+        assert_eq!(r.admit("gone", "01", 1, 0, 100), Admitted::Refused(Standing::Revoked));
+        assert_eq!(r.admit("a", "01", 2, 0, 100), Admitted::Refused(Standing::Replaced));
+        r.leave("gone", 1, None);
+        r.leave("a", 2, None);
+        assert!(r.list().iter().all(|l| l.record.last_seen == 0), "refused attempts were counted as seen");
+        assert!(r.take_seen().is_empty());
+        assert_eq!(r.admit("a", "02", 3, 0, 150), Admitted::Yes);
+        r.leave("a", 3, Some(160));
+        assert_eq!(r.take_seen(), vec![("a".to_owned(), 160)]);
     }
 
     #[test]

@@ -202,6 +202,8 @@ struct Registration<'a> {
     shared: &'a Shared,
     node: String,
     id: usize,
+    /// Whether the registry let it stay (a refused one is not "seen").
+    admitted: bool,
 }
 
 impl<'a> Registration<'a> {
@@ -211,7 +213,8 @@ impl<'a> Registration<'a> {
     fn new(shared: &'a Shared, peer: &PeerNode, conn: &quinn::Connection) -> Self {
         let node = peer.name.as_str();
         let id = conn.stable_id();
-        let refusal = match shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix()) {
+        let admitted = shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix());
+        let refusal = match admitted {
             Admitted::Yes => None,
             Admitted::Refused(Standing::Revoked) => {
                 Some((wire::ErrorCode::Revoked, format!("node {node} has been revoked")))
@@ -226,10 +229,10 @@ impl<'a> Registration<'a> {
                 Some((wire::ErrorCode::Unavailable, format!("node {node} already holds {most} connections; use one")))
             }
         };
-        if let Some((code, message)) = refusal {
-            revoke::close_with(conn, &wire::Error::new(code, message));
+        if let Some((code, message)) = &refusal {
+            revoke::close_with(conn, &wire::Error::new(*code, message.clone()));
         }
-        Self { shared, node: node.to_owned(), id }
+        Self { shared, node: node.to_owned(), id, admitted: refusal.is_none() }
     }
 }
 
@@ -251,7 +254,7 @@ impl Drop for ConnectionGauge {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.shared.registry.leave(&self.node, self.id, now_unix());
+        self.shared.registry.leave(&self.node, self.id, self.admitted.then(now_unix));
     }
 }
 
