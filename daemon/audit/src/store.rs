@@ -109,6 +109,20 @@ impl AuditStore {
         tx.commit()
     }
 
+    /// Writes everything in the WAL into the database file and empties the
+    /// WAL (waiting, up to the busy timeout, for readers to step aside), so
+    /// the file alone is the whole log.
+    pub fn fold_wal(&self) -> rusqlite::Result<()> {
+        let busy: i64 = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("a reader kept the WAL from being folded in".into()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Opens an audit database read-only, for verification.
     pub fn open_read_only(path: &Path) -> rusqlite::Result<Self> {
         let conn =

@@ -346,6 +346,11 @@ fn run(
         }
     }
     cp.maybe(&store, &key, &state, true);
+    // The log is whole in audit.db once the writer stops, whoever closes
+    // last (a reader closing after it never folds the WAL in).
+    if let Err(e) = store.fold_wal() {
+        tracing::warn!(error = %e, "cannot fold the audit WAL into audit.db; copy audit.db-wal with it");
+    }
     tracing::info!(next_seq = state.next_seq, "audit writer stopped");
 }
 
@@ -430,5 +435,35 @@ mod tests {
         let mut v = grantline_proto::audit::ChainVerifier::new(vkey);
         store.for_each(|row| v.push(row)).unwrap().unwrap();
         assert_eq!(v.finish().unwrap().entries, 2);
+    }
+
+    /// CI: a log copied as `audit.db` alone after a clean stop had no
+    /// tables when a reader (the anchor publisher, a proof) was still open
+    /// as the writer closed: SQLite folds the WAL only on the last close,
+    /// and a read-only connection never does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cleanly_stopped_log_is_whole_in_its_main_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("audit.db");
+        let key = SignerKey::generate("t.example/log").unwrap();
+        let (log, writer) = AuditLog::start(&db, key, "test").unwrap();
+        let admin = CallerInfo { uid: 0, gid: 0, pid: 1, exe: String::new(), unit: String::new() };
+        let event = Event::TokenCreation {
+            token_id: "t".into(),
+            node: String::new(),
+            labels: Default::default(),
+            expires_at: 0,
+            admin,
+        };
+        log.append(event).await.unwrap();
+        let reader = AuditStore::open_read_only(&db).unwrap();
+        assert!(reader.count().unwrap() >= 2);
+        drop(log);
+        writer.join().unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(&db, copy.path().join("audit.db")).unwrap();
+        drop(reader);
+        let copied = AuditStore::open_read_only(&copy.path().join("audit.db")).unwrap();
+        assert_eq!(copied.count().unwrap(), 2, "the main file lacks what the WAL held");
     }
 }
