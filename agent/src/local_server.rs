@@ -210,6 +210,13 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
         }
         Some(LocalReq::Grant(mut g)) => {
             let Some(kind) = Kind::from_wire(g.kind) else {
+                // Refused here, before the broker sees it (which would have
+                // audited it as a bad request): logged, so probes show.
+                tracing::warn!(
+                    uid = caller.as_ref().map(|c| c.uid),
+                    kind = g.kind,
+                    "local request for an unknown credential kind refused"
+                );
                 return local_error(
                     ErrorCode::BadRequest,
                     format!("unknown credential kind {}; use {}", g.kind, Kind::names()),

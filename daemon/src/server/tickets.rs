@@ -136,7 +136,7 @@ impl std::fmt::Debug for TicketKeys {
 }
 
 fn epoch_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) / PERIOD
+    u64::try_from(grantline_proto::clock::now_unix()).unwrap_or(0) / PERIOD
 }
 
 impl TicketKeys {
