@@ -1,0 +1,67 @@
+use super::*;
+use grantline_proto::audit::event::CallerInfo;
+
+/// Review defect 2 at the writer: an event too large even once cut to its
+/// field bounds is refused alone; the chain does not move, later events
+/// are recorded, and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_is_refused_without_poisoning_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let key = SignerKey::generate("t.example/log").unwrap();
+    let vkey = key.verifier().clone();
+    let (log, writer) = AuditLog::start(&db, key, "test").unwrap();
+    let admin = CallerInfo { uid: 0, gid: 0, pid: 1, exe: String::new(), unit: String::new() };
+    // 64 labels of 1 KiB keys and values: each field within its bound,
+    // the entry over 64 KiB.
+    let labels = (0..64).map(|i| (format!("{i:04}{}", "k".repeat(1000)), "v".repeat(1000))).collect();
+    let huge = Event::TokenCreation { token_id: "t".into(), node: String::new(), labels, expires_at: 0, admin };
+    assert!(matches!(log.append(huge).await, Err(AuditError::TooLarge(_))));
+    let small = Event::Denial {
+        action: "grant".into(),
+        node: "n".into(),
+        kind: "x509".into(),
+        role: "r".repeat(40_000),
+        policy: String::new(),
+        reason: "too long a role".into(),
+        caller: None,
+    };
+    let receipt = log.append(small).await.unwrap();
+    assert_eq!(Entry::decode(&receipt.entry).unwrap().seq, 1, "the refused event took no seq");
+    drop(log);
+    writer.join().unwrap();
+    let store = AuditStore::open_read_only(&db).unwrap();
+    let mut v = grantline_proto::audit::ChainVerifier::new(vkey);
+    store.for_each(|row| v.push(row)).unwrap().unwrap();
+    assert_eq!(v.finish().unwrap().entries, 2);
+}
+
+/// CI: a log copied as `audit.db` alone after a clean stop had no
+/// tables when a reader (the anchor publisher, a proof) was still open
+/// as the writer closed: SQLite folds the WAL only on the last close,
+/// and a read-only connection never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_log_is_whole_in_its_main_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let key = SignerKey::generate("t.example/log").unwrap();
+    let (log, writer) = AuditLog::start(&db, key, "test").unwrap();
+    let admin = CallerInfo { uid: 0, gid: 0, pid: 1, exe: String::new(), unit: String::new() };
+    let event = Event::TokenCreation {
+        token_id: "t".into(),
+        node: String::new(),
+        labels: Default::default(),
+        expires_at: 0,
+        admin,
+    };
+    log.append(event).await.unwrap();
+    let reader = AuditStore::open_read_only(&db).unwrap();
+    assert!(reader.count().unwrap() >= 2);
+    drop(log);
+    writer.join().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(&db, copy.path().join("audit.db")).unwrap();
+    drop(reader);
+    let copied = AuditStore::open_read_only(&copy.path().join("audit.db")).unwrap();
+    assert_eq!(copied.count().unwrap(), 2, "the main file lacks what the WAL held");
+}
