@@ -13,9 +13,7 @@ use crate::state::NodeRecord;
 
 /// Why a node may not use an identity, as the registry sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Standing {
-    /// Enrolled, not revoked, and the identity is its own.
-    Good,
+pub enum Refusal {
     Revoked,
     NotEnrolled,
     /// The identity was replaced by a renewal that has been used, or by a
@@ -28,7 +26,7 @@ pub enum Standing {
 pub enum Admitted {
     Yes,
     /// Refused for the node's standing.
-    Refused(Standing),
+    Refused(Refusal),
     /// The node already holds this many connections.
     TooMany(usize),
 }
@@ -65,13 +63,19 @@ impl<C: Clone> Registry<C> {
         f(self.nodes.read().unwrap_or_else(PoisonError::into_inner).get(name))
     }
 
-    /// Whether `serial` may speak for `name`.
-    pub fn standing(&self, name: &str, serial: &str) -> Standing {
+    /// Whether `serial` may speak for `name`: enrolled, not revoked, and
+    /// the identity is its own.
+    pub fn standing(&self, name: &str, serial: &str) -> Result<(), Refusal> {
+        self.speaker(name, serial, |_| ())
+    }
+
+    /// `read` of the record `serial` speaks for, or why it speaks for none.
+    pub fn speaker<T>(&self, name: &str, serial: &str, read: impl FnOnce(&NodeRecord) -> T) -> Result<T, Refusal> {
         self.with(name, |n| match n {
-            None => Standing::NotEnrolled,
-            Some(n) if n.revoked => Standing::Revoked,
-            Some(n) if !n.speaks_for(serial) => Standing::Replaced,
-            Some(_) => Standing::Good,
+            None => Err(Refusal::NotEnrolled),
+            Some(n) if n.revoked => Err(Refusal::Revoked),
+            Some(n) if !n.speaks_for(serial) => Err(Refusal::Replaced),
+            Some(n) => Ok(read(n)),
         })
     }
 
@@ -115,7 +119,7 @@ impl<C: Clone> Registry<C> {
             conns.len()
         };
         match self.standing(name, serial) {
-            Standing::Good => {
+            Ok(()) => {
                 // Only an identity that may stay counts as the node being
                 // heard from: a revoked or replaced one retrying does not.
                 self.mark_seen(name, now);
@@ -128,7 +132,7 @@ impl<C: Clone> Registry<C> {
                 }
                 Admitted::Yes
             }
-            other => Admitted::Refused(other),
+            Err(refusal) => Admitted::Refused(refusal),
         }
     }
 
@@ -223,8 +227,8 @@ mod tests {
         assert_eq!(r.admit("web-1", "01", 1, 7, 10), Admitted::Yes);
         assert_eq!(r.revoke("web-1", 20), vec![7], "the live connection is handed back to be closed");
         assert!(!r.record(node("web-1", "02")), "a renewal in flight must not clear the flag");
-        assert_eq!(r.standing("web-1", "02"), Standing::Revoked);
-        assert_eq!(r.admit("web-1", "01", 2, 8, 30), Admitted::Refused(Standing::Revoked));
+        assert_eq!(r.standing("web-1", "02"), Err(Refusal::Revoked));
+        assert_eq!(r.admit("web-1", "01", 2, 8, 30), Admitted::Refused(Refusal::Revoked));
         assert!(r.is_out("web-1") && r.is_out("never-enrolled"));
     }
 
@@ -235,8 +239,8 @@ mod tests {
             assert_eq!(r.admit("a", "01", id, 0, 1), Admitted::Yes);
         }
         assert_eq!(r.admit("a", "01", 99, 0, 1), Admitted::TooMany(MAX_CONNECTIONS_PER_NODE));
-        assert_eq!(r.admit("a", "02", 100, 0, 1), Admitted::Refused(Standing::Replaced));
-        assert_eq!(r.admit("b", "01", 101, 0, 1), Admitted::Refused(Standing::NotEnrolled));
+        assert_eq!(r.admit("a", "02", 100, 0, 1), Admitted::Refused(Refusal::Replaced));
+        assert_eq!(r.admit("b", "01", 101, 0, 1), Admitted::Refused(Refusal::NotEnrolled));
         assert_eq!(r.connected_nodes(), 2, "refused connections stay registered until they leave");
         for id in (0..MAX_CONNECTIONS_PER_NODE).chain([99, 100]) {
             r.leave("a", id, Some(5));
@@ -254,8 +258,8 @@ mod tests {
         let mut revoked = node("gone", "01");
         revoked.revoked = true;
         let r: Registry<u8> = Registry::new(vec![revoked, node("a", "02")]);
-        assert_eq!(r.admit("gone", "01", 1, 0, 100), Admitted::Refused(Standing::Revoked));
-        assert_eq!(r.admit("a", "01", 2, 0, 100), Admitted::Refused(Standing::Replaced));
+        assert_eq!(r.admit("gone", "01", 1, 0, 100), Admitted::Refused(Refusal::Revoked));
+        assert_eq!(r.admit("a", "01", 2, 0, 100), Admitted::Refused(Refusal::Replaced));
         r.leave("gone", 1, None);
         r.leave("a", 2, None);
         assert!(r.list().iter().all(|l| l.record.last_seen == 0), "refused attempts were counted as seen");

@@ -4,7 +4,7 @@
 use grantline_proto::audit::Event;
 use grantline_proto::wire::{self, request::Body as Req, response::Body as Resp, ErrorCode};
 
-use super::identity::{check_node_name, issue_identity, IssuedIdentity, PeerNode};
+use super::identity::{check_node_name, issue_identity, refused, IssuedIdentity, PeerNode};
 use super::revoke::revoke_lease;
 use super::shared::Shared;
 use crate::grant::GrantError;
@@ -71,14 +71,10 @@ fn authenticate(shared: &Shared, peer: Option<&PeerNode>) -> Result<NodeAttrs, R
             format!("node identity of {} expired; reconnect with a renewed identity or enroll again", peer.name),
         ));
     }
-    shared.registry.with(&peer.name, |known| match known {
-        Some(n) if n.revoked => Err(err(ErrorCode::Revoked, format!("node {} has been revoked", peer.name))),
-        Some(n) if !n.speaks_for(&peer.serial) => {
-            Err(err(ErrorCode::Unauthenticated, crate::state::replaced_identity(&peer.name, &peer.serial)))
-        }
-        Some(n) => Ok(NodeAttrs { name: n.name.clone(), labels: n.labels.clone() }),
-        None => Err(err(ErrorCode::Unauthenticated, format!("node {} is not enrolled with this broker", peer.name))),
-    })
+    shared
+        .registry
+        .speaker(&peer.name, &peer.serial, |n| NodeAttrs { name: n.name.clone(), labels: n.labels.clone() })
+        .map_err(|why| Reply { body: Some(Resp::Error(refused(&why, &peer.name, &peer.serial))) })
 }
 
 async fn audit_denial(shared: &Shared, event: Event) {

@@ -1,14 +1,16 @@
 //! Node identities: reading the peer's certificate, issuing identity certificates.
 
-use grantline_proto::audit::event::certificate_fingerprint;
 use std::time::{Duration, SystemTime};
 
+use grantline_proto::audit::event::certificate_fingerprint;
+use grantline_proto::clock::unix;
+use grantline_proto::wire;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
 use rustls::pki_types::CertificateDer;
 
 use crate::issuer::CheckedCsr;
 use crate::pki::{random_serial, Pki};
-use grantline_proto::clock::unix;
+use crate::registry::Refusal;
 
 /// The authenticated node behind a connection, read from the certificate that
 /// rustls has already verified against the node CA.
@@ -79,4 +81,18 @@ pub fn issue_identity(pki: &Pki, name: &str, csr: &CheckedCsr, ttl: Duration) ->
         serial: hex::encode(serial.to_bytes()),
         not_after: unix(now + ttl),
     })
+}
+
+/// What a peer is told when its identity may not be used, and with which
+/// code: on a request, and when its connection is closed at once.
+pub(crate) fn refused(refusal: &Refusal, node: &str, serial: &str) -> wire::Error {
+    match refusal {
+        Refusal::Revoked => wire::Error::new(wire::ErrorCode::Revoked, format!("node {node} has been revoked")),
+        Refusal::NotEnrolled => {
+            wire::Error::new(wire::ErrorCode::Unauthenticated, format!("node {node} is not enrolled with this broker"))
+        }
+        Refusal::Replaced => {
+            wire::Error::new(wire::ErrorCode::Unauthenticated, crate::state::replaced_identity(node, serial))
+        }
+    }
 }

@@ -15,11 +15,11 @@ use grantline_proto::{frame, wire, ALPN};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 
-use super::identity::PeerNode;
+use super::identity::{self, PeerNode};
 use super::shared::Shared;
 use super::{admission, anonymous, handler, revoke, tickets};
 use crate::pki::Pki;
-use crate::registry::{Admitted, Standing};
+use crate::registry::Admitted;
 
 /// Binds the QUIC endpoint with a stateless-reset key kept in the state
 /// directory: after a restart (even a SIGKILL) the broker answers packets of
@@ -213,24 +213,16 @@ impl<'a> Registration<'a> {
     fn new(shared: &'a Shared, peer: &PeerNode, conn: &quinn::Connection) -> Self {
         let node = peer.name.as_str();
         let id = conn.stable_id();
-        let admitted = shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix());
-        let refusal = match admitted {
+        let refusal = match shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix()) {
             Admitted::Yes => None,
-            Admitted::Refused(Standing::Revoked) => {
-                Some((wire::ErrorCode::Revoked, format!("node {node} has been revoked")))
-            }
-            Admitted::Refused(Standing::NotEnrolled) => {
-                Some((wire::ErrorCode::Unauthenticated, format!("node {node} is not enrolled with this broker")))
-            }
-            Admitted::Refused(Standing::Replaced | Standing::Good) => {
-                Some((wire::ErrorCode::Unauthenticated, crate::state::replaced_identity(node, &peer.serial)))
-            }
-            Admitted::TooMany(most) => {
-                Some((wire::ErrorCode::Unavailable, format!("node {node} already holds {most} connections; use one")))
-            }
+            Admitted::Refused(why) => Some(identity::refused(&why, node, &peer.serial)),
+            Admitted::TooMany(most) => Some(wire::Error::new(
+                wire::ErrorCode::Unavailable,
+                format!("node {node} already holds {most} connections; use one"),
+            )),
         };
-        if let Some((code, message)) = &refusal {
-            revoke::close_with(conn, &wire::Error::new(*code, message.clone()));
+        if let Some(e) = &refusal {
+            revoke::close_with(conn, e);
         }
         Self { shared, node: node.to_owned(), id, admitted: refusal.is_none() }
     }
