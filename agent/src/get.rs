@@ -30,10 +30,15 @@ pub struct Ask {
 /// A credential written: the reply, and the files, for the caller to report.
 pub struct Written {
     pub response: wire::GrantResponse,
+    /// `DIR/first, second, …`.
     pub files: String,
 }
 
 impl Ask {
+    fn written(&self, response: wire::GrantResponse, files: &str) -> Written {
+        Written { response, files: format!("{}/{files}", self.out.display()) }
+    }
+
     /// Asks the running agent for `request` (its kind and what the kind
     /// needs) under this role and lifetime, once the output directory is
     /// there.
@@ -79,7 +84,7 @@ pub async fn get_x509(ask: &Ask, sans: Vec<String>) -> Result<Written> {
     write_secret(&ask.out.join("key.pem"), key.serialize_pem().as_bytes())?;
     write_atomic(&ask.out.join("cert.pem"), gr.cert_pem.as_bytes(), 0o644)?;
     write_atomic(&ask.out.join("ca.pem"), gr.chain_pem.as_bytes(), 0o644)?;
-    Ok(Written { response: gr, files: "cert.pem, key.pem, ca.pem".into() })
+    Ok(ask.written(gr, "cert.pem, key.pem, ca.pem"))
 }
 
 /// An SSH user (or host) certificate: writes `id_ed25519` (0600),
@@ -93,7 +98,7 @@ pub async fn get_ssh(ask: &Ask, principals: Vec<String>, host: bool) -> Result<W
     write_secret(&ask.out.join("id_ed25519"), &credentials::ssh_key_file(&key)?)?;
     write_atomic(&ask.out.join("id_ed25519.pub"), format!("{public}\n").as_bytes(), 0o644)?;
     write_atomic(&ask.out.join("id_ed25519-cert.pub"), &credentials::ssh_cert_file(&gr), 0o644)?;
-    Ok(Written { response: gr, files: "id_ed25519, id_ed25519.pub, id_ed25519-cert.pub".into() })
+    Ok(ask.written(gr, "id_ed25519, id_ed25519.pub, id_ed25519-cert.pub"))
 }
 
 /// A Vault token: writes `token` (0600) and `token.json` (accessor, expiry; 0600).
@@ -110,7 +115,7 @@ pub async fn get_token(ask: &Ask, policies: Vec<String>, uses: u32) -> Result<Wr
         "not_after_unix": gr.not_after_unix,
     });
     write_secret(&ask.out.join("token.json"), format!("{meta:#}\n").as_bytes())?;
-    Ok(Written { response: gr, files: "token, token.json".into() })
+    Ok(ask.written(gr, "token, token.json"))
 }
 
 /// A dynamic secret: writes `secret.json` (0600) with the data, lease id and expiry.
@@ -120,7 +125,7 @@ pub async fn get_secret(ask: &Ask) -> Result<Written> {
     let doc = serde_json::json!({ "data": data, "lease_id": gr.lease_id, "not_after_unix": gr.not_after_unix });
     write_secret(&ask.out.join("secret.json"), format!("{doc:#}\n").as_bytes())?;
     let files = format!("secret.json (lease {})", gr.lease_id);
-    Ok(Written { response: gr, files })
+    Ok(ask.written(gr, &files))
 }
 
 /// Gives a dynamic secret back: the broker revokes its lease.

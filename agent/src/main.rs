@@ -190,34 +190,13 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Get(what) => {
-                let (ask, written) = match what {
-                    GetCommand::X509 { ask, sans } => {
-                        let ask = ask.ask();
-                        let w = get::get_x509(&ask, sans).await?;
-                        (ask, w)
-                    }
-                    GetCommand::Ssh { ask, principals, host } => {
-                        let ask = ask.ask();
-                        let w = get::get_ssh(&ask, principals, host).await?;
-                        (ask, w)
-                    }
-                    GetCommand::Token { ask, policies, uses } => {
-                        let ask = ask.ask();
-                        let w = get::get_token(&ask, policies, uses).await?;
-                        (ask, w)
-                    }
-                    GetCommand::Secret { ask } => {
-                        let ask = ask.ask();
-                        let w = get::get_secret(&ask).await?;
-                        (ask, w)
-                    }
+                let written = match what {
+                    GetCommand::X509 { ask, sans } => get::get_x509(&ask.ask(), sans).await?,
+                    GetCommand::Ssh { ask, principals, host } => get::get_ssh(&ask.ask(), principals, host).await?,
+                    GetCommand::Token { ask, policies, uses } => get::get_token(&ask.ask(), policies, uses).await?,
+                    GetCommand::Secret { ask } => get::get_secret(&ask.ask()).await?,
                 };
-                println!(
-                    "wrote {}/{}; valid until {}",
-                    ask.out.display(),
-                    written.files,
-                    rfc3339(written.response.not_after_unix)
-                );
+                println!("wrote {}; valid until {}", written.files, rfc3339(written.response.not_after_unix));
                 Ok(())
             }
             Command::Release { lease_id, socket } => {

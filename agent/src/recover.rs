@@ -14,7 +14,7 @@
 use anyhow::{Context, Result};
 
 use crate::enroll::{enroll, EnrollArgs};
-use crate::session::{say, Agent};
+use crate::session::{announce, Agent};
 use crate::state::AgentState;
 
 pub(crate) async fn reenroll(agent: &Agent) -> Result<()> {
@@ -50,6 +50,6 @@ pub(crate) async fn reenroll(agent: &Agent) -> Result<()> {
     }
     agent.replace_identity(after.identity, after.audit_key);
     tracing::info!(node = %agent.node_name(), "re-enrolled after the identity expired");
-    say(&format!("grantline-agent re-enrolled as {}", agent.node_name()));
+    announce(&format!("grantline-agent re-enrolled as {}", agent.node_name()));
     Ok(())
 }

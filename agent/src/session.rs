@@ -99,8 +99,3 @@ pub(crate) fn announce(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
-
-/// Prints a progress line (for the sinks and recovery modules).
-pub(crate) fn say(line: &str) {
-    announce(line);
-}

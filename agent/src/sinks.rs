@@ -19,7 +19,7 @@ use rand::Rng;
 use crate::config::Sink;
 use crate::credentials;
 use crate::renew::{backoff, renew_at, MIN_USEFUL_LIFETIME};
-use crate::session::{say, Agent};
+use crate::session::{announce, Agent};
 use grantline_proto::clock::rfc3339;
 
 /// Keeps every sink fresh; never returns.
@@ -79,7 +79,7 @@ async fn keep(agent: Arc<Agent>, sink: Sink) {
             }
             continue;
         }
-        say(&format!("grantline-agent sink {} written, valid until {}", sink.name, rfc3339(got.not_after)));
+        announce(&format!("grantline-agent sink {} written, valid until {}", sink.name, rfc3339(got.not_after)));
         if let Some(cmd) = &sink.reload {
             reload(&sink.name, cmd).await;
         }
@@ -112,7 +112,7 @@ async fn write_until(sink: &Sink, got: &Obtained, due: i64) -> bool {
             .max(Duration::from_millis(500));
         let give_up = now().saturating_add(i64::try_from(wait.as_secs()).unwrap_or(i64::MAX)) >= due;
         tracing::error!(sink = %sink.name, error = %format!("{e:#}"), retry_in = ?wait, give_up, "cannot write a sink; the files in place are unchanged");
-        say(&format!("grantline-agent sink {} not written: {e:#}", sink.name));
+        announce(&format!("grantline-agent sink {} not written: {e:#}", sink.name));
         tokio::time::sleep(if give_up { Duration::from_secs(u64::try_from(due - now()).unwrap_or(0)) } else { wait })
             .await;
         if give_up {
@@ -195,7 +195,7 @@ async fn reload(name: &str, cmd: &str) {
     match tokio::time::timeout(Duration::from_secs(60), run).await {
         Ok(Ok(out)) if out.status.success() => {
             tracing::info!(sink = %name, "reload command ran");
-            say(&format!("grantline-agent sink {name} reloaded"));
+            announce(&format!("grantline-agent sink {name} reloaded"));
         }
         Ok(Ok(out)) => tracing::error!(
             sink = %name,
