@@ -55,7 +55,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN previous_serial TEXT NOT NULL DEFAULT ''",
 ];
 
-/// `state.db`.
+/// `state.db`. A clone shares the connection.
+#[derive(Clone)]
 pub struct StateDb {
     conn: Arc<Mutex<Connection>>,
 }
@@ -296,16 +297,20 @@ impl StateDb {
     }
 }
 
-/// Runs `work` on the connection off the async workers (a batch can take
-/// a while on a large fleet).
-fn off_workers<T: Send + 'static>(
-    conn: &Arc<Mutex<Connection>>,
-    work: impl FnOnce(&StateDb) -> Result<T> + Send + 'static,
-) -> StoreFuture<'static, T> {
-    let db = StateDb { conn: conn.clone() };
-    Box::pin(async move {
-        tokio::task::spawn_blocking(move || work(&db)).await.map_err(|e| anyhow::anyhow!("state store task: {e}"))?
-    })
+impl StateDb {
+    /// Runs `work` off the async workers (a batch can take a while on a
+    /// large fleet).
+    fn off_workers<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&StateDb) -> Result<T> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
+        let db = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || work(&db))
+                .await
+                .map_err(|e| anyhow::anyhow!("state store task: {e}"))?
+        })
+    }
 }
 
 impl StateStore for StateDb {
@@ -336,11 +341,11 @@ impl StateStore for StateDb {
     }
 
     fn save_last_seen(&self, seen: Vec<(String, i64)>) -> StoreFuture<'static, ()> {
-        off_workers(&self.conn, move |db| db.save_last_seen(&seen))
+        self.off_workers(move |db| db.save_last_seen(&seen))
     }
 
     fn nodes(&self) -> StoreFuture<'static, Vec<NodeRecord>> {
-        off_workers(&self.conn, |db| db.nodes())
+        self.off_workers(|db| db.nodes())
     }
 
     fn record_lease<'a>(&'a self, lease: &'a LeaseRecord) -> StoreFuture<'a, ()> {
