@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use grantline_proto::clock::now_unix as now;
 use grantline_proto::wire;
 use grantline_proto::wire::ErrorCode;
@@ -86,7 +86,7 @@ pub(crate) async fn maintain_connection(agent: Arc<Agent>) {
             Ok(conn) => {
                 let connected_at = tokio::time::Instant::now();
                 agent.conn.send_replace(Some(conn.clone()));
-                announce(&format!("grantline-agent connected to {}", agent.config.broker));
+                announce(&format!("grantline-agent connected to {}", agent.target().0));
                 tokio::select! {
                     reason = conn.closed() => {
                         agent.conn.send_replace(None);
@@ -124,6 +124,10 @@ pub(crate) async fn maintain_connection(agent: Arc<Agent>) {
                             }
                             None => tracing::warn!(%reason, "connection to the broker lost; reconnecting"),
                         }
+                        // Lost, or closed for a restart: in a fleet, the
+                        // next broker takes the node (revocation returned
+                        // above; a shut-out identity is refused everywhere).
+                        agent.fail_over();
                     }
                     () = agent.renewed.notified() => {
                         // Reconnect with the new identity; the old connection
@@ -167,8 +171,22 @@ pub(crate) async fn maintain_connection(agent: Arc<Agent>) {
 async fn connect(agent: &Agent) -> Result<quinn::Connection> {
     let identity = agent.identity.read().map_err(|_| anyhow::anyhow!("identity lock poisoned"))?.clone();
     let cfg = client_for(agent, &identity)?;
-    let connecting = agent.endpoint.connect_with(cfg, agent.addr, &agent.config.server_name)?;
-    Ok(tokio::time::timeout(Duration::from_secs(10), connecting).await.context("handshake timed out")??)
+    let (addr, name) = agent.target().clone();
+    let connecting = agent.endpoint.connect_with(cfg, addr, &name)?;
+    let connected = tokio::time::timeout(Duration::from_secs(10), connecting).await;
+    match connected {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => {
+            // A broker that refuses or cannot be reached: the next one of a
+            // fleet is tried after the backoff.
+            agent.fail_over();
+            Err(anyhow::Error::new(e).context(format!("cannot connect to the broker at {addr}")))
+        }
+        Err(_) => {
+            agent.fail_over();
+            anyhow::bail!("the handshake with the broker at {addr} timed out")
+        }
+    }
 }
 
 /// The TLS client for `identity`: the one used before while the identity

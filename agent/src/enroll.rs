@@ -39,29 +39,39 @@ pub fn check_identity(
     key: &rcgen::KeyPair,
     chain: &[Vec<u8>],
     r: Option<&wire::Receipt>,
-    vkey: &VerifierKey,
+    trust: &receipt::Trust,
 ) -> Result<Identity> {
     let leaf = chain.first().context("the broker sent no certificate")?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).context("the broker's certificate does not parse")?;
     if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         bail!("the broker certified another key than ours");
     }
-    receipt::check_grant(r, vkey, &certificate_fingerprint(leaf))?;
+    trust.check_grant(r, &certificate_fingerprint(leaf))?;
     Identity::from_parts(key.serialize_pem(), chain)
 }
 
 pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
     let ca_pem = grantline_proto::files::read_bounded(&args.ca_file, grantline_proto::files::MAX_SECRET_FILE)
         .with_context(|| format!("cannot read the CA file {}", args.ca_file.display()))?;
-    let addr = tls::resolve(&args.broker)?;
-    let server_name = tls::server_name(&args.broker);
+    let targets = tls::targets(&args.broker)?;
+    let server_name = targets[0].1.clone();
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let (key, csr_der) = key_and_csr(&args.name)?;
-    let endpoint = tls::endpoint_for(addr)?;
-    let conn = endpoint
-        .connect_with(tls::client_config(&ca_pem, None)?, addr, &server_name)?
-        .await
-        .with_context(|| format!("cannot connect to the broker at {}", args.broker))?;
+    let endpoint = tls::endpoint_for(targets[0].0)?;
+    let client = tls::client_config(&ca_pem, None)?;
+    // The first broker of a fleet that answers enrolls the node.
+    let mut conn = None;
+    let mut failures = Vec::new();
+    for (addr, name) in &targets {
+        match endpoint.connect_with(client.clone(), *addr, name)?.await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    let conn = conn.with_context(|| format!("cannot connect to the broker at {} ({})", args.broker, failures.join("; ")))?;
     let req = wire::Request {
         body: Some(Req::Enroll(wire::EnrollRequest {
             token: args.token.trim().to_owned(),
@@ -78,9 +88,13 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
     };
     let vkey = VerifierKey::parse(&enrolled.audit_vkey).context("the broker's audit key is malformed")?;
     let id = enrolled.identity.context("the broker sent no identity")?;
-    let identity = check_identity(&key, &id.chain_der, enrolled.receipt.as_ref(), &vkey)?;
+    let fleet = match enrolled.fleet_vkey.as_str() {
+        "" => None,
+        k => Some(VerifierKey::parse(k).context("the broker's fleet key is malformed")?),
+    };
+    let identity = check_identity(&key, &id.chain_der, enrolled.receipt.as_ref(), &receipt::Trust { pinned: vkey.clone(), fleet: None })?;
     let config = AgentConfig { broker: args.broker.clone(), server_name, node_name: id.node_name };
-    AgentState::save_enrollment(&args.state_dir, &config, &ca_pem, &vkey, &identity)?;
+    AgentState::save_enrollment(&args.state_dir, &config, &ca_pem, &vkey, fleet.as_ref(), &identity)?;
     endpoint.wait_idle().await;
     Ok(config)
 }

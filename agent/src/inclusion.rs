@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use grantline_proto::audit::event::{certificate_fingerprint, vault_fingerprint};
-use grantline_proto::audit::receipt;
+use grantline_proto::audit::VerifierKey;
 use grantline_proto::wire;
 use grantline_proto::wire::{request::Body as Req, response::Body as Resp};
 
@@ -33,12 +33,12 @@ pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
 
 pub(crate) fn check_grant_receipt(agent: &Agent, gr: &wire::GrantResponse) -> Result<u64> {
     let fp = credential_fingerprint(gr)?;
-    let checked = receipt::check_grant(gr.receipt.as_ref(), &agent.pinned_key(), &fp)?;
+    let checked = agent.trust().check_grant(gr.receipt.as_ref(), &fp)?;
     agent.follow_key(&checked.key);
     if let Some(r) = &gr.receipt {
         let leaf = grantline_proto::audit::entry::leaf_hash(&r.entry);
         let mut pending = agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        pending.push(Unconfirmed { seq: checked.seq, leaf, granted: std::time::Instant::now() });
+        pending.push(Unconfirmed { seq: checked.seq, key: checked.key, leaf, granted: std::time::Instant::now() });
     }
     Ok(checked.seq)
 }
@@ -52,18 +52,18 @@ pub(crate) async fn confirm_inclusion_loop(agent: Arc<Agent>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let due: Vec<(u64, grantline_proto::audit::Hash, std::time::Instant)> = {
+        let due: Vec<(u64, VerifierKey, grantline_proto::audit::Hash, std::time::Instant)> = {
             let pending = agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             pending
                 .iter()
                 .filter(|u| u.granted.elapsed() >= Duration::from_secs(1))
-                .map(|u| (u.seq, u.leaf, u.granted))
+                .map(|u| (u.seq, u.key.clone(), u.leaf, u.granted))
                 .collect()
         };
-        for (seq, leaf, granted) in due {
+        for (seq, key, leaf, granted) in due {
             // Bounded, so a broker that stopped answering cannot hold the
             // report past the deadline.
-            let outcome = match tokio::time::timeout(Duration::from_secs(3), prove_included(&agent, seq, &leaf)).await {
+            let outcome = match tokio::time::timeout(Duration::from_secs(3), prove_included(&agent, seq, &key, &leaf)).await {
                 Ok(r) => r,
                 Err(_) => Err(anyhow::anyhow!("the broker did not answer the proof request within 3 s")),
             };
@@ -80,13 +80,25 @@ pub(crate) async fn confirm_inclusion_loop(agent: Arc<Agent>) {
                 Err(_) => false,
             };
             if settled {
-                agent.unconfirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|u| u.seq != seq);
+                agent
+                    .unconfirmed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|u| u.seq != seq || u.key != key);
             }
         }
     }
 }
 
-async fn prove_included(agent: &Agent, seq: u64, leaf: &grantline_proto::audit::Hash) -> Result<u64> {
+/// Asks the connected broker to prove entry `seq` of the log of `key`; a
+/// broker of the fleet proves only its own log, so a grant of a broker the
+/// agent has since left is proved once it is back (or reported late).
+async fn prove_included(
+    agent: &Agent,
+    seq: u64,
+    key: &VerifierKey,
+    leaf: &grantline_proto::audit::Hash,
+) -> Result<u64> {
     let conn = connection(agent, Duration::from_secs(2)).await.context("not connected to the broker")?;
     let resp = call(&conn, &wire::Request { body: Some(Req::Prove(wire::ProveRequest { index: seq })) }).await?;
     let text = match resp.body {
@@ -98,5 +110,5 @@ async fn prove_included(agent: &Agent, seq: u64, leaf: &grantline_proto::audit::
     if proof.index != seq {
         bail!("the broker proved entry {} instead of {seq}", proof.index);
     }
-    Ok(proof.verify(leaf, &[agent.pinned_key()])?.size)
+    Ok(proof.verify(leaf, std::slice::from_ref(key))?.size)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grantline_proto::audit::{receipt, Event};
+use grantline_proto::audit::Event;
 use grantline_proto::kind::Kind;
 use grantline_proto::slots::{Slot, Slots};
 use grantline_proto::wire::{self, local_request::Body as LocalReq, local_response::Body as LocalResp};
@@ -191,7 +191,7 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
             match call(&conn, &wire::Request { body: Some(Req::Release(r)) }).await {
                 Err(e) => wire::LocalResponse { body: Some(LocalResp::Error(e.to_wire())) },
                 Ok(wire::Response { body: Some(Resp::Release(rr)) }) => {
-                    match receipt::check(rr.receipt.as_ref(), &agent.pinned_key()) {
+                    match agent.trust().check(rr.receipt.as_ref()) {
                         Ok(c) if matches!(&c.event, Event::LeaseRevocation { lease, .. } if *lease == fingerprint) => {
                             agent.follow_key(&c.key);
                             wire::LocalResponse { body: Some(LocalResp::Release(rr)) }

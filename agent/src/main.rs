@@ -21,7 +21,9 @@ struct Cli {
 enum Command {
     /// Enroll this node with a broker, using a single-use join token.
     Enroll {
-        /// Broker address, HOST:PORT.
+        /// Broker address, HOST:PORT; a fleet's brokers as a comma-separated
+        /// list (or one DNS name with several records): the agent keeps the
+        /// list and fails over between them.
         #[arg(long)]
         broker: String,
         #[arg(long)]

@@ -56,7 +56,7 @@ async fn renew_once(agent: &Agent) -> Result<()> {
         _ => bail!("unexpected reply to identity renewal"),
     };
     let id = renewed.identity.context("the broker sent no identity")?;
-    let identity = check_identity(&key, &id.chain_der, renewed.receipt.as_ref(), &agent.pinned_key())?;
+    let identity = check_identity(&key, &id.chain_der, renewed.receipt.as_ref(), &agent.trust())?;
     AgentState::save_identity(&agent.state_dir, &identity)?;
     let until = identity.not_after;
     *agent.identity.write().map_err(|_| anyhow::anyhow!("identity lock poisoned"))? = identity;

@@ -37,15 +37,18 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
             "the node identity expired; the agent re-enrolls with a join token from the token file"
         );
     }
-    let addr = tls::resolve(&state.config.broker)?;
+    let targets = tls::targets(&state.config.broker)?;
     let listener = bind_socket(&args.socket, args.config.socket_mode)?;
     let sinks = args.config.sinks.clone();
     let agent = Arc::new(Agent {
         state_dir: args.state_dir.clone(),
         policy: args.config,
         revoked: std::sync::atomic::AtomicBool::new(false),
-        addr,
-        endpoint: tls::endpoint_for(addr)?,
+        endpoint: tls::endpoint_for(targets[0].0)?,
+        // Agents of a fleet start at different brokers of the list.
+        next_target: std::sync::atomic::AtomicUsize::new(rand::random::<usize>() % targets.len()),
+        targets,
+        fleet_key: state.fleet_key,
         config: state.config,
         ca_pem: state.ca_pem,
         audit_key: RwLock::new(state.audit_key),

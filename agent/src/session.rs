@@ -16,6 +16,9 @@ use crate::state::{AgentConfig, Identity};
 /// A grant whose inclusion in a checkpoint is not confirmed yet.
 pub(crate) struct Unconfirmed {
     pub(crate) seq: u64,
+    /// The key of the log that granted it (in a fleet, maybe not the
+    /// pinned broker's).
+    pub(crate) key: VerifierKey,
     pub(crate) leaf: grantline_proto::audit::Hash,
     pub(crate) granted: std::time::Instant,
 }
@@ -30,7 +33,12 @@ pub(crate) struct Agent {
     /// The broker's audit key: pinned at enrollment, moved forward when a
     /// receipt proves a rotation.
     pub(crate) audit_key: RwLock<VerifierKey>,
-    pub(crate) addr: SocketAddr,
+    /// In a fleet: the key that endorses every broker's audit key.
+    pub(crate) fleet_key: Option<VerifierKey>,
+    /// Every broker address to try, in order, and the one to try next: a
+    /// lost or refused connection moves on to the next (RFD 0010).
+    pub(crate) targets: Vec<(SocketAddr, String)>,
+    pub(crate) next_target: std::sync::atomic::AtomicUsize,
     pub(crate) endpoint: quinn::Endpoint,
     pub(crate) identity: RwLock<Identity>,
     /// The TLS client for the current identity, kept across reconnects so
@@ -71,11 +79,31 @@ impl Agent {
         self.audit_key.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// What receipts are checked with: the pinned key and the fleet key.
+    pub(crate) fn trust(&self) -> grantline_proto::audit::receipt::Trust {
+        grantline_proto::audit::receipt::Trust { pinned: self.pinned_key(), fleet: self.fleet_key.clone() }
+    }
+
+    /// The broker to connect to now.
+    pub(crate) fn target(&self) -> &(SocketAddr, String) {
+        let i = self.next_target.load(std::sync::atomic::Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+
+    /// Moves on to the next broker of the list.
+    pub(crate) fn fail_over(&self) {
+        if self.targets.len() > 1 {
+            self.next_target.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Pins the key a verified receipt was signed by, after a rotation the
     /// receipt proved from the previously pinned key.
     pub(crate) fn follow_key(&self, key: &VerifierKey) {
         let mut pinned = self.audit_key.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *pinned == *key {
+        // Another broker of the fleet signs with its own key: that is no
+        // rotation of the pinned log's.
+        if *pinned == *key || pinned.name() != key.name() {
             return;
         }
         match grantline_proto::files::write_atomic(

@@ -299,7 +299,7 @@ mod tests {
         let entry = Entry::encode("t.example/log", 4, issued_ms, &[0; 32], &event);
         let gr = wire::GrantResponse {
             not_after_unix: 1_000_000 + 600,
-            receipt: Some(wire::Receipt { entry, signature: vec![], rotations: vec![] }),
+            receipt: Some(wire::Receipt { entry, ..Default::default() }),
             ..Default::default()
         };
         assert_eq!(lifetime_of(&gr), 600, "whatever the agent's clock says");

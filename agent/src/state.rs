@@ -29,6 +29,8 @@ pub struct AgentState {
     pub config: AgentConfig,
     pub ca_pem: String,
     pub audit_key: VerifierKey,
+    /// In a fleet: the key endorsing every broker's audit key (`fleet.vkey`).
+    pub fleet_key: Option<VerifierKey>,
     pub identity: Identity,
 }
 
@@ -81,7 +83,17 @@ impl AgentState {
             .collect::<Result<_, _>>()
             .context("node.pem is not PEM")?;
         let identity = Identity::from_parts(key_pem, &chain)?;
-        Ok(Self { dir: dir.to_owned(), config, ca_pem, audit_key, identity })
+        let fleet_path = dir.join("fleet.vkey");
+        let fleet_key = match fleet_path.exists() {
+            false => None,
+            true => Some(
+                VerifierKey::parse(
+                    grantline_proto::files::read_bounded(&fleet_path, grantline_proto::files::MAX_SECRET_FILE)?.trim(),
+                )
+                .context("fleet.vkey is not a verifier key")?,
+            ),
+        };
+        Ok(Self { dir: dir.to_owned(), config, ca_pem, audit_key, fleet_key, identity })
     }
 
     /// Writes a (new) identity: key first, then certificate, each atomically.
@@ -96,9 +108,16 @@ impl AgentState {
         config: &AgentConfig,
         ca_pem: &str,
         vkey: &VerifierKey,
+        fleet: Option<&VerifierKey>,
         identity: &Identity,
     ) -> Result<()> {
         Self::save_identity(dir, identity)?;
+        match fleet {
+            Some(k) => write_atomic(&dir.join("fleet.vkey"), format!("{k}\n").as_bytes(), 0o644)?,
+            None => {
+                let _ = std::fs::remove_file(dir.join("fleet.vkey"));
+            }
+        }
         write_atomic(&dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
         write_atomic(&dir.join("audit.vkey"), format!("{vkey}\n").as_bytes(), 0o644)?;
         write_atomic(&dir.join("agent.json"), serde_json::to_vec_pretty(config)?.as_slice(), 0o644)?;

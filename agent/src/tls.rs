@@ -63,6 +63,40 @@ pub fn server_name(broker: &str) -> String {
     }
 }
 
+/// The most brokers an agent is given (`--broker A,B,…`).
+pub const MAX_BROKERS: usize = 32;
+
+/// Every address to try, in order, for `brokers`: a comma-separated list
+/// of HOST:PORT, each name resolved to all its records (a fleet behind one
+/// DNS name), with the name to check each certificate against.
+pub fn targets(brokers: &str) -> Result<Vec<(std::net::SocketAddr, String)>> {
+    use std::net::ToSocketAddrs;
+    let entries: Vec<&str> = brokers.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+    anyhow::ensure!(!entries.is_empty(), "no broker address given; use --broker HOST:PORT[,HOST:PORT…]");
+    anyhow::ensure!(entries.len() <= MAX_BROKERS, "{} broker addresses given; at most {MAX_BROKERS}", entries.len());
+    let mut out = Vec::new();
+    let mut failures = Vec::new();
+    for entry in entries {
+        match entry.to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs.take(MAX_BROKERS) {
+                    if !out.iter().any(|(b, _)| *b == a) {
+                        out.push((a, server_name(entry)));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("{entry}: {e}")),
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no broker address resolves ({}); use HOST:PORT", failures.join("; "));
+    }
+    for f in failures {
+        tracing::warn!(broker = %f, "a broker address does not resolve; using the others");
+    }
+    Ok(out)
+}
+
 /// Resolves ADDR (host:port) to a socket address.
 pub fn resolve(broker: &str) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;

@@ -66,6 +66,8 @@ pub struct ConfigFile {
     pub admin: Option<AdminFile>,
     pub metrics: Option<MetricsFile>,
     pub limits: Option<LimitsFile>,
+    /// Where join tokens, nodes and leases live: PostgreSQL for a fleet.
+    pub state: Option<crate::state::StateFile>,
 }
 
 fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::AdminOptions>> {
@@ -154,6 +156,7 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
         server_names,
         identity_ttl,
         vault,
+        database: file.state.unwrap_or_default().config()?,
     })
 }
 
@@ -196,6 +199,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         admin: Some(crate::server::AdminOptions { socket: state_dir.join("admin.sock"), group: None, mode: 0o600 }),
         metrics: None,
         limits: Limits::default(),
+        database: None,
     })
 }
 

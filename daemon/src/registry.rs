@@ -31,6 +31,17 @@ pub enum Admitted {
     TooMany(usize),
 }
 
+/// What `sync` did with a record from the fleet's change feed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Synced<C> {
+    /// Nothing new (an older or equal version, or a revoked node).
+    Unchanged,
+    /// The record was taken (an enrollment or renewal at another broker).
+    Updated,
+    /// The node was revoked elsewhere: its live connections here, to close.
+    Revoked(Vec<C>),
+}
+
 /// Connections one node may hold at once (an agent needs one; a few more
 /// cover reconnects racing the old connection's close).
 pub const MAX_CONNECTIONS_PER_NODE: usize = 8;
@@ -93,6 +104,37 @@ impl<C: Clone> Registry<C> {
         }
         nodes.insert(record.name.clone(), record);
         true
+    }
+
+    /// Takes a record as the fleet's store now holds it: a revocation is
+    /// applied (and the node's connections here handed back to close), a
+    /// newer identity replaces the one held, an older copy changes nothing.
+    pub fn sync(&self, incoming: NodeRecord) -> Synced<C> {
+        let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+        let held = nodes.get(&incoming.name);
+        if held.is_some_and(|n| n.revoked) {
+            return Synced::Unchanged;
+        }
+        if incoming.revoked {
+            let name = incoming.name.clone();
+            nodes.insert(name.clone(), incoming);
+            drop(nodes);
+            let conns = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&name).unwrap_or_default();
+            return Synced::Revoked(conns.into_values().collect());
+        }
+        let mut incoming = incoming;
+        if let Some(n) = held {
+            if n.version >= incoming.version {
+                return Synced::Unchanged;
+            }
+            // Whether the current identity was used is known per broker.
+            incoming.current_seen = n.serial == incoming.serial && n.current_seen;
+            incoming.last_seen = incoming.last_seen.max(n.last_seen);
+        } else {
+            incoming.current_seen = false;
+        }
+        nodes.insert(incoming.name.clone(), incoming);
+        Synced::Updated
     }
 
     /// Marks `name` revoked at `at` and takes its live connections, for the
@@ -197,6 +239,11 @@ impl<C: Clone> Registry<C> {
         out
     }
 
+    /// The names of the nodes that hold at least one connection.
+    pub fn connected_names(&self) -> std::collections::HashSet<String> {
+        self.live.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default()
+    }
+
     /// How many nodes hold at least one connection.
     pub fn connected_nodes(&self) -> usize {
         self.live.lock().map_or(0, |l| l.len())
@@ -218,6 +265,7 @@ mod tests {
             revoked: false,
             revoked_at: 0,
             last_seen: 0,
+            version: 0,
         }
     }
 
@@ -267,6 +315,34 @@ mod tests {
         assert_eq!(r.admit("a", "02", 3, 0, 150), Admitted::Yes);
         r.leave("a", 3, Some(160));
         assert_eq!(r.take_seen(), vec![("a".to_owned(), 160)]);
+    }
+
+    #[test]
+    fn fleet_changes_apply_in_version_order_and_revocations_close_connections() {
+        let mut held = node("a", "01");
+        held.version = 5;
+        let r: Registry<u8> = Registry::new(vec![held]);
+        assert_eq!(r.admit("a", "01", 1, 9, 10), Admitted::Yes);
+        let mut older = node("a", "00");
+        older.version = 4;
+        assert_eq!(r.sync(older), Synced::Unchanged, "an older copy must not replace a newer record");
+        let mut renewed = node("a", "02");
+        renewed.version = 6;
+        renewed.previous_serial = "01".into();
+        assert_eq!(r.sync(renewed), Synced::Updated);
+        assert_eq!(r.standing("a", "02"), Ok(()));
+        assert!(r.with("a", |n| n.is_some_and(|n| !n.current_seen)), "the renewed identity was not used here yet");
+        let mut revoked = node("a", "02");
+        (revoked.version, revoked.revoked, revoked.revoked_at) = (7, true, 30);
+        assert_eq!(r.sync(revoked), Synced::Revoked(vec![9]));
+        let mut undo = node("a", "03");
+        undo.version = 8;
+        assert_eq!(r.sync(undo), Synced::Unchanged, "nothing from the feed undoes a revocation");
+        assert_eq!(r.standing("a", "03"), Err(Refusal::Revoked));
+        let mut elsewhere = node("b", "01");
+        elsewhere.version = 1;
+        assert_eq!(r.sync(elsewhere), Synced::Updated, "a node enrolled at another broker is known here");
+        assert_eq!(r.admit("b", "01", 2, 0, 40), Admitted::Yes);
     }
 
     #[test]

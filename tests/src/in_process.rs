@@ -33,7 +33,7 @@ impl InProcessBroker {
             // multi-threaded runtime (it once called `block_in_place`).
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async move {
-                let broker = Broker::open(&opts)?;
+                let broker = Broker::open(&opts).await?;
                 listening.send(broker.local_addr()?.to_string())?;
                 broker
                     .run(async {

@@ -20,7 +20,7 @@ pub mod writer;
 
 pub use readers::AuditReaders;
 pub use store::AuditStore;
-pub use writer::{AuditError, AuditLog};
+pub use writer::{AuditError, AuditLog, Endorsement};
 
 /// Takes the state directory's lock (`grantlined.lock`), without waiting.
 /// The broker holds it while it runs; offline tools take it to be sure no

@@ -41,6 +41,13 @@ struct Append {
     reply: oneshot::Sender<Result<wire::Receipt, AuditError>>,
 }
 
+/// A fleet broker's audit key as the fleet key endorsed it (RFD 0010).
+#[derive(Debug, Clone, Default)]
+pub struct Endorsement {
+    pub vkey: String,
+    pub signature: Vec<u8>,
+}
+
 /// A handle to the audit writer; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -54,6 +61,18 @@ impl AuditLog {
     /// Opens the log at `path` and starts the writer thread. A new log gets its
     /// genesis entry, naming `key`, before this returns.
     pub fn start(path: &Path, key: SignerKey, software: &str) -> Result<(Self, JoinHandle<()>)> {
+        Self::start_endorsed(path, key, software, None)
+    }
+
+    /// [`AuditLog::start`] for a broker of a fleet: every receipt carries
+    /// `endorsement` (the log's first key and the fleet key's signature
+    /// over it, RFD 0010) so agents enrolled elsewhere can check it.
+    pub fn start_endorsed(
+        path: &Path,
+        key: SignerKey,
+        software: &str,
+        endorsement: Option<Endorsement>,
+    ) -> Result<(Self, JoinHandle<()>)> {
         let mut store = AuditStore::open(path).with_context(|| format!("cannot open audit log {}", path.display()))?;
         let mut state = ChainState::resume(&mut store, &key)?;
         if state.next_seq == 0 {
@@ -78,15 +97,18 @@ impl AuditLog {
         let mut rotations = Vec::new();
         for (seq, _) in store.key_chain()?.into_iter().filter(|(seq, _)| *seq > 0) {
             let row = store.entry_at(seq)?;
-            rotations.push(wire::Receipt { entry: row.entry, signature: row.signature, rotations: Vec::new() });
+            rotations.push(wire::Receipt { entry: row.entry, signature: row.signature, ..Default::default() });
         }
+        let endorsement = endorsement.unwrap_or_default();
+        let template =
+            wire::Receipt { rotations, endorsed_vkey: endorsement.vkey, endorsement: endorsement.signature, ..Default::default() };
         // The first checkpoint (or one covering entries added before the
         // last stop) is due at once.
         let at = Instant::now().checked_sub(CHECKPOINT_EVERY).unwrap_or_else(Instant::now);
         let checkpointer = Checkpointer { size, at, published };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(store, key, state, rx, checkpointer, rotations, grown))
+            .spawn(move || run(store, key, state, rx, checkpointer, template, grown))
             .context("cannot start the audit writer thread")?;
         Ok((Self { tx, checkpoints, size: size_rx }, handle))
     }
@@ -268,7 +290,7 @@ fn run(
     mut state: ChainState,
     mut rx: mpsc::Receiver<Append>,
     mut cp: Checkpointer,
-    rotations: Vec<wire::Receipt>,
+    template: wire::Receipt,
     grown: watch::Sender<u64>,
 ) {
     // A small runtime of the writer's own, for receiving with a timeout.
@@ -324,7 +346,7 @@ fn run(
                 grown.send_replace(state.next_seq);
                 for (a, e) in batch.drain(..).zip(entries) {
                     let receipt =
-                        wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), rotations: rotations.clone() };
+                        wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), ..template.clone() };
                     let _ = a.reply.send(Ok(receipt));
                 }
                 cp.maybe(&store, &key, &state, false);

@@ -228,6 +228,7 @@ pub async fn nodes(conn: &Conn, cmd: NodesCommand) -> Result<()> {
                             "name": n.name,
                             "labels": n.labels,
                             "connected": n.connected,
+                            "connected_to": n.connected_to,
                             "last_seen": (n.last_seen_unix != 0).then(|| rfc3339(n.last_seen_unix)),
                             "identity_not_after": rfc3339(n.identity_not_after_unix),
                             "identity_serial": n.identity_serial,
@@ -242,15 +243,17 @@ pub async fn nodes(conn: &Conn, cmd: NodesCommand) -> Result<()> {
                     .iter()
                     .map(|n| {
                         let state = if n.revoked {
-                            "revoked"
+                            "revoked".to_owned()
+                        } else if !n.connected_to.is_empty() {
+                            format!("connected to {}", n.connected_to.join(", "))
                         } else if n.connected {
-                            "connected"
+                            "connected".to_owned()
                         } else {
-                            "disconnected"
+                            "disconnected".to_owned()
                         };
                         vec![
                             n.name.clone(),
-                            state.into(),
+                            state,
                             when(n.last_seen_unix),
                             when(n.identity_not_after_unix),
                             labels_text(&n.labels),

@@ -47,9 +47,46 @@ enum Command {
         #[arg(long)]
         reconnects_per_second: Option<usize>,
     },
+    /// Run several brokers as one fleet over PostgreSQL (RFD 0010).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Print this program's man page (roff) to stdout.
     #[command(hide = true)]
     Man,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Create the fleet's root CA and SSH CA in DIR (keep DIR offline; its
+    /// ca.key signs each broker's intermediates when it joins).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The fleet key's name (it endorses each broker's audit key).
+        #[arg(long, default_value = "grantline-fleet")]
+        name: String,
+    },
+    /// Prepare an empty broker state directory to join the fleet: the root
+    /// in --root signs the broker's server, node and X.509 CAs. Then start
+    /// the broker with the fleet's [state] url and its own origin.
+    Join {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// This broker's audit log origin, unique in the fleet (the same as
+        /// `origin` in its grantlined.toml).
+        #[arg(long)]
+        origin: String,
+    },
+    /// List the brokers registered in the fleet (reads --config's [state]).
+    Brokers,
+    /// Take a stopped broker out of the fleet: the others stop trusting the
+    /// node identities it issued (those nodes renew at another broker first).
+    Retire {
+        /// The broker's origin, as `fleet brokers` lists it.
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +99,12 @@ fn main() -> ExitCode {
             return match page.render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit::UNAVAILABLE, &e.into()),
+            };
+        }
+        Some(Command::Fleet(cmd)) => {
+            return match fleet(&cli.config, cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit::UNAVAILABLE, &e),
             };
         }
         Some(Command::Dev {
@@ -101,6 +144,49 @@ fn main() -> ExitCode {
     }
 }
 
+fn fleet(config_path: &std::path::Path, cmd: &FleetCommand) -> Result<()> {
+    match cmd {
+        FleetCommand::Init { dir, name } => {
+            grantline_daemon::pki::init_fleet(dir)?;
+            grantline_daemon::server::create_fleet_key(dir, name)?;
+            println!("fleet root created in {}: ca.pem (the agents' trust anchor), ca.key and fleet.key (keep them offline), ssh-ca", dir.display());
+            Ok(())
+        }
+        FleetCommand::Join { root, state_dir, origin } => {
+            grantline_daemon::pki::join_fleet(root, state_dir)?;
+            grantline_daemon::server::endorse_audit_key(root, state_dir, origin)?;
+            println!(
+                "{} joined the fleet: start the broker with the fleet's [state] url and an origin of its own",
+                state_dir.display()
+            );
+            Ok(())
+        }
+        FleetCommand::Brokers | FleetCommand::Retire { .. } => {
+            let opts = config::load(config_path)?;
+            let Some(db) = opts.database else {
+                anyhow::bail!("{} has no [state] url: this broker is not in a fleet", config_path.display());
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut admin = grantline_daemon::state::FleetAdmin::connect(&db).await?;
+                match cmd {
+                    FleetCommand::Retire { id } => {
+                        anyhow::ensure!(admin.retire(id).await?, "no broker {id:?} is registered in the fleet");
+                        println!("broker {id} retired from the fleet");
+                    }
+                    _ => {
+                        for b in admin.brokers().await? {
+                            let age = grantline_daemon::state::now_ms() - b.heartbeat_ms;
+                            println!("{}\t{}\theartbeat {} ms ago", b.id, b.audit_key, age);
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
 fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
     eprintln!("grantlined: {e:#}");
     ExitCode::from(code)
@@ -121,7 +207,7 @@ fn prepare_dev(
 }
 
 async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
-    let broker = Broker::open(&opts)?;
+    let broker = Broker::open(&opts).await?;
     let addr = broker.local_addr()?;
     if dev {
         let token = broker.create_token(Duration::from_secs(3600)).await?;

@@ -55,6 +55,9 @@ impl GrantService {
         node: &NodeAttrs,
         r: &wire::GrantRequest,
     ) -> Result<wire::GrantResponse, GrantError> {
+        // A fleet broker that lost its change feed for too long could miss
+        // a revocation made elsewhere: it grants nothing until it is back.
+        self.state.fresh().map_err(GrantError::Unavailable)?;
         let caller = r.caller.as_ref().map(|c| CallerInfo {
             uid: c.uid,
             gid: c.gid,

@@ -101,6 +101,7 @@ fn node(name: &str) -> NodeRecord {
         revoked: false,
         revoked_at: 0,
         last_seen: 0,
+        version: 0,
     }
 }
 

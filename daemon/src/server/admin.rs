@@ -192,13 +192,28 @@ impl Admin for AdminService {
         req: Request<api::ListNodesRequest>,
     ) -> Result<Response<api::ListNodesResponse>, Status> {
         self.authorize(&req)?;
-        let nodes = self
-            .shared
-            .registry
-            .list()
+        let mut listed = self.shared.registry.list();
+        // In a fleet, where each node is connected (and when any broker
+        // last saw it) is in the shared store.
+        let mut presence: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        if let Some(fleet) = &self.shared.fleet {
+            let unavailable = |e: anyhow::Error| Status::unavailable(format!("cannot read the fleet's state: {e:#}"));
+            let stored = self.shared.state.nodes().await.map_err(unavailable)?;
+            let seen: std::collections::HashMap<String, i64> =
+                stored.into_iter().map(|n| (n.name, n.last_seen)).collect();
+            for l in &mut listed {
+                l.record.last_seen = l.record.last_seen.max(seen.get(&l.record.name).copied().unwrap_or(0));
+            }
+            for (node, broker) in crate::state::StateStore::presence(&fleet.store).await.map_err(unavailable)? {
+                presence.entry(node).or_default().push(broker);
+            }
+        }
+        let nodes = listed
             .into_iter()
-            .map(|l| api::Node {
-                connected: l.connected,
+            .map(|l| (presence.remove(&l.record.name).unwrap_or_default(), l))
+            .map(|(connected_to, l)| api::Node {
+                connected: l.connected || !connected_to.is_empty(),
+                connected_to,
                 last_seen_unix: l.record.last_seen,
                 identity_not_after_unix: l.record.not_after,
                 revoked: l.record.revoked,

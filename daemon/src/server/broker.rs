@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 use super::options::BrokerOptions;
 use super::quic::{bind, serve_connection, server_config};
 use super::shared::{upkeep, Shared};
-use super::state_dir::{load_or_create_audit_key, lock_state_dir};
-use super::{admin, admission, anonymous, tickets};
+use super::state_dir::{load_endorsement, load_or_create_audit_key, lock_state_dir};
+use super::{admin, admission, anonymous, fleet, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::{AuditLog, AuditReaders};
 use crate::grant::{GrantService, SystemClock};
@@ -27,7 +27,7 @@ use crate::issuer::embedded::EmbeddedIssuer;
 use crate::issuer::Issuer;
 use crate::pki::Pki;
 use crate::registry::Registry;
-use crate::state::{StateDb, StateStore};
+use crate::state::{PgStore, StateDb, StateStore, ThisBroker};
 use crate::vault::{Intermediate, Vault, VaultIssuer, X509Mode};
 
 pub struct Broker {
@@ -50,7 +50,7 @@ pub struct Broker {
 impl Broker {
     /// Loads or creates keys and CAs, opens the audit log and state, binds the
     /// QUIC listener and starts the Vault tasks. Call it inside a tokio runtime.
-    pub fn open(opts: &BrokerOptions) -> Result<Self> {
+    pub async fn open(opts: &BrokerOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
         let lock = lock_state_dir(&opts.state_dir)
@@ -58,15 +58,43 @@ impl Broker {
         let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
-        let state = StateDb::open(&opts.state_dir.join("state.db"))?;
-        let registry = Arc::new(Registry::new(state.nodes()?));
-        let state: Arc<dyn StateStore> = Arc::new(state);
-        let (audit, audit_thread) =
-            AuditLog::start(&opts.state_dir.join("audit.db"), key, concat!("grantlined ", env!("CARGO_PKG_VERSION")))?;
+        let (state, registry, fleet): (Arc<dyn StateStore>, _, _) = match &opts.database {
+            None => {
+                let state = StateDb::open(&opts.state_dir.join("state.db"))?;
+                let registry = Arc::new(Registry::new(state.nodes()?));
+                (Arc::new(state), registry, None)
+            }
+            Some(cfg) => {
+                let me = ThisBroker {
+                    id: vkey.name().to_owned(),
+                    node_ca: pki.node_ca.cert_pem.clone(),
+                    audit_key: vkey.to_string(),
+                };
+                let store = PgStore::open(cfg, me).await?;
+                let registry = Arc::new(Registry::new(store.all_nodes().await?));
+                (Arc::new(store.clone()), registry, Some(store))
+            }
+        };
+        let endorsed = load_endorsement(&opts.state_dir)?;
+        if opts.database.is_some() && endorsed.is_none() {
+            tracing::warn!("this broker's audit key is not endorsed by a fleet key: only agents enrolled here accept its receipts (prepare a broker with 'grantlined fleet join')");
+        }
+        let (endorsement, fleet_vkey) = endorsed.map_or((None, None), |(e, k)| (Some(e), Some(k)));
+        let (audit, audit_thread) = AuditLog::start_endorsed(
+            &opts.state_dir.join("audit.db"),
+            key,
+            concat!("grantlined ", env!("CARGO_PKG_VERSION")),
+            endorsement,
+        )?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let audit_reader = Arc::new(AuditReaders::open(&opts.state_dir.join("audit.db"), cores)?);
         let tickets = Arc::new(tickets::TicketKeys::open(&opts.state_dir)?);
-        let endpoint = bind(&opts.state_dir, server_config(&pki, tickets)?, opts.listen)?;
+        let brokers = match &fleet {
+            Some(store) => store.brokers().await?,
+            None => Vec::new(),
+        };
+        let endpoint =
+            bind(&opts.state_dir, server_config(&pki, &fleet::node_cas(&pki, &brokers), tickets.clone())?, opts.listen)?;
         let admin = match &opts.admin {
             Some(a) => {
                 let (listener, gid) = admin::bind(a)?;
@@ -128,11 +156,17 @@ impl Broker {
             anonymous: anonymous::Anonymous::default(),
             identity_ttl: opts.identity_ttl,
             vkey,
+            fleet_vkey,
             requests: TaskTracker::new(),
             handshakes: admission::Handshakes::default(),
             limits: opts.limits,
             audit_reader,
+            fleet: fleet.clone().map(fleet::Fleet::new),
         });
+        if let Some(store) = &fleet {
+            let feed = store.watch();
+            background.push(tokio::spawn(fleet::follow(Arc::downgrade(&shared), feed, endpoint.clone(), tickets)));
+        }
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
             .ok();

@@ -153,6 +153,7 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
                     identity: Some(identity),
                     receipt: Some(receipt),
                     audit_vkey: shared.vkey.to_string(),
+                    fleet_vkey: shared.fleet_vkey.as_ref().map(ToString::to_string).unwrap_or_default(),
                 })),
             }
         }
@@ -219,14 +220,16 @@ async fn grant_identity(
         revoked: false,
         revoked_at: 0,
         last_seen: now_unix(),
+        version: 0,
     };
     // The database keeps a revocation through this (the upsert never
     // touches it); memory keeps it below.
-    shared
-        .state
-        .upsert_node(&record, now_unix())
-        .await
-        .map_err(|e| err(ErrorCode::Unavailable, format!("cannot record the node: {e}")))?;
+    let mut record = record;
+    match shared.state.upsert_node(&record, now_unix()).await {
+        Ok(Some(version)) => record.version = version,
+        Ok(None) => return Err(revoked()),
+        Err(e) => return Err(err(ErrorCode::Unavailable, format!("cannot record the node: {e}"))),
+    }
     if !shared.registry.record(record) {
         return Err(revoked());
     }

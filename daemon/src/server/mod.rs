@@ -19,6 +19,7 @@ mod admin_peer;
 pub mod admission;
 pub(crate) mod anonymous;
 mod broker;
+mod fleet;
 mod handler;
 mod identity;
 mod options;
@@ -34,4 +35,6 @@ pub use crate::grant::check_grant_request;
 pub use broker::Broker;
 pub use identity::PeerNode;
 pub use options::{AdminOptions, BrokerOptions};
-pub use state_dir::{check_key_files, load_policy, lock_state_dir, KEY_FILES, MAX_POLICY_FILE};
+pub use state_dir::{
+    check_key_files, create_fleet_key, endorse_audit_key, load_policy, lock_state_dir, KEY_FILES, MAX_POLICY_FILE,
+};

@@ -32,6 +32,8 @@ pub struct BrokerOptions {
     pub metrics: Option<SocketAddr>,
     /// Admission control on handshakes.
     pub limits: admission::Limits,
+    /// The fleet's PostgreSQL; none keeps state in `state.db` (RFD 0010).
+    pub database: Option<crate::state::PgConfig>,
 }
 
 /// Where the admin API listens and who may call it.

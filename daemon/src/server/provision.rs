@@ -52,6 +52,7 @@ pub fn provision_nodes(state_dir: &Path, names: &[String], csr_der: &[u8], ttl: 
             revoked: false,
             revoked_at: 0,
             last_seen: 0,
+            version: 0,
         });
         leaves.push(id.chain_der.into_iter().next().context("empty chain")?);
     }

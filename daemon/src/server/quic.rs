@@ -61,10 +61,18 @@ pub(super) fn bind(dir: &Path, cfg: quinn::ServerConfig, listen: SocketAddr) -> 
 /// The UDP receive buffer asked for (the kernel grants up to rmem_max).
 const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
-pub(super) fn server_config(pki: &Pki, tickets: Arc<tickets::TicketKeys>) -> Result<quinn::ServerConfig> {
+/// The endpoint's configuration; node identities must chain to one of
+/// `node_cas` (this broker's node CA, and in a fleet every broker's).
+pub(super) fn server_config(
+    pki: &Pki,
+    node_cas: &[rustls::pki_types::CertificateDer<'static>],
+    tickets: Arc<tickets::TicketKeys>,
+) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.node_ca.cert_der.clone())?;
+    for ca in node_cas {
+        roots.add(ca.clone())?;
+    }
     // Enrollment happens before a node has a certificate, so a handshake
     // without one is allowed; every request but Enroll then requires one.
     // A certificate that is presented must chain to the node CA.

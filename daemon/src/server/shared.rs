@@ -43,12 +43,16 @@ pub(crate) struct Shared {
     pub(super) anonymous: anonymous::Anonymous,
     pub(super) identity_ttl: Duration,
     pub(super) vkey: VerifierKey,
+    /// The fleet key that endorsed `vkey`, sent to enrolling agents.
+    pub(super) fleet_vkey: Option<VerifierKey>,
     pub(super) requests: TaskTracker,
     pub(super) handshakes: admission::Handshakes,
     pub(super) limits: admission::Limits,
     /// Read-only connections to the audit database for proofs and admin
     /// reads, opened once, one per core (agents ask after every grant).
     pub(super) audit_reader: Arc<AuditReaders>,
+    /// This broker's part in a fleet (state in PostgreSQL), if it is in one.
+    pub(super) fleet: Option<super::fleet::Fleet>,
 }
 
 impl Shared {
@@ -125,6 +129,9 @@ pub(super) async fn upkeep(shared: std::sync::Weak<Shared>) {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else { return };
         shared.track_checkpoint();
+        if let Some(fleet) = &shared.fleet {
+            fleet.report_presence(shared.registry.connected_names()).await;
+        }
         if n % 30 == 29 {
             shared.flush_last_seen().await;
         }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use grantline_proto::audit::SignerKey;
+use grantline_proto::audit::{SignerKey, VerifierKey};
 use grantline_proto::files::{read_secret, write_atomic, write_secret};
 
 use crate::policy::Policy;
@@ -16,7 +16,8 @@ pub const MAX_POLICY_FILE: u64 = 4 << 20;
 
 /// The broker's private key files in its state directory.
 pub const KEY_FILES: &[&str] =
-    &["audit.key", "ca.key", "node-ca.key", "x509-ca.key", "ssh-ca", "quic-reset.key", "tls-tickets.key", "join-token"];
+    &["audit.key", "ca.key", "node-ca.key", "x509-ca.key", "server-ca.key", "fleet.key", "ssh-ca", "quic-reset.key",
+      "tls-tickets.key", "join-token"];
 
 /// Refuses to start when a key file in `dir` can be read by group or
 /// others: a configuration error (exit 78), found before anything binds.
@@ -56,4 +57,60 @@ pub(crate) fn load_or_create_audit_key(dir: &Path, origin: &str) -> Result<Signe
     };
     write_atomic(&dir.join("audit.vkey"), format!("{}\n", key.verifier()).as_bytes(), 0o644)?;
     Ok(key)
+}
+
+/// Creates the fleet key (`fleet.key`, `fleet.vkey`) in a fleet's root
+/// directory: it endorses each broker's audit key when the broker joins.
+pub fn create_fleet_key(root_dir: &Path, name: &str) -> Result<()> {
+    let key = SignerKey::generate(name)?;
+    write_secret(&root_dir.join("fleet.key"), key.to_private_string().as_bytes())?;
+    write_atomic(&root_dir.join("fleet.vkey"), format!("{}\n", key.verifier()).as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Creates a joining broker's audit key under `origin` and has the fleet
+/// key in `root_dir` endorse it (`audit.endorsement`: the key, then the
+/// signature in base64), with the fleet's verifier key beside it.
+pub fn endorse_audit_key(root_dir: &Path, state_dir: &Path, origin: &str) -> Result<()> {
+    use base64::Engine;
+    let fleet = SignerKey::parse(&read_secret(&root_dir.join("fleet.key"))?)
+        .with_context(|| format!("{}/fleet.key is not a signed-note private key", root_dir.display()))?;
+    anyhow::ensure!(!state_dir.join("audit.key").exists(), "{} already has an audit key", state_dir.display());
+    let key = load_or_create_audit_key(state_dir, origin)?;
+    let vkey = key.verifier().to_string();
+    let signature = fleet.sign(&grantline_proto::audit::receipt::endorsement_message(&vkey));
+    let text = format!("{vkey}\n{}\n", base64::engine::general_purpose::STANDARD.encode(signature));
+    write_atomic(&state_dir.join("audit.endorsement"), text.as_bytes(), 0o644)?;
+    write_atomic(&state_dir.join("fleet.vkey"), format!("{}\n", fleet.verifier()).as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// A fleet broker's endorsement and the fleet key, if it joined a fleet;
+/// checked, so a broker never hands out receipts agents would refuse.
+pub(crate) fn load_endorsement(dir: &Path) -> Result<Option<(grantline_audit::Endorsement, VerifierKey)>> {
+    use base64::Engine;
+    let path = dir.join("audit.endorsement");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bounded = |p: &Path| {
+        grantline_proto::files::read_bounded(p, grantline_proto::files::MAX_SECRET_FILE)
+            .with_context(|| format!("cannot read {}", p.display()))
+    };
+    let text = bounded(&path)?;
+    let fleet = VerifierKey::parse(bounded(&dir.join("fleet.vkey"))?.trim())
+        .with_context(|| format!("{}/fleet.vkey is not a verifier key", dir.display()))?;
+    let mut lines = text.lines();
+    let (Some(vkey), Some(sig)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("{} is not two lines (key, signature)", path.display());
+    };
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .with_context(|| format!("{}: the signature is not base64", path.display()))?;
+    anyhow::ensure!(
+        fleet.verify(&grantline_proto::audit::receipt::endorsement_message(vkey), &signature),
+        "{} does not verify under the fleet key in fleet.vkey; run 'grantlined fleet join' again",
+        path.display()
+    );
+    Ok(Some((grantline_audit::Endorsement { vkey: vkey.to_owned(), signature }, fleet)))
 }

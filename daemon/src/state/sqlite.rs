@@ -8,12 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use base64::Engine;
-use grantline_proto::clock::rfc3339;
 use rusqlite::{params, Connection, OptionalExtension};
-use sha2::{Digest, Sha256};
 
+use super::token;
 use super::store::{
     Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
 };
@@ -87,14 +84,12 @@ impl StateDb {
         ttl: Duration,
         now: i64,
     ) -> Result<NewToken> {
-        let id = hex::encode(rand::random::<[u8; 8]>());
-        let secret = B64URL.encode(rand::random::<[u8; 32]>());
-        let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        let t = token::mint(ttl, now);
         self.conn().execute(
             "INSERT INTO join_tokens (id, secret_hash, node, labels, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id, &Sha256::digest(secret.as_bytes())[..], node, serde_json::to_string(labels)?, now, expires_at],
+            params![t.id, &t.secret_hash[..], node, serde_json::to_string(labels)?, now, t.expires_at],
         )?;
-        Ok(NewToken { token: format!("glt1.{id}.{secret}"), id, expires_at })
+        Ok(NewToken { token: t.token, id: t.id, expires_at: t.expires_at })
     }
 
     /// Removes a token that was never handed out (its creation could not be audited).
@@ -137,14 +132,7 @@ impl StateDb {
         now: i64,
         accept: impl FnOnce(&Redeemed) -> Result<(), TokenError>,
     ) -> Result<Redeemed, TokenError> {
-        let mut parts = token.trim().split('.');
-        let (Some("glt1"), Some(id), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Malformed);
-        }
+        let (id, secret) = token::parse(token)?;
         let store = |e: rusqlite::Error| TokenError::Store(e.to_string());
         let conn = self.conn();
         let row = conn
@@ -163,20 +151,13 @@ impl StateDb {
             )
             .optional()
             .map_err(store)?;
-        let Some((hash, node, labels, expires_at, used_at)) = row else {
-            return Err(TokenError::Unknown(id.into()));
+        let (node, labels) = match row {
+            Some((secret_hash, node, labels, expires_at, used_at)) => {
+                token::check(id, secret, Some(token::Stored { secret_hash, used: used_at.is_some(), expires_at }), now)?;
+                (node, labels)
+            }
+            None => return Err(TokenError::Unknown(id.into())),
         };
-        if hash != Sha256::digest(secret.as_bytes()).as_slice() {
-            // A wrong secret for a known id is reported as unknown: it tells a
-            // guesser nothing.
-            return Err(TokenError::Unknown(id.into()));
-        }
-        if used_at.is_some() {
-            return Err(TokenError::Used(id.into()));
-        }
-        if expires_at <= now {
-            return Err(TokenError::Expired { id: id.into(), at: rfc3339(expires_at) });
-        }
         let labels = serde_json::from_str(&labels).map_err(|e| TokenError::Store(e.to_string()))?;
         let redeemed = Redeemed { id: id.into(), node, labels };
         accept(&redeemed)?;
@@ -192,14 +173,16 @@ impl StateDb {
         Ok(redeemed)
     }
 
-    pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<()> {
-        self.conn().execute(
+    /// Records a node's identity; false (and nothing changes) if it is revoked.
+    pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<Option<i64>> {
+        let changed = self.conn().execute(
             "INSERT INTO nodes (name, labels, serial, previous_serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial,
-                previous_serial = excluded.previous_serial, not_after = excluded.not_after",
+                previous_serial = excluded.previous_serial, not_after = excluded.not_after
+             WHERE nodes.revoked_at IS NULL",
             params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.previous_serial, n.not_after, now],
         )?;
-        Ok(())
+        Ok((changed == 1).then_some(0))
     }
 
     /// Records many nodes in one transaction (fixture provisioning).
@@ -291,6 +274,7 @@ impl StateDb {
                 revoked: revoked_at.is_some(),
                 revoked_at: revoked_at.unwrap_or(0),
                 last_seen: last_seen.unwrap_or(0),
+                version: 0,
             });
         }
         Ok(out)
@@ -332,7 +316,7 @@ impl StateStore for StateDb {
         Box::pin(std::future::ready(StateDb::redeem_token(self, token, used_by, now, accept)))
     }
 
-    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, ()> {
+    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, Option<i64>> {
         Box::pin(std::future::ready(StateDb::upsert_node(self, node, now)))
     }
 

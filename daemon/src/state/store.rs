@@ -31,8 +31,10 @@ pub trait StateStore: Send + Sync {
     /// Spends `token` once, for `used_by`. `accept` sees what the token
     /// grants first and may refuse; the token then stays unused.
     fn redeem_token<'a>(&'a self, token: &'a str, used_by: &'a str, now: i64, accept: Accept<'a>) -> TokenFuture<'a>;
-    /// Records a node's identity; never clears its revocation.
-    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, ()>;
+    /// Records a node's identity; never clears its revocation. Resolves to
+    /// the record's new version, or None when the stored node is revoked
+    /// (by this broker or another of the fleet).
+    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, Option<i64>>;
     /// Marks `name` revoked; false if it was already revoked or is unknown.
     fn revoke_node<'a>(&'a self, name: &'a str, now: i64) -> StoreFuture<'a, bool>;
     /// Saves when nodes were last heard from, in one batch.
@@ -47,6 +49,28 @@ pub trait StateStore: Send + Sync {
     fn live_leases<'a>(&'a self, node: &'a str, now: i64) -> StoreFuture<'a, Vec<LeaseRecord>>;
     /// Marks a lease revoked.
     fn mark_lease_revoked<'a>(&'a self, lease_id: &'a str, now: i64) -> StoreFuture<'a, ()>;
+
+    /// Whether this broker's copy of the node records may still be trusted
+    /// for grants. A store shared by a fleet answers no once its change
+    /// feed has been silent past its staleness bound (a revocation made
+    /// elsewhere could be missed); a broker's own store always answers yes.
+    fn fresh(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Records which nodes connected to this broker (`here`) and which
+    /// left (`gone`), for `nodes list` on any broker of a fleet. A broker's
+    /// own store knows its connections from memory and keeps nothing.
+    fn save_presence(&self, here: Vec<String>, gone: Vec<String>) -> StoreFuture<'static, ()> {
+        let _ = (here, gone);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Where each connected node is connected, (node, broker), counting
+    /// only brokers that are alive; empty for a broker's own store.
+    fn presence(&self) -> StoreFuture<'static, Vec<(String, String)>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256
@@ -113,6 +137,9 @@ pub struct NodeRecord {
     pub revoked_at: i64,
     /// When the broker last heard from it (0: never).
     pub last_seen: i64,
+    /// Orders the changes of a record shared by a fleet (0 in a broker's
+    /// own store): a copy never replaces a newer one.
+    pub version: i64,
 }
 
 impl NodeRecord {

@@ -19,6 +19,66 @@ pub enum ReceiptError {
     WrongOrigin { found: String, expected: String },
     #[error("receipt does not name this credential: {0}")]
     Mismatch(String),
+    #[error("receipt is not from a broker of this agent's fleet: {0}")]
+    NotInFleet(String),
+}
+
+/// What an agent checks receipts with: the key of the broker it enrolled
+/// at (pinned), and in a fleet the fleet key that endorses the others'.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub pinned: VerifierKey,
+    pub fleet: Option<VerifierKey>,
+}
+
+/// What the fleet key signs to endorse a broker's audit key.
+pub fn endorsement_message(vkey: &str) -> Vec<u8> {
+    format!("grantline fleet audit key v1\n{vkey}\n").into_bytes()
+}
+
+impl Trust {
+    /// The key to check `receipt` from (its rotations are followed from
+    /// it): the pinned key for the pinned broker's log; for another
+    /// broker's, the key the receipt carries, if the fleet key endorsed it.
+    pub fn key_for(&self, receipt: &wire::Receipt) -> Result<VerifierKey, ReceiptError> {
+        if receipt.endorsed_vkey.is_empty() {
+            return Ok(self.pinned.clone());
+        }
+        if receipt.endorsed_vkey.len() > 512 {
+            return Err(ReceiptError::NotInFleet("an endorsed key longer than any verifier key".into()));
+        }
+        let endorsed = VerifierKey::parse(&receipt.endorsed_vkey)
+            .map_err(|e| ReceiptError::NotInFleet(format!("the endorsed key is unusable: {e}")))?;
+        if endorsed.name() == self.pinned.name() {
+            return Ok(self.pinned.clone());
+        }
+        let Some(fleet) = &self.fleet else {
+            return Err(ReceiptError::NotInFleet(format!(
+                "the receipt is from log {:?}, and this agent knows no fleet key (it enrolled at a lone broker)",
+                endorsed.name()
+            )));
+        };
+        if !fleet.verify(&endorsement_message(&receipt.endorsed_vkey), &receipt.endorsement) {
+            return Err(ReceiptError::NotInFleet(format!(
+                "the key of log {:?} is not endorsed by the fleet key {}",
+                endorsed.name(),
+                fleet.name()
+            )));
+        }
+        Ok(endorsed)
+    }
+
+    /// [`check`] from the key [`Trust::key_for`] picks.
+    pub fn check(&self, receipt: Option<&wire::Receipt>) -> Result<CheckedReceipt, ReceiptError> {
+        let r = receipt.ok_or(ReceiptError::Missing)?;
+        check(Some(r), &self.key_for(r)?)
+    }
+
+    /// [`check_grant`] from the key [`Trust::key_for`] picks.
+    pub fn check_grant(&self, receipt: Option<&wire::Receipt>, fingerprint: &str) -> Result<CheckedReceipt, ReceiptError> {
+        let r = receipt.ok_or(ReceiptError::Missing)?;
+        check_grant(Some(r), &self.key_for(r)?, fingerprint)
+    }
 }
 
 /// A receipt whose signature and origin checked out.
@@ -104,7 +164,7 @@ mod tests {
 
     fn signed(key: &SignerKey, seq: u64, event: &Event) -> wire::Receipt {
         let entry = Entry::encode(key.verifier().name(), seq, 1, &ZERO_HASH, event);
-        wire::Receipt { signature: key.sign(&entry).to_vec(), entry, rotations: Vec::new() }
+        wire::Receipt { signature: key.sign(&entry).to_vec(), entry, ..Default::default() }
     }
 
     #[test]
@@ -137,5 +197,47 @@ mod tests {
         let mut not_rotation = signed(&k1, 9, &deny);
         not_rotation.rotations = vec![signed(&k1, 3, &deny)];
         assert!(matches!(check(Some(&not_rotation), k1.verifier()), Err(ReceiptError::Mismatch(_))));
+    }
+
+    #[test]
+    fn a_fleet_receipt_is_checked_with_a_key_the_fleet_key_endorsed() {
+        let fleet = SignerKey::generate("grantline-fleet/example").unwrap();
+        let (a, b) = (SignerKey::generate("a.example/log").unwrap(), SignerKey::generate("b.example/log").unwrap());
+        let outsider = SignerKey::generate("evil.example/log").unwrap();
+        let endorse = |by: &SignerKey, key: &SignerKey| {
+            let vkey = key.verifier().to_string();
+            (by.sign(&endorsement_message(&vkey)).to_vec(), vkey)
+        };
+        let event = Event::Denial {
+            action: "grant".into(),
+            node: "n".into(),
+            kind: String::new(),
+            role: String::new(),
+            policy: String::new(),
+            reason: "r".into(),
+            caller: None,
+        };
+        let trust = Trust { pinned: a.verifier().clone(), fleet: Some(fleet.verifier().clone()) };
+        let mut from_b = signed(&b, 4, &event);
+        (from_b.endorsement, from_b.endorsed_vkey) = endorse(&fleet, &b);
+        assert_eq!(trust.check(Some(&from_b)).unwrap().key, *b.verifier());
+        // The pinned broker's own receipts need no endorsement.
+        assert_eq!(trust.check(Some(&signed(&a, 1, &event))).unwrap().key, *a.verifier());
+        // A key outside the fleet: self-endorsed, endorsed by another key,
+        // or an endorsement moved to another key.
+        let mut self_endorsed = signed(&outsider, 4, &event);
+        (self_endorsed.endorsement, self_endorsed.endorsed_vkey) = endorse(&outsider, &outsider);
+        assert!(matches!(trust.check(Some(&self_endorsed)), Err(ReceiptError::NotInFleet(_))));
+        let mut moved = signed(&outsider, 4, &event);
+        moved.endorsement = from_b.endorsement.clone();
+        moved.endorsed_vkey = outsider.verifier().to_string();
+        assert!(matches!(trust.check(Some(&moved)), Err(ReceiptError::NotInFleet(_))));
+        // An endorsed key does not vouch for entries another key signed.
+        let mut borrowed = signed(&outsider, 4, &event);
+        (borrowed.endorsement, borrowed.endorsed_vkey) = endorse(&fleet, &b);
+        assert!(matches!(trust.check(Some(&borrowed)), Err(ReceiptError::BadSignature(_))));
+        // An agent of a lone broker accepts no other log.
+        let lone = Trust { pinned: a.verifier().clone(), fleet: None };
+        assert!(matches!(lone.check(Some(&from_b)), Err(ReceiptError::NotInFleet(_))));
     }
 }

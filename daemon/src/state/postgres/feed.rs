@@ -1,0 +1,152 @@
+//! The change feed: one connection per broker that LISTENs on the fleet's
+//! channels, fetches the node records each notification names, heartbeats
+//! the broker's row (which also proves the connection alive), and after
+//! any break reconnects with backoff and full jitter and reloads every
+//! node record, so no change made while it was away is missed. The feed
+//! marks the store current after each heartbeat that succeeds; its
+//! silence is what [`super::PgStore`]'s staleness bound measures.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tokio::sync::mpsc;
+
+use super::{node_from_row, now_ms, PgStore, NODE_COLUMNS};
+use crate::state::NodeRecord;
+
+/// What the feed reports to the broker.
+#[derive(Debug)]
+pub enum Change {
+    /// Records as they now stand, each with when it changed (ms since the
+    /// epoch, the database's clock), for the metric of propagation delay.
+    Nodes(Vec<(NodeRecord, i64)>),
+    /// Every record, after the feed (re)connected.
+    Resync(Vec<NodeRecord>),
+    /// The brokers of the fleet, after one joined, changed or retired.
+    Brokers(Vec<FleetBroker>),
+}
+
+/// A broker as the fleet's table lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetBroker {
+    pub id: String,
+    pub node_ca: String,
+    pub audit_key: String,
+    pub heartbeat_ms: i64,
+}
+
+/// How often the feed heartbeats (and so proves itself current).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A heartbeat that takes longer than this counts as a broken connection.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Node names fetched per query after a burst of notifications.
+const FETCH_BATCH: usize = 1000;
+
+pub(super) async fn brokers(client: &tokio_postgres::Client) -> Result<Vec<FleetBroker>> {
+    let rows = client.query("SELECT id, node_ca, audit_key, heartbeat_ms FROM brokers ORDER BY id", &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| FleetBroker { id: r.get(0), node_ca: r.get(1), audit_key: r.get(2), heartbeat_ms: r.get(3) })
+        .collect())
+}
+
+impl PgStore {
+    /// Starts the feed; it runs until the receiver is dropped.
+    pub fn watch(&self) -> mpsc::Receiver<Change> {
+        let (tx, rx) = mpsc::channel(1024);
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match store.follow(&tx).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        metrics::counter!("grantline_state_errors_total", "op" => "feed").increment(1);
+                        tracing::warn!(error = %format!("{e:#}"), "the fleet's change feed broke; reconnecting");
+                    }
+                }
+                // Full jitter: brokers cut off together do not return together.
+                let wait = backoff.mul_f64(rand::random::<f64>());
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = tx.closed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        });
+        rx
+    }
+
+    /// One connection's life: listen, catch up, then follow until it breaks
+    /// (an error) or the broker stops listening (Ok).
+    async fn follow(&self, tx: &mpsc::Sender<Change>) -> Result<()> {
+        let (client, mut driver) = self.target.connect().await?;
+        client.batch_execute("LISTEN grantline_nodes; LISTEN grantline_brokers").await?;
+        // Listening first, then reading everything: a change committed in
+        // between is both read and notified, never neither.
+        let rows = client.query(&format!("SELECT {NODE_COLUMNS} FROM nodes"), &[]).await?;
+        let all = rows.iter().map(node_from_row).collect::<Result<Vec<_>>>()?;
+        if tx.send(Change::Resync(all)).await.is_err() || tx.send(Change::Brokers(brokers(&client).await?)).await.is_err()
+        {
+            return Ok(());
+        }
+        self.heartbeat(&client).await?;
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = driver.notifications.recv() => {
+                    let Some(first) = first else { bail!("the connection to PostgreSQL closed") };
+                    let mut names = BTreeSet::new();
+                    let mut brokers_changed = false;
+                    let mut note = |n: tokio_postgres::Notification| match n.channel() {
+                        "grantline_nodes" => { names.insert(n.payload().to_owned()); }
+                        _ => brokers_changed = true,
+                    };
+                    note(first);
+                    while let Ok(n) = driver.notifications.try_recv() {
+                        note(n);
+                    }
+                    let names: Vec<String> = names.into_iter().collect();
+                    for chunk in names.chunks(FETCH_BATCH) {
+                        let rows = client
+                            .query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ANY($1)"), &[&chunk])
+                            .await?;
+                        let changed = rows
+                            .iter()
+                            .map(|r| Ok((node_from_row(r)?, r.try_get::<_, i64>(8)?)))
+                            .collect::<Result<Vec<_>>>()?;
+                        if tx.send(Change::Nodes(changed)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if brokers_changed && tx.send(Change::Brokers(brokers(&client).await?)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = beat.tick() => self.heartbeat(&client).await?,
+                () = tx.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes this broker's heartbeat on the feed's own connection; when it
+    /// is answered, every notification committed before it has arrived.
+    async fn heartbeat(&self, client: &tokio_postgres::Client) -> Result<()> {
+        let now = now_ms();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.me.id, &now];
+        let update = client.execute("UPDATE brokers SET heartbeat_ms = $2 WHERE id = $1", &params);
+        let n = match tokio::time::timeout(HEARTBEAT_TIMEOUT, update).await {
+            Ok(n) => n?,
+            Err(_) => bail!("PostgreSQL did not answer a heartbeat within {HEARTBEAT_TIMEOUT:?}"),
+        };
+        if n == 0 {
+            tracing::warn!(broker = %self.me.id, "this broker was retired from the fleet's table; restart it to join again");
+        }
+        self.current_at.store(now, Ordering::Relaxed);
+        Ok(())
+    }
+}
