@@ -198,7 +198,7 @@ fn client_for(agent: &Agent, identity: &Identity) -> Result<quinn::ClientConfig>
     match cached.as_ref() {
         Some((l, cfg)) if *l == leaf => Ok(cfg.clone()),
         _ => {
-            let cfg = tls::client_config(&agent.ca_pem, Some(identity))?;
+            let cfg = tls::client_config_with(&agent.ca_pem, Some(identity), agent.targets.len() > 1)?;
             *cached = Some((leaf, cfg.clone()));
             Ok(cfg)
         }

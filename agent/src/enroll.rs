@@ -71,7 +71,8 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
             Err(e) => failures.push(format!("{addr}: {e}")),
         }
     }
-    let conn = conn.with_context(|| format!("cannot connect to the broker at {} ({})", args.broker, failures.join("; ")))?;
+    let conn =
+        conn.with_context(|| format!("cannot connect to the broker at {} ({})", args.broker, failures.join("; ")))?;
     let req = wire::Request {
         body: Some(Req::Enroll(wire::EnrollRequest {
             token: args.token.trim().to_owned(),
@@ -92,7 +93,12 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
         "" => None,
         k => Some(VerifierKey::parse(k).context("the broker's fleet key is malformed")?),
     };
-    let identity = check_identity(&key, &id.chain_der, enrolled.receipt.as_ref(), &receipt::Trust { pinned: vkey.clone(), fleet: None })?;
+    let identity = check_identity(
+        &key,
+        &id.chain_der,
+        enrolled.receipt.as_ref(),
+        &receipt::Trust { pinned: vkey.clone(), fleet: None },
+    )?;
     let config = AgentConfig { broker: args.broker.clone(), server_name, node_name: id.node_name };
     AgentState::save_enrollment(&args.state_dir, &config, &ca_pem, &vkey, fleet.as_ref(), &identity)?;
     endpoint.wait_idle().await;

@@ -63,10 +63,11 @@ pub(crate) async fn confirm_inclusion_loop(agent: Arc<Agent>) {
         for (seq, key, leaf, granted) in due {
             // Bounded, so a broker that stopped answering cannot hold the
             // report past the deadline.
-            let outcome = match tokio::time::timeout(Duration::from_secs(3), prove_included(&agent, seq, &key, &leaf)).await {
-                Ok(r) => r,
-                Err(_) => Err(anyhow::anyhow!("the broker did not answer the proof request within 3 s")),
-            };
+            let outcome =
+                match tokio::time::timeout(Duration::from_secs(3), prove_included(&agent, seq, &key, &leaf)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow::anyhow!("the broker did not answer the proof request within 3 s")),
+                };
             let settled = match &outcome {
                 Ok(size) => {
                     announce(&format!("grantline-agent confirmed seq {seq} in checkpoint of size {size}"));

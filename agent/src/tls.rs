@@ -15,7 +15,21 @@ use crate::state::Identity;
 /// idle timeout (one lost ping is survived) and NAT bindings' 30 s and up.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// With several brokers to fail over to, a dead broker must be noticed
+/// sooner than the 60 s idle timeout: the connection is given up after
+/// `FLEET_IDLE_TIMEOUT` without a reply, with pings every `FLEET_KEEP_ALIVE`
+/// (a third of the budget, so two lost pings are survived). The cost is a
+/// ping per agent every 5 s instead of 15 s (RFD 0010).
+pub const FLEET_KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub const FLEET_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn::ClientConfig> {
+    client_config_with(ca_pem, identity, false)
+}
+
+/// [`client_config`], with the shorter liveness budget of an agent that has
+/// other brokers to fail over to when `fleet`.
+pub fn client_config_with(ca_pem: &str, identity: Option<&Identity>, fleet: bool) -> Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     let mut any = false;
@@ -41,8 +55,8 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(Duration::from_secs(60).try_into()?))
+        .keep_alive_interval(Some(if fleet { FLEET_KEEP_ALIVE } else { KEEP_ALIVE }))
+        .max_idle_timeout(Some((if fleet { FLEET_IDLE_TIMEOUT } else { Duration::from_secs(60) }).try_into()?))
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into());
     cfg.transport_config(Arc::new(transport));

@@ -86,7 +86,11 @@ impl Pki {
         let root = read_cert(&dir.join("ca.pem"))?;
         let server_ca = must("server-ca")?;
         let (node_ca, x509_ca) = (must("node-ca")?, must("x509-ca")?);
-        anyhow::ensure!(dir.join("ssh-ca").exists(), "{}/ssh-ca is missing; run 'grantlined fleet join'", dir.display());
+        anyhow::ensure!(
+            dir.join("ssh-ca").exists(),
+            "{}/ssh-ca is missing; run 'grantlined fleet join'",
+            dir.display()
+        );
         let ssh_ca = load_or_create_ssh_ca(dir)?;
         let (server_chain, server_key) = issue_server_cert(&server_ca, Some(&root), server_names)?;
         Ok(Self { root, node_ca, x509_ca, ssh_ca, server_chain, server_key })
@@ -130,7 +134,8 @@ pub fn load_ca(dir: &Path, stem: &str) -> Result<Option<Ca>> {
         return Ok(None);
     }
     let key_pem = read_secret(&key_path)?;
-    let key = KeyPair::from_pem(&key_pem).with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+    let key =
+        KeyPair::from_pem(&key_pem).with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
     let CaCert { cert_pem, cert_der } = read_cert(&cert_path)?;
     let issuer = Issuer::from_ca_cert_der(&cert_der, key)
         .with_context(|| format!("{} is not a usable CA certificate", cert_path.display()))?;

@@ -4,6 +4,7 @@
 //! never guessed with sleeps.
 #![allow(clippy::unwrap_used)]
 
+pub mod fleet;
 pub mod in_process;
 pub mod load;
 pub mod openbao;
@@ -192,27 +193,50 @@ impl Broker {
     /// directory). Unless `extra` has an `[admin]` section, the admin socket
     /// is `admin.sock` in the state directory and metrics use a free port.
     pub fn start_config(policy: &str, extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        Self::start_config_in(tempfile::tempdir().unwrap(), "grantline.test/broker", policy, extra)
+    }
+
+    /// [`Broker::start_config`] in a state directory prepared by the caller
+    /// (a fleet broker's, after `grantlined fleet join`), under `origin`.
+    pub fn start_config_in(dir: tempfile::TempDir, origin: &str, policy: &str, extra: &str) -> Self {
+        let (proc, addr) = Self::spawn_config(dir.path(), origin, policy, extra);
+        Self { proc, dir: BrokerDir::Owned(dir), addr }
+    }
+
+    /// Starts a configured broker again on its state directory and port
+    /// (its grantlined.toml is rewritten with the port it had).
+    pub fn restart_config(&mut self) {
+        let cfg = self.path("grantlined.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.addr));
+        std::fs::write(&cfg, text).unwrap();
+        let mut proc = Proc::spawn("grantlined", Command::new(bin("grantlined")).arg("--config").arg(&cfg));
+        assert_eq!(proc.wait_line("grantlined ready on"), self.addr);
+        self.proc = proc;
+    }
+
+    fn spawn_config(dir: &Path, origin: &str, policy: &str, extra: &str) -> (Proc, String) {
+        let extra = extra.replace("{dir}", &dir.display().to_string());
         let extra = extra.as_str();
-        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
-        let cfg = dir.path().join("grantlined.toml");
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
+        let cfg = dir.join("grantlined.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/broker\"\nserver_names = [\"127.0.0.1\"]\n{extra}\n{admin}",
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"{origin}\"\nserver_names = [\"127.0.0.1\"]\n{extra}\n{admin}",
                 admin = if extra.contains("[admin]") {
                     String::new()
                 } else {
-                    format!("[admin]\nsocket = \"{}/admin.sock\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n", dir.path().display())
+                    format!("[admin]\nsocket = \"{}/admin.sock\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n", dir.display())
                 },
-                d = dir.path().display()
+                d = dir.display()
             ),
         )
         .unwrap();
         let mut proc = Proc::spawn("grantlined", Command::new(bin("grantlined")).arg("--config").arg(&cfg));
         let addr = proc.wait_line("grantlined ready on");
-        Self { proc, dir: BrokerDir::Owned(dir), addr }
+        (proc, addr)
     }
 
     /// A dev broker on an existing state directory, owned by the caller.
@@ -385,6 +409,25 @@ impl Agent {
     pub fn run_with(mut agent: Self, extra: &[&str]) -> Self {
         agent.proc = None;
         agent.run_args(extra);
+        agent
+    }
+
+    /// Starts `run` and waits only until it serves its socket (for an
+    /// agent its broker is expected to refuse).
+    pub fn run_unconnected(mut agent: Self) -> Self {
+        agent.proc = None;
+        let mut proc = Proc::spawn(
+            "grantline-agent",
+            Command::new(bin("grantline-agent"))
+                .args(["run", "--state-dir"])
+                .arg(agent.dir.path())
+                .arg("--socket")
+                .arg(agent.socket())
+                .arg("--config")
+                .arg(agent.dir.path().join("agent.toml")),
+        );
+        proc.wait_line("grantline-agent ready on");
+        agent.proc = Some(proc);
         agent
     }
 

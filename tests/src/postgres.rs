@@ -37,6 +37,38 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// `postgres://` URL of the superuser (the fleet tests' database).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown) and waits until it is gone.
+    pub fn stop(&mut self) {
+        self.proc.signal(nix::sys::signal::Signal::SIGINT);
+        assert!(self.proc.wait_at_most(std::time::Duration::from_secs(30)).is_some(), "postgres did not stop");
+    }
+
+    /// Starts it again on the same data and port, after `stop`.
+    pub fn start_again(&mut self) {
+        let mut proc = Proc::spawn("postgres", &mut self.server_command());
+        proc.wait_line_containing("database system is ready to accept connections");
+        self.proc = proc;
+    }
+
+    fn server_command(&self) -> Command {
+        let mut cmd = as_server_user(Path::new("/bin/sh"));
+        cmd.arg("-c").arg(format!(
+            "exec {} -D {} -p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off 2>&1",
+            bin_dir().join("postgres").display(),
+            self._dir.path().join("data").display(),
+            self.port,
+            self._dir.path().display()
+        ));
+        cmd
+    }
+}
+
+impl Postgres {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");

@@ -100,8 +100,12 @@ impl AuditLog {
             rotations.push(wire::Receipt { entry: row.entry, signature: row.signature, ..Default::default() });
         }
         let endorsement = endorsement.unwrap_or_default();
-        let template =
-            wire::Receipt { rotations, endorsed_vkey: endorsement.vkey, endorsement: endorsement.signature, ..Default::default() };
+        let template = wire::Receipt {
+            rotations,
+            endorsed_vkey: endorsement.vkey,
+            endorsement: endorsement.signature,
+            ..Default::default()
+        };
         // The first checkpoint (or one covering entries added before the
         // last stop) is due at once.
         let at = Instant::now().checked_sub(CHECKPOINT_EVERY).unwrap_or_else(Instant::now);
@@ -345,8 +349,7 @@ fn run(
             Ok(()) => {
                 grown.send_replace(state.next_seq);
                 for (a, e) in batch.drain(..).zip(entries) {
-                    let receipt =
-                        wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), ..template.clone() };
+                    let receipt = wire::Receipt { entry: e.entry, signature: e.signature.to_vec(), ..template.clone() };
                     let _ = a.reply.send(Ok(receipt));
                 }
                 cp.maybe(&store, &key, &state, false);

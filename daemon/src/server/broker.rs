@@ -93,8 +93,11 @@ impl Broker {
             Some(store) => store.brokers().await?,
             None => Vec::new(),
         };
-        let endpoint =
-            bind(&opts.state_dir, server_config(&pki, &fleet::node_cas(&pki, &brokers), tickets.clone())?, opts.listen)?;
+        let endpoint = bind(
+            &opts.state_dir,
+            server_config(&pki, &fleet::node_cas(&pki, &brokers), tickets.clone())?,
+            opts.listen,
+        )?;
         let admin = match &opts.admin {
             Some(a) => {
                 let (listener, gid) = admin::bind(a)?;

@@ -53,7 +53,9 @@ pub(super) fn node_cas(pki: &Pki, brokers: &[FleetBroker]) -> Vec<CertificateDer
         match first_cert_der(&b.node_ca) {
             Some(der) if !cas.contains(&der) => cas.push(der),
             Some(_) => {}
-            None => tracing::error!(broker = %b.id, "the fleet's table holds no usable node CA for this broker; its nodes are refused here"),
+            None => {
+                tracing::error!(broker = %b.id, "the fleet's table holds no usable node CA for this broker; its nodes are refused here")
+            }
         }
     }
     cas
@@ -93,7 +95,9 @@ pub(super) async fn follow(
                         endpoint.set_server_config(Some(cfg));
                         tracing::info!(brokers = brokers.len(), node_cas = cas.len(), "the fleet's brokers changed");
                     }
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot trust the fleet's node CAs; keeping the old set"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "cannot trust the fleet's node CAs; keeping the old set")
+                    }
                 }
             }
         }

@@ -15,9 +15,18 @@ pub use grantline_audit::lock_state_dir;
 pub const MAX_POLICY_FILE: u64 = 4 << 20;
 
 /// The broker's private key files in its state directory.
-pub const KEY_FILES: &[&str] =
-    &["audit.key", "ca.key", "node-ca.key", "x509-ca.key", "server-ca.key", "fleet.key", "ssh-ca", "quic-reset.key",
-      "tls-tickets.key", "join-token"];
+pub const KEY_FILES: &[&str] = &[
+    "audit.key",
+    "ca.key",
+    "node-ca.key",
+    "x509-ca.key",
+    "server-ca.key",
+    "fleet.key",
+    "ssh-ca",
+    "quic-reset.key",
+    "tls-tickets.key",
+    "join-token",
+];
 
 /// Refuses to start when a key file in `dir` can be read by group or
 /// others: a configuration error (exit 78), found before anything binds.

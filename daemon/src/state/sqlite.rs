@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::token;
 use super::store::{
     Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
 };
+use super::token;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS join_tokens (
@@ -153,7 +153,12 @@ impl StateDb {
             .map_err(store)?;
         let (node, labels) = match row {
             Some((secret_hash, node, labels, expires_at, used_at)) => {
-                token::check(id, secret, Some(token::Stored { secret_hash, used: used_at.is_some(), expires_at }), now)?;
+                token::check(
+                    id,
+                    secret,
+                    Some(token::Stored { secret_hash, used: used_at.is_some(), expires_at }),
+                    now,
+                )?;
                 (node, labels)
             }
             None => return Err(TokenError::Unknown(id.into())),

@@ -22,7 +22,12 @@ pub(super) fn mint(ttl: Duration, now: i64) -> Minted {
     let id = hex::encode(rand::random::<[u8; 8]>());
     let secret = B64URL.encode(rand::random::<[u8; 32]>());
     let expires_at = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-    Minted { token: format!("glt1.{id}.{secret}"), secret_hash: Sha256::digest(secret.as_bytes()).into(), id, expires_at }
+    Minted {
+        token: format!("glt1.{id}.{secret}"),
+        secret_hash: Sha256::digest(secret.as_bytes()).into(),
+        id,
+        expires_at,
+    }
 }
 
 /// Splits a presented token into its id and secret, refusing anything

@@ -75,7 +75,11 @@ impl Trust {
     }
 
     /// [`check_grant`] from the key [`Trust::key_for`] picks.
-    pub fn check_grant(&self, receipt: Option<&wire::Receipt>, fingerprint: &str) -> Result<CheckedReceipt, ReceiptError> {
+    pub fn check_grant(
+        &self,
+        receipt: Option<&wire::Receipt>,
+        fingerprint: &str,
+    ) -> Result<CheckedReceipt, ReceiptError> {
         let r = receipt.ok_or(ReceiptError::Missing)?;
         check_grant(Some(r), &self.key_for(r)?, fingerprint)
     }

@@ -204,7 +204,9 @@ impl Target {
             Tls::Plain => {
                 deadpool_postgres::Manager::from_config(self.config.clone(), tokio_postgres::NoTls, manager_config)
             }
-            Tls::Rustls(tls) => deadpool_postgres::Manager::from_config(self.config.clone(), tls.clone(), manager_config),
+            Tls::Rustls(tls) => {
+                deadpool_postgres::Manager::from_config(self.config.clone(), tls.clone(), manager_config)
+            }
         };
         Ok(deadpool_postgres::Pool::builder(manager)
             .max_size(size)
@@ -255,5 +257,35 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(url: &str) -> StateFile {
+        StateFile { url: Some(url.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn bad_state_sections_say_what_to_fix_and_never_show_the_password() {
+        let err = |f: StateFile| f.config().err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let e = err(StateFile { pool_size: Some(4), ..Default::default() });
+        assert!(e.contains("without a url"), "{e}");
+        let e = err(file("mysql://u:hunter2@db/x"));
+        assert!(e.contains("postgres://") && !e.contains("hunter2"), "{e}");
+        let e = err(file("postgres://u:hunter2@db/x?sslmode=require"));
+        assert!(e.contains("ca_file") && !e.contains("hunter2"), "{e}");
+        let e = err(StateFile { pool_size: Some(0), ..file("postgres://u@db/x") });
+        assert!(e.contains("pool_size"), "{e}");
+        let e = err(StateFile { max_staleness: Some("1s".into()), ..file("postgres://u@db/x") });
+        assert!(e.contains("max_staleness"), "{e}");
+        let e = err(StateFile { password_file: Some("/nonexistent/pw".into()), ..file("postgres://u@db/x") });
+        assert!(e.contains("password_file"), "{e}");
+        assert_eq!(StateFile::default().config().unwrap().map(|c| c.url), None, "no url: SQLite as before");
+        let cfg = file("postgres://u:hunter2@db:5433/x").config().unwrap().unwrap();
+        assert!(!format!("{cfg:?}").contains("hunter2"), "the password reached a Debug print");
+        assert_eq!(cfg.target().unwrap().name, "db:5433/x");
     }
 }

@@ -89,7 +89,8 @@ impl PgStore {
         // between is both read and notified, never neither.
         let rows = client.query(&format!("SELECT {NODE_COLUMNS} FROM nodes"), &[]).await?;
         let all = rows.iter().map(node_from_row).collect::<Result<Vec<_>>>()?;
-        if tx.send(Change::Resync(all)).await.is_err() || tx.send(Change::Brokers(brokers(&client).await?)).await.is_err()
+        if tx.send(Change::Resync(all)).await.is_err()
+            || tx.send(Change::Brokers(brokers(&client).await?)).await.is_err()
         {
             return Ok(());
         }

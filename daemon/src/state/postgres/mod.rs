@@ -52,10 +52,8 @@ pub struct PgStore {
 
 /// Now, in milliseconds since the epoch.
 pub fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
-    )
-    .unwrap_or(i64::MAX)
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+        .unwrap_or(i64::MAX)
 }
 
 impl PgStore {
@@ -172,7 +170,8 @@ impl FleetAdmin {
     }
 }
 
-const NODE_COLUMNS: &str = "name, labels, serial, previous_serial, not_after, revoked_at, last_seen, version, changed_ms";
+const NODE_COLUMNS: &str =
+    "name, labels, serial, previous_serial, not_after, revoked_at, last_seen, version, changed_ms";
 
 fn node_from_row(r: &Row) -> Result<NodeRecord> {
     let labels: serde_json::Value = r.try_get(1)?;
@@ -192,7 +191,12 @@ fn node_from_row(r: &Row) -> Result<NodeRecord> {
 }
 
 fn lease_from_row(r: &Row) -> Result<LeaseRecord> {
-    Ok(LeaseRecord { lease_id: r.try_get(0)?, node: r.try_get(1)?, fingerprint: r.try_get(2)?, expires_at: r.try_get(3)? })
+    Ok(LeaseRecord {
+        lease_id: r.try_get(0)?,
+        node: r.try_get(1)?,
+        fingerprint: r.try_get(2)?,
+        expires_at: r.try_get(3)?,
+    })
 }
 
 impl StateStore for PgStore {
@@ -358,7 +362,10 @@ impl StateStore for PgStore {
         self.timed("mark_lease_revoked", async move {
             self.client()
                 .await?
-                .execute("UPDATE leases SET revoked_at = $1 WHERE lease_id = $2 AND revoked_at IS NULL", &[&now, &lease_id])
+                .execute(
+                    "UPDATE leases SET revoked_at = $1 WHERE lease_id = $2 AND revoked_at IS NULL",
+                    &[&now, &lease_id],
+                )
                 .await?;
             Ok(())
         })

@@ -104,10 +104,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS grantline_schema (one boolean PRIMARY KEY DEFAULT true CHECK (one), version integer NOT NULL)")
         .await?;
-    let version: i32 = tx
-        .query_opt("SELECT version FROM grantline_schema", &[])
-        .await?
-        .map_or(0, |r| r.get(0));
+    let version: i32 = tx.query_opt("SELECT version FROM grantline_schema", &[]).await?.map_or(0, |r| r.get(0));
     anyhow::ensure!(
         version <= VERSION,
         "the database schema is at version {version}, newer than this broker's {VERSION}; upgrade this broker"

@@ -1,0 +1,103 @@
+//! A fleet of real brokers sharing a real PostgreSQL server (RFD 0010): a
+//! fleet root made by `grantlined fleet init`, each broker's state
+//! directory by `grantlined fleet join`, each started from its own
+//! grantlined.toml naming the shared database.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::postgres::{Postgres, SUPERUSER_PASSWORD};
+use crate::{bin, Broker};
+
+/// A policy that lets every node ask for an X.509 leaf of role "dev".
+pub const POLICY: &str = r#"
+[[rule]]
+name = "dev"
+nodes = ["*"]
+
+[[rule.allow]]
+kinds = ["x509"]
+roles = ["dev"]
+max_ttl = "1h"
+default_ttl = "10m"
+sans = ["*"]
+"#;
+
+pub struct Fleet {
+    pub pg: Postgres,
+    pub root: tempfile::TempDir,
+    pub brokers: Vec<Broker>,
+    /// Appended to every broker's grantlined.toml.
+    pub extra: String,
+}
+
+/// Runs `grantlined` with `args`, asserting that it succeeds.
+pub fn grantlined(args: &[&str], dir: &Path) {
+    let out = Command::new(bin("grantlined")).args(args).arg(dir).output().unwrap();
+    assert!(out.status.success(), "grantlined {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Fleet {
+    /// `n` brokers on one database; `extra` goes into each configuration.
+    pub fn start(n: usize, extra: &str) -> Self {
+        let pg = Postgres::start();
+        let root = tempfile::tempdir().unwrap();
+        grantlined(&["fleet", "init", "--dir"], root.path());
+        let password = root.path().join("db-password");
+        grantline_proto::files::write_secret(&password, SUPERUSER_PASSWORD.as_bytes()).unwrap();
+        let extra = format!(
+            "[state]\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n{extra}",
+            pg.url(),
+            password.display()
+        );
+        let mut fleet = Self { pg, root, brokers: Vec::new(), extra };
+        for _ in 0..n {
+            fleet.add();
+        }
+        fleet
+    }
+
+    /// Joins one more broker and starts it.
+    pub fn add(&mut self) -> &Broker {
+        let i = self.brokers.len();
+        let dir = tempfile::tempdir().unwrap();
+        let origin = format!("grantline.test/broker-{i}");
+        let out = Command::new(bin("grantlined"))
+            .args(["fleet", "join", "--origin", &origin, "--root"])
+            .arg(self.root.path())
+            .arg("--state-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fleet join failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.brokers.push(Broker::start_config_in(dir, &origin, POLICY, &self.extra));
+        &self.brokers[i]
+    }
+
+    /// Every broker's address, as an agent's `--broker` list.
+    pub fn addresses(&self) -> String {
+        self.brokers.iter().map(|b| b.addr.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Enrolls a node at `brokers` (one address or a list) with `token`.
+pub fn enroll(brokers: &str, ca: &Path, token: &str, name: &str) -> (crate::Agent, std::process::Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("grantline-agent"))
+        .args(["enroll", "--broker", brokers, "--token", token, "--ca-file"])
+        .arg(ca)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    (crate::Agent { dir, proc: None }, out)
+}
+
+/// Points an enrolled agent at other brokers (its agent.json).
+pub fn set_brokers(agent: &crate::Agent, brokers: &str) {
+    let path = agent.dir.path().join("agent.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg["broker"] = serde_json::Value::String(brokers.to_owned());
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+}

@@ -1,0 +1,173 @@
+//! A fleet of three brokers on one PostgreSQL server (RFD 0010): join
+//! tokens shared and single-use across brokers, revocation at one broker
+//! closing the node's connection at another, agents failing over when a
+//! broker is killed, and the database going away and coming back.
+
+use std::time::{Duration, Instant};
+
+use grantline_tests::fleet::{enroll, set_brokers, Fleet};
+use grantline_tests::{events, pem_fingerprint, stderr, verify_db};
+
+fn ok(out: &std::process::Output, what: &str) {
+    assert!(out.status.success(), "{what} failed: {}", stderr(out));
+}
+
+#[test]
+fn a_token_made_at_one_broker_enrolls_once_anywhere_in_the_fleet() {
+    let fleet = Fleet::start(3, "");
+    let [a, b, c] = &fleet.brokers[..] else { unreachable!() };
+    let token = a.new_token(&[]);
+    let (_agent, out) = enroll(&b.addr, &b.path("ca.pem"), &token, "web-1");
+    ok(&out, "enrolling at B with A's token");
+    let (_again, out) = enroll(&c.addr, &c.path("ca.pem"), &token, "web-2");
+    assert!(!out.status.success(), "a token was used twice across the fleet");
+    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+
+    // Two enrollments racing with one token at two brokers: one wins.
+    for round in 0..3 {
+        let token = a.new_token(&[]);
+        let (bt, ct) = (b.addr.clone(), c.addr.clone());
+        let (bca, cca) = (b.path("ca.pem"), c.path("ca.pem"));
+        let (t1, t2) = (token.clone(), token);
+        let one = std::thread::spawn(move || enroll(&bt, &bca, &t1, &format!("race-{round}-b")));
+        let two = std::thread::spawn(move || enroll(&ct, &cca, &t2, &format!("race-{round}-c")));
+        let outcomes = [one.join().unwrap().1, two.join().unwrap().1];
+        let won = outcomes.iter().filter(|o| o.status.success()).count();
+        assert_eq!(won, 1, "round {round}: {} enrollments with one token", won);
+    }
+    // Every broker lists the fleet's nodes.
+    let listed = String::from_utf8(c.admin(&["nodes", "list", "--json"]).stdout).unwrap();
+    assert!(listed.contains("\"web-1\""), "a node enrolled at B is not listed at C: {listed}");
+}
+
+#[test]
+fn a_revocation_at_one_broker_closes_the_node_at_another_within_a_second() {
+    let fleet = Fleet::start(3, "");
+    let [a, b, c] = &fleet.brokers[..] else { unreachable!() };
+    let token = a.new_token(&[]);
+    let (mut agent, out) = enroll(&c.addr, &c.path("ca.pem"), &token, "db-1");
+    ok(&out, "enrolling at C");
+    agent.run();
+    let out =
+        agent.get(&["x509", "--role", "dev", "--san", "db-1.example.com", "--out", agent.dir.path().to_str().unwrap()]);
+    ok(&out, "a grant at C");
+    // Any broker shows where the node is connected (brokers report their
+    // connections each second).
+    let shown = Instant::now();
+    loop {
+        let listed = String::from_utf8(b.admin(&["nodes", "list", "--json"]).stdout).unwrap();
+        if listed.contains("grantline.test/broker-2") {
+            break;
+        }
+        assert!(shown.elapsed() < Duration::from_secs(5), "B does not show where db-1 is connected: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let revoked = a.admin(&["nodes", "revoke", "db-1", "--reason", "fleet test"]);
+    ok(&revoked, "revoking at A");
+    let asked = Instant::now();
+    agent.wait_line("grantline-agent revoked:");
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(1), "C closed the revoked node's connection after {took:?}");
+    // Refused at every broker: the same identity pointed at B.
+    agent.proc = None;
+    set_brokers(&agent, &b.addr);
+    let mut again = grantline_tests::Agent::run_unconnected(agent);
+    again.wait_line("grantline-agent revoked:");
+    // Audited once, by the broker that revoked.
+    let count = |broker: &grantline_tests::Broker| {
+        events(&broker.path("audit.db")).iter().filter(|e| e.type_name() == "node_revocation").count()
+    };
+    assert_eq!((count(a), count(b), count(c)), (1, 0, 0));
+}
+
+#[test]
+fn agents_fail_over_when_a_broker_is_killed_and_every_grant_is_logged() {
+    let mut fleet = Fleet::start(3, "");
+    let all = fleet.addresses();
+    let token = fleet.brokers[0].new_token(&[]);
+    let (mut agent, out) = enroll(&all, &fleet.brokers[0].path("ca.pem"), &token, "app-1");
+    ok(&out, "enrolling with the fleet's addresses");
+    agent.run();
+    let out_dir = agent.dir.path().to_str().unwrap().to_owned();
+    let mut granted = Vec::new();
+    let mut grant = |agent: &grantline_tests::Agent, n: usize| {
+        let out = agent.get(&["x509", "--role", "dev", "--san", &format!("app-{n}.example.com"), "--out", &out_dir]);
+        ok(&out, "a grant");
+        granted.push(pem_fingerprint(&agent.dir.path().join("cert.pem")));
+    };
+    grant(&agent, 0);
+    // Kill the broker the agent holds, whichever it is.
+    let since = Instant::now();
+    let held = loop {
+        let listed = String::from_utf8(fleet.brokers[1].admin(&["nodes", "list", "--json"]).stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        let to = v[0]["connected_to"][0].as_str().unwrap_or_default().to_owned();
+        if let Some(i) = (0..3).find(|i| to == format!("grantline.test/broker-{i}")) {
+            break i;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "the node is not listed where connected: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    fleet.brokers[held].proc.kill9();
+    agent.wait_connected();
+    for n in 1..4 {
+        grant(&agent, n);
+    }
+    // Every acknowledged grant is in some broker's log, and each log verifies.
+    let mut logged = Vec::new();
+    for b in &fleet.brokers {
+        let (verified, report) = verify_db(&b.path("audit.db"), &b.path("audit.vkey"));
+        assert!(verified, "a broker's log does not verify: {report}");
+        for e in events(&b.path("audit.db")) {
+            if let grantline_proto::audit::Event::Grant { fingerprint, .. } = e {
+                logged.push(fingerprint);
+            }
+        }
+    }
+    for fp in &granted {
+        assert!(logged.contains(fp), "grant {fp} acknowledged to the agent is in no broker's log");
+    }
+}
+
+#[test]
+fn without_postgres_grants_go_on_within_the_bound_then_stop_and_recover() {
+    let mut fleet = Fleet::start(1, "max_staleness = \"3s\"\n");
+    let token = fleet.brokers[0].new_token(&[]);
+    let (mut agent, out) = enroll(&fleet.brokers[0].addr, &fleet.brokers[0].path("ca.pem"), &token, "cache-1");
+    ok(&out, "enrolling");
+    agent.run();
+    let dir = agent.dir.path().to_str().unwrap().to_owned();
+    let get = |agent: &grantline_tests::Agent| agent.get(&["x509", "--role", "dev", "--out", &dir]);
+    ok(&get(&agent), "a grant with the database up");
+    fleet.pg.stop();
+    let stopped = Instant::now();
+    // Grants to an enrolled node go on from the cache within the bound.
+    ok(&get(&agent), "a grant right after the database stopped");
+    // What needs the database fails closed, saying so.
+    let out = grantline_tests::grantline(
+        &["token", "create", "--state-dir", fleet.brokers[0].dir.path().to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.status.success(), "a join token was made without the database");
+    // Past the bound, grants stop.
+    let refused = loop {
+        let out = get(&agent);
+        if !out.status.success() {
+            break stderr(&out);
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(20), "grants went on long past the staleness bound");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // The bound runs from the last heartbeat, at most a second before the stop.
+    assert!(stopped.elapsed() >= Duration::from_secs(2), "grants stopped before the bound");
+    assert!(refused.contains("has not heard from the fleet's database"), "{refused}");
+    // The database returns: service recovers by itself.
+    fleet.pg.start_again();
+    let back = Instant::now();
+    while !get(&agent).status.success() {
+        assert!(back.elapsed() < Duration::from_secs(30), "grants did not resume after the database returned");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ok(&get(&agent), "a grant after recovery");
+}
