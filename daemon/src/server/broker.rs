@@ -18,7 +18,7 @@ use super::options::BrokerOptions;
 use super::quic::{bind, serve_connection, server_config};
 use super::shared::{upkeep, Shared};
 use super::state_dir::{load_endorsement, load_or_create_audit_key, lock_state_dir};
-use super::{admin, admission, anonymous, fleet, tickets};
+use super::{admin, admission, anonymous, fleet, presence, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::{AuditLog, AuditReaders};
 use crate::grant::{GrantService, SystemClock};
@@ -164,7 +164,7 @@ impl Broker {
             handshakes: admission::Handshakes::default(),
             limits: opts.limits,
             audit_reader,
-            fleet: fleet.clone().map(fleet::Fleet::new),
+            fleet: fleet.clone().map(presence::Fleet::new),
         });
         if let Some(store) = &fleet {
             let feed = store.watch();

@@ -3,8 +3,7 @@
 //! another broker), trusts the node CA of every broker of the fleet, and
 //! reports which nodes it holds.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 
 use grantline_proto::wire::{self, ErrorCode};
 use rustls::pki_types::CertificateDer;
@@ -14,37 +13,7 @@ use super::shared::Shared;
 use super::{quic, revoke, tickets};
 use crate::pki::{first_cert_der, Pki};
 use crate::registry::Synced;
-use crate::state::{Change, FleetBroker, NodeRecord, PgStore, StateStore};
-
-/// This broker's part in the fleet.
-pub(crate) struct Fleet {
-    pub(crate) store: PgStore,
-    /// The nodes last reported as connected here.
-    reported: Mutex<HashSet<String>>,
-}
-
-impl Fleet {
-    pub(crate) fn new(store: PgStore) -> Self {
-        Self { store, reported: Mutex::new(HashSet::new()) }
-    }
-
-    /// Reports the nodes that connected or left since the last report.
-    pub(super) async fn report_presence(&self, connected: HashSet<String>) {
-        let (here, gone) = {
-            let reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
-            let here: Vec<String> = connected.difference(&reported).cloned().collect();
-            let gone: Vec<String> = reported.difference(&connected).cloned().collect();
-            (here, gone)
-        };
-        if here.is_empty() && gone.is_empty() {
-            return;
-        }
-        match self.store.save_presence(here, gone).await {
-            Ok(()) => *self.reported.lock().unwrap_or_else(PoisonError::into_inner) = connected,
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot report this broker's connections to the fleet"),
-        }
-    }
-}
+use crate::state::{Change, FleetBroker, NodeRecord};
 
 /// The node CAs a broker trusts: its own and every fleet broker's.
 pub(super) fn node_cas(pki: &Pki, brokers: &[FleetBroker]) -> Vec<CertificateDer<'static>> {

@@ -23,6 +23,7 @@ mod fleet;
 mod handler;
 mod identity;
 mod options;
+mod presence;
 pub mod provision;
 mod quic;
 mod reload;

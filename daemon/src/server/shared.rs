@@ -52,7 +52,7 @@ pub(crate) struct Shared {
     /// reads, opened once, one per core (agents ask after every grant).
     pub(super) audit_reader: Arc<AuditReaders>,
     /// This broker's part in a fleet (state in PostgreSQL), if it is in one.
-    pub(super) fleet: Option<super::fleet::Fleet>,
+    pub(super) fleet: Option<super::presence::Fleet>,
 }
 
 impl Shared {

@@ -13,8 +13,11 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use super::{node_from_row, now_ms, PgStore, NODE_COLUMNS};
-use crate::state::NodeRecord;
+use super::super::store::NodeRecord;
+use super::connect::Target;
+use super::rows::{brokers, node_from_row, now_ms, FleetBroker, NODE_COLUMNS};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 
 /// What the feed reports to the broker.
 #[derive(Debug)]
@@ -28,15 +31,6 @@ pub enum Change {
     Brokers(Vec<FleetBroker>),
 }
 
-/// A broker as the fleet's table lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetBroker {
-    pub id: String,
-    pub node_ca: String,
-    pub audit_key: String,
-    pub heartbeat_ms: i64,
-}
-
 /// How often the feed heartbeats (and so proves itself current).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A heartbeat that takes longer than this counts as a broken connection.
@@ -45,19 +39,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Node names fetched per query after a burst of notifications.
 const FETCH_BATCH: usize = 1000;
 
-pub(super) async fn brokers(client: &tokio_postgres::Client) -> Result<Vec<FleetBroker>> {
-    let rows = client.query("SELECT id, node_ca, audit_key, heartbeat_ms FROM brokers ORDER BY id", &[]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| FleetBroker { id: r.get(0), node_ca: r.get(1), audit_key: r.get(2), heartbeat_ms: r.get(3) })
-        .collect())
+/// What the feed needs of its store: where the database is, which broker
+/// it heartbeats as, and where it notes that it is current.
+pub(super) struct Feed {
+    pub target: Target,
+    pub broker: String,
+    pub current_at: Arc<AtomicI64>,
 }
 
-impl PgStore {
+impl Feed {
     /// Starts the feed; it runs until the receiver is dropped.
-    pub fn watch(&self) -> mpsc::Receiver<Change> {
+    pub fn watch(self) -> mpsc::Receiver<Change> {
         let (tx, rx) = mpsc::channel(1024);
-        let store = self.clone();
+        let store = self;
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -138,14 +132,14 @@ impl PgStore {
     /// is answered, every notification committed before it has arrived.
     async fn heartbeat(&self, client: &tokio_postgres::Client) -> Result<()> {
         let now = now_ms();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.me.id, &now];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.broker, &now];
         let update = client.execute("UPDATE brokers SET heartbeat_ms = $2 WHERE id = $1", &params);
         let n = match tokio::time::timeout(HEARTBEAT_TIMEOUT, update).await {
             Ok(n) => n?,
             Err(_) => bail!("PostgreSQL did not answer a heartbeat within {HEARTBEAT_TIMEOUT:?}"),
         };
         if n == 0 {
-            tracing::warn!(broker = %self.me.id, "this broker was retired from the fleet's table; restart it to join again");
+            tracing::warn!(broker = %self.broker, "this broker was retired from the fleet's table; restart it to join again");
         }
         self.current_at.store(now, Ordering::Relaxed);
         Ok(())

@@ -6,6 +6,7 @@
 
 mod connect;
 mod feed;
+mod rows;
 mod schema;
 
 use std::collections::BTreeMap;
@@ -14,10 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio_postgres::Row;
 
 pub use connect::{redacted, PgConfig, StateFile, DEFAULT_MAX_STALENESS, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
-pub use feed::{Change, FleetBroker};
+pub use feed::Change;
+use rows::{lease_from_row, node_from_row, NODE_COLUMNS};
+pub use rows::{now_ms, FleetBroker};
 
 use super::store::{
     Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
@@ -48,12 +50,6 @@ pub struct PgStore {
     /// When the change feed last proved itself current (ms since the epoch).
     current_at: Arc<AtomicI64>,
     max_staleness: Duration,
-}
-
-/// Now, in milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
-        .unwrap_or(i64::MAX)
 }
 
 impl PgStore {
@@ -137,7 +133,13 @@ impl PgStore {
 
     /// The brokers of the fleet, alive or not.
     pub async fn brokers(&self) -> Result<Vec<FleetBroker>> {
-        feed::brokers(&**self.client().await?).await
+        rows::brokers(&**self.client().await?).await
+    }
+
+    /// Starts the change feed (RFD 0010); it runs until the receiver is dropped.
+    pub fn watch(&self) -> tokio::sync::mpsc::Receiver<Change> {
+        feed::Feed { target: self.target.clone(), broker: self.me.id.clone(), current_at: self.current_at.clone() }
+            .watch()
     }
 }
 
@@ -156,7 +158,7 @@ impl FleetAdmin {
     }
 
     pub async fn brokers(&self) -> Result<Vec<FleetBroker>> {
-        feed::brokers(&self.client).await
+        rows::brokers(&self.client).await
     }
 
     /// Takes a broker out of the fleet: its node CA is no longer trusted
@@ -168,35 +170,6 @@ impl FleetAdmin {
         tx.commit().await?;
         Ok(n == 1)
     }
-}
-
-const NODE_COLUMNS: &str =
-    "name, labels, serial, previous_serial, not_after, revoked_at, last_seen, version, changed_ms";
-
-fn node_from_row(r: &Row) -> Result<NodeRecord> {
-    let labels: serde_json::Value = r.try_get(1)?;
-    let revoked_at: Option<i64> = r.try_get(5)?;
-    Ok(NodeRecord {
-        name: r.try_get(0)?,
-        labels: serde_json::from_value(labels).context("a node's labels in the database are not a string map")?,
-        serial: r.try_get(2)?,
-        previous_serial: r.try_get(3)?,
-        current_seen: true,
-        not_after: r.try_get(4)?,
-        revoked: revoked_at.is_some(),
-        revoked_at: revoked_at.unwrap_or(0),
-        last_seen: r.try_get::<_, Option<i64>>(6)?.unwrap_or(0),
-        version: r.try_get(7)?,
-    })
-}
-
-fn lease_from_row(r: &Row) -> Result<LeaseRecord> {
-    Ok(LeaseRecord {
-        lease_id: r.try_get(0)?,
-        node: r.try_get(1)?,
-        fingerprint: r.try_get(2)?,
-        expires_at: r.try_get(3)?,
-    })
 }
 
 impl StateStore for PgStore {
