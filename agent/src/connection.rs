@@ -172,7 +172,13 @@ async fn connect(agent: &Agent) -> Result<quinn::Connection> {
     let identity = agent.identity.read().map_err(|_| anyhow::anyhow!("identity lock poisoned"))?.clone();
     let cfg = client_for(agent, &identity)?;
     let (addr, name) = agent.target().clone();
-    let connecting = agent.endpoint.connect_with(cfg, addr, &name)?;
+    let connecting = match agent.endpoint.connect_with(cfg, addr, &name) {
+        Ok(c) => c,
+        Err(e) => {
+            agent.fail_over();
+            return Err(anyhow::Error::new(e).context(format!("cannot connect to the broker at {addr}")));
+        }
+    };
     let connected = tokio::time::timeout(Duration::from_secs(10), connecting).await;
     match connected {
         Ok(Ok(conn)) => Ok(conn),

@@ -63,7 +63,11 @@ pub async fn enroll(args: EnrollArgs) -> Result<AgentConfig> {
     let mut conn = None;
     let mut failures = Vec::new();
     for (addr, name) in &targets {
-        match endpoint.connect_with(client.clone(), *addr, name)?.await {
+        let attempt = match endpoint.connect_with(client.clone(), *addr, name) {
+            Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match attempt {
             Ok(c) => {
                 conn = Some(c);
                 break;

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+mod broker_cert;
 mod client;
 pub mod config;
 pub mod connection;

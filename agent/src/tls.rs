@@ -32,17 +32,18 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
 pub fn client_config_with(ca_pem: &str, identity: Option<&Identity>, fleet: bool) -> Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    let mut any = false;
+    let mut pinned = Vec::new();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots
-            .add(cert.context("the CA file is not valid PEM")?)
-            .context("the CA file holds an unusable certificate")?;
-        any = true;
+        let cert = cert.context("the CA file is not valid PEM")?;
+        roots.add(cert.clone()).context("the CA file holds an unusable certificate")?;
+        pinned.push(cert);
     }
-    anyhow::ensure!(any, "the CA file holds no certificate");
+    anyhow::ensure!(!pinned.is_empty(), "the CA file holds no certificate");
+    let verifier = crate::broker_cert::BrokerVerifier::new(roots, &pinned, provider.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut tls = match identity {
         Some(id) => {
             let key = rcgen::KeyPair::from_pem(&id.key_pem).context("node.key is not a PEM private key")?;
@@ -104,6 +105,14 @@ pub fn targets(brokers: &str) -> Result<Vec<(std::net::SocketAddr, String)>> {
     }
     if out.is_empty() {
         anyhow::bail!("no broker address resolves ({}); use HOST:PORT", failures.join("; "));
+    }
+    // One UDP socket serves every target: keep the address family of the
+    // first (a name with A and AAAA records gives both).
+    let family = out[0].0.is_ipv6();
+    let skipped = out.iter().filter(|(a, _)| a.is_ipv6() != family).count();
+    if skipped > 0 {
+        tracing::warn!(skipped, "broker addresses of the other IP family are not used; list one family");
+        out.retain(|(a, _)| a.is_ipv6() == family);
     }
     for f in failures {
         tracing::warn!(broker = %f, "a broker address does not resolve; using the others");

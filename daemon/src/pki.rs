@@ -228,7 +228,7 @@ pub fn join_fleet(root_dir: &Path, state_dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
     write_atomic(&state_dir.join("ca.pem"), root.cert_pem.as_bytes(), 0o644)?;
-    load_or_create_ca(state_dir, "server-ca", "Grantline broker server CA", Some(&root))?;
+    load_or_create_ca(state_dir, "server-ca", grantline_proto::SERVER_CA_NAME, Some(&root))?;
     load_or_create_ca(state_dir, "node-ca", "Grantline node identity CA", Some(&root))?;
     load_or_create_ca(state_dir, "x509-ca", "Grantline workload X.509 CA", Some(&root))?;
     write_secret(&state_dir.join("ssh-ca"), read_secret(&root_dir.join("ssh-ca"))?.as_bytes())?;

@@ -25,6 +25,9 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admitted {
     Yes,
+    /// Yes, and the first connection with the node's current identity: from
+    /// now on only it renews (the caller tells the store, for a fleet).
+    FirstUse,
     /// Refused for the node's standing.
     Refused(Refusal),
     /// The node already holds this many connections.
@@ -99,8 +102,11 @@ impl<C: Clone> Registry<C> {
     /// then nothing changes and false is returned.
     pub fn record(&self, record: NodeRecord) -> bool {
         let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
-        if nodes.get(&record.name).is_some_and(|n| n.revoked) {
-            return false;
+        match nodes.get(&record.name) {
+            Some(n) if n.revoked => return false,
+            // The fleet's feed already brought a newer record: keep it.
+            Some(n) if record.version != 0 && n.version > record.version => return true,
+            _ => {}
         }
         nodes.insert(record.name.clone(), record);
         true
@@ -127,11 +133,9 @@ impl<C: Clone> Registry<C> {
             if n.version >= incoming.version {
                 return Synced::Unchanged;
             }
-            // Whether the current identity was used is known per broker.
-            incoming.current_seen = n.serial == incoming.serial && n.current_seen;
+            // Used here, or (as the fleet's store says) anywhere.
+            incoming.current_seen |= n.serial == incoming.serial && n.current_seen;
             incoming.last_seen = incoming.last_seen.max(n.last_seen);
-        } else {
-            incoming.current_seen = false;
         }
         nodes.insert(incoming.name.clone(), incoming);
         Synced::Updated
@@ -169,10 +173,13 @@ impl<C: Clone> Registry<C> {
                     return Admitted::TooMany(MAX_CONNECTIONS_PER_NODE);
                 }
                 let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
-                if let Some(n) = nodes.get_mut(name).filter(|n| n.serial == serial) {
-                    n.current_seen = true;
+                match nodes.get_mut(name).filter(|n| n.serial == serial && !n.current_seen) {
+                    Some(n) => {
+                        n.current_seen = true;
+                        Admitted::FirstUse
+                    }
+                    None => Admitted::Yes,
                 }
-                Admitted::Yes
             }
             Err(refusal) => Admitted::Refused(refusal),
         }
@@ -239,6 +246,11 @@ impl<C: Clone> Registry<C> {
         out
     }
 
+    /// Every live connection (to close them all).
+    pub fn connections(&self) -> Vec<C> {
+        self.live.lock().map(|l| l.values().flat_map(|c| c.values().cloned()).collect()).unwrap_or_default()
+    }
+
     /// The names of the nodes that hold at least one connection.
     pub fn connected_names(&self) -> std::collections::HashSet<String> {
         self.live.lock().map(|l| l.keys().cloned().collect()).unwrap_or_default()
@@ -272,7 +284,7 @@ mod tests {
     #[test]
     fn a_revocation_is_never_undone_by_a_later_record() {
         let r: Registry<u8> = Registry::new(vec![node("web-1", "01")]);
-        assert_eq!(r.admit("web-1", "01", 1, 7, 10), Admitted::Yes);
+        assert_eq!(r.admit("web-1", "01", 1, 7, 10), Admitted::FirstUse);
         assert_eq!(r.revoke("web-1", 20), vec![7], "the live connection is handed back to be closed");
         assert!(!r.record(node("web-1", "02")), "a renewal in flight must not clear the flag");
         assert_eq!(r.standing("web-1", "02"), Err(Refusal::Revoked));
@@ -283,7 +295,8 @@ mod tests {
     #[test]
     fn connections_are_counted_per_node_and_identities_checked() {
         let r: Registry<u8> = Registry::new(vec![node("a", "01")]);
-        for id in 0..MAX_CONNECTIONS_PER_NODE {
+        assert_eq!(r.admit("a", "01", 0, 0, 1), Admitted::FirstUse, "the first use is told once");
+        for id in 1..MAX_CONNECTIONS_PER_NODE {
             assert_eq!(r.admit("a", "01", id, 0, 1), Admitted::Yes);
         }
         assert_eq!(r.admit("a", "01", 99, 0, 1), Admitted::TooMany(MAX_CONNECTIONS_PER_NODE));
@@ -312,7 +325,7 @@ mod tests {
         r.leave("a", 2, None);
         assert!(r.list().iter().all(|l| l.record.last_seen == 0), "refused attempts were counted as seen");
         assert!(r.take_seen().is_empty());
-        assert_eq!(r.admit("a", "02", 3, 0, 150), Admitted::Yes);
+        assert_eq!(r.admit("a", "02", 3, 0, 150), Admitted::FirstUse);
         r.leave("a", 3, Some(160));
         assert_eq!(r.take_seen(), vec![("a".to_owned(), 160)]);
     }
@@ -322,7 +335,7 @@ mod tests {
         let mut held = node("a", "01");
         held.version = 5;
         let r: Registry<u8> = Registry::new(vec![held]);
-        assert_eq!(r.admit("a", "01", 1, 9, 10), Admitted::Yes);
+        assert_eq!(r.admit("a", "01", 1, 9, 10), Admitted::FirstUse);
         let mut older = node("a", "00");
         older.version = 4;
         assert_eq!(r.sync(older), Synced::Unchanged, "an older copy must not replace a newer record");
@@ -331,18 +344,26 @@ mod tests {
         renewed.previous_serial = "01".into();
         assert_eq!(r.sync(renewed), Synced::Updated);
         assert_eq!(r.standing("a", "02"), Ok(()));
-        assert!(r.with("a", |n| n.is_some_and(|n| !n.current_seen)), "the renewed identity was not used here yet");
+        assert!(r.with("a", |n| n.is_some_and(|n| !n.current_seen)), "the renewed identity was not used yet");
+        let mut used_elsewhere = node("a", "02");
+        (used_elsewhere.version, used_elsewhere.previous_serial, used_elsewhere.current_seen) = (7, "01".into(), true);
+        assert_eq!(r.sync(used_elsewhere), Synced::Updated);
+        assert!(r.with("a", |n| n.is_some_and(|n| n.current_seen)), "used at another broker counts here");
+        let mut stale = node("a", "09");
+        stale.version = 6;
+        assert!(r.record(stale), "a local write older than the feed's record is not an error");
+        assert_eq!(r.standing("a", "02"), Ok(()), "but it does not replace the newer record");
         let mut revoked = node("a", "02");
-        (revoked.version, revoked.revoked, revoked.revoked_at) = (7, true, 30);
+        (revoked.version, revoked.revoked, revoked.revoked_at) = (8, true, 30);
         assert_eq!(r.sync(revoked), Synced::Revoked(vec![9]));
         let mut undo = node("a", "03");
-        undo.version = 8;
+        undo.version = 9;
         assert_eq!(r.sync(undo), Synced::Unchanged, "nothing from the feed undoes a revocation");
         assert_eq!(r.standing("a", "03"), Err(Refusal::Revoked));
         let mut elsewhere = node("b", "01");
         elsewhere.version = 1;
         assert_eq!(r.sync(elsewhere), Synced::Updated, "a node enrolled at another broker is known here");
-        assert_eq!(r.admit("b", "01", 2, 0, 40), Admitted::Yes);
+        assert_eq!(r.admit("b", "01", 2, 0, 40), Admitted::FirstUse);
     }
 
     #[test]

@@ -171,3 +171,79 @@ fn without_postgres_grants_go_on_within_the_bound_then_stop_and_recover() {
     }
     ok(&get(&agent), "a grant after recovery");
 }
+
+/// Review finding: a renewal synced from another broker was taken as not
+/// yet used, so a leaked previous identity could renew at a broker that had
+/// not seen the new one and take the node over; and an unpinned token could
+/// overwrite a name enrolled at another broker a moment before. The store
+/// now checks both, under the row lock, for the whole fleet.
+#[test]
+fn the_shared_store_refuses_what_only_a_stale_broker_would_allow() {
+    use grantline_daemon::state::{NodeRecord, PgConfig, PgStore, Replace, StateStore, ThisBroker, Upsert};
+    let pg = grantline_tests::postgres::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("pw");
+    grantline_proto::files::write_secret(&password, grantline_tests::postgres::SUPERUSER_PASSWORD.as_bytes()).unwrap();
+    let cfg = PgConfig {
+        url: pg.url(),
+        password_file: Some(password),
+        ca_file: None,
+        pool_size: 2,
+        max_staleness: Duration::from_secs(30),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let me = ThisBroker {
+            id: "grantline.test/store".into(),
+            node_ca: String::new(),
+            node_ca_endorsement: String::new(),
+            audit_key: "k".into(),
+        };
+        let store = PgStore::open(&cfg, me).await.unwrap();
+        let node = |serial: &str, previous: &str| NodeRecord {
+            name: "n1".into(),
+            labels: Default::default(),
+            serial: serial.into(),
+            previous_serial: previous.into(),
+            current_seen: false,
+            not_after: i64::MAX,
+            revoked: false,
+            revoked_at: 0,
+            last_seen: 0,
+            version: 0,
+        };
+        assert!(matches!(store.upsert_node(&node("01", ""), Replace::Nothing, 1).await.unwrap(), Upsert::Stored(_)));
+        assert_eq!(
+            store.upsert_node(&node("99", ""), Replace::Nothing, 2).await.unwrap(),
+            Upsert::Conflict,
+            "an unpinned enrollment overwrote an enrolled name"
+        );
+        // Renewal 01 -> 02; until 02 is used, 01 may renew again (its reply may have been lost).
+        assert!(matches!(
+            store.upsert_node(&node("02", "01"), Replace::From("01"), 3).await.unwrap(),
+            Upsert::Stored(_)
+        ));
+        store.mark_current_seen("n1", "02").await.unwrap();
+        assert_eq!(
+            store.upsert_node(&node("03", "01"), Replace::From("01"), 4).await.unwrap(),
+            Upsert::Conflict,
+            "a previous identity renewed after the current one was used"
+        );
+        assert!(matches!(
+            store.upsert_node(&node("03", "02"), Replace::From("02"), 5).await.unwrap(),
+            Upsert::Stored(_)
+        ));
+        assert!(store.revoke_node("n1", 6).await.unwrap());
+        assert_eq!(store.upsert_node(&node("04", ""), Replace::Any, 7).await.unwrap(), Upsert::Revoked);
+        let stored = store.nodes().await.unwrap();
+        assert_eq!((stored[0].serial.as_str(), stored[0].revoked), ("03", true));
+    });
+    // Not even SQL undoes a revocation.
+    let undo = pg.psql("postgres", grantline_tests::postgres::SUPERUSER_PASSWORD, "UPDATE nodes SET revoked_at = NULL");
+    assert!(!undo.status.success(), "a revocation was cleared in the database");
+    assert!(
+        String::from_utf8_lossy(&undo.stderr).contains("never undone"),
+        "{}",
+        String::from_utf8_lossy(&undo.stderr)
+    );
+}

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::options::BrokerOptions;
 use super::quic::{bind, serve_connection, server_config};
 use super::shared::{upkeep, Shared};
-use super::state_dir::{load_endorsement, load_or_create_audit_key, lock_state_dir};
+use super::state_dir::{load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir};
 use super::{admin, admission, anonymous, fleet, presence, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::{AuditLog, AuditReaders};
@@ -68,6 +68,7 @@ impl Broker {
                 let me = ThisBroker {
                     id: vkey.name().to_owned(),
                     node_ca: pki.node_ca.cert_pem.clone(),
+                    node_ca_endorsement: load_node_ca_endorsement(&opts.state_dir)?,
                     audit_key: vkey.to_string(),
                 };
                 let store = PgStore::open(cfg, me).await?;
@@ -95,7 +96,7 @@ impl Broker {
         };
         let endpoint = bind(
             &opts.state_dir,
-            server_config(&pki, &fleet::node_cas(&pki, &brokers), tickets.clone())?,
+            server_config(&pki, &fleet::node_cas(&pki, &brokers, fleet_vkey.as_ref()), tickets.clone())?,
             opts.listen,
         )?;
         let admin = match &opts.admin {

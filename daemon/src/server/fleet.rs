@@ -10,22 +10,34 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use super::shared::Shared;
+use super::state_dir::node_ca_endorsed;
 use super::{quic, revoke, tickets};
 use crate::pki::{first_cert_der, Pki};
 use crate::registry::Synced;
 use crate::state::{Change, FleetBroker, NodeRecord};
+use grantline_proto::audit::VerifierKey;
 
-/// The node CAs a broker trusts: its own and every fleet broker's.
-pub(super) fn node_cas(pki: &Pki, brokers: &[FleetBroker]) -> Vec<CertificateDer<'static>> {
+/// The node CAs a broker trusts: its own, and each other fleet broker's
+/// that the fleet key endorsed (a row a database writer added is not).
+pub(super) fn node_cas(
+    pki: &Pki,
+    brokers: &[FleetBroker],
+    fleet_key: Option<&VerifierKey>,
+) -> Vec<CertificateDer<'static>> {
     let mut cas = vec![pki.node_ca.cert_der.clone()];
     for b in brokers {
-        match first_cert_der(&b.node_ca) {
-            Some(der) if !cas.contains(&der) => cas.push(der),
-            Some(_) => {}
-            None => {
-                tracing::error!(broker = %b.id, "the fleet's table holds no usable node CA for this broker; its nodes are refused here")
-            }
+        let Some(der) = first_cert_der(&b.node_ca) else {
+            tracing::error!(broker = %b.id, "the fleet's table holds no usable node CA for this broker; its nodes are refused here");
+            continue;
+        };
+        if cas.contains(&der) {
+            continue;
         }
+        if !fleet_key.is_some_and(|k| node_ca_endorsed(k, &der, &b.node_ca_endorsement)) {
+            tracing::error!(broker = %b.id, "a node CA in the fleet's table is not endorsed by this broker's fleet key; its nodes are refused here");
+            continue;
+        }
+        cas.push(der);
     }
     cas
 }
@@ -58,7 +70,7 @@ pub(super) async fn follow(
                     .count();
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!("grantline_fleet_brokers").set(alive as f64);
-                let cas = node_cas(&shared.pki, &brokers);
+                let cas = node_cas(&shared.pki, &brokers, shared.fleet_vkey.as_ref());
                 match quic::server_config(&shared.pki, &cas, tickets.clone()) {
                     Ok(cfg) => {
                         endpoint.set_server_config(Some(cfg));
@@ -90,5 +102,43 @@ fn apply(shared: &Shared, record: NodeRecord, changed_ms: Option<i64>) {
             }
             tracing::warn!(node = %name, closed = conns.len(), "node revoked at another broker; its connections here closed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use grantline_proto::audit::SignerKey;
+
+    /// Review finding: node CAs were taken from the fleet's table as they
+    /// were, so whoever could write the database could add a CA of their
+    /// own, or another broker's workload X.509 CA.
+    #[test]
+    fn only_node_cas_the_fleet_key_endorsed_are_trusted() {
+        let fleet = SignerKey::generate("fleet.test/key").unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let names = vec!["localhost".to_owned()];
+        let (mine, other) =
+            (Pki::load_or_create(a.path(), &names).unwrap(), Pki::load_or_create(b.path(), &names).unwrap());
+        let endorse = |der: &[u8]| {
+            base64::engine::general_purpose::STANDARD.encode(fleet.sign(&super::super::state_dir::node_ca_message(der)))
+        };
+        let row = |id: &str, node_ca: &str, node_ca_endorsement: String| FleetBroker {
+            id: id.into(),
+            node_ca: node_ca.into(),
+            node_ca_endorsement,
+            audit_key: String::new(),
+            heartbeat_ms: 0,
+        };
+        let rows = [
+            row("b", &other.node_ca.cert_pem, endorse(&other.node_ca.cert_der)),
+            row("added", &other.x509_ca.cert_pem, String::new()),
+            row("moved", &other.x509_ca.cert_pem, endorse(&other.node_ca.cert_der)),
+            row("garbage", "not a certificate", "not base64".into()),
+        ];
+        let cas = node_cas(&mine, &rows, Some(fleet.verifier()));
+        assert_eq!(cas, vec![mine.node_ca.cert_der.clone(), other.node_ca.cert_der.clone()]);
+        assert_eq!(node_cas(&mine, &rows, None), vec![mine.node_ca.cert_der.clone()], "no fleet key: its own CA only");
     }
 }

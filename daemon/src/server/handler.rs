@@ -10,7 +10,7 @@ use super::shared::Shared;
 use crate::grant::GrantError;
 use crate::issuer::{check_csr, CheckedCsr};
 use crate::policy::{Kind, NodeAttrs};
-use crate::state::{NodeRecord, TokenError};
+use crate::state::{NodeRecord, Replace, TokenError, Upsert};
 
 type Reply = wire::Response;
 
@@ -145,7 +145,8 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
         fingerprint: id.fingerprint.clone(),
         not_after: id.not_after,
     };
-    match grant_identity(shared, &node, &csr, Generation::Enrollment, event).await {
+    let generation = Generation::Enrollment { pinned: redeemed.node.is_some() };
+    match grant_identity(shared, &node, &csr, generation, event).await {
         Ok((identity, receipt)) => {
             tracing::info!(node = %node.name, token = %redeemed.id, "node enrolled");
             Reply {
@@ -166,8 +167,25 @@ async fn enroll(shared: &Shared, r: wire::EnrollRequest) -> Reply {
 /// the agent reconnects with the new one.
 #[derive(Clone, PartialEq, Eq)]
 enum Generation {
-    Enrollment,
-    Renewal { from: String },
+    /// With a token pinned to the name (it may replace the node's identity)
+    /// or not (the name must be new).
+    Enrollment {
+        pinned: bool,
+    },
+    Renewal {
+        from: String,
+    },
+}
+
+impl Generation {
+    /// What the store may replace, checked again there (across a fleet).
+    fn replace(&self) -> Replace<'_> {
+        match self {
+            Generation::Enrollment { pinned: true } => Replace::Any,
+            Generation::Enrollment { pinned: false } => Replace::Nothing,
+            Generation::Renewal { from } => Replace::From(from),
+        }
+    }
 }
 
 /// Issues a node identity for `node`, audits it with `event`, records the
@@ -193,7 +211,7 @@ async fn grant_identity(
             return Err(revoked());
         }
         match (&generation, known) {
-            (Generation::Enrollment, _) => Ok(String::new()),
+            (Generation::Enrollment { .. }, _) => Ok(String::new()),
             // The previous identity renews only while the current one has not
             // been used: a leaked old identity cannot take the node over.
             (Generation::Renewal { from }, Some(n)) if n.serial == *from => Ok(from.clone()),
@@ -225,9 +243,19 @@ async fn grant_identity(
     // The database keeps a revocation through this (the upsert never
     // touches it); memory keeps it below.
     let mut record = record;
-    match shared.state.upsert_node(&record, now_unix()).await {
-        Ok(Some(version)) => record.version = version,
-        Ok(None) => return Err(revoked()),
+    match shared.state.upsert_node(&record, generation.replace(), now_unix()).await {
+        Ok(Upsert::Stored(version)) => record.version = version,
+        Ok(Upsert::Revoked) => return Err(revoked()),
+        Ok(Upsert::Conflict) => {
+            return Err(err(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "node {} changed at another broker meanwhile (enrolled under this name, or its identity renewed \
+                     and used); to re-enroll it use a token pinned to it ('grantline token create --node {}')",
+                    node.name, node.name
+                ),
+            ))
+        }
         Err(e) => return Err(err(ErrorCode::Unavailable, format!("cannot record the node: {e}"))),
     }
     if !shared.registry.record(record) {

@@ -19,6 +19,7 @@ mod admin_peer;
 pub mod admission;
 pub(crate) mod anonymous;
 mod broker;
+mod closing;
 mod fleet;
 mod handler;
 mod identity;

@@ -71,7 +71,10 @@ pub(super) fn server_config(
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in node_cas {
-        roots.add(ca.clone())?;
+        // One unusable CA must not shut out the others' nodes.
+        if let Err(e) = roots.add(ca.clone()) {
+            tracing::error!(error = %e, "a node CA is not a usable trust anchor; skipped");
+        }
     }
     // Enrollment happens before a node has a certificate, so a handshake
     // without one is allowed; every request but Enroll then requires one.
@@ -223,6 +226,19 @@ impl<'a> Registration<'a> {
         let id = conn.stable_id();
         let refusal = match shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix()) {
             Admitted::Yes => None,
+            Admitted::FirstUse => {
+                // In a fleet, the other brokers learn that the identity this
+                // renewal replaced may no longer renew.
+                if let Some(fleet) = &shared.fleet {
+                    let (store, name, serial) = (fleet.store.clone(), node.to_owned(), peer.serial.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::state::StateStore::mark_current_seen(&store, &name, &serial).await {
+                            tracing::warn!(node = %name, error = %format!("{e:#}"), "cannot tell the fleet that a renewed identity is in use");
+                        }
+                    });
+                }
+                None
+            }
             Admitted::Refused(why) => Some(identity::refused(&why, node, &peer.serial)),
             Admitted::TooMany(most) => Some(wire::Error::new(
                 wire::ErrorCode::Unavailable,

@@ -14,13 +14,7 @@ use crate::state::LeaseRecord;
 use crate::vault::Vault;
 use grantline_proto::clock::now_unix;
 
-/// Closes a connection telling the agent why, as an encoded `wire::Error` in
-/// the QUIC application close reason.
-pub(crate) fn close_with(conn: &quinn::Connection, error: &wire::Error) {
-    let reason = prost::Message::encode_to_vec(error);
-    let code = u32::try_from(error.code).unwrap_or(0);
-    conn.close(code.into(), &reason);
-}
+pub(crate) use super::closing::close_with;
 
 pub(crate) async fn revoke_node(
     shared: &Shared,

@@ -21,6 +21,7 @@ use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::state::StateStore;
 use crate::vault::Vault;
+use grantline_proto::wire;
 
 pub(crate) struct Shared {
     pub(super) pki: Arc<Pki>,
@@ -125,11 +126,25 @@ impl Shared {
 pub(super) async fn upkeep(shared: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_fresh = true;
     for n in 0u64.. {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else { return };
         shared.track_checkpoint();
         if let Some(fleet) = &shared.fleet {
+            // Past its staleness bound a fleet broker grants nothing: its
+            // agents are sent to the other brokers (once, as it goes stale).
+            let fresh = shared.state.fresh();
+            if let (Err(why), true) = (&fresh, was_fresh) {
+                let conns = shared.registry.connections();
+                tracing::error!(reason = %why, agents = conns.len(), "the fleet's state is stale here; sending agents to other brokers");
+                let mut bye = wire::Error::new(wire::ErrorCode::Unavailable, why.clone());
+                (bye.retryable, bye.retry_after_ms) = (true, 1000);
+                for conn in &conns {
+                    super::closing::close_with(conn, &bye);
+                }
+            }
+            was_fresh = fresh.is_ok();
             fleet.report_presence(shared.registry.connected_names()).await;
         }
         if n % 30 == 29 {

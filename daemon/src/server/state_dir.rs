@@ -90,8 +90,41 @@ pub fn endorse_audit_key(root_dir: &Path, state_dir: &Path, origin: &str) -> Res
     let signature = fleet.sign(&grantline_proto::audit::receipt::endorsement_message(&vkey));
     let text = format!("{vkey}\n{}\n", base64::engine::general_purpose::STANDARD.encode(signature));
     write_atomic(&state_dir.join("audit.endorsement"), text.as_bytes(), 0o644)?;
+    // The node CA too: brokers trust another's node CA only with this, so
+    // whoever writes the fleet's database cannot add a CA of their own.
+    let node_ca = crate::pki::load_ca(state_dir, "node-ca")?
+        .with_context(|| format!("{} has no node CA; run 'grantlined fleet join' first", state_dir.display()))?;
+    let signature = fleet.sign(&node_ca_message(&node_ca.cert_der));
+    let text = format!("{}\n", base64::engine::general_purpose::STANDARD.encode(signature));
+    write_atomic(&state_dir.join("node-ca.endorsement"), text.as_bytes(), 0o644)?;
     write_atomic(&state_dir.join("fleet.vkey"), format!("{}\n", fleet.verifier()).as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// What the fleet key signs to endorse a broker's node CA.
+pub(crate) fn node_ca_message(der: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    format!("grantline fleet node ca v1\n{}\n", hex::encode(sha2::Sha256::digest(der))).into_bytes()
+}
+
+/// Whether `fleet` endorsed the node CA `der` with `endorsement` (base64).
+pub(crate) fn node_ca_endorsed(fleet: &VerifierKey, der: &[u8], endorsement: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(endorsement.trim())
+        .is_ok_and(|sig| fleet.verify(&node_ca_message(der), &sig))
+}
+
+/// This broker's node CA endorsement (base64), if it joined a fleet.
+pub(crate) fn load_node_ca_endorsement(dir: &Path) -> Result<String> {
+    let path = dir.join("node-ca.endorsement");
+    if !path.exists() {
+        return Ok(String::new());
+    }
+    Ok(grantline_proto::files::read_bounded(&path, grantline_proto::files::MAX_SECRET_FILE)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .trim()
+        .to_owned())
 }
 
 /// A fleet broker's endorsement and the fleet key, if it joined a fleet;

@@ -16,6 +16,6 @@ pub use postgres::{
 };
 pub use sqlite::StateDb;
 pub use store::{
-    replaced_identity, Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError,
-    TokenFuture,
+    replaced_identity, Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, Replace, StateStore, StoreFuture,
+    TokenError, TokenFuture, Upsert,
 };

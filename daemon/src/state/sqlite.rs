@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::store::{
-    Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
+    Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, Replace, StateStore, StoreFuture, TokenError, TokenFuture,
+    Upsert,
 };
 use super::token;
 
@@ -178,16 +179,25 @@ impl StateDb {
         Ok(redeemed)
     }
 
-    /// Records a node's identity; false (and nothing changes) if it is revoked.
-    pub fn upsert_node(&self, n: &NodeRecord, now: i64) -> Result<Option<i64>> {
-        let changed = self.conn().execute(
+    /// Records a node's identity as `replace` allows; a revoked node is
+    /// never written.
+    pub fn upsert_node(&self, n: &NodeRecord, replace: Replace<'_>, now: i64) -> Result<Upsert> {
+        let (mode, from) = replace.sql();
+        let conn = self.conn();
+        let changed = conn.execute(
             "INSERT INTO nodes (name, labels, serial, previous_serial, not_after, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial,
                 previous_serial = excluded.previous_serial, not_after = excluded.not_after
-             WHERE nodes.revoked_at IS NULL",
-            params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.previous_serial, n.not_after, now],
+             WHERE nodes.revoked_at IS NULL
+                AND (?7 = 'any' OR (?7 = 'from' AND (nodes.serial = ?8 OR nodes.previous_serial = ?8)))",
+            params![n.name, serde_json::to_string(&n.labels)?, n.serial, n.previous_serial, n.not_after, now, mode, from],
         )?;
-        Ok((changed == 1).then_some(0))
+        if changed == 1 {
+            return Ok(Upsert::Stored(0));
+        }
+        let revoked: Option<Option<i64>> =
+            conn.query_row("SELECT revoked_at FROM nodes WHERE name = ?1", [&n.name], |r| r.get(0)).optional()?;
+        Ok(if matches!(revoked, Some(Some(_))) { Upsert::Revoked } else { Upsert::Conflict })
     }
 
     /// Records many nodes in one transaction (fixture provisioning).
@@ -321,8 +331,8 @@ impl StateStore for StateDb {
         Box::pin(std::future::ready(StateDb::redeem_token(self, token, used_by, now, accept)))
     }
 
-    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, Option<i64>> {
-        Box::pin(std::future::ready(StateDb::upsert_node(self, node, now)))
+    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, replace: Replace<'a>, now: i64) -> StoreFuture<'a, Upsert> {
+        Box::pin(std::future::ready(StateDb::upsert_node(self, node, replace, now)))
     }
 
     fn revoke_node<'a>(&'a self, name: &'a str, now: i64) -> StoreFuture<'a, bool> {

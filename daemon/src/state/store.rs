@@ -31,10 +31,16 @@ pub trait StateStore: Send + Sync {
     /// Spends `token` once, for `used_by`. `accept` sees what the token
     /// grants first and may refuse; the token then stays unused.
     fn redeem_token<'a>(&'a self, token: &'a str, used_by: &'a str, now: i64, accept: Accept<'a>) -> TokenFuture<'a>;
-    /// Records a node's identity; never clears its revocation. Resolves to
-    /// the record's new version, or None when the stored node is revoked
-    /// (by this broker or another of the fleet).
-    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, now: i64) -> StoreFuture<'a, Option<i64>>;
+    /// Records a node's identity, replacing only what `replace` allows;
+    /// never clears a revocation. The check is made by the store, so it
+    /// holds across a fleet of brokers writing at once.
+    fn upsert_node<'a>(&'a self, node: &'a NodeRecord, replace: Replace<'a>, now: i64) -> StoreFuture<'a, Upsert>;
+    /// Notes that a connection used the node's current identity `serial`:
+    /// from then on only that identity renews (anywhere in a fleet).
+    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, ()> {
+        let _ = (name, serial);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Marks `name` revoked; false if it was already revoked or is unknown.
     fn revoke_node<'a>(&'a self, name: &'a str, now: i64) -> StoreFuture<'a, bool>;
     /// Saves when nodes were last heard from, in one batch.
@@ -71,6 +77,40 @@ pub trait StateStore: Send + Sync {
     fn presence(&self) -> StoreFuture<'static, Vec<(String, String)>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
+}
+
+/// Which stored identity of a node a write may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace<'a> {
+    /// None: the name must be new (an enrollment with an unpinned token).
+    Nothing,
+    /// Any unrevoked one (an enrollment with a token pinned to the name).
+    Any,
+    /// The identity with this serial, or the previous one while the
+    /// current has not been used (a renewal from it).
+    From(&'a str),
+}
+
+impl<'a> Replace<'a> {
+    /// The two parameters both stores' upserts read: a mode and a serial.
+    pub(super) fn sql(self) -> (&'static str, &'a str) {
+        match self {
+            Replace::Nothing => ("nothing", ""),
+            Replace::Any => ("any", ""),
+            Replace::From(serial) => ("from", serial),
+        }
+    }
+}
+
+/// What a node write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    /// Stored, with the record's new version.
+    Stored(i64),
+    /// The node is revoked; nothing changed.
+    Revoked,
+    /// The stored identity is not one `Replace` allowed; nothing changed.
+    Conflict,
 }
 
 /// A join token as handed to an admin: `glt1.<id>.<secret>`. Only the SHA-256

@@ -44,6 +44,14 @@ pub fn redacted(url: &str) -> String {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            // libpq also takes the password as a query parameter.
+            if u.query_pairs().any(|(k, _)| k == "password") {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| (k.to_string(), if k == "password" { "***".into() } else { v.to_string() }))
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
         Err(_) => "(unparsable URL)".into(),
@@ -221,6 +229,8 @@ impl Target {
 /// when the connection ends.
 pub struct Driver {
     pub notifications: tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+    /// Set when a notification was dropped (the channel was full).
+    pub overflowed: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -230,15 +240,22 @@ impl Driver {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
     {
-        // Bounded: a notification only says "look", and one pending look
-        // covers any number of changes (the feed reads by version).
+        // Bounded: past 64 pending, notifications are dropped and the feed
+        // told to reload every record instead.
         let (tx, notifications) = tokio::sync::mpsc::channel(64);
+        let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = overflowed.clone();
         let task = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(n) {
-                            return;
+                        match tx.try_send(n) {
+                            Ok(()) => {}
+                            // The feed reloads everything when it sees this.
+                            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
                         }
                     }
                     Some(Ok(_)) => {}
@@ -250,7 +267,7 @@ impl Driver {
                 }
             }
         });
-        Self { notifications, task }
+        Self { notifications, overflowed, task }
     }
 }
 
@@ -284,6 +301,7 @@ mod tests {
         let e = err(StateFile { password_file: Some("/nonexistent/pw".into()), ..file("postgres://u@db/x") });
         assert!(e.contains("password_file"), "{e}");
         assert_eq!(StateFile::default().config().unwrap().map(|c| c.url), None, "no url: SQLite as before");
+        assert!(!redacted("postgres://u@db/x?password=hunter2&sslmode=disable").contains("hunter2"));
         let cfg = file("postgres://u:hunter2@db:5433/x").config().unwrap().unwrap();
         assert!(!format!("{cfg:?}").contains("hunter2"), "the password reached a Debug print");
         assert_eq!(cfg.target().unwrap().name, "db:5433/x");

@@ -78,70 +78,135 @@ impl Feed {
     /// (an error) or the broker stops listening (Ok).
     async fn follow(&self, tx: &mpsc::Sender<Change>) -> Result<()> {
         let (client, mut driver) = self.target.connect().await?;
-        client.batch_execute("LISTEN grantline_nodes; LISTEN grantline_brokers").await?;
+        let beat_channel = beat_channel(&self.broker);
+        client
+            .batch_execute(&format!("LISTEN grantline_nodes; LISTEN grantline_brokers; LISTEN {beat_channel}"))
+            .await?;
         // Listening first, then reading everything: a change committed in
         // between is both read and notified, never neither.
-        let rows = client.query(&format!("SELECT {NODE_COLUMNS} FROM nodes"), &[]).await?;
-        let all = rows.iter().map(node_from_row).collect::<Result<Vec<_>>>()?;
-        if tx.send(Change::Resync(all)).await.is_err()
-            || tx.send(Change::Brokers(brokers(&client).await?)).await.is_err()
-        {
+        if !self.reload(&client, tx).await? {
             return Ok(());
         }
-        self.heartbeat(&client).await?;
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The heartbeat in flight: its number and when it was sent.
+        let mut pending: Option<(u64, i64)> = None;
+        let mut sent = 0u64;
         loop {
             tokio::select! {
                 first = driver.notifications.recv() => {
                     let Some(first) = first else { bail!("the connection to PostgreSQL closed") };
                     let mut names = BTreeSet::new();
                     let mut brokers_changed = false;
+                    let mut beat_seen = None;
                     let mut note = |n: tokio_postgres::Notification| match n.channel() {
                         "grantline_nodes" => { names.insert(n.payload().to_owned()); }
-                        _ => brokers_changed = true,
+                        "grantline_brokers" => brokers_changed = true,
+                        _ => beat_seen = n.payload().parse::<u64>().ok().max(beat_seen),
                     };
                     note(first);
                     while let Ok(n) = driver.notifications.try_recv() {
                         note(n);
                     }
-                    let names: Vec<String> = names.into_iter().collect();
-                    for chunk in names.chunks(FETCH_BATCH) {
-                        let rows = client
-                            .query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ANY($1)"), &[&chunk])
-                            .await?;
-                        let changed = rows
-                            .iter()
-                            .map(|r| Ok((node_from_row(r)?, r.try_get::<_, i64>(8)?)))
-                            .collect::<Result<Vec<_>>>()?;
-                        if tx.send(Change::Nodes(changed)).await.is_err() {
+                    if driver.overflowed.swap(false, Ordering::Relaxed) {
+                        // Notifications were dropped: only a full read is sure.
+                        tracing::warn!("the fleet's change feed fell behind; reloading every node record");
+                        if !self.reload(&client, tx).await? {
                             return Ok(());
                         }
+                    } else if !self.fetch(&client, tx, names).await? {
+                        return Ok(());
                     }
                     if brokers_changed && tx.send(Change::Brokers(brokers(&client).await?)).await.is_err() {
                         return Ok(());
                     }
+                    // Our own heartbeat came back through LISTEN after every
+                    // notification committed before it, all of them handled
+                    // above: the broker was current when it was sent.
+                    if let (Some(seen), Some((number, at))) = (beat_seen, pending) {
+                        if seen >= number {
+                            self.current_at.store(at, Ordering::Relaxed);
+                            pending = None;
+                        }
+                    }
                 }
-                _ = beat.tick() => self.heartbeat(&client).await?,
+                _ = beat.tick() => {
+                    if let Some((_, at)) = pending {
+                        if mono_ms() - at > i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX) {
+                            bail!("a heartbeat did not come back through LISTEN within {HEARTBEAT_TIMEOUT:?}");
+                        }
+                    }
+                    sent += 1;
+                    let at = mono_ms();
+                    self.heartbeat(&client, &beat_channel, sent).await?;
+                    // A heartbeat still pending keeps its earlier time.
+                    pending = Some(pending.map_or((sent, at), |(_, first)| (sent, first)));
+                }
                 () = tx.closed() => return Ok(()),
             }
         }
     }
 
-    /// Writes this broker's heartbeat on the feed's own connection; when it
-    /// is answered, every notification committed before it has arrived.
-    async fn heartbeat(&self, client: &tokio_postgres::Client) -> Result<()> {
+    /// Reads every node record and the brokers; false if the broker stopped listening.
+    async fn reload(&self, client: &tokio_postgres::Client, tx: &mpsc::Sender<Change>) -> Result<bool> {
+        let rows = client.query(&format!("SELECT {NODE_COLUMNS} FROM nodes"), &[]).await?;
+        let all = rows.iter().map(node_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(tx.send(Change::Resync(all)).await.is_ok() && tx.send(Change::Brokers(brokers(client).await?)).await.is_ok())
+    }
+
+    /// Reads the records `names` notified; false if the broker stopped listening.
+    async fn fetch(
+        &self,
+        client: &tokio_postgres::Client,
+        tx: &mpsc::Sender<Change>,
+        names: BTreeSet<String>,
+    ) -> Result<bool> {
+        let names: Vec<String> = names.into_iter().collect();
+        for chunk in names.chunks(FETCH_BATCH) {
+            let rows =
+                client.query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ANY($1)"), &[&chunk]).await?;
+            let changed =
+                rows.iter().map(|r| Ok((node_from_row(r)?, r.try_get::<_, i64>(8)?))).collect::<Result<Vec<_>>>()?;
+            if tx.send(Change::Nodes(changed)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes this broker's heartbeat (for the others' view of who is
+    /// alive) and sends heartbeat `number` to its own channel, on the feed's
+    /// own connection.
+    async fn heartbeat(&self, client: &tokio_postgres::Client, channel: &str, number: u64) -> Result<()> {
         let now = now_ms();
+        let payload = number.to_string();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.broker, &now];
-        let update = client.execute("UPDATE brokers SET heartbeat_ms = $2 WHERE id = $1", &params);
-        let n = match tokio::time::timeout(HEARTBEAT_TIMEOUT, update).await {
+        let work = async {
+            let n = client.execute("UPDATE brokers SET heartbeat_ms = $2 WHERE id = $1", &params).await?;
+            client.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]).await?;
+            Ok::<_, tokio_postgres::Error>(n)
+        };
+        let n = match tokio::time::timeout(HEARTBEAT_TIMEOUT, work).await {
             Ok(n) => n?,
             Err(_) => bail!("PostgreSQL did not answer a heartbeat within {HEARTBEAT_TIMEOUT:?}"),
         };
         if n == 0 {
             tracing::warn!(broker = %self.broker, "this broker was retired from the fleet's table; restart it to join again");
         }
-        self.current_at.store(now, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The channel a broker's heartbeats come back on: a plain identifier
+/// derived from its id (an origin may hold characters LISTEN cannot take).
+fn beat_channel(broker: &str) -> String {
+    use sha2::Digest;
+    format!("grantline_beat_{}", hex::encode(&sha2::Sha256::digest(broker.as_bytes())[..8]))
+}
+
+/// Milliseconds on a monotonic clock (the staleness bound must not move
+/// when the wall clock is stepped).
+pub fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    i64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(i64::MAX)
 }

@@ -22,7 +22,8 @@ use rows::{lease_from_row, node_from_row, NODE_COLUMNS};
 pub use rows::{now_ms, FleetBroker};
 
 use super::store::{
-    Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, StateStore, StoreFuture, TokenError, TokenFuture,
+    Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, Replace, StateStore, StoreFuture, TokenError, TokenFuture,
+    Upsert,
 };
 use super::token;
 use grantline_proto::clock::now_unix;
@@ -37,6 +38,8 @@ pub struct ThisBroker {
     pub id: String,
     /// PEM of the CA that signs its node identities (the others trust it).
     pub node_ca: String,
+    /// The fleet key's signature over it, base64 (`node-ca.endorsement`).
+    pub node_ca_endorsement: String,
     /// Its audit verifier key (`origin+hash+key`).
     pub audit_key: String,
 }
@@ -47,7 +50,7 @@ pub struct PgStore {
     pool: deadpool_postgres::Pool,
     target: connect::Target,
     me: Arc<ThisBroker>,
-    /// When the change feed last proved itself current (ms since the epoch).
+    /// When the change feed last proved itself current (`feed::mono_ms`).
     current_at: Arc<AtomicI64>,
     max_staleness: Duration,
 }
@@ -75,10 +78,11 @@ impl PgStore {
         }
         client
             .execute(
-                "INSERT INTO brokers (id, node_ca, audit_key, started_at, heartbeat_ms) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (id) DO UPDATE SET node_ca = excluded.node_ca, audit_key = excluded.audit_key,
-                    started_at = excluded.started_at, heartbeat_ms = excluded.heartbeat_ms",
-                &[&me.id, &me.node_ca, &me.audit_key, &now_unix(), &now],
+                "INSERT INTO brokers (id, node_ca, node_ca_endorsement, audit_key, started_at, heartbeat_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (id) DO UPDATE SET node_ca = excluded.node_ca, node_ca_endorsement = excluded.node_ca_endorsement,
+                    audit_key = excluded.audit_key, started_at = excluded.started_at, heartbeat_ms = excluded.heartbeat_ms",
+                &[&me.id, &me.node_ca, &me.node_ca_endorsement, &me.audit_key, &now_unix(), &now],
             )
             .await?;
         // Connections this broker held before it stopped are gone.
@@ -89,7 +93,7 @@ impl PgStore {
             pool,
             target,
             me: Arc::new(me),
-            current_at: Arc::new(AtomicI64::new(now)),
+            current_at: Arc::new(AtomicI64::new(feed::mono_ms())),
             max_staleness: cfg.max_staleness,
         })
     }
@@ -236,23 +240,48 @@ impl StateStore for PgStore {
         })
     }
 
-    fn upsert_node<'a>(&'a self, n: &'a NodeRecord, now: i64) -> StoreFuture<'a, Option<i64>> {
+    fn upsert_node<'a>(&'a self, n: &'a NodeRecord, replace: Replace<'a>, now: i64) -> StoreFuture<'a, Upsert> {
         self.timed("upsert_node", async move {
             let labels = serde_json::to_value(&n.labels)?;
-            let row = self
-                .client()
-                .await?
+            let (mode, from) = replace.sql();
+            let client = self.client().await?;
+            // The row lock of the conflict makes the check and the write
+            // one step across the fleet: a renewal from an identity that a
+            // renewal elsewhere replaced, and was used, finds no row.
+            let row = client
                 .query_opt(
-                    "INSERT INTO nodes (name, labels, serial, previous_serial, not_after, enrolled_at, last_seen)
-                     VALUES ($1, $2, $3, $4, $5, $6, $6)
+                    "INSERT INTO nodes (name, labels, serial, previous_serial, not_after, enrolled_at, last_seen, current_seen)
+                     VALUES ($1, $2, $3, $4, $5, $6, $6, false)
                      ON CONFLICT (name) DO UPDATE SET labels = excluded.labels, serial = excluded.serial,
-                        previous_serial = excluded.previous_serial, not_after = excluded.not_after
+                        previous_serial = excluded.previous_serial, not_after = excluded.not_after, current_seen = false
                      WHERE nodes.revoked_at IS NULL
+                        AND ($7 = 'any' OR ($7 = 'from'
+                             AND (nodes.serial = $8 OR (nodes.previous_serial = $8 AND NOT nodes.current_seen))))
                      RETURNING version",
-                    &[&n.name, &labels, &n.serial, &n.previous_serial, &n.not_after, &now],
+                    &[&n.name, &labels, &n.serial, &n.previous_serial, &n.not_after, &now, &mode, &from],
                 )
                 .await?;
-            Ok(row.map(|r| r.get(0)))
+            if let Some(row) = row {
+                return Ok(Upsert::Stored(row.get(0)));
+            }
+            let revoked = client.query_opt("SELECT revoked_at FROM nodes WHERE name = $1", &[&n.name]).await?;
+            Ok(match revoked.and_then(|r| r.get::<_, Option<i64>>(0)) {
+                Some(_) => Upsert::Revoked,
+                None => Upsert::Conflict,
+            })
+        })
+    }
+
+    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, ()> {
+        self.timed("mark_current_seen", async move {
+            self.client()
+                .await?
+                .execute(
+                    "UPDATE nodes SET current_seen = true WHERE name = $1 AND serial = $2 AND NOT current_seen",
+                    &[&name, &serial],
+                )
+                .await?;
+            Ok(())
         })
     }
 
@@ -345,7 +374,7 @@ impl StateStore for PgStore {
     }
 
     fn fresh(&self) -> Result<(), String> {
-        let silent = now_ms().saturating_sub(self.current_at.load(Ordering::Relaxed));
+        let silent = feed::mono_ms().saturating_sub(self.current_at.load(Ordering::Relaxed));
         let bound = i64::try_from(self.max_staleness.as_millis()).unwrap_or(i64::MAX);
         if silent <= bound {
             return Ok(());

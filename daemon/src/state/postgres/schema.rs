@@ -92,6 +92,38 @@ END $$;
 CREATE TRIGGER brokers_changed AFTER INSERT OR UPDATE OR DELETE ON brokers
     FOR EACH ROW EXECUTE FUNCTION grantline_brokers_changed();
 "#,
+    // 2: whether a node's current identity was used (shared, so a leaked
+    // previous identity cannot renew at another broker once the current
+    // one was used anywhere), and each broker's node CA endorsed by the
+    // fleet key (a database writer cannot add a CA of its own).
+    r#"
+ALTER TABLE nodes ADD COLUMN current_seen boolean NOT NULL DEFAULT true;
+ALTER TABLE brokers ADD COLUMN node_ca_endorsement text NOT NULL DEFAULT '';
+CREATE OR REPLACE FUNCTION grantline_node_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.revoked_at IS NOT NULL AND NEW.revoked_at IS DISTINCT FROM OLD.revoked_at THEN
+        RAISE EXCEPTION 'node % was revoked; a revocation is never undone', OLD.name;
+    END IF;
+    IF TG_OP = 'INSERT' OR NEW.serial IS DISTINCT FROM OLD.serial
+        OR NEW.previous_serial IS DISTINCT FROM OLD.previous_serial
+        OR NEW.revoked_at IS DISTINCT FROM OLD.revoked_at OR NEW.labels IS DISTINCT FROM OLD.labels
+        OR NEW.not_after IS DISTINCT FROM OLD.not_after OR NEW.current_seen IS DISTINCT FROM OLD.current_seen THEN
+        NEW.version := nextval('node_versions');
+        NEW.changed_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+        PERFORM pg_notify('grantline_nodes', NEW.name);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION grantline_brokers_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'UPDATE' OR NEW.node_ca IS DISTINCT FROM OLD.node_ca
+        OR NEW.audit_key IS DISTINCT FROM OLD.audit_key
+        OR NEW.node_ca_endorsement IS DISTINCT FROM OLD.node_ca_endorsement THEN
+        PERFORM pg_notify('grantline_brokers', '');
+    END IF;
+    RETURN NULL;
+END $$;
+"#,
 ];
 
 /// The schema version this broker was built for.
