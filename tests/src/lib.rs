@@ -416,33 +416,27 @@ impl Agent {
     /// agent its broker is expected to refuse).
     pub fn run_unconnected(mut agent: Self) -> Self {
         agent.proc = None;
-        let mut proc = Proc::spawn(
-            "grantline-agent",
-            Command::new(bin("grantline-agent"))
-                .args(["run", "--state-dir"])
-                .arg(agent.dir.path())
-                .arg("--socket")
-                .arg(agent.socket())
-                .arg("--config")
-                .arg(agent.dir.path().join("agent.toml")),
-        );
+        let mut proc = Proc::spawn("grantline-agent", &mut agent.run_command(&[]));
         proc.wait_line("grantline-agent ready on");
         agent.proc = Some(proc);
         agent
     }
 
+    /// `grantline-agent run` on this agent's state, socket and config.
+    fn run_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("grantline-agent"));
+        cmd.args(["run", "--state-dir"])
+            .arg(self.dir.path())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .args(extra);
+        cmd
+    }
+
     fn run_args(&mut self, extra: &[&str]) {
-        let mut proc = Proc::spawn(
-            "grantline-agent",
-            Command::new(bin("grantline-agent"))
-                .args(["run", "--state-dir"])
-                .arg(self.dir.path())
-                .arg("--socket")
-                .arg(self.socket())
-                .arg("--config")
-                .arg(self.dir.path().join("agent.toml"))
-                .args(extra),
-        );
+        let mut proc = Proc::spawn("grantline-agent", &mut self.run_command(extra));
         proc.wait_line("grantline-agent ready on");
         proc.wait_line("grantline-agent connected to");
         self.proc = Some(proc);

@@ -171,6 +171,18 @@ mod tests {
         wire::Receipt { signature: key.sign(&entry).to_vec(), entry, ..Default::default() }
     }
 
+    fn denial() -> Event {
+        Event::Denial {
+            action: "grant".into(),
+            node: "n".into(),
+            kind: String::new(),
+            role: String::new(),
+            policy: String::new(),
+            reason: "r".into(),
+            caller: None,
+        }
+    }
+
     #[test]
     fn receipts_follow_rotations_from_the_pinned_key() {
         let k1 = SignerKey::generate("o.example/log").unwrap();
@@ -180,15 +192,7 @@ mod tests {
         let rot = |by: &SignerKey, to: &SignerKey, seq| {
             signed(by, seq, &Event::KeyRotation { new_vkey: to.verifier().to_string() })
         };
-        let deny = Event::Denial {
-            action: "grant".into(),
-            node: "n".into(),
-            kind: String::new(),
-            role: String::new(),
-            policy: String::new(),
-            reason: "r".into(),
-            caller: None,
-        };
+        let deny = denial();
         let mut r = signed(&k3, 9, &deny);
         r.rotations = vec![rot(&k1, &k2, 3), rot(&k2, &k3, 7)];
         assert_eq!(check(Some(&r), k1.verifier()).unwrap().key, *k3.verifier());
@@ -212,15 +216,7 @@ mod tests {
             let vkey = key.verifier().to_string();
             (by.sign(&endorsement_message(&vkey)).to_vec(), vkey)
         };
-        let event = Event::Denial {
-            action: "grant".into(),
-            node: "n".into(),
-            kind: String::new(),
-            role: String::new(),
-            policy: String::new(),
-            reason: "r".into(),
-            caller: None,
-        };
+        let event = denial();
         let trust = Trust { pinned: a.verifier().clone(), fleet: Some(fleet.verifier().clone()) };
         let mut from_b = signed(&b, 4, &event);
         (from_b.endorsement, from_b.endorsed_vkey) = endorse(&fleet, &b);
