@@ -16,7 +16,9 @@ use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 #[derive(Debug)]
 pub struct BrokerVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    /// The raw subject names of the pinned roots.
+    /// The raw subject names of the pinned roots: only the self-signed
+    /// certificates of the CA file (a bundle that also holds the workload
+    /// CA must not make that CA a broker's issuer).
     roots: Vec<Vec<u8>>,
 }
 
@@ -29,7 +31,9 @@ impl BrokerVerifier {
         let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
         let roots = pinned
             .iter()
-            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c.subject().as_raw().to_vec()))
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .filter(|(_, c)| c.subject().as_raw() == c.issuer().as_raw())
+            .map(|(_, c)| c.subject().as_raw().to_vec())
             .collect();
         Ok(Self { inner, roots })
     }
@@ -114,7 +118,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root_der.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let v = BrokerVerifier::new(roots, &[root_der], provider).unwrap();
+        let v = BrokerVerifier::new(roots, std::slice::from_ref(&root_der), provider).unwrap();
         let name = ServerName::try_from("broker.example").unwrap();
         let check = |leaf: &CertificateDer<'static>, chain: &[CertificateDer<'static>]| {
             v.verify_server_cert(leaf, chain, &name, &[], UnixTime::now())
@@ -126,5 +130,14 @@ mod tests {
             matches!(forged, Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))),
             "a workload leaf passed for the broker: {forged:?}"
         );
+        // Review finding: a CA file holding the workload chain made the
+        // workload CA an issuer of brokers.
+        let mut bundle = rustls::RootCertStore::empty();
+        bundle.add(x509_der.clone()).unwrap();
+        bundle.add(root_der.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let v = BrokerVerifier::new(bundle, &[x509_der.clone(), root_der], provider).unwrap();
+        let forged = v.verify_server_cert(&leaf(&x509), &[], &name, &[], UnixTime::now());
+        assert!(forged.is_err(), "with the workload CA in the CA file, its leaf passed for the broker");
     }
 }

@@ -246,6 +246,16 @@ impl<C: Clone> Registry<C> {
         out
     }
 
+    /// Takes back a first use that could not be recorded in the fleet's
+    /// store: the next connection with `serial` tries again.
+    pub fn unmark_current_seen(&self, name: &str, serial: &str) {
+        if let Some(n) = self.nodes.write().unwrap_or_else(PoisonError::into_inner).get_mut(name) {
+            if n.serial == serial {
+                n.current_seen = false;
+            }
+        }
+    }
+
     /// Every live connection (to close them all).
     pub fn connections(&self) -> Vec<C> {
         self.live.lock().map(|l| l.values().flat_map(|c| c.values().cloned()).collect()).unwrap_or_default()

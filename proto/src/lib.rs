@@ -31,12 +31,12 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/grantline.admin.v1.rs"));
 }
 
-/// ALPN protocol id spoken on the broker's QUIC port.
 /// The common name of a fleet broker's server CA (RFD 0010): agents take a
 /// broker certificate only from it or from the root itself, never from the
 /// workload X.509 CA that chains to the same root.
 pub const SERVER_CA_NAME: &str = "Grantline broker server CA";
 
+/// ALPN protocol id spoken on the broker's QUIC port.
 pub const ALPN: &[u8] = b"grantline/1";
 
 /// How long an agent waits (plus full jitter up to as much again, or its

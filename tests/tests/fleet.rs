@@ -223,7 +223,8 @@ fn the_shared_store_refuses_what_only_a_stale_broker_would_allow() {
             store.upsert_node(&node("02", "01"), Replace::From("01"), 3).await.unwrap(),
             Upsert::Stored(_)
         ));
-        store.mark_current_seen("n1", "02").await.unwrap();
+        assert!(!store.mark_current_seen("n1", "01").await.unwrap(), "a replaced identity was marked as the current");
+        assert!(store.mark_current_seen("n1", "02").await.unwrap());
         assert_eq!(
             store.upsert_node(&node("03", "01"), Replace::From("01"), 4).await.unwrap(),
             Upsert::Conflict,
@@ -246,4 +247,28 @@ fn the_shared_store_refuses_what_only_a_stale_broker_would_allow() {
         "{}",
         String::from_utf8_lossy(&undo.stderr)
     );
+}
+
+/// Review finding: a broker with `[state] url` but a state directory that
+/// never joined the fleet started, and every other broker refused its
+/// nodes. It now refuses to start, naming the command.
+#[test]
+fn a_broker_that_did_not_join_the_fleet_refuses_to_start() {
+    let fleet = Fleet::start(0, "");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.toml"), grantline_tests::fleet::POLICY).unwrap();
+    let cfg = dir.path().join("grantlined.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/loner\"\n[admin]\nenabled = false\n[metrics]\nenabled = false\n{}",
+            fleet.extra,
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out =
+        std::process::Command::new(grantline_tests::bin("grantlined")).arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success(), "a broker outside the fleet started on the fleet's database");
+    assert!(stderr(&out).contains("fleet join"), "{}", stderr(&out));
 }

@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use super::options::BrokerOptions;
 use super::quic::{bind, serve_connection, server_config};
 use super::shared::{upkeep, Shared};
-use super::state_dir::{load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir};
+use super::state_dir::{
+    load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir, node_ca_endorsed,
+};
 use super::{admin, admission, anonymous, fleet, presence, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
 use crate::audit::{AuditLog, AuditReaders};
@@ -58,6 +60,14 @@ impl Broker {
         let key = load_or_create_audit_key(&opts.state_dir, &opts.origin)?;
         let vkey = key.verifier().clone();
         let pki = Arc::new(Pki::load_or_create(&opts.state_dir, &opts.server_names)?);
+        let endorsed = load_endorsement(&opts.state_dir)?;
+        if opts.database.is_some() && endorsed.is_none() {
+            anyhow::bail!(
+                "{} has not joined a fleet (no audit.endorsement): the other brokers would refuse its nodes and agents its receipts; prepare an empty state directory with 'grantlined fleet join'",
+                opts.state_dir.display()
+            );
+        }
+        let (endorsement, fleet_vkey) = endorsed.map_or((None, None), |(e, k)| (Some(e), Some(k)));
         let (state, registry, fleet): (Arc<dyn StateStore>, _, _) = match &opts.database {
             None => {
                 let state = StateDb::open(&opts.state_dir.join("state.db"))?;
@@ -68,7 +78,9 @@ impl Broker {
                 let me = ThisBroker {
                     id: vkey.name().to_owned(),
                     node_ca: pki.node_ca.cert_pem.clone(),
-                    node_ca_endorsement: load_node_ca_endorsement(&opts.state_dir)?,
+                    node_ca_endorsement: load_node_ca_endorsement(&opts.state_dir)?
+                        .filter(|e| fleet_vkey.as_ref().is_some_and(|k| node_ca_endorsed(k, &pki.node_ca.cert_der, e)))
+                        .context("node-ca.endorsement is missing or not the fleet key's over node-ca.pem; run 'grantlined fleet join' for an empty state directory")?,
                     audit_key: vkey.to_string(),
                 };
                 let store = PgStore::open(cfg, me).await?;
@@ -76,11 +88,6 @@ impl Broker {
                 (Arc::new(store.clone()), registry, Some(store))
             }
         };
-        let endorsed = load_endorsement(&opts.state_dir)?;
-        if opts.database.is_some() && endorsed.is_none() {
-            tracing::warn!("this broker's audit key is not endorsed by a fleet key: only agents enrolled here accept its receipts (prepare a broker with 'grantlined fleet join')");
-        }
-        let (endorsement, fleet_vkey) = endorsed.map_or((None, None), |(e, k)| (Some(e), Some(k)));
         let (audit, audit_thread) = AuditLog::start_endorsed(
             &opts.state_dir.join("audit.db"),
             key,

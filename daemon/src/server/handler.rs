@@ -243,20 +243,40 @@ async fn grant_identity(
     // The database keeps a revocation through this (the upsert never
     // touches it); memory keeps it below.
     let mut record = record;
-    match shared.state.upsert_node(&record, generation.replace(), now_unix()).await {
-        Ok(Upsert::Stored(version)) => record.version = version,
-        Ok(Upsert::Revoked) => return Err(revoked()),
-        Ok(Upsert::Conflict) => {
-            return Err(err(
-                ErrorCode::Unauthenticated,
-                format!(
-                    "node {} changed at another broker meanwhile (enrolled under this name, or its identity renewed \
-                     and used); to re-enroll it use a token pinned to it ('grantline token create --node {}')",
-                    node.name, node.name
-                ),
-            ))
+    let refused = match shared.state.upsert_node(&record, generation.replace(), now_unix()).await {
+        Ok(Upsert::Stored(version)) => {
+            record.version = version;
+            None
         }
-        Err(e) => return Err(err(ErrorCode::Unavailable, format!("cannot record the node: {e}"))),
+        Ok(Upsert::Revoked) => Some(revoked()),
+        Ok(Upsert::Conflict) => Some(err(
+            ErrorCode::Unauthenticated,
+            format!(
+                "node {} changed at another broker meanwhile (enrolled under this name, or its identity renewed \
+                 and used); to re-enroll it use a token pinned to it ('grantline token create --node {}')",
+                node.name, node.name
+            ),
+        )),
+        Err(e) => Some(err(ErrorCode::Unavailable, format!("cannot record the node: {e}"))),
+    };
+    if let Some(reply) = refused {
+        // The identity's issue is in the log: so is that it was never
+        // recorded nor delivered.
+        let reason = match &reply.body {
+            Some(Resp::Error(e)) => format!("identity {} not delivered: {}", id.serial, e.message),
+            _ => format!("identity {} not delivered", id.serial),
+        };
+        let event = Event::Denial {
+            action: "identity".into(),
+            node: node.name.clone(),
+            kind: String::new(),
+            role: String::new(),
+            policy: String::new(),
+            reason,
+            caller: None,
+        };
+        audit_denial(shared, event).await;
+        return Err(reply);
     }
     if !shared.registry.record(record) {
         return Err(revoked());

@@ -134,7 +134,12 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incom
         serve_anonymous(&shared, &conn, remote).await;
         return;
     }
-    let _registered = peer.as_ref().map(|p| Registration::new(&shared, p, &conn));
+    let registered = peer.as_ref().map(|p| Registration::new(&shared, p, &conn));
+    if let (Some(r), Some(p)) = (&registered, &peer) {
+        if r.first_use && !confirm_first_use(&shared, p, &conn).await {
+            return;
+        }
+    }
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -215,6 +220,8 @@ struct Registration<'a> {
     id: usize,
     /// Whether the registry let it stay (a refused one is not "seen").
     admitted: bool,
+    /// The first connection with the node's current identity.
+    first_use: bool,
 }
 
 impl<'a> Registration<'a> {
@@ -224,19 +231,11 @@ impl<'a> Registration<'a> {
     fn new(shared: &'a Shared, peer: &PeerNode, conn: &quinn::Connection) -> Self {
         let node = peer.name.as_str();
         let id = conn.stable_id();
+        let mut first_use = false;
         let refusal = match shared.registry.admit(node, &peer.serial, id, conn.clone(), now_unix()) {
             Admitted::Yes => None,
             Admitted::FirstUse => {
-                // In a fleet, the other brokers learn that the identity this
-                // renewal replaced may no longer renew.
-                if let Some(fleet) = &shared.fleet {
-                    let (store, name, serial) = (fleet.store.clone(), node.to_owned(), peer.serial.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::state::StateStore::mark_current_seen(&store, &name, &serial).await {
-                            tracing::warn!(node = %name, error = %format!("{e:#}"), "cannot tell the fleet that a renewed identity is in use");
-                        }
-                    });
-                }
+                first_use = true;
                 None
             }
             Admitted::Refused(why) => Some(identity::refused(&why, node, &peer.serial)),
@@ -248,7 +247,38 @@ impl<'a> Registration<'a> {
         if let Some(e) = &refusal {
             revoke::close_with(conn, e);
         }
-        Self { shared, node: node.to_owned(), id, admitted: refusal.is_none() }
+        Self { shared, node: node.to_owned(), id, admitted: refusal.is_none(), first_use }
+    }
+}
+
+/// The first connection with a node's current identity, in a fleet: the
+/// store must know it before the connection serves anything, so no broker
+/// lets the identity it replaced renew afterwards. False (and the
+/// connection closed) if the store cannot be told, or the identity was
+/// replaced meanwhile at another broker.
+async fn confirm_first_use(shared: &Shared, peer: &PeerNode, conn: &quinn::Connection) -> bool {
+    let Some(fleet) = &shared.fleet else { return true };
+    match crate::state::StateStore::mark_current_seen(&fleet.store, &peer.name, &peer.serial).await {
+        Ok(true) => true,
+        Ok(false) => {
+            let e = wire::Error::new(
+                wire::ErrorCode::Unauthenticated,
+                crate::state::replaced_identity(&peer.name, &peer.serial),
+            );
+            revoke::close_with(conn, &e);
+            false
+        }
+        Err(e) => {
+            shared.registry.unmark_current_seen(&peer.name, &peer.serial);
+            tracing::warn!(node = %peer.name, error = %format!("{e:#}"), "cannot record that a renewed identity is in use");
+            let mut bye = wire::Error::new(
+                wire::ErrorCode::Unavailable,
+                "the broker cannot reach the fleet's database to record this identity's first use; retry",
+            );
+            (bye.retryable, bye.retry_after_ms) = (true, 1000);
+            revoke::close_with(conn, &bye);
+            false
+        }
     }
 }
 

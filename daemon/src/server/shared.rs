@@ -138,8 +138,12 @@ pub(super) async fn upkeep(shared: std::sync::Weak<Shared>) {
             if let (Err(why), true) = (&fresh, was_fresh) {
                 let conns = shared.registry.connections();
                 tracing::error!(reason = %why, agents = conns.len(), "the fleet's state is stale here; sending agents to other brokers");
+                // Spread like a restart's, so the next broker is not met by
+                // every agent at once.
+                let spread = admission::reconnect_spread(conns.len(), shared.limits.reconnects_per_second);
                 let mut bye = wire::Error::new(wire::ErrorCode::Unavailable, why.clone());
                 (bye.retryable, bye.retry_after_ms) = (true, 1000);
+                bye.retry_spread_ms = u32::try_from(spread.as_millis()).unwrap_or(u32::MAX);
                 for conn in &conns {
                     super::closing::close_with(conn, &bye);
                 }

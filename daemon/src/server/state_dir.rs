@@ -116,15 +116,17 @@ pub(crate) fn node_ca_endorsed(fleet: &VerifierKey, der: &[u8], endorsement: &st
 }
 
 /// This broker's node CA endorsement (base64), if it joined a fleet.
-pub(crate) fn load_node_ca_endorsement(dir: &Path) -> Result<String> {
+pub(crate) fn load_node_ca_endorsement(dir: &Path) -> Result<Option<String>> {
     let path = dir.join("node-ca.endorsement");
     if !path.exists() {
-        return Ok(String::new());
+        return Ok(None);
     }
-    Ok(grantline_proto::files::read_bounded(&path, grantline_proto::files::MAX_SECRET_FILE)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .trim()
-        .to_owned())
+    Ok(Some(
+        grantline_proto::files::read_bounded(&path, grantline_proto::files::MAX_SECRET_FILE)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_owned(),
+    ))
 }
 
 /// A fleet broker's endorsement and the fleet key, if it joined a fleet;

@@ -36,10 +36,12 @@ pub trait StateStore: Send + Sync {
     /// holds across a fleet of brokers writing at once.
     fn upsert_node<'a>(&'a self, node: &'a NodeRecord, replace: Replace<'a>, now: i64) -> StoreFuture<'a, Upsert>;
     /// Notes that a connection used the node's current identity `serial`:
-    /// from then on only that identity renews (anywhere in a fleet).
-    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, ()> {
+    /// from then on only that identity renews (anywhere in a fleet). False
+    /// if `serial` is no longer the node's current identity. A broker's own
+    /// store keeps this in memory (the registry) and answers true.
+    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, bool> {
         let _ = (name, serial);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(true)))
     }
     /// Marks `name` revoked; false if it was already revoked or is unknown.
     fn revoke_node<'a>(&'a self, name: &'a str, now: i64) -> StoreFuture<'a, bool>;

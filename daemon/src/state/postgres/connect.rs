@@ -225,12 +225,19 @@ impl Target {
     }
 }
 
+/// The channels the change feed's heartbeats come back on start with this
+/// (the rest is random per connection).
+pub(super) const BEAT_PREFIX: &str = "grantline_beat_";
+
 /// Drives a connection and hands its notifications on; the channel closes
 /// when the connection ends.
 pub struct Driver {
     pub notifications: tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
     /// Set when a notification was dropped (the channel was full).
     pub overflowed: Arc<std::sync::atomic::AtomicBool>,
+    /// The highest heartbeat number that came back (heartbeats bypass the
+    /// channel, so they are never dropped).
+    pub beat: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -245,15 +252,22 @@ impl Driver {
         let (tx, notifications) = tokio::sync::mpsc::channel(64);
         let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = overflowed.clone();
+        let beat = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let returned = beat.clone();
         let task = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) if n.channel().starts_with(BEAT_PREFIX) => {
+                        if let Ok(number) = n.payload().parse::<u64>() {
+                            returned.fetch_max(number, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                         match tx.try_send(n) {
                             Ok(()) => {}
                             // The feed reloads everything when it sees this.
                             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                                flag.store(true, std::sync::atomic::Ordering::SeqCst);
                             }
                             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
                         }
@@ -267,7 +281,7 @@ impl Driver {
                 }
             }
         });
-        Self { notifications, overflowed, task }
+        Self { notifications, overflowed, beat, task }
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
 use super::super::store::NodeRecord;
-use super::connect::Target;
+use super::connect::{Target, BEAT_PREFIX};
 use super::rows::{brokers, node_from_row, now_ms, FleetBroker, NODE_COLUMNS};
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -78,7 +78,9 @@ impl Feed {
     /// (an error) or the broker stops listening (Ok).
     async fn follow(&self, tx: &mpsc::Sender<Change>) -> Result<()> {
         let (client, mut driver) = self.target.connect().await?;
-        let beat_channel = beat_channel(&self.broker);
+        // A channel of this connection's own, named at random: no other
+        // session can send a heartbeat on it (NOTIFY needs no privilege).
+        let beat_channel = format!("{BEAT_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
         client
             .batch_execute(&format!("LISTEN grantline_nodes; LISTEN grantline_brokers; LISTEN {beat_channel}"))
             .await?;
@@ -89,62 +91,73 @@ impl Feed {
         }
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The heartbeat in flight: its number and when it was sent.
+        // The heartbeat in flight: its number and when the oldest unanswered
+        // one was sent.
         let mut pending: Option<(u64, i64)> = None;
         let mut sent = 0u64;
         loop {
             tokio::select! {
                 first = driver.notifications.recv() => {
                     let Some(first) = first else { bail!("the connection to PostgreSQL closed") };
-                    let mut names = BTreeSet::new();
-                    let mut brokers_changed = false;
-                    let mut beat_seen = None;
-                    let mut note = |n: tokio_postgres::Notification| match n.channel() {
-                        "grantline_nodes" => { names.insert(n.payload().to_owned()); }
-                        "grantline_brokers" => brokers_changed = true,
-                        _ => beat_seen = n.payload().parse::<u64>().ok().max(beat_seen),
-                    };
-                    note(first);
-                    while let Ok(n) = driver.notifications.try_recv() {
-                        note(n);
-                    }
-                    if driver.overflowed.swap(false, Ordering::Relaxed) {
-                        // Notifications were dropped: only a full read is sure.
-                        tracing::warn!("the fleet's change feed fell behind; reloading every node record");
-                        if !self.reload(&client, tx).await? {
-                            return Ok(());
-                        }
-                    } else if !self.fetch(&client, tx, names).await? {
+                    if !self.handle(&client, tx, &mut driver, Some(first)).await? {
                         return Ok(());
-                    }
-                    if brokers_changed && tx.send(Change::Brokers(brokers(&client).await?)).await.is_err() {
-                        return Ok(());
-                    }
-                    // Our own heartbeat came back through LISTEN after every
-                    // notification committed before it, all of them handled
-                    // above: the broker was current when it was sent.
-                    if let (Some(seen), Some((number, at))) = (beat_seen, pending) {
-                        if seen >= number {
-                            self.current_at.store(at, Ordering::Relaxed);
-                            pending = None;
-                        }
                     }
                 }
                 _ = beat.tick() => {
-                    if let Some((_, at)) = pending {
-                        if mono_ms() - at > i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX) {
+                    // Read the heartbeat that came back *before* handling
+                    // what is queued: every notification committed before it
+                    // is then queued (or flagged as dropped) and handled now.
+                    let returned = driver.beat.load(Ordering::SeqCst);
+                    if !self.handle(&client, tx, &mut driver, None).await? {
+                        return Ok(());
+                    }
+                    if let Some((number, at)) = pending {
+                        if returned >= number {
+                            self.current_at.store(at, Ordering::Relaxed);
+                            pending = None;
+                        } else if mono_ms() - at > i64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(i64::MAX) {
                             bail!("a heartbeat did not come back through LISTEN within {HEARTBEAT_TIMEOUT:?}");
                         }
                     }
                     sent += 1;
                     let at = mono_ms();
                     self.heartbeat(&client, &beat_channel, sent).await?;
-                    // A heartbeat still pending keeps its earlier time.
-                    pending = Some(pending.map_or((sent, at), |(_, first)| (sent, first)));
+                    pending = Some(pending.map_or((sent, at), |(_, oldest)| (sent, oldest)));
                 }
                 () = tx.closed() => return Ok(()),
             }
         }
+    }
+
+    /// Handles the notifications queued (and `first`): the nodes they name,
+    /// or every node if some were dropped, and the brokers if they changed.
+    /// False if the broker stopped listening.
+    async fn handle(
+        &self,
+        client: &tokio_postgres::Client,
+        tx: &mpsc::Sender<Change>,
+        driver: &mut super::connect::Driver,
+        first: Option<tokio_postgres::Notification>,
+    ) -> Result<bool> {
+        let mut names = BTreeSet::new();
+        let mut brokers_changed = false;
+        for n in first.into_iter().chain(std::iter::from_fn(|| driver.notifications.try_recv().ok())) {
+            match n.channel() {
+                "grantline_nodes" => {
+                    names.insert(n.payload().to_owned());
+                }
+                _ => brokers_changed = true,
+            }
+        }
+        if driver.overflowed.swap(false, Ordering::SeqCst) {
+            // Notifications were dropped: only a full read is sure.
+            tracing::warn!("the fleet's change feed fell behind; reloading every node record");
+            return self.reload(client, tx).await;
+        }
+        if !self.fetch(client, tx, names).await? {
+            return Ok(false);
+        }
+        Ok(!brokers_changed || tx.send(Change::Brokers(brokers(client).await?)).await.is_ok())
     }
 
     /// Reads every node record and the brokers; false if the broker stopped listening.
@@ -195,13 +208,6 @@ impl Feed {
         }
         Ok(())
     }
-}
-
-/// The channel a broker's heartbeats come back on: a plain identifier
-/// derived from its id (an origin may hold characters LISTEN cannot take).
-fn beat_channel(broker: &str) -> String {
-    use sha2::Digest;
-    format!("grantline_beat_{}", hex::encode(&sha2::Sha256::digest(broker.as_bytes())[..8]))
 }
 
 /// Milliseconds on a monotonic clock (the staleness bound must not move

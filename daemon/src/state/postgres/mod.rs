@@ -272,16 +272,18 @@ impl StateStore for PgStore {
         })
     }
 
-    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, ()> {
+    fn mark_current_seen<'a>(&'a self, name: &'a str, serial: &'a str) -> StoreFuture<'a, bool> {
         self.timed("mark_current_seen", async move {
-            self.client()
+            let row = self
+                .client()
                 .await?
-                .execute(
-                    "UPDATE nodes SET current_seen = true WHERE name = $1 AND serial = $2 AND NOT current_seen",
+                .query_opt(
+                    "UPDATE nodes SET current_seen = true WHERE name = $1 AND serial = $2 AND revoked_at IS NULL
+                     RETURNING 1",
                     &[&name, &serial],
                 )
                 .await?;
-            Ok(())
+            Ok(row.is_some())
         })
     }
 
