@@ -119,13 +119,3 @@ pub fn targets(brokers: &str) -> Result<Vec<(std::net::SocketAddr, String)>> {
     }
     Ok(out)
 }
-
-/// Resolves ADDR (host:port) to a socket address.
-pub fn resolve(broker: &str) -> Result<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
-    broker
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve broker address {broker:?}; use HOST:PORT"))?
-        .next()
-        .with_context(|| format!("broker address {broker:?} resolves to nothing"))
-}

@@ -13,6 +13,12 @@ pub fn now_unix() -> i64 {
     unix(SystemTime::now())
 }
 
+/// Now, in milliseconds since the epoch (heartbeats and delays between
+/// brokers of a fleet, which share this clock through NTP).
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
+}
+
 /// `unix` seconds as an RFC 3339 UTC time, or the number itself when it is
 /// out of the calendar's range.
 pub fn rfc3339(unix: i64) -> String {

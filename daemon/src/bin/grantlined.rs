@@ -176,7 +176,7 @@ fn fleet(config_path: &std::path::Path, cmd: &FleetCommand) -> Result<()> {
                     }
                     _ => {
                         for b in admin.brokers().await? {
-                            let age = grantline_daemon::state::now_ms() - b.heartbeat_ms;
+                            let age = grantline_proto::clock::now_unix_ms() - b.heartbeat_ms;
                             println!("{}\t{}\theartbeat {} ms ago", b.id, b.audit_key, age);
                         }
                     }

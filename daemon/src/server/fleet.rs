@@ -66,7 +66,7 @@ pub(super) async fn follow(
             Change::Brokers(brokers) => {
                 let alive = brokers
                     .iter()
-                    .filter(|b| b.heartbeat_ms > crate::state::now_ms() - crate::state::BROKER_ALIVE_MS)
+                    .filter(|b| b.heartbeat_ms > grantline_proto::clock::now_unix_ms() - crate::state::BROKER_ALIVE_MS)
                     .count();
                 #[allow(clippy::cast_precision_loss)]
                 metrics::gauge!("grantline_fleet_brokers").set(alive as f64);
@@ -97,7 +97,7 @@ fn apply(shared: &Shared, record: NodeRecord, changed_ms: Option<i64>) {
             }
             if let Some(at) = changed_ms {
                 #[allow(clippy::cast_precision_loss)]
-                let delay = (crate::state::now_ms() - at).max(0) as f64 / 1000.0;
+                let delay = (grantline_proto::clock::now_unix_ms() - at).max(0) as f64 / 1000.0;
                 metrics::histogram!("grantline_fleet_revocation_delay_seconds").record(delay);
             }
             tracing::warn!(node = %name, closed = conns.len(), "node revoked at another broker; its connections here closed");

@@ -11,7 +11,7 @@ mod store;
 mod token;
 
 pub use postgres::{
-    now_ms, redacted, Change, FleetAdmin, FleetBroker, PgConfig, PgStore, StateFile, ThisBroker, BROKER_ALIVE_MS,
+    redacted, Change, FleetAdmin, FleetBroker, PgConfig, PgStore, StateFile, ThisBroker, BROKER_ALIVE_MS,
     DEFAULT_MAX_STALENESS, DEFAULT_POOL_SIZE, MAX_POOL_SIZE,
 };
 pub use sqlite::StateDb;

@@ -10,6 +10,20 @@ fuzz_target!(|data: &[u8]| {
             if let Some(admin) = &file.admin {
                 let _ = (admin.enabled(), admin.socket(), admin.group(), admin.mode());
             }
+            // [state]: the PostgreSQL URL and pool as the broker checks them
+            // (files named in it are not read while fuzzing).
+            if let Some(state) = file.state {
+                let url = state.url.unwrap_or_default();
+                let _ = grantline_daemon::state::redacted(&url);
+                let cfg = grantline_daemon::state::PgConfig {
+                    url,
+                    password_file: None,
+                    ca_file: None,
+                    pool_size: state.pool_size.unwrap_or(1),
+                    max_staleness: std::time::Duration::from_secs(30),
+                };
+                let _ = cfg.target();
+            }
         }
         let _ = grantline_agent::config::AgentConfigFile::parse(text, |_| Some(1000), |_| Some(1000));
     }

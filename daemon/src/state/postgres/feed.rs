@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use super::super::store::NodeRecord;
 use super::connect::{Target, BEAT_PREFIX};
-use super::rows::{brokers, node_from_row, now_ms, FleetBroker, NODE_COLUMNS};
+use super::rows::{brokers, node_from_row, FleetBroker, NODE_COLUMNS};
+use grantline_proto::clock::now_unix_ms as now_ms;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 

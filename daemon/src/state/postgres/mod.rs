@@ -18,8 +18,9 @@ use anyhow::{Context, Result};
 
 pub use connect::{redacted, PgConfig, StateFile, DEFAULT_MAX_STALENESS, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 pub use feed::Change;
+use grantline_proto::clock::now_unix_ms as now_ms;
+pub use rows::FleetBroker;
 use rows::{lease_from_row, node_from_row, NODE_COLUMNS};
-pub use rows::{now_ms, FleetBroker};
 
 use super::store::{
     Accept, LeaseRecord, NewToken, NodeRecord, Redeemed, Replace, StateStore, StoreFuture, TokenError, TokenFuture,

@@ -5,12 +5,6 @@ use tokio_postgres::Row;
 
 use super::super::store::{LeaseRecord, NodeRecord};
 
-/// Now, in milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
-        .unwrap_or(i64::MAX)
-}
-
 /// A broker as the fleet's table lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetBroker {
