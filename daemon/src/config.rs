@@ -63,6 +63,14 @@ pub struct ConfigFile {
     /// Where the log is published in the C2SP tlog-tiles layout: a directory,
     /// or a `file://`, `s3://`, `gs://` or `az://` URL. Default: `<state_dir>/anchor`.
     pub anchor: Option<String>,
+    /// A 0600 file of object-store options (`AWS_ACCESS_KEY_ID=…`), beside
+    /// those in grantlined's environment.
+    pub anchor_options_file: Option<PathBuf>,
+    /// Let a cloud anchor take credentials from the machine's metadata
+    /// service (otherwise one without credentials is refused).
+    pub anchor_instance_credentials: Option<bool>,
+    /// How often an unchanged checkpoint is written again (default 1m).
+    pub anchor_heartbeat: Option<String>,
     pub admin: Option<AdminFile>,
     pub metrics: Option<MetricsFile>,
     pub limits: Option<LimitsFile>,
@@ -142,7 +150,24 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
     let vault = file.vault.map(crate::vault::VaultConfig::from_file).transpose()?;
     let policy_path = file.policy.unwrap_or_else(|| DEFAULT_POLICY.into());
     let state_dir: std::path::PathBuf = file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
-    let anchor = Some(file.anchor.unwrap_or_else(|| state_dir.join("anchor").display().to_string()));
+    let heartbeat = match &file.anchor_heartbeat {
+        None => crate::server::DEFAULT_ANCHOR_HEARTBEAT,
+        Some(s) => humantime::parse_duration(s)
+            .ok()
+            .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(d))
+            .with_context(|| format!("anchor_heartbeat {s:?} is not a duration from 1s to 1h"))?,
+    };
+    let anchor = Some(crate::server::AnchorOptions {
+        location: file.anchor.unwrap_or_else(|| state_dir.join("anchor").display().to_string()),
+        access: crate::audit::anchor::Access {
+            instance_credentials: file.anchor_instance_credentials.unwrap_or(false),
+            options_file: file.anchor_options_file,
+        },
+        heartbeat,
+    });
+    if let Some(a) = &anchor {
+        crate::audit::anchor::check(&a.location, &a.access)?;
+    }
     Ok(BrokerOptions {
         admin: admin_options(file.admin)?,
         metrics: metrics_options(file.metrics)?,
@@ -195,7 +220,7 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         server_names: default_server_names(&host),
         identity_ttl,
         vault: None,
-        anchor: Some(state_dir.join("anchor").display().to_string()),
+        anchor: Some(crate::server::AnchorOptions::directory(&state_dir.join("anchor"))),
         admin: Some(crate::server::AdminOptions { socket: state_dir.join("admin.sock"), group: None, mode: 0o600 }),
         metrics: None,
         limits: Limits::default(),

@@ -9,6 +9,8 @@
 //! | `grantline_audit_append_failures_total`  | counter   |                 |
 //! | `grantline_audit_entries`                | gauge     |                 |
 //! | `grantline_checkpoint_age_seconds`       | gauge     |                 |
+//! | `grantline_anchor_published_entries`     | gauge     |                 |
+//! | `grantline_anchor_publish_failures_total`| counter   |                 |
 //! | `grantline_vault_errors_total`           | counter   | op              |
 //! | `grantline_nodes_revoked_total`          | counter   |                 |
 //! | `grantline_policy_reloads_total`         | counter   | outcome         |

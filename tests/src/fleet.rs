@@ -45,8 +45,10 @@ impl Fleet {
         grantlined(&["fleet", "init", "--dir"], root.path());
         let password = root.path().join("db-password");
         grantline_proto::files::write_secret(&password, SUPERUSER_PASSWORD.as_bytes()).unwrap();
+        // One anchor for the fleet, each broker under its origin's prefix.
         let extra = format!(
-            "[state]\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n{extra}",
+            "anchor = \"{}\"\nanchor_heartbeat = \"1s\"\n[state]\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n{extra}",
+            root.path().join("anchor").display(),
             pg.url(),
             password.display()
         );
@@ -72,6 +74,25 @@ impl Fleet {
         assert!(out.status.success(), "fleet join failed: {}", String::from_utf8_lossy(&out.stderr));
         self.brokers.push(Broker::start_config_in(dir, &origin, POLICY, &self.extra));
         &self.brokers[i]
+    }
+
+    /// The fleet's shared anchor.
+    pub fn anchor(&self) -> std::path::PathBuf {
+        self.root.path().join("anchor")
+    }
+
+    /// `grantline audit verify-fleet --anchor` over the shared anchor, for
+    /// the brokers whose verifier keys are in `brokers` (a file).
+    pub fn verify_anchor(&self, brokers: &Path, max_age: &str) -> serde_json::Value {
+        let out = Command::new(bin("grantline"))
+            .args(["audit", "verify-fleet", "--json", "--max-age", max_age, "--anchor"])
+            .arg(self.anchor())
+            .arg("--brokers")
+            .arg(brokers)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("verify-fleet printed no verdict: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
     /// Every broker's address, as an agent's `--broker` list.

@@ -7,6 +7,7 @@
 pub mod fleet;
 pub mod in_process;
 pub mod load;
+pub mod object_stores;
 pub mod openbao;
 pub mod postgres;
 pub mod quic_peer;

@@ -97,6 +97,22 @@ fn agents_fail_over_when_a_broker_is_killed_and_every_grant_is_logged() {
         granted.push(pem_fingerprint(&agent.dir.path().join("cert.pem")));
     };
     grant(&agent, 0);
+    // The shared anchor holds every broker's log; one never started is missing.
+    let brokers = fleet.root.path().join("brokers");
+    let keys: String = fleet.brokers.iter().map(|b| std::fs::read_to_string(b.path("audit.vkey")).unwrap()).collect();
+    std::fs::write(&brokers, &keys).unwrap();
+    let since = Instant::now();
+    while fleet.verify_anchor(&brokers, "1m")["ok"] != true {
+        assert!(since.elapsed() < Duration::from_secs(10), "{}", fleet.verify_anchor(&brokers, "1m"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let absent = grantline_proto::audit::SignerKey::generate("grantline.test/broker-9").unwrap();
+    std::fs::write(&brokers, format!("{keys}{}\n", absent.verifier())).unwrap();
+    let v = fleet.verify_anchor(&brokers, "1m");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["logs"].as_array().unwrap().len(), 3, "{v}");
+    assert!(v["problems"][0].as_str().unwrap().contains("broker grantline.test/broker-9 is missing"), "{v}");
+    std::fs::write(&brokers, &keys).unwrap();
     // Kill the broker the agent holds, whichever it is.
     let since = Instant::now();
     let held = loop {
@@ -128,6 +144,22 @@ fn agents_fail_over_when_a_broker_is_killed_and_every_grant_is_logged() {
     for fp in &granted {
         assert!(logged.contains(fp), "grant {fp} acknowledged to the agent is in no broker's log");
     }
+    // From the anchor alone: every log verifies, and the killed broker is
+    // named as no longer publishing once its checkpoint is older than the
+    // bound (the others write theirs every second).
+    let stopped = format!("broker grantline.test/broker-{held} has stopped publishing");
+    let since = Instant::now();
+    let v = loop {
+        let v = fleet.verify_anchor(&brokers, "4s");
+        if v["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains(&stopped)) {
+            break v;
+        }
+        assert!(since.elapsed() < Duration::from_secs(20), "the killed broker is not named: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["problems"].as_array().unwrap().len(), 1, "only the killed broker is a problem: {v}");
+    assert!(v["logs"].as_array().unwrap().iter().all(|l| l["ok"] == true), "{v}");
 }
 
 #[test]
@@ -261,7 +293,7 @@ fn a_broker_that_did_not_join_the_fleet_refuses_to_start() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/loner\"\n[admin]\nenabled = false\n[metrics]\nenabled = false\n{}",
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{d}\"\npolicy = \"{d}/policy.toml\"\norigin = \"grantline.test/loner\"\n{}\n[admin]\nenabled = false\n[metrics]\nenabled = false\n",
             fleet.extra,
             d = dir.path().display()
         ),

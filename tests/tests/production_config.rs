@@ -39,11 +39,23 @@ fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
 #[test]
 fn invalid_configs_exit_78_with_the_reason_and_bind_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cases =
-        [("node_identity_ttl = \"forever\"\n", "node_identity_ttl"), ("colour = \"blue\"\n", "unknown field `colour`")];
+    let cases = [
+        ("node_identity_ttl = \"forever\"\n", "node_identity_ttl"),
+        ("colour = \"blue\"\n", "unknown field `colour`"),
+        // Without credentials, object_store would ask a cloud metadata address.
+        ("anchor = \"s3://grantline-audit/logs\"\n", "AWS_ACCESS_KEY_ID"),
+        ("anchor = \"s3://b/l\"\nanchor_options_file = \"/nonexistent/anchor.env\"\n", "/nonexistent/anchor.env"),
+        ("anchor_heartbeat = \"0s\"\n", "anchor_heartbeat"),
+    ];
     for (extra, want) in cases {
         let cfg = write_config(dir.path(), extra);
-        let out = Command::new(bin("grantlined")).arg("--config").arg(&cfg).output().unwrap();
+        let out = Command::new(bin("grantlined"))
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(78), "{extra}: {}", stderr(&out));
         assert!(stderr(&out).contains(want), "{extra}: {}", stderr(&out));
         assert!(!dir.path().join("state").exists(), "state created despite a bad config");

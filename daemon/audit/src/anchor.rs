@@ -3,6 +3,12 @@
 //! tiles client, or `grantline audit verify --anchor`, can check it from
 //! outside the broker. Immutable objects are written with create-only puts;
 //! only `checkpoint` is overwritten.
+//!
+//! Several brokers share one anchor by each publishing under a prefix of
+//! its own, named by its origin ([`origin_segment`]).
+
+mod access;
+pub use access::Access;
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -12,7 +18,7 @@ use grantline_proto::audit::checkpoint::Checkpoint;
 use grantline_proto::audit::tiles::{self, TileRef, TILE_HEIGHT, TILE_WIDTH};
 use grantline_proto::audit::VerifierKey;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions, PutPayload};
 use tokio::sync::watch;
 
 use super::AuditStore;
@@ -37,19 +43,20 @@ impl std::fmt::Debug for Anchor {
 
 impl Anchor {
     /// Opens an anchor by URL (`file:///…`, `s3://…`, `gs://…`, `az://…`) or
-    /// local directory path; cloud credentials come from the environment.
-    pub fn open(location: &str) -> Result<Self> {
-        Self::open_with(location, true)
+    /// local directory path; cloud credentials come from the environment
+    /// and `access`'s options file.
+    pub fn open(location: &str, access: &Access) -> Result<Self> {
+        Self::open_with(location, access, true)
     }
 
     /// Opens an anchor to read it: a local directory must already exist.
-    pub fn open_existing(location: &str) -> Result<Self> {
-        Self::open_with(location, false)
+    pub fn open_existing(location: &str, access: &Access) -> Result<Self> {
+        Self::open_with(location, access, false)
     }
 
-    fn open_with(location: &str, create: bool) -> Result<Self> {
+    fn open_with(location: &str, access: &Access, create: bool) -> Result<Self> {
         let url = if location.contains("://") {
-            url::Url::parse(location).with_context(|| format!("anchor {location:?} is not a URL"))?
+            parse_url(location)?
         } else {
             let dir = FsPath::new(location);
             if create {
@@ -60,10 +67,46 @@ impl Anchor {
             url::Url::from_directory_path(&abs)
                 .map_err(|()| anyhow::anyhow!("anchor path {location:?} is not usable"))?
         };
-        let env = std::env::vars().map(|(k, v)| (k.to_ascii_lowercase(), v));
-        let (store, prefix) = object_store::parse_url_opts(&url, env)
-            .with_context(|| format!("cannot open anchor {url}; the schemes are file, s3, gs and az"))?;
+        let options = checked_options(&url, access)?;
+        let (store, prefix) =
+            object_store::parse_url_opts(&url, options).with_context(|| format!("cannot open anchor {url}"))?;
         Ok(Self { store: Arc::from(store), prefix, url: url.to_string() })
+    }
+
+    /// The anchor of one broker's log within a fleet's shared anchor.
+    pub fn for_origin(&self, origin: &str) -> Self {
+        let segment = origin_segment(origin);
+        Self {
+            store: self.store.clone(),
+            prefix: self.prefix.clone().join(segment.as_str()),
+            url: format!("{}/{segment}", self.url.trim_end_matches('/')),
+        }
+    }
+
+    /// The log of `origin` here: this anchor when it holds a checkpoint,
+    /// else the origin's prefix of a fleet's shared anchor if that does.
+    pub async fn log_of(self, origin: &str) -> Result<Self> {
+        if self.checkpoint_written().await?.is_some() {
+            return Ok(self);
+        }
+        let fleet = self.for_origin(origin);
+        Ok(if fleet.checkpoint_written().await?.is_some() { fleet } else { self })
+    }
+
+    /// Where this anchor is, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// When the checkpoint was last written, as the object store tells
+    /// (not signed: it shows whether the broker still publishes, nothing
+    /// about what it published); `None` if there is no checkpoint.
+    pub async fn checkpoint_written(&self) -> Result<Option<std::time::SystemTime>> {
+        match self.store.head(&self.path("checkpoint")).await {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read the checkpoint of anchor {}", self.url)),
+        }
     }
 
     fn path(&self, rel: &str) -> Path {
@@ -159,12 +202,55 @@ impl Anchor {
     }
 }
 
-/// Publishes every new checkpoint the writer signs, with what it covers.
+/// Checks an anchor's location and access without opening it (nothing is
+/// created or contacted): the URL, its scheme, the options file, and that a
+/// cloud anchor has credentials or asks for the instance's.
+pub fn check(location: &str, access: &Access) -> Result<()> {
+    if location.contains("://") {
+        checked_options(&parse_url(location)?, access)?;
+    }
+    Ok(())
+}
+
+fn parse_url(location: &str) -> Result<url::Url> {
+    url::Url::parse(location).with_context(|| format!("anchor {location:?} is not a URL"))
+}
+
+/// The object_store options of `url`, once its scheme and credentials pass.
+fn checked_options(url: &url::Url, access: &Access) -> Result<Vec<(String, String)>> {
+    let (scheme, _) = ObjectStoreScheme::parse(url)
+        .map_err(|_| anyhow::anyhow!("anchor {url} has an unsupported scheme; the schemes are file, s3, gs and az"))?;
+    let options = access.options()?;
+    access::check(scheme, url, &options, access.instance_credentials)?;
+    Ok(options)
+}
+
+/// The prefix of a broker's log in a shared anchor: its origin with every
+/// byte outside `[A-Za-z0-9.-]` (and a leading dot) written `_xx` in hex,
+/// so that it is one path segment on every object store and no two origins
+/// share one (`grantline/broker-a` is `grantline_2fbroker-a`).
+pub fn origin_segment(origin: &str) -> String {
+    let mut out = String::with_capacity(origin.len());
+    for (i, b) in origin.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Publishes every new checkpoint the writer signs, with what it covers,
+/// and writes the checkpoint again every `heartbeat` when nothing is new,
+/// so that a reader of the anchor can tell that this broker still
+/// publishes (`verify-fleet` names one whose checkpoint has gone stale).
 pub async fn publish_loop(
     anchor: Anchor,
     db: std::path::PathBuf,
     key: VerifierKey,
     mut checkpoints: watch::Receiver<Option<String>>,
+    heartbeat: std::time::Duration,
 ) {
     let mut published = match anchor.published_size(&key).await {
         Ok(s) => s,
@@ -173,32 +259,54 @@ pub async fn publish_loop(
             0
         }
     };
+    let mut again = false;
     loop {
         let note = checkpoints.borrow_and_update().clone();
-        publish_note(&anchor, &db, &key, note.as_deref(), &mut published).await;
-        if checkpoints.changed().await.is_err() {
-            // The writer stopped; its last checkpoint may still be unpublished.
-            let note = checkpoints.borrow().clone();
-            publish_note(&anchor, &db, &key, note.as_deref(), &mut published).await;
-            return;
+        publish_note(&anchor, &db, &key, note.as_deref(), &mut published, again).await;
+        tokio::select! {
+            changed = checkpoints.changed() => {
+                if changed.is_err() {
+                    // The writer stopped; its last checkpoint may still be unpublished.
+                    let note = checkpoints.borrow().clone();
+                    publish_note(&anchor, &db, &key, note.as_deref(), &mut published, false).await;
+                    return;
+                }
+                again = false;
+            }
+            () = tokio::time::sleep(heartbeat) => again = true,
         }
     }
 }
 
-async fn publish_note(anchor: &Anchor, db: &FsPath, key: &VerifierKey, note: Option<&str>, published: &mut u64) {
+/// Publishes `note` if it covers more than the anchor has, or writes it
+/// again when `again` and it is the one published.
+async fn publish_note(
+    anchor: &Anchor,
+    db: &FsPath,
+    key: &VerifierKey,
+    note: Option<&str>,
+    published: &mut u64,
+    again: bool,
+) {
     let Some(note) = note else { return };
     match Checkpoint::open(note, key) {
         Ok(cp) if cp.size > *published => match anchor.publish(db, *published, cp.size, note).await {
             Ok(()) => {
                 tracing::debug!(size = cp.size, "published to the anchor");
                 *published = cp.size;
+                metrics::gauge!("grantline_anchor_published_entries").set(cp.size as f64);
             }
-            Err(e) => tracing::error!(
-                error = %format!("{e:#}"),
-                size = cp.size,
-                "publishing to the anchor failed; will retry with the next checkpoint"
-            ),
+            Err(e) => {
+                metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
+                tracing::error!(error = %format!("{e:#}"), size = cp.size, "publishing to the anchor failed; will retry");
+            }
         },
+        Ok(cp) if again && cp.size == *published => {
+            if let Err(e) = anchor.put_checkpoint(note).await {
+                metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
+                tracing::error!(error = %format!("{e:#}"), "writing the checkpoint to the anchor again failed");
+            }
+        }
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "the writer's checkpoint does not verify"),
     }
@@ -216,10 +324,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::File::create(dir.path().join("checkpoint")).unwrap().set_len(8 << 30).unwrap();
         std::fs::write(dir.path().join("small"), b"fine").unwrap();
-        let anchor = Anchor::open_existing(dir.path().to_str().unwrap()).unwrap();
+        let anchor = Anchor::open_existing(dir.path().to_str().unwrap(), &Access::default()).unwrap();
         let err = anchor.get("checkpoint").await.unwrap_err().to_string();
         assert!(err.contains("more than any object a Grantline log publishes"), "{err}");
         assert_eq!(anchor.get("small").await.unwrap().unwrap(), b"fine");
         assert!(anchor.get("absent").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn each_origin_is_one_segment_of_its_own() {
+        assert_eq!(origin_segment("grantline/broker-a"), "grantline_2fbroker-a");
+        assert_eq!(origin_segment("a_2fb"), "a_5f2fb");
+        assert_eq!(origin_segment(".."), "_2e.");
+        assert_eq!(origin_segment("log.example.com"), "log.example.com");
+        let seg = origin_segment("x/../%2F\\y");
+        assert!(seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)), "{seg}");
     }
 }

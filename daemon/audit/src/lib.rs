@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 
 pub mod anchor;
 pub mod fleet;
+pub mod fleet_anchor;
 pub mod inventory;
 pub mod prove;
 mod readers;

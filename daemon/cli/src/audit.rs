@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use grantline_audit::anchor::Anchor;
+use grantline_audit::anchor::{Access, Anchor};
 use grantline_audit::prove::{prove, Which};
 use grantline_audit::AuditStore;
-use grantline_audit::{fleet, verify};
+use grantline_audit::{fleet, fleet_anchor, verify};
 use grantline_proto::audit::{SignerKey, VerifierKey};
 use grantline_proto::exit;
 
@@ -46,9 +46,29 @@ pub(crate) fn audit_prove(db: &std::path::Path, index: Option<u64>, old_size: Op
     Ok(prove(&store, &note, which)?.0)
 }
 
+/// How the CLI reaches a cloud anchor (see `grantline_audit::anchor::Access`).
+#[derive(clap::Args, Debug)]
+pub(crate) struct AnchorArgs {
+    /// A 0600 file of object-store options for --anchor, `KEY=VALUE` a line
+    /// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT, GOOGLE_SERVICE_ACCOUNT_KEY,
+    /// AZURE_STORAGE_ACCOUNT_KEY, …), beside those in the environment.
+    #[arg(long, value_name = "FILE")]
+    anchor_options: Option<PathBuf>,
+    /// Let a cloud --anchor take credentials from this machine's metadata
+    /// service; without credentials it is otherwise refused.
+    #[arg(long)]
+    instance_credentials: bool,
+}
+
+impl AnchorArgs {
+    pub(crate) fn access(&self) -> Access {
+        Access { instance_credentials: self.instance_credentials, options_file: self.anchor_options.clone() }
+    }
+}
+
 pub(crate) fn audit_verify(
     db: Option<&std::path::Path>,
-    anchor: Option<&str>,
+    anchor: Option<(&str, Access)>,
     key_file: &std::path::Path,
     checkpoints: &[PathBuf],
     json: bool,
@@ -70,6 +90,7 @@ pub(crate) fn audit_verify(
             }
         }
     }
+    let origin = keys[0].name().to_owned();
     let verdict = match (db, anchor) {
         (None, None) => return report_error(json, exit::USAGE, &anyhow::anyhow!("give --db, --anchor, or both")),
         (Some(db), None) => verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes),
@@ -80,7 +101,7 @@ pub(crate) fn audit_verify(
                 &anyhow::anyhow!("--checkpoint is compared with the log's entries: give --db with it"),
             )
         }
-        (None, Some(location)) => on_anchor(location, |anchor| async move {
+        (None, Some((location, access))) => on_anchor(location, &access, &origin, |anchor| async move {
             // Only the newest key given vouches for an anchor: its entries
             // carry no signatures, so nothing in it proves a rotation.
             let current = keys.last().cloned().into_iter().collect::<Vec<_>>();
@@ -90,7 +111,7 @@ pub(crate) fn audit_verify(
         // it goes first: the anchor's checkpoint is one more checkpoint it must
         // agree with, and the anchor's entries are then checked under the keys
         // the database reached.
-        (Some(db), Some(location)) => on_anchor(location, |anchor| async move {
+        (Some(db), Some((location, access))) => on_anchor(location, &access, &origin, |anchor| async move {
             let note = verify::anchor_checkpoint(&anchor).await?;
             notes.push(note.clone());
             let summary = match verify::verify_db(db, &keys, std::io::stderr().is_terminal(), &notes)? {
@@ -110,13 +131,18 @@ pub(crate) fn audit_verify(
     }
 }
 
-/// Runs `work` on the anchor at `location` on a runtime of its own.
-fn on_anchor<F, T>(location: &str, work: impl FnOnce(Anchor) -> F) -> Result<T>
+/// Runs `work` on the log of `origin` at `location` (the anchor itself, or
+/// the origin's prefix in a fleet's shared anchor) on a runtime of its own.
+fn on_anchor<F, T>(location: &str, access: &Access, origin: &str, work: impl FnOnce(Anchor) -> F) -> Result<T>
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    let anchor = Anchor::open_existing(location)?;
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work(anchor))
+    let anchor = Anchor::open_existing(location, access)?;
+    runtime()?.block_on(async move { work(anchor.log_of(origin).await?).await })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 /// Longest key file read: a key history of a few thousand rotations.
@@ -157,13 +183,59 @@ pub(crate) fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -
             Err(e) => return report_error(json, exit::NOINPUT, &e),
         }
     }
-    let fleet = fleet::fleet_verdict(&verdicts);
+    let code = report_fleet(&verdicts, Vec::new(), json, timeline, "db");
+    if code == ExitCode::SUCCESS && timeline {
+        if let Err(e) = print_timeline(&verdicts) {
+            return report_error(false, exit::NOINPUT, &e);
+        }
+    }
+    code
+}
+
+/// `verify-fleet --anchor URL --brokers FILE`: each broker's log from the
+/// shared anchor alone, naming each broker missing or no longer publishing.
+pub(crate) fn audit_verify_fleet_anchor(
+    location: &str,
+    access: &Access,
+    brokers_file: &std::path::Path,
+    max_age: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    let brokers = grantline_proto::files::read_bounded(brokers_file, MAX_KEY_FILE)
+        .with_context(|| format!("cannot read the brokers file {}", brokers_file.display()))
+        .and_then(|text| fleet_anchor::parse_brokers(&text, &brokers_file.display().to_string()));
+    let brokers = match brokers {
+        Ok(b) => b,
+        Err(e) => return report_error(json, exit::NOINPUT, &e),
+    };
+    let checked = Anchor::open_existing(location, access).and_then(|anchor| {
+        runtime()?.block_on(fleet_anchor::verify_brokers(&anchor, &brokers, max_age, std::time::SystemTime::now()))
+    });
+    match checked {
+        Ok((verdicts, problems)) => report_fleet(&verdicts, problems, json, false, "anchor"),
+        Err(e) => report_error(json, exit::NOINPUT, &e),
+    }
+}
+
+/// Prints the fleet's verdict (with `problems` found beside the logs';
+/// each log is labelled by `source`, "db" or "anchor", in JSON).
+fn report_fleet(
+    verdicts: &[fleet::FleetLog],
+    mut problems: Vec<String>,
+    json: bool,
+    timeline: bool,
+    source: &str,
+) -> ExitCode {
+    let mut fleet = fleet::fleet_verdict(verdicts);
+    fleet.ok &= problems.is_empty();
+    problems.append(&mut fleet.problems);
+    fleet.problems = problems;
     if json {
         let logs: Vec<_> = verdicts
             .iter()
             .map(|l| match &l.verdict {
-                Ok(s) => serde_json::json!({"db": l.db, "ok": true, "origin": s.origin, "entries": s.entries, "head": s.head, "root": s.root}),
-                Err(f) => serde_json::json!({"db": l.db, "ok": false, "seq": f.seq, "reason": f.reason}),
+                Ok(s) => serde_json::json!({source: l.db, "ok": true, "origin": s.origin, "entries": s.entries, "head": s.head, "root": s.root}),
+                Err(f) => serde_json::json!({source: l.db, "ok": false, "seq": f.seq, "reason": f.reason}),
             })
             .collect();
         println!(
@@ -174,7 +246,7 @@ pub(crate) fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -
     } else {
         // With a timeline, stdout is the timeline's alone.
         let say = |line: String| if timeline { eprintln!("{line}") } else { println!("{line}") };
-        for l in &verdicts {
+        for l in verdicts {
             if let Ok(s) = &l.verdict {
                 say(format!(
                     "OK: {} entries in log {}, head {}, root {} ({})",
@@ -189,15 +261,11 @@ pub(crate) fn audit_verify_fleet(logs: &[PathBuf], json: bool, timeline: bool) -
             say(format!("OK: {} logs, {} entries", verdicts.len(), fleet.entries));
         }
     }
-    if !fleet.ok {
-        return ExitCode::from(exit::DATAERR);
+    if fleet.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::DATAERR)
     }
-    if timeline {
-        if let Err(e) = print_timeline(&verdicts) {
-            return report_error(false, exit::NOINPUT, &e);
-        }
-    }
-    ExitCode::SUCCESS
 }
 
 /// The verified logs' entries merged on time, one JSON object a line.

@@ -105,6 +105,8 @@ enum AuditCommand {
         /// The log's verifier key (audit.vkey).
         #[arg(long)]
         key_file: PathBuf,
+        #[command(flatten)]
+        access: audit::AnchorArgs,
         /// A signed checkpoint kept elsewhere (e.g. an earlier copy or the
         /// anchor's `checkpoint`): catches truncation, rollback and forks.
         /// Repeatable.
@@ -120,16 +122,31 @@ enum AuditCommand {
     VerifyFleet {
         /// One broker's audit database and its verifier key (audit.vkey).
         /// Repeat for each broker.
-        #[arg(long = "log", num_args = 2, value_names = ["DB", "KEY_FILE"], required = true,
-              action = clap::ArgAction::Append)]
+        #[arg(long = "log", num_args = 2, value_names = ["DB", "KEY_FILE"], required_unless_present = "anchor",
+              conflicts_with = "anchor", action = clap::ArgAction::Append)]
         logs: Vec<PathBuf>,
+        /// The fleet's shared anchor (RFD 0010): each broker's log is read
+        /// and verified under its origin's prefix there, from the anchor alone.
+        #[arg(long, requires = "brokers")]
+        anchor: Option<String>,
+        /// With --anchor: the fleet's brokers, one verifier key (each
+        /// broker's audit.vkey, or its audit.vkeys lines) a line.
+        #[arg(long, requires = "anchor")]
+        brokers: Option<PathBuf>,
+        /// With --anchor: a broker whose checkpoint was last written longer
+        /// ago than this has stopped publishing (brokers write it every
+        /// anchor_heartbeat, 1m by default).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        max_age: std::time::Duration,
+        #[command(flatten)]
+        access: audit::AnchorArgs,
         /// Print the verdict as JSON.
         #[arg(long)]
         json: bool,
         /// Once every log verifies, print all their entries as one timeline
         /// on stdout, a JSON object a line (time_ms, origin, seq, event),
         /// earliest first; the verdict goes to stderr.
-        #[arg(long, conflicts_with = "json")]
+        #[arg(long, conflicts_with_all = ["json", "anchor"])]
         timeline: bool,
     },
     /// Print the offline inclusion proof (C2SP tlog-proof) of one entry, or
@@ -179,10 +196,19 @@ fn main() -> ExitCode {
             let last = last.unwrap_or(if from.is_some() { 0 } else { 10 });
             with_runtime(admin::audit_tail(&conn, from, last, follow))
         }
-        Command::Audit(AuditCommand::Verify { db, anchor, key_file, checkpoints, json }) => {
-            audit::audit_verify(db.as_deref(), anchor.as_deref(), &key_file, &checkpoints, json)
+        Command::Audit(AuditCommand::Verify { db, anchor, key_file, access, checkpoints, json }) => {
+            let anchor = anchor.as_deref().map(|a| (a, access.access()));
+            audit::audit_verify(db.as_deref(), anchor, &key_file, &checkpoints, json)
         }
-        Command::Audit(AuditCommand::VerifyFleet { logs, json, timeline }) => {
+        Command::Audit(AuditCommand::VerifyFleet {
+            anchor: Some(anchor),
+            brokers: Some(brokers),
+            max_age,
+            access,
+            json,
+            ..
+        }) => audit::audit_verify_fleet_anchor(&anchor, &access.access(), &brokers, max_age, json),
+        Command::Audit(AuditCommand::VerifyFleet { logs, json, timeline, .. }) => {
             audit::audit_verify_fleet(&logs, json, timeline)
         }
         Command::Audit(AuditCommand::Prove { db, index, old_size }) => match audit::audit_prove(&db, index, old_size) {

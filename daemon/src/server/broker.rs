@@ -139,10 +139,14 @@ impl Broker {
             }
         };
         let publisher = match &opts.anchor {
-            Some(location) => {
-                let anchor = Anchor::open(location)?;
+            Some(a) => {
+                let mut anchor = Anchor::open(&a.location, &a.access)?;
+                // A fleet's brokers share one anchor, each under its origin.
+                if opts.database.is_some() {
+                    anchor = anchor.for_origin(vkey.name());
+                }
                 let db = opts.state_dir.join("audit.db");
-                Some(tokio::spawn(publish_loop(anchor, db, vkey.clone(), audit.checkpoints())))
+                Some(tokio::spawn(publish_loop(anchor, db, vkey.clone(), audit.checkpoints(), a.heartbeat)))
             }
             None => None,
         };

@@ -36,7 +36,7 @@ pub mod tickets;
 pub use crate::grant::check_grant_request;
 pub use broker::Broker;
 pub use identity::PeerNode;
-pub use options::{AdminOptions, BrokerOptions};
+pub use options::{AdminOptions, AnchorOptions, BrokerOptions, DEFAULT_ANCHOR_HEARTBEAT};
 pub use state_dir::{
     check_key_files, create_fleet_key, endorse_audit_key, load_policy, lock_state_dir, KEY_FILES, MAX_POLICY_FILE,
 };

@@ -24,8 +24,8 @@ pub struct BrokerOptions {
     pub server_names: Vec<String>,
     pub identity_ttl: Duration,
     pub vault: Option<crate::vault::VaultConfig>,
-    /// Where the log is published in the tlog-tiles layout (URL or directory).
-    pub anchor: Option<String>,
+    /// Where the log is published in the tlog-tiles layout.
+    pub anchor: Option<AnchorOptions>,
     /// The admin API's Unix socket; none serves no admin API.
     pub admin: Option<AdminOptions>,
     /// Loopback address of the Prometheus `/metrics` endpoint.
@@ -35,6 +35,27 @@ pub struct BrokerOptions {
     /// The fleet's PostgreSQL; none keeps state in `state.db` (RFD 0010).
     pub database: Option<crate::state::PgConfig>,
 }
+
+/// Where and how the log is published (RFD 0005; a fleet's brokers share
+/// one anchor, each under its origin's prefix, RFD 0010).
+#[derive(Debug, Clone)]
+pub struct AnchorOptions {
+    /// A directory, or a `file://`, `s3://`, `gs://` or `az://` URL.
+    pub location: String,
+    pub access: crate::audit::anchor::Access,
+    /// How often an unchanged checkpoint is written again.
+    pub heartbeat: Duration,
+}
+
+impl AnchorOptions {
+    /// A local directory, as `grantlined dev` and the default use.
+    pub fn directory(dir: &std::path::Path) -> Self {
+        Self { location: dir.display().to_string(), access: Default::default(), heartbeat: DEFAULT_ANCHOR_HEARTBEAT }
+    }
+}
+
+/// How often an unchanged checkpoint is written to the anchor again.
+pub const DEFAULT_ANCHOR_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Where the admin API listens and who may call it.
 #[derive(Debug, Clone)]
