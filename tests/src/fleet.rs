@@ -29,6 +29,8 @@ pub struct Fleet {
     pub brokers: Vec<Broker>,
     /// Appended to every broker's grantlined.toml.
     pub extra: String,
+    /// Every broker's policy.
+    pub policy: String,
 }
 
 /// Runs `grantlined` with `args`, asserting that it succeeds.
@@ -40,6 +42,11 @@ pub fn grantlined(args: &[&str], dir: &Path) {
 impl Fleet {
     /// `n` brokers on one database; `extra` goes into each configuration.
     pub fn start(n: usize, extra: &str) -> Self {
+        Self::start_with(n, POLICY, extra)
+    }
+
+    /// [`Fleet::start`] with every broker on `policy`.
+    pub fn start_with(n: usize, policy: &str, extra: &str) -> Self {
         let pg = Postgres::start();
         let root = tempfile::tempdir().unwrap();
         grantlined(&["fleet", "init", "--dir"], root.path());
@@ -52,7 +59,7 @@ impl Fleet {
             pg.url(),
             password.display()
         );
-        let mut fleet = Self { pg, root, brokers: Vec::new(), extra };
+        let mut fleet = Self { pg, root, brokers: Vec::new(), extra, policy: policy.to_owned() };
         for _ in 0..n {
             fleet.add();
         }
@@ -72,7 +79,7 @@ impl Fleet {
             .output()
             .unwrap();
         assert!(out.status.success(), "fleet join failed: {}", String::from_utf8_lossy(&out.stderr));
-        self.brokers.push(Broker::start_config_in(dir, &origin, POLICY, &self.extra));
+        self.brokers.push(Broker::start_config_in(dir, &origin, &self.policy, &self.extra));
         &self.brokers[i]
     }
 

@@ -164,4 +164,41 @@ path "sys/leases/renew" { capabilities = ["update"] }
             .to_owned();
         (role_id, secret_id)
     }
+
+    /// The database secrets engine on `pg`, with role `readonly`.
+    pub fn setup_database(&self, pg: &crate::postgres::Postgres) {
+        self.api("POST", "sys/mounts/database", Some(json!({"type": "database"})));
+        self.api(
+            "POST",
+            "database/config/pg",
+            Some(json!({
+                "plugin_name": "postgresql-database-plugin",
+                "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
+                "username": "postgres",
+                "password": crate::postgres::SUPERUSER_PASSWORD,
+                "allowed_roles": ["readonly"],
+            })),
+        );
+        self.api(
+            "POST",
+            "database/roles/readonly",
+            Some(json!({
+                "db_name": "pg",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+                "default_ttl": "5m",
+                "max_ttl": "1h",
+            })),
+        );
+    }
+}
+
+/// Database credentials of role `readonly` through `agent`: (user, password, lease id).
+pub fn database_secret(agent: &crate::Agent) -> (String, String, String) {
+    let out = tempfile::tempdir().unwrap();
+    let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
+    assert!(got.status.success(), "{}", crate::stderr(&got));
+    assert_eq!(crate::mode(&out.path().join("secret.json")), 0o600);
+    let secret: Value = serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
+    let field = |v: &Value| v.as_str().unwrap().to_owned();
+    (field(&secret["data"]["username"]), field(&secret["data"]["password"]), field(&secret["lease_id"]))
 }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use grantline_tests::fleet::{enroll, set_brokers, Fleet};
+use grantline_tests::openbao::{database_secret, OpenBao};
 use grantline_tests::{events, pem_fingerprint, stderr, verify_db};
 
 fn ok(out: &std::process::Output, what: &str) {
@@ -40,9 +41,39 @@ fn a_token_made_at_one_broker_enrolls_once_anywhere_in_the_fleet() {
     assert!(listed.contains("\"web-1\""), "a node enrolled at B is not listed at C: {listed}");
 }
 
+/// The fleet's policy with database credentials from OpenBao.
+const WITH_DATABASE: &str = r#"
+[[rule]]
+name = "dev"
+nodes = ["*"]
+
+[[rule.allow]]
+kinds = ["x509"]
+roles = ["dev"]
+max_ttl = "1h"
+sans = ["*"]
+
+[[rule.allow]]
+kinds = ["secret"]
+roles = ["readonly"]
+max_ttl = "10m"
+path = "database/creds/{role}"
+"#;
+
 #[test]
 fn a_revocation_at_one_broker_closes_the_node_at_another_within_a_second() {
-    let fleet = Fleet::start(3, "");
+    let bao = OpenBao::start();
+    let (role_id, secret_id) = bao.setup_broker_approle();
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("secret-id");
+    grantline_proto::files::write_secret(&secret_file, secret_id.as_bytes()).unwrap();
+    let vault = format!(
+        "[vault]\naddress = \"{}\"\napprole = {{ role_id = \"{role_id}\", secret_id_file = \"{}\" }}\nx509 = \"embedded\"\nssh = \"embedded\"\n",
+        bao.addr,
+        secret_file.display()
+    );
+    let fleet = Fleet::start_with(3, WITH_DATABASE, &vault);
+    bao.setup_database(&fleet.pg);
     let [a, b, c] = &fleet.brokers[..] else { unreachable!() };
     let token = a.new_token(&[]);
     let (mut agent, out) = enroll(&c.addr, &c.path("ca.pem"), &token, "db-1");
@@ -51,6 +82,9 @@ fn a_revocation_at_one_broker_closes_the_node_at_another_within_a_second() {
     let out =
         agent.get(&["x509", "--role", "dev", "--san", "db-1.example.com", "--out", agent.dir.path().to_str().unwrap()]);
     ok(&out, "a grant at C");
+    // Database credentials from OpenBao, leased through C.
+    let (user, password, _lease) = database_secret(&agent);
+    assert!(fleet.pg.psql(&user, &password, "SELECT 1").status.success());
     // Any broker shows where the node is connected (brokers report their
     // connections each second).
     let shown = Instant::now();
@@ -63,22 +97,34 @@ fn a_revocation_at_one_broker_closes_the_node_at_another_within_a_second() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let revoked = a.admin(&["nodes", "revoke", "db-1", "--reason", "fleet test"]);
-    ok(&revoked, "revoking at A");
+    let socket = a.admin_socket();
+    let socket = socket.to_str().unwrap();
     let asked = Instant::now();
-    agent.wait_line("grantline-agent revoked:");
-    let took = asked.elapsed();
-    assert!(took < Duration::from_secs(1), "C closed the revoked node's connection after {took:?}");
+    let revoked = std::thread::scope(|s| {
+        let revoke = s.spawn(|| {
+            grantline_tests::grantline(&["nodes", "revoke", "db-1", "--reason", "fleet test", "--json", "--socket", socket], &[])
+        });
+        agent.wait_line("grantline-agent revoked:");
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(1), "C closed the revoked node's connection after {took:?}");
+        revoke.join().unwrap()
+    });
+    ok(&revoked, "revoking at A");
+    // The lease C took is revoked, once, by A: the database user is gone.
+    let report: serde_json::Value = serde_json::from_slice(&revoked.stdout).unwrap();
+    assert_eq!(report["leases_revoked"], 1, "{report}");
+    assert!(!fleet.pg.psql(&user, &password, "SELECT 1").status.success(), "the revoked node's credentials log in");
     // Refused at every broker: the same identity pointed at B.
     agent.proc = None;
     set_brokers(&agent, &b.addr);
     let mut again = grantline_tests::Agent::run_unconnected(agent);
     again.wait_line("grantline-agent revoked:");
-    // Audited once, by the broker that revoked.
-    let count = |broker: &grantline_tests::Broker| {
-        events(&broker.path("audit.db")).iter().filter(|e| e.type_name() == "node_revocation").count()
+    // Audited once, by the broker that revoked, as is the lease's revocation.
+    let count = |broker: &grantline_tests::Broker, kind: &str| {
+        events(&broker.path("audit.db")).iter().filter(|e| e.type_name() == kind).count()
     };
-    assert_eq!((count(a), count(b), count(c)), (1, 0, 0));
+    assert_eq!((count(a, "node_revocation"), count(b, "node_revocation"), count(c, "node_revocation")), (1, 0, 0));
+    assert_eq!((count(a, "lease_revocation"), count(b, "lease_revocation"), count(c, "lease_revocation")), (1, 0, 0));
 }
 
 #[test]

@@ -6,8 +6,8 @@
 use std::process::Command;
 
 use grantline_proto::audit::Event;
-use grantline_tests::openbao::OpenBao;
-use grantline_tests::postgres::{Postgres, SUPERUSER_PASSWORD};
+use grantline_tests::openbao::{database_secret, OpenBao};
+use grantline_tests::postgres::Postgres;
 use grantline_tests::sshd::Sshd;
 use grantline_tests::vault_proxy::{Fault, VaultProxy};
 use grantline_tests::{stderr, Agent, Broker};
@@ -325,52 +325,14 @@ fn vault_token_has_the_capped_ttl_uses_and_policies() {
     assert!(!lookup.status.success(), "the released token still works");
 }
 
-/// OpenBao's database secrets engine on `pg`, with role `readonly`.
-fn setup_database(bao: &OpenBao, pg: &Postgres) {
-    bao.api("POST", "sys/mounts/database", Some(json!({"type": "database"})));
-    bao.api(
-        "POST",
-        "database/config/pg",
-        Some(json!({
-            "plugin_name": "postgresql-database-plugin",
-            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
-            "username": "postgres",
-            "password": SUPERUSER_PASSWORD,
-            "allowed_roles": ["readonly"],
-        })),
-    );
-    bao.api(
-        "POST",
-        "database/roles/readonly",
-        Some(json!({
-            "db_name": "pg",
-            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
-            "default_ttl": "5m",
-            "max_ttl": "1h",
-        })),
-    );
-}
-
-/// Database credentials through `agent`: (user, password, lease id).
-fn get_database_secret(agent: &Agent) -> (String, String, String) {
-    let out = tempfile::tempdir().unwrap();
-    let got = agent.get(&["secret", "--role", "readonly", "--out", out.path().to_str().unwrap()]);
-    assert!(got.status.success(), "{}", stderr(&got));
-    assert_eq!(grantline_tests::mode(&out.path().join("secret.json")), 0o600);
-    let secret: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("secret.json")).unwrap()).unwrap();
-    let field = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
-    (field(&secret["data"]["username"]), field(&secret["data"]["password"]), field(&secret["lease_id"]))
-}
-
 #[test]
 fn database_credentials_log_in_to_postgres_until_released() {
     let pg = Postgres::start();
     let bao = OpenBao::start();
-    setup_database(&bao, &pg);
+    bao.setup_database(&pg);
     let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
     let agent = Agent::start(&broker, "db-client");
-    let (user, password, lease_id) = get_database_secret(&agent);
+    let (user, password, lease_id) = database_secret(&agent);
     let (user, password, lease_id) = (user.as_str(), password.as_str(), lease_id.as_str());
     assert!(lease_id.starts_with("database/creds/readonly/"), "{lease_id}");
 
@@ -403,12 +365,12 @@ fn database_credentials_log_in_to_postgres_until_released() {
 fn a_revoked_node_is_disconnected_within_a_second_cannot_reconnect_and_loses_its_leases() {
     let pg = Postgres::start();
     let bao = OpenBao::start();
-    setup_database(&bao, &pg);
+    bao.setup_database(&pg);
     bao.put_policy("app-read", "path \"secret/data/app/*\" { capabilities = [\"read\"] }");
     let broker = broker_with_vault(&bao, "x509 = \"embedded\"\nssh = \"embedded\"\n");
     let mut agent = Agent::start(&broker, "db-client");
     let bystander = Agent::start(&broker, "other");
-    let (user, password, lease_id) = get_database_secret(&agent);
+    let (user, password, lease_id) = database_secret(&agent);
     assert!(pg.psql(&user, &password, "SELECT 1").status.success());
     let token_dir = tempfile::tempdir().unwrap();
     let got =
@@ -709,7 +671,7 @@ fn a_token_answer_the_broker_cannot_use_is_revoked_and_not_retried() {
 fn a_database_lease_vault_answers_after_the_timeout_is_revoked() {
     let pg = Postgres::start();
     let bao = OpenBao::start();
-    setup_database(&bao, &pg);
+    bao.setup_database(&pg);
     let (proxy, _broker, agent) = behind_proxy(&bao, "late-db");
     proxy.set(Fault {
         path: "database/creds/readonly".into(),
