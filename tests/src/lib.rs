@@ -4,6 +4,7 @@
 //! never guessed with sleeps.
 #![allow(clippy::unwrap_used)]
 
+pub mod failover;
 pub mod fleet;
 pub mod in_process;
 pub mod load;
@@ -27,6 +28,12 @@ use grantline_proto::audit::{Entry, Event};
 pub const READY: Duration = Duration::from_secs(30);
 
 /// A binary of the release build (or of `GRANTLINE_BIN_DIR`).
+/// A free loopback TCP port. The listener is dropped before use; the window
+/// in which another process could take it is the usual small one.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("GRANTLINE_BIN_DIR")
         .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"), PathBuf::from);

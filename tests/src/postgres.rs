@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::openbao::free_port;
+use crate::free_port;
 use crate::Proc;
 
 pub const SUPERUSER_PASSWORD: &str = "grantline-test-superuser";

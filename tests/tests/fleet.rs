@@ -102,7 +102,10 @@ fn a_revocation_at_one_broker_closes_the_node_at_another_within_a_second() {
     let asked = Instant::now();
     let revoked = std::thread::scope(|s| {
         let revoke = s.spawn(|| {
-            grantline_tests::grantline(&["nodes", "revoke", "db-1", "--reason", "fleet test", "--json", "--socket", socket], &[])
+            grantline_tests::grantline(
+                &["nodes", "revoke", "db-1", "--reason", "fleet test", "--json", "--socket", socket],
+                &[],
+            )
         });
         agent.wait_line("grantline-agent revoked:");
         let took = asked.elapsed();
