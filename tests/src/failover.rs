@@ -234,3 +234,40 @@ pub fn failover(f: &FleetLoad, limit: Duration, kill: impl FnOnce()) -> (Value, 
         (out, acked)
     })
 }
+
+/// `agents` load-generator agents enrolled at `fleet` and spread over its
+/// brokers; broker 0 killed with SIGKILL; the [`failover`] report, with the
+/// enrollment's, how many grants were acknowledged, and how many of those
+/// no broker's log holds (`lost`, which must be 0).
+pub fn kill_one_of(fleet: &mut crate::fleet::Fleet, agents: usize) -> Value {
+    let fixture = fleet.root.path().join("fixture");
+    let first = &fleet.brokers[0];
+    let ca_pem = std::fs::read_to_string(first.path("ca.pem")).unwrap();
+    let enrolled = enroll_fixture(&first.admin_socket(), &first.addr, &ca_pem, "fo-", agents, &fixture);
+    let load = FleetLoad {
+        broker: fleet.addresses(),
+        ca_pem,
+        fixture,
+        agents,
+        endpoints: 8,
+        connect_concurrency: 64,
+        role: "dev".into(),
+        san: "failover.example.com".into(),
+        broker_pid: None,
+        resumption: false,
+    };
+    let victim = &mut fleet.brokers[0];
+    let (mut report, acked) = failover(&load, Duration::from_secs(120), || victim.proc.kill9());
+    let mut logged = std::collections::HashSet::new();
+    for b in &fleet.brokers {
+        for e in crate::events(&b.path("audit.db")) {
+            if let grantline_proto::audit::Event::Grant { fingerprint, .. } = e {
+                logged.insert(fingerprint);
+            }
+        }
+    }
+    report["enroll"] = enrolled;
+    report["acknowledged"] = acked.len().into();
+    report["lost"] = acked.iter().filter(|fp| !logged.contains(*fp)).count().into();
+    report
+}

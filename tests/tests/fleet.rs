@@ -211,6 +211,20 @@ fn agents_fail_over_when_a_broker_is_killed_and_every_grant_is_logged() {
     assert!(v["logs"].as_array().unwrap().iter().all(|l| l["ok"] == true), "{v}");
 }
 
+/// The load generator's failover (RFD 0010, measured at 10,000 agents by
+/// `grantline-fleet-bench failover`), small: every agent of the killed
+/// broker is granted again at another, and no acknowledged grant is lost.
+#[test]
+fn the_agents_of_a_killed_broker_are_granted_at_the_others_and_no_grant_is_lost() {
+    let mut fleet = Fleet::start(3, "");
+    let v = grantline_tests::failover::kill_one_of(&mut fleet, 60);
+    assert_eq!((v["granted_before"].as_u64(), v["on_killed_broker"].as_u64()), (Some(60), Some(20)), "{v}");
+    assert_eq!(v["regranted"], 20, "{v}");
+    assert_eq!(v["acknowledged"], 80, "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert_eq!(v["errors_after"], serde_json::json!({}), "{v}");
+}
+
 #[test]
 fn without_postgres_grants_go_on_within_the_bound_then_stop_and_recover() {
     let mut fleet = Fleet::start(1, "max_staleness = \"3s\"\n");

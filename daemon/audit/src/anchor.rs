@@ -8,7 +8,7 @@
 //! its own, named by its origin ([`origin_segment`]).
 
 mod access;
-pub use access::Access;
+pub use access::{parse_options, Access};
 
 use std::path::Path as FsPath;
 use std::sync::Arc;

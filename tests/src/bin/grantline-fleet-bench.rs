@@ -44,53 +44,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn failover(agents: usize) {
-    let mut fleet = Fleet::start(3, "");
-    let fixture = fleet.root.path().join("fixture");
-    let ca_pem = std::fs::read_to_string(fleet.brokers[0].path("ca.pem")).expect("the fleet root in ca.pem");
-    let enrolled = grantline_tests::failover::enroll_fixture(
-        &fleet.brokers[0].admin_socket(),
-        &fleet.brokers[0].addr,
-        &ca_pem,
-        "fo-",
-        agents,
-        &fixture,
-    );
-    eprintln!("{enrolled}");
-    let load = grantline_tests::load::FleetLoad {
-        broker: fleet.addresses(),
-        ca_pem,
-        fixture,
-        agents,
-        endpoints: 8,
-        connect_concurrency: 64,
-        role: "dev".into(),
-        san: "failover.example.com".into(),
-        broker_pid: None,
-        resumption: false,
-    };
-    let victim = &mut fleet.brokers[0];
-    let (mut report, acked) =
-        grantline_tests::failover::failover(&load, Duration::from_secs(120), || victim.proc.kill9());
-    let mut logged = std::collections::HashSet::new();
-    for b in &fleet.brokers {
-        for e in grantline_tests::events(&b.path("audit.db")) {
-            if let grantline_proto::audit::Event::Grant { fingerprint, .. } = e {
-                logged.insert(fingerprint);
-            }
-        }
-    }
-    report["enroll"] = enrolled;
-    report["acknowledged"] = acked.len().into();
-    report["lost"] = acked.iter().filter(|fp| !logged.contains(*fp)).count().into();
-    println!("{report}");
-    fleet.brokers.clear();
-}
-
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if std::env::args().nth(1).as_deref() == Some("failover") {
-        failover(std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(10_000).max(3));
+        let agents = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        let mut fleet = Fleet::start(3, "");
+        println!("{}", grantline_tests::failover::kill_one_of(&mut fleet, agents));
+        fleet.brokers.clear();
         return;
     }
     let nodes: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(20).max(1);

@@ -52,10 +52,16 @@ impl Access {
     }
 }
 
-/// Reads `KEY=VALUE` lines (blank lines and `#` comments skipped).
+/// Reads an options file (0600).
 fn read_options(path: &Path) -> Result<Vec<(String, String)>> {
     let text = grantline_proto::files::read_secret(path)
         .with_context(|| format!("cannot read the anchor's options file {}", path.display()))?;
+    parse_options(&text, path)
+}
+
+/// Parses `KEY=VALUE` lines (blank lines and `#` comments skipped); errors
+/// name the line of `path`, never a value (values may be secret).
+pub fn parse_options(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let mut options = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
