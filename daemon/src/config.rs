@@ -69,7 +69,8 @@ pub struct ConfigFile {
     /// Let a cloud anchor take credentials from the machine's metadata
     /// service (otherwise one without credentials is refused).
     pub anchor_instance_credentials: Option<bool>,
-    /// How often an unchanged checkpoint is written again (default 1m).
+    /// How often an unchanged checkpoint is written again (default 1m, at
+    /// most 5m: half of `verify-fleet`'s default `--max-age`).
     pub anchor_heartbeat: Option<String>,
     pub admin: Option<AdminFile>,
     pub metrics: Option<MetricsFile>,
@@ -77,6 +78,10 @@ pub struct ConfigFile {
     /// Where join tokens, nodes and leases live: PostgreSQL for a fleet.
     pub state: Option<crate::state::StateFile>,
 }
+
+/// The longest `anchor_heartbeat`: half of `verify-fleet --max-age`'s
+/// default, so that an idle broker is never reported as stopped.
+const MAX_ANCHOR_HEARTBEAT: Duration = Duration::from_secs(300);
 
 fn admin_options(file: Option<AdminFile>) -> Result<Option<crate::server::AdminOptions>> {
     let file = file.unwrap_or_default();
@@ -154,8 +159,8 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
         None => crate::server::DEFAULT_ANCHOR_HEARTBEAT,
         Some(s) => humantime::parse_duration(s)
             .ok()
-            .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(d))
-            .with_context(|| format!("anchor_heartbeat {s:?} is not a duration from 1s to 1h"))?,
+            .filter(|d| (Duration::from_secs(1)..=MAX_ANCHOR_HEARTBEAT).contains(d))
+            .with_context(|| format!("anchor_heartbeat {s:?} is not a duration from 1s to 5m"))?,
     };
     let anchor = Some(crate::server::AnchorOptions {
         location: file.anchor.unwrap_or_else(|| state_dir.join("anchor").display().to_string()),

@@ -306,3 +306,41 @@ fn crafted_schemas_that_compute_or_hide_are_refused() {
         assert!(text.contains("crafted") || text.contains("computes"), "{name}: {v}");
     }
 }
+
+/// Second review of the shared anchor: a writer of the anchor put an older
+/// checkpoint back, to hide the grants after it, and `verify --anchor`
+/// passed (the old checkpoint is signed by the broker's key). The bundles
+/// published before the newer checkpoint give it away.
+#[test]
+fn an_older_checkpoint_put_back_in_the_anchor_is_caught() {
+    let (broker, _) = real_key();
+    let agent = grantline_tests::Agent::start(&broker, "node-1");
+    let (anchor, vkey, db) = (broker.path("anchor"), broker.path("audit.vkey"), broker.path("audit.db"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let grant_and_publish = |san: &str| {
+        let got = agent.get(&["x509", "--role", "dev", "--san", san, "--out", out_dir.path().to_str().unwrap()]);
+        assert!(got.status.success(), "{}", grantline_tests::stderr(&got));
+        let since = std::time::Instant::now();
+        loop {
+            let (_, local) = broker.verify();
+            let (_, published) = verify(&["verify", "--anchor"], &[&anchor, Path::new("--key-file"), &vkey]);
+            if published["ok"] == true && published["entries"] == local["entries"] {
+                break std::fs::read(anchor.join("checkpoint")).unwrap();
+            }
+            assert!(since.elapsed() < Duration::from_secs(20), "the anchor lags: {published}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let older = grant_and_publish("a.example.com");
+    grant_and_publish("hidden.example.com");
+    std::fs::write(anchor.join("checkpoint"), &older).unwrap();
+    for with_db in [false, true] {
+        let mut extra = vec![anchor.as_path(), Path::new("--key-file"), vkey.as_path()];
+        if with_db {
+            extra.extend([Path::new("--db"), db.as_path()]);
+        }
+        let (code, v) = verify(&["verify", "--anchor"], &extra);
+        assert_ne!(code, Some(0), "an older checkpoint put back verified (--db: {with_db}): {v}");
+        assert!(v["reason"].as_str().unwrap_or_default().contains("past its checkpoint"), "{v}");
+    }
+}

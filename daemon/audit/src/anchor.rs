@@ -58,6 +58,7 @@ impl Anchor {
         let url = if location.contains("://") {
             parse_url(location)?
         } else {
+            refuse_url_like(location)?;
             let dir = FsPath::new(location);
             if create {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create anchor directory {location}"))?;
@@ -75,22 +76,74 @@ impl Anchor {
 
     /// The anchor of one broker's log within a fleet's shared anchor.
     pub fn for_origin(&self, origin: &str) -> Self {
-        let segment = origin_segment(origin);
+        self.for_origin_segment(&origin_segment(origin))
+    }
+
+    /// The anchor under one prefix of a fleet's shared anchor.
+    pub fn for_origin_segment(&self, segment: &str) -> Self {
         Self {
             store: self.store.clone(),
-            prefix: self.prefix.clone().join(segment.as_str()),
+            prefix: self.prefix.clone().join(segment),
             url: format!("{}/{segment}", self.url.trim_end_matches('/')),
         }
     }
 
     /// The log of `origin` here: this anchor when it holds a checkpoint,
-    /// else the origin's prefix of a fleet's shared anchor if that does.
+    /// else the origin's prefix of a fleet's shared anchor if that does;
+    /// both holding one is refused, so that the anchor cannot choose which
+    /// of two logs is verified.
     pub async fn log_of(self, origin: &str) -> Result<Self> {
-        if self.checkpoint_written().await?.is_some() {
-            return Ok(self);
-        }
         let fleet = self.for_origin(origin);
-        Ok(if fleet.checkpoint_written().await?.is_some() { fleet } else { self })
+        match (self.checkpoint_written().await?.is_some(), fleet.checkpoint_written().await?.is_some()) {
+            (true, true) => bail!(
+                "anchor {} holds a checkpoint at its top and under {origin}'s prefix ({}): give the URL of the log \
+                 to verify",
+                self.url,
+                fleet.url
+            ),
+            (false, true) => Ok(fleet),
+            _ => Ok(self),
+        }
+    }
+
+    /// Whether `rel` exists.
+    pub async fn exists(&self, rel: &str) -> Result<bool> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot read {rel} from anchor {}", self.url)),
+        }
+    }
+
+    /// The names directly under `rel` (`""` for the anchor's top): objects
+    /// and prefixes alike, at most `limit` of them.
+    pub async fn names_under(&self, rel: &str, limit: usize) -> Result<Vec<String>> {
+        let dir = if rel.is_empty() { self.prefix.clone() } else { self.path(rel) };
+        let listed = match self.store.list_with_delimiter(Some(&dir)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {rel} in anchor {}", self.url)),
+        };
+        let names = listed.common_prefixes.iter().chain(listed.objects.iter().map(|o| &o.location));
+        Ok(names.filter_map(|p| p.filename().map(str::to_owned)).take(limit).collect())
+    }
+
+    /// The first entry bundle found that holds entries past `size`. Bundles
+    /// are written, create-only, before the checkpoint that covers them: a
+    /// checkpoint older than the bundles beside it was put back (a
+    /// rollback), or its broker stopped between the two.
+    pub async fn bundle_beyond(&self, size: u64) -> Result<Option<String>> {
+        let (index, width) = (size / TILE_WIDTH, size % TILE_WIDTH);
+        let full = tiles::bundle_path(index, TILE_WIDTH);
+        if self.exists(&full).await? {
+            return Ok(Some(full));
+        }
+        let partials = self.names_under(&format!("{full}.p"), 256).await?;
+        Ok(partials
+            .iter()
+            .filter_map(|w| w.parse::<u64>().ok())
+            .find(|w| *w > width)
+            .map(|w| tiles::bundle_path(index, w)))
     }
 
     /// Where this anchor is, for messages.
@@ -109,6 +162,12 @@ impl Anchor {
         }
     }
 
+    /// Where `rel` is on this machine, for an anchor that is a directory.
+    fn local_file(&self, rel: &str) -> Option<std::path::PathBuf> {
+        let url = url::Url::parse(&self.url).ok().filter(|u| u.scheme() == "file")?;
+        Some(url.to_file_path().ok()?.join(rel))
+    }
+
     fn path(&self, rel: &str) -> Path {
         rel.split('/').fold(self.prefix.clone(), |p, part| p.join(part))
     }
@@ -117,6 +176,16 @@ impl Anchor {
     /// entry bundle, so a larger object (a writer of the anchor filling it,
     /// or a sparse file) is refused by its size before a byte is read.
     pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        // A FIFO or a device in a local anchor would block the read (or
+        // never end it): only regular files, not followed through links.
+        if let Some(path) = self.local_file(rel) {
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if !m.is_file() => {
+                    bail!("{rel} in anchor {} is not a regular file; the anchor was tampered with", self.url)
+                }
+                _ => {}
+            }
+        }
         match self.store.get(&self.path(rel)).await {
             Ok(r) if r.meta.size > MAX_OBJECT_BYTES => anyhow::bail!(
                 "{rel} in anchor {} is {} bytes, more than any object a Grantline log publishes ({MAX_OBJECT_BYTES}); \
@@ -163,13 +232,23 @@ impl Anchor {
         Ok(())
     }
 
-    /// The size of the checkpoint the anchor holds (0 if none).
-    pub async fn published_size(&self, key: &VerifierKey) -> Result<u64> {
+    /// The size of this log's checkpoint the anchor holds (0 if none). A
+    /// checkpoint that none of `keys` (the log's key history) signed is
+    /// another log's (an origin used again with a new key, a wrong
+    /// anchor): an error, so that it is never overwritten.
+    pub async fn published_size(&self, keys: &[VerifierKey]) -> Result<u64> {
         match self.get("checkpoint").await? {
             None => Ok(0),
             Some(b) => {
                 let note = String::from_utf8(b).context("the anchor's checkpoint is not text")?;
-                Ok(Checkpoint::open(&note, key).context("the anchor's checkpoint does not verify")?.size)
+                Checkpoint::open_any(&note, keys).map(|cp| cp.size).map_err(|e| {
+                    anyhow::anyhow!(
+                        "anchor {} holds a checkpoint this log's keys did not sign ({e}): another log is published \
+                         there (an origin used again with a new key?); not overwriting it: move it aside, or give \
+                         this broker another anchor or origin",
+                        self.url
+                    )
+                })
             }
         }
     }
@@ -208,6 +287,22 @@ impl Anchor {
 pub fn check(location: &str, access: &Access) -> Result<()> {
     if location.contains("://") {
         checked_options(&parse_url(location)?, access)?;
+    } else {
+        refuse_url_like(location)?;
+    }
+    Ok(())
+}
+
+/// A location that starts like a URL (`s3:/bucket`) but is not one would be
+/// taken for a local directory, and the log would never leave the host.
+fn refuse_url_like(location: &str) -> Result<()> {
+    let scheme = location.split_once(':').map(|(s, _)| s).filter(|s| {
+        s.len() > 1
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b))
+    });
+    if let Some(scheme) = scheme {
+        bail!("anchor {location:?} looks like a {scheme} URL but is not one: write {scheme}://…, or give a directory path");
     }
     Ok(())
 }
@@ -220,8 +315,11 @@ fn parse_url(location: &str) -> Result<url::Url> {
 fn checked_options(url: &url::Url, access: &Access) -> Result<Vec<(String, String)>> {
     let (scheme, _) = ObjectStoreScheme::parse(url)
         .map_err(|_| anyhow::anyhow!("anchor {url} has an unsupported scheme; the schemes are file, s3, gs and az"))?;
-    let options = access.options()?;
+    let mut options = access.options()?;
     access::check(scheme, url, &options, access.instance_credentials)?;
+    if !access.instance_credentials {
+        options.extend(access::NO_METADATA.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    }
     Ok(options)
 }
 
@@ -238,8 +336,16 @@ pub fn origin_segment(origin: &str) -> String {
             out.push_str(&format!("_{b:02x}"));
         }
     }
+    // A file name holds 255 bytes: a long origin is named by its hash
+    // (`_h` cannot start an escape, whose two digits are hex).
+    if out.len() > MAX_SEGMENT {
+        return format!("_h{}", hex::encode(grantline_proto::audit::entry::leaf_hash(origin.as_bytes())));
+    }
     out
 }
+
+/// The longest origin prefix written out; longer ones are hashed.
+const MAX_SEGMENT: usize = 160;
 
 /// Publishes every new checkpoint the writer signs, with what it covers,
 /// and writes the checkpoint again every `heartbeat` when nothing is new,
@@ -248,27 +354,36 @@ pub fn origin_segment(origin: &str) -> String {
 pub async fn publish_loop(
     anchor: Anchor,
     db: std::path::PathBuf,
-    key: VerifierKey,
+    keys: Vec<VerifierKey>,
     mut checkpoints: watch::Receiver<Option<String>>,
     heartbeat: std::time::Duration,
 ) {
-    let mut published = match anchor.published_size(&key).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "cannot read the anchor; publishing from the start");
-            0
-        }
-    };
+    // What the anchor holds of this log, once known; until then (the anchor
+    // unreadable, or holding another log) nothing is written.
+    let mut published = None;
     let mut again = false;
     loop {
+        if published.is_none() {
+            match anchor.published_size(&keys).await {
+                Ok(size) => published = Some(size),
+                Err(e) => {
+                    metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
+                    tracing::error!(error = %format!("{e:#}"), "cannot publish to the anchor; will look again");
+                }
+            }
+        }
         let note = checkpoints.borrow_and_update().clone();
-        publish_note(&anchor, &db, &key, note.as_deref(), &mut published, again).await;
+        if let (Some(size), Some(key)) = (published.as_mut(), keys.last()) {
+            publish_note(&anchor, &db, key, note.as_deref(), size, again).await;
+        }
         tokio::select! {
             changed = checkpoints.changed() => {
                 if changed.is_err() {
                     // The writer stopped; its last checkpoint may still be unpublished.
                     let note = checkpoints.borrow().clone();
-                    publish_note(&anchor, &db, &key, note.as_deref(), &mut published, false).await;
+                    if let (Some(size), Some(key)) = (published.as_mut(), keys.last()) {
+                        publish_note(&anchor, &db, key, note.as_deref(), size, false).await;
+                    }
                     return;
                 }
                 again = false;
@@ -289,6 +404,10 @@ async fn publish_note(
     again: bool,
 ) {
     let Some(note) = note else { return };
+    let failed = |e: anyhow::Error, what: &str| {
+        metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
+        tracing::error!(error = %format!("{e:#}"), "{what}");
+    };
     match Checkpoint::open(note, key) {
         Ok(cp) if cp.size > *published => match anchor.publish(db, *published, cp.size, note).await {
             Ok(()) => {
@@ -296,48 +415,27 @@ async fn publish_note(
                 *published = cp.size;
                 metrics::gauge!("grantline_anchor_published_entries").set(cp.size as f64);
             }
-            Err(e) => {
-                metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
-                tracing::error!(error = %format!("{e:#}"), size = cp.size, "publishing to the anchor failed; will retry");
-            }
+            Err(e) => failed(e, "publishing to the anchor failed; will retry"),
         },
         Ok(cp) if again && cp.size == *published => {
             if let Err(e) = anchor.put_checkpoint(note).await {
-                metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
-                tracing::error!(error = %format!("{e:#}"), "writing the checkpoint to the anchor again failed");
+                failed(e, "writing the checkpoint to the anchor again failed");
             }
         }
+        Ok(cp) if cp.size < *published => failed(
+            anyhow::anyhow!(
+                "anchor {} holds a checkpoint of {} entries, this log has {}: was the state directory restored \
+                 from a backup? Nothing is published until the log grows past it (its entries must then agree)",
+                anchor.url,
+                *published,
+                cp.size
+            ),
+            "the anchor is ahead of the log",
+        ),
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "the writer's checkpoint does not verify"),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An anchor object larger than anything a log publishes (here a sparse
-    /// 8 GiB checkpoint, which takes no disk) is refused by its size, before
-    /// the verifier reads it into memory.
-    #[tokio::test]
-    async fn an_object_larger_than_any_the_log_publishes_is_refused_unread() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::File::create(dir.path().join("checkpoint")).unwrap().set_len(8 << 30).unwrap();
-        std::fs::write(dir.path().join("small"), b"fine").unwrap();
-        let anchor = Anchor::open_existing(dir.path().to_str().unwrap(), &Access::default()).unwrap();
-        let err = anchor.get("checkpoint").await.unwrap_err().to_string();
-        assert!(err.contains("more than any object a Grantline log publishes"), "{err}");
-        assert_eq!(anchor.get("small").await.unwrap().unwrap(), b"fine");
-        assert!(anchor.get("absent").await.unwrap().is_none());
-    }
-
-    #[test]
-    fn each_origin_is_one_segment_of_its_own() {
-        assert_eq!(origin_segment("grantline/broker-a"), "grantline_2fbroker-a");
-        assert_eq!(origin_segment("a_2fb"), "a_5f2fb");
-        assert_eq!(origin_segment(".."), "_2e.");
-        assert_eq!(origin_segment("log.example.com"), "log.example.com");
-        let seg = origin_segment("x/../%2F\\y");
-        assert!(seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)), "{seg}");
-    }
-}
+mod tests;

@@ -51,8 +51,11 @@ pub fn parse_brokers(text: &str, file: &str) -> Result<Vec<NamedBroker>> {
 }
 
 /// What the anchor holds of each broker: the verdict of each log found,
-/// and a problem for each broker missing or whose checkpoint was last
-/// written more than `max_age` before `now`.
+/// and a problem for each broker missing, whose checkpoint was last
+/// written more than `max_age` before `now` (or after it), or whose log
+/// could not be read; and for each log in the anchor that no broker named
+/// holds. A broker's trouble is its own verdict: the others are still
+/// checked.
 pub async fn verify_brokers(
     anchor: &Anchor,
     brokers: &[NamedBroker],
@@ -63,32 +66,69 @@ pub async fn verify_brokers(
     let mut problems = Vec::new();
     for b in brokers {
         let log = anchor.for_origin(&b.origin);
-        let Some(written) = log.checkpoint_written().await? else {
-            problems.push(format!(
-                "broker {} is missing: nothing is published under {} (it never started, or its `anchor` \
-                 setting points elsewhere)",
-                b.origin,
-                log.url()
-            ));
-            continue;
-        };
-        let (verdict, _) = verify::verify_anchor(&log, &b.keys, &b.keys[b.keys.len() - 1..]).await?;
-        if let Ok(age) = now.duration_since(written) {
-            if age > max_age {
-                problems.push(format!(
-                    "broker {} has stopped publishing: its checkpoint under {} was last written {} s ago, more \
-                     than --max-age {} s (a running broker writes it every anchor_heartbeat); check that it runs \
-                     and can write to the anchor",
-                    b.origin,
-                    log.url(),
-                    age.as_secs(),
-                    max_age.as_secs()
-                ));
+        match verify_one(&log, b, max_age, now).await {
+            Ok((verdict, stale)) => {
+                problems.extend(stale);
+                logs.push(FleetLog { db: log.url().to_owned(), verdict });
             }
+            Err(e) => problems.push(e),
         }
-        logs.push(FleetLog { db: log.url().to_owned(), verdict });
+    }
+    let named: std::collections::HashSet<String> =
+        brokers.iter().map(|b| crate::anchor::origin_segment(&b.origin)).collect();
+    for name in anchor.names_under("", MAX_BROKERS + 1).await? {
+        if !named.contains(&name) && anchor.for_origin_segment(&name).exists("checkpoint").await.unwrap_or(false) {
+            problems.push(format!(
+                "the anchor holds a log under {name}/ that the brokers file does not name: a broker left out of \
+                 it, or one that is not of the fleet"
+            ));
+        }
     }
     Ok((logs, problems))
+}
+
+/// One broker's verdict and whether it stopped publishing; `Err` names why
+/// it has no verdict (missing, or its objects unreadable).
+async fn verify_one(
+    log: &Anchor,
+    b: &NamedBroker,
+    max_age: Duration,
+    now: SystemTime,
+) -> Result<(Result<grantline_proto::audit::Summary, grantline_proto::audit::Failure>, Option<String>), String> {
+    let unreadable =
+        |e: anyhow::Error| format!("broker {}: cannot verify its log under {}: {e:#}", b.origin, log.url());
+    let Some(written) = log.checkpoint_written().await.map_err(unreadable)? else {
+        return Err(format!(
+            "broker {} is missing: nothing is published under {} (it never started, or its `anchor` setting \
+             points elsewhere)",
+            b.origin,
+            log.url()
+        ));
+    };
+    let (verdict, _) = verify::verify_anchor(log, &b.keys, &b.keys[b.keys.len() - 1..]).await.map_err(unreadable)?;
+    let stale = match now.duration_since(written) {
+        Ok(age) if age > max_age => Some(format!(
+            "broker {} has stopped publishing: its checkpoint under {} was last written {} s ago, more than \
+             --max-age {} s (a running broker writes it every anchor_heartbeat); check that it runs and can write \
+             to the anchor",
+            b.origin,
+            log.url(),
+            age.as_secs(),
+            max_age.as_secs()
+        )),
+        Ok(_) => None,
+        // Written "in the future": a clock far off, or a time set by hand
+        // to make a dead broker look alive for ever.
+        Err(e) if e.duration() > max_age => Some(format!(
+            "broker {}: its checkpoint under {} was last written {} s in the future: the store's clock or the \
+             object's time is wrong, so whether it still publishes cannot be told",
+            b.origin,
+            log.url(),
+            e.duration().as_secs()
+        )),
+        Err(_) => None,
+    };
+    Ok((verdict, stale))
 }
 
 #[cfg(test)]

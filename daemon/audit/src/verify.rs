@@ -317,6 +317,15 @@ pub async fn verify_anchor(
         let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
         return Ok((Err(fail(cp.size.saturating_sub(1), reason)), note));
     }
+    if let Some(path) = anchor.bundle_beyond(cp.size).await? {
+        let reason = format!(
+            "the anchor holds {path}, entries past its checkpoint of size {}: the checkpoint was put back to an older \
+             one (a rollback), or the broker stopped between publishing entries and their checkpoint; a running \
+             broker covers them with its next checkpoint: verify again after its anchor_heartbeat",
+            cp.size
+        );
+        return Ok((Err(fail(cp.size, reason)), note));
+    }
     for level in 0..tiles::levels(cp.size) {
         let stored = tree.level(level * tiles::TILE_HEIGHT);
         for t in tiles::new_tiles(level, 0, cp.size) {

@@ -18,7 +18,7 @@ use super::options::BrokerOptions;
 use super::quic::{bind, serve_connection, server_config};
 use super::shared::{upkeep, Shared};
 use super::state_dir::{
-    load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir, node_ca_endorsed,
+    key_history, load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir, node_ca_endorsed,
 };
 use super::{admin, admission, anonymous, fleet, presence, tickets};
 use crate::audit::anchor::{publish_loop, Anchor};
@@ -146,7 +146,8 @@ impl Broker {
                     anchor = anchor.for_origin(vkey.name());
                 }
                 let db = opts.state_dir.join("audit.db");
-                Some(tokio::spawn(publish_loop(anchor, db, vkey.clone(), audit.checkpoints(), a.heartbeat)))
+                let keys = key_history(&opts.state_dir, &vkey);
+                Some(tokio::spawn(publish_loop(anchor, db, keys, audit.checkpoints(), a.heartbeat)))
             }
             None => None,
         };

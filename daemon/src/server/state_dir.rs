@@ -158,3 +158,18 @@ pub(crate) fn load_endorsement(dir: &Path) -> Result<Option<(grantline_audit::En
     );
     Ok(Some((grantline_audit::Endorsement { vkey: vkey.to_owned(), signature }, fleet)))
 }
+
+/// The log's keys, oldest first, ending with `current`: the history
+/// `grantline audit rotate-key` keeps in `audit.vkeys` (lines of another
+/// name, or that do not parse, are skipped), for recognising this log's
+/// checkpoints signed before a rotation.
+pub fn key_history(state_dir: &Path, current: &VerifierKey) -> Vec<VerifierKey> {
+    let text = grantline_proto::files::read_bounded(&state_dir.join("audit.vkeys"), 1 << 20).unwrap_or_default();
+    let mut keys: Vec<VerifierKey> = text
+        .lines()
+        .filter_map(|l| VerifierKey::parse(l.trim()).ok())
+        .filter(|k| k.name() == current.name() && k != current)
+        .collect();
+    keys.push(current.clone());
+    keys
+}

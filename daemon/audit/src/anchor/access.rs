@@ -52,10 +52,17 @@ impl Access {
     }
 }
 
-/// Reads an options file (0600).
+/// Reads an options file: 0600, and owned by this user or root (whoever
+/// owns it chooses where the log goes and with which credentials).
 fn read_options(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = grantline_proto::files::read_secret(path)
-        .with_context(|| format!("cannot read the anchor's options file {}", path.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    let what = || format!("cannot read the anchor's options file {}", path.display());
+    let owner = std::fs::metadata(path).with_context(what)?.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != me && owner != 0 {
+        bail!("the anchor's options file {} belongs to uid {owner}, not to this user ({me}) or root", path.display());
+    }
+    let text = grantline_proto::files::read_secret(path).with_context(what)?;
     parse_options(&text, path)
 }
 
@@ -73,8 +80,13 @@ pub fn parse_options(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
         };
         let key = key.trim().to_ascii_lowercase();
         if !PREFIXES.iter().any(|p| key.starts_with(p)) {
+            // A name is shown only if it looks like one: a value wrapped onto
+            // a line of its own (a key's base64) must not reach the log.
+            let name = Some(&key)
+                .filter(|k| k.len() <= 64 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                .map_or_else(String::new, |k| format!("{k:?} "));
             bail!(
-                "{} line {}: {key:?} is not an object store option; the names start with AWS_, GOOGLE_, AZURE_ \
+                "{} line {}: {name}is not an object store option; the names start with AWS_, GOOGLE_, AZURE_ \
                  or OBJECT_STORE_",
                 path.display(),
                 n + 1
@@ -88,6 +100,14 @@ pub fn parse_options(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     Ok(options)
 }
 
+/// Options that send a credential provider the checks above missed to a
+/// closed loopback port instead of a metadata address (AWS and Azure take
+/// the address as an option; GCS only from its environment).
+pub(crate) const NO_METADATA: [(&str, &str); 2] = [
+    ("aws_metadata_endpoint", "http://127.0.0.1:1"),
+    ("azure_msi_endpoint", "http://127.0.0.1:1/metadata/identity/oauth2/token"),
+];
+
 /// Refuses a cloud anchor that would take its credentials from a metadata
 /// address without being asked to, and any scheme but file, s3, gs and az.
 pub(crate) fn check(
@@ -96,35 +116,59 @@ pub(crate) fn check(
     options: &[(String, String)],
     instance_credentials: bool,
 ) -> Result<()> {
+    // What the store's builder will hold for a key: the last value given
+    // under any of its names, as the builder applies them in order.
+    fn last<'o, K: FromStr + PartialEq>(options: &'o [(String, String)], wanted: &K) -> Option<&'o str> {
+        options.iter().rev().find(|(k, _)| k.parse::<K>().is_ok_and(|k| k == *wanted)).map(|(_, v)| v.as_str())
+    }
     fn has<K: FromStr + PartialEq>(options: &[(String, String)], wanted: &[K]) -> bool {
-        options.iter().any(|(k, v)| !v.is_empty() && k.parse::<K>().is_ok_and(|k| wanted.contains(&k)))
+        wanted.iter().all(|k| last(options, k).is_some_and(|v| !v.is_empty()))
     }
     fn is_true<K: FromStr + PartialEq>(options: &[(String, String)], wanted: K) -> bool {
-        options.iter().any(|(k, v)| v.eq_ignore_ascii_case("true") && k.parse::<K>().is_ok_and(|k| k == wanted))
+        last(options, &wanted)
+            .is_some_and(|v| ["1", "true", "on", "yes", "y"].contains(&v.to_ascii_lowercase().as_str()))
     }
     let (explicit, what) = match scheme {
         ObjectStoreScheme::Local => return Ok(()),
         ObjectStoreScheme::AmazonS3 => (
-            (has(options, &[S3::AccessKeyId]) && has(options, &[S3::SecretAccessKey]))
+            has(options, &[S3::AccessKeyId, S3::SecretAccessKey])
                 || is_true(options, S3::SkipSignature)
-                || (has(options, &[S3::WebIdentityTokenFile]) && has(options, &[S3::RoleArn])),
+                || has(options, &[S3::WebIdentityTokenFile, S3::RoleArn]),
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT, with AWS_ALLOW_HTTP=true for \
              plain HTTP, for a server other than AWS)",
         ),
         ObjectStoreScheme::GoogleCloudStorage => (
-            has(options, &[Gcs::ServiceAccount, Gcs::ServiceAccountKey, Gcs::ApplicationCredentials, Gcs::BearerToken])
+            [Gcs::ServiceAccount, Gcs::ServiceAccountKey, Gcs::ApplicationCredentials, Gcs::BearerToken]
+                .into_iter()
+                .any(|k| has(options, &[k]))
                 || is_true(options, Gcs::SkipSignature),
             "GOOGLE_SERVICE_ACCOUNT (a key file) or GOOGLE_SERVICE_ACCOUNT_KEY (its JSON; for an emulator, \
              one with \"gcs_base_url\" and \"disable_oauth\": true)",
         ),
-        ObjectStoreScheme::MicrosoftAzure => (
-            has(options, &[Az::AccessKey, Az::SasKey, Az::Token])
-                || (has(options, &[Az::ClientSecret]) && has(options, &[Az::ClientId]))
-                || is_true(options, Az::UseEmulator)
-                || is_true(options, Az::SkipSignature),
-            "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY (or \
-             AZURE_STORAGE_USE_EMULATOR=true for Azurite)",
-        ),
+        ObjectStoreScheme::MicrosoftAzure => {
+            // The builder's own order (`resolve_credential_auto`): only the
+            // static and token-exchange credentials; the Azure CLI and the
+            // managed identity (IMDS) are the machine's.
+            let auto = has(options, &[Az::Token])
+                || has(options, &[Az::AccessKey])
+                || has(options, &[Az::ClientId, Az::AuthorityId, Az::FederatedTokenFile])
+                || has(options, &[Az::ClientId, Az::ClientSecret, Az::AuthorityId])
+                || has(options, &[Az::SasKey]);
+            let explicit = match last(options, &Az::CredentialType).map(str::to_ascii_lowercase).as_deref() {
+                None | Some("auto") => auto,
+                Some("access_key") => has(options, &[Az::AccessKey]),
+                Some("bearer_token") => has(options, &[Az::Token]),
+                Some("sas_token") => has(options, &[Az::SasKey]),
+                Some("client_secret") => has(options, &[Az::ClientId, Az::ClientSecret, Az::AuthorityId]),
+                Some("workload_identity") => has(options, &[Az::ClientId, Az::AuthorityId, Az::FederatedTokenFile]),
+                Some(_) => false,
+            };
+            (
+                explicit || is_true(options, Az::UseEmulator) || is_true(options, Az::SkipSignature),
+                "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY (or \
+                 AZURE_STORAGE_USE_EMULATOR=true for Azurite)",
+            )
+        }
         _ => bail!("anchor {url} has an unsupported scheme; the schemes are file, s3, gs and az"),
     };
     if !explicit && !instance_credentials {
@@ -161,6 +205,16 @@ mod tests {
         assert!(checked("s3://b", &[("aws_access_key_id", "k")], false).is_err());
         assert!(checked("s3://b", &[("aws_access_key_id", "k"), ("aws_secret_access_key", "")], false).is_err());
         assert!(checked("az://c", &[("azure_storage_use_emulator", "false")], false).is_err());
+        // The builder keeps the last value of a key: so does the check.
+        assert!(checked("s3://b", &[("aws_skip_signature", "true"), ("skip_signature", "false")], false).is_err());
+        assert!(checked("az://c", &[("use_emulator", "yes"), ("azure_storage_use_emulator", "0")], false).is_err());
+        // A client secret without its tenant, and credential types of the
+        // machine, reach Azure's managed identity.
+        assert!(checked("az://c", &[("azure_client_id", "i"), ("azure_client_secret", "s")], false).is_err());
+        for kind in ["managed_identity", "azure_cli", "something"] {
+            let opts = [("azure_storage_account_key", "k"), ("azure_credential_type", kind)];
+            assert!(checked("az://c", &opts, false).is_err(), "{kind}");
+        }
         assert!(checked("memory:///", &[], true).unwrap_err().to_string().contains("unsupported scheme"));
     }
 
@@ -171,6 +225,10 @@ mod tests {
         checked("gs://b", &[("google_service_account_key", "{}")], false).unwrap();
         checked("az://c", &[("azure_storage_use_emulator", "true")], false).unwrap();
         checked("az://c", &[("azure_storage_account_key", "k")], false).unwrap();
+        checked("az://c", &[("azure_client_id", "i"), ("azure_client_secret", "s"), ("azure_tenant_id", "t")], false)
+            .unwrap();
+        checked("az://c", &[("azure_storage_sas_key", "sv=x"), ("azure_credential_type", "sas_token")], false).unwrap();
+        checked("s3://b", &[("aws_skip_signature", "false"), ("aws_skip_signature", "on")], false).unwrap();
         checked("file:///tmp/x", &[], false).unwrap();
     }
 
@@ -184,11 +242,17 @@ mod tests {
         let options = access.options().unwrap();
         assert!(options.contains(&("aws_access_key_id".into(), "k".into())), "{options:?}");
         assert!(options.contains(&("aws_secret_access_key".into(), "s=x".into())), "{options:?}");
-        for (text, want) in [("HOME=/root\n", "not an object store option"), ("AWS_SECRET\n", "not KEY=VALUE")] {
+        for (text, want) in
+            [("HOME=/root\n", "\"home\" is not an object store option"), ("AWS_SECRET\n", "not KEY=VALUE")]
+        {
             grantline_proto::files::write_secret(&path, text.as_bytes()).unwrap();
             let e = format!("{:#}", access.options().unwrap_err());
             assert!(e.contains(want), "{e}");
         }
+        // A wrapped key's line is not echoed.
+        grantline_proto::files::write_secret(&path, b"MIIEvQIBADANBgkqhkiG9w0B+/x==\n").unwrap();
+        let e = format!("{:#}", access.options().unwrap_err());
+        assert!(e.contains("line 1: is not an object store option") && !e.contains("miie"), "{e}");
         std::fs::write(&path, "AWS_ACCESS_KEY_ID=k\n").unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let e = format!("{:#}", access.options().unwrap_err());
