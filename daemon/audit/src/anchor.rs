@@ -19,7 +19,6 @@ use grantline_proto::audit::tiles::{self, TileRef, TILE_HEIGHT, TILE_WIDTH};
 use grantline_proto::audit::VerifierKey;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions, PutPayload};
-use tokio::sync::watch;
 
 use super::AuditStore;
 
@@ -133,17 +132,42 @@ impl Anchor {
     /// checkpoint older than the bundles beside it was put back (a
     /// rollback), or its broker stopped between the two.
     pub async fn bundle_beyond(&self, size: u64) -> Result<Option<String>> {
+        use tokio_stream::StreamExt;
         let (index, width) = (size / TILE_WIDTH, size % TILE_WIDTH);
         let full = tiles::bundle_path(index, TILE_WIDTH);
         if self.exists(&full).await? {
             return Ok(Some(full));
         }
-        let partials = self.names_under(&format!("{full}.p"), 256).await?;
-        Ok(partials
-            .iter()
-            .filter_map(|w| w.parse::<u64>().ok())
-            .find(|w| *w > width)
-            .map(|w| tiles::bundle_path(index, w)))
+        // Every name under `<index>.p/` is read (a real log has at most 255
+        // there): anything but a partial bundle is tampering, and cannot
+        // hide one by filling a listing.
+        let dir = format!("{full}.p");
+        let base = self.path(&dir);
+        let mut listed = self.store.list(Some(&base));
+        let mut seen = 0usize;
+        while let Some(meta) = listed.next().await {
+            let meta = match meta {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => return Err(e).with_context(|| format!("cannot list {dir} in anchor {}", self.url)),
+            };
+            seen += 1;
+            let rel: Vec<_> = meta.location.prefix_match(&base).map(|parts| parts.collect()).unwrap_or_default();
+            let w = match &rel[..] {
+                [one] => one.as_ref().parse::<u64>().ok().filter(|w| (1..TILE_WIDTH).contains(w)),
+                _ => None,
+            };
+            match w {
+                Some(w) if w > width => return Ok(Some(tiles::bundle_path(index, w))),
+                Some(_) if seen < MAX_PARTIALS => {}
+                _ => bail!(
+                    "anchor {} holds {} under {dir}, which no log publishes: the anchor was tampered with",
+                    self.url,
+                    meta.location
+                ),
+            }
+        }
+        Ok(None)
     }
 
     /// Where this anchor is, for messages.
@@ -176,15 +200,16 @@ impl Anchor {
     /// entry bundle, so a larger object (a writer of the anchor filling it,
     /// or a sparse file) is refused by its size before a byte is read.
     pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        // A FIFO or a device in a local anchor would block the read (or
-        // never end it): only regular files, not followed through links.
+        // A local anchor is read here: opened without blocking (a FIFO in
+        // it would block the reader for ever), and only a regular file, no
+        // larger than the bound, is read.
         if let Some(path) = self.local_file(rel) {
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if !m.is_file() => {
-                    bail!("{rel} in anchor {} is not a regular file; the anchor was tampered with", self.url)
-                }
-                _ => {}
-            }
+            return match grantline_proto::files::read_bounded_bytes(&path, MAX_OBJECT_BYTES) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e)
+                    .with_context(|| format!("{rel} in anchor {} cannot be read; was it tampered with?", self.url)),
+            };
         }
         match self.store.get(&self.path(rel)).await {
             Ok(r) if r.meta.size > MAX_OBJECT_BYTES => anyhow::bail!(
@@ -224,7 +249,7 @@ impl Anchor {
         }
     }
 
-    async fn put_checkpoint(&self, note: &str) -> Result<()> {
+    pub(crate) async fn put_checkpoint(&self, note: &str) -> Result<()> {
         self.store
             .put(&self.path("checkpoint"), PutPayload::from(note.as_bytes().to_vec()))
             .await
@@ -235,22 +260,35 @@ impl Anchor {
     /// The size of this log's checkpoint the anchor holds (0 if none). A
     /// checkpoint that none of `keys` (the log's key history) signed is
     /// another log's (an origin used again with a new key, a wrong
-    /// anchor): an error, so that it is never overwritten.
-    pub async fn published_size(&self, keys: &[VerifierKey]) -> Result<u64> {
-        match self.get("checkpoint").await? {
-            None => Ok(0),
-            Some(b) => {
-                let note = String::from_utf8(b).context("the anchor's checkpoint is not text")?;
-                Checkpoint::open_any(&note, keys).map(|cp| cp.size).map_err(|e| {
-                    anyhow::anyhow!(
-                        "anchor {} holds a checkpoint this log's keys did not sign ({e}): another log is published \
-                         there (an origin used again with a new key?); not overwriting it: move it aside, or give \
-                         this broker another anchor or origin",
-                        self.url
-                    )
-                })
-            }
+    /// anchor), and one that the log's database `db` did not sign is of
+    /// another copy of it (a state directory restored from a backup): both
+    /// are errors, so that neither is overwritten nor forked.
+    pub async fn published_size(&self, keys: &[VerifierKey], db: &FsPath) -> Result<u64> {
+        let Some(b) = self.get("checkpoint").await? else { return Ok(0) };
+        let note = String::from_utf8(b).context("the anchor's checkpoint is not text")?;
+        let cp = Checkpoint::open_any(&note, keys).map_err(|e| {
+            anyhow::anyhow!(
+                "anchor {} holds a checkpoint this log's keys did not sign ({e}): another log is published there \
+                 (an origin used again with a new key?); not overwriting it: move it aside, or give this broker \
+                 another anchor or origin",
+                self.url
+            )
+        })?;
+        let store = AuditStore::open_read_only(db)?;
+        let signed = store.checkpoints_after(cp.size.checked_sub(1), 1)?;
+        let ours = signed.first().is_some_and(|(size, ours)| {
+            *size == cp.size && Checkpoint::open_any(ours, keys).is_ok_and(|c| c.root == cp.root)
+        });
+        if !ours {
+            bail!(
+                "anchor {} holds a checkpoint of {} entries that this log's database never signed (a state \
+                 directory restored from a backup?): not publishing, so as not to fork the published log; restore \
+                 the database that signed it, or move the anchor's copy aside",
+                self.url,
+                cp.size
+            );
         }
+        Ok(cp.size)
     }
 
     /// Publishes what a tree of `new` leaves adds to one of `old` leaves, then
@@ -344,98 +382,12 @@ pub fn origin_segment(origin: &str) -> String {
     out
 }
 
+/// Names read under one index's partial bundles before the rest is
+/// taken for tampering (a log writes at most 255 there).
+const MAX_PARTIALS: usize = 512;
+
 /// The longest origin prefix written out; longer ones are hashed.
 const MAX_SEGMENT: usize = 160;
-
-/// Publishes every new checkpoint the writer signs, with what it covers,
-/// and writes the checkpoint again every `heartbeat` when nothing is new,
-/// so that a reader of the anchor can tell that this broker still
-/// publishes (`verify-fleet` names one whose checkpoint has gone stale).
-pub async fn publish_loop(
-    anchor: Anchor,
-    db: std::path::PathBuf,
-    keys: Vec<VerifierKey>,
-    mut checkpoints: watch::Receiver<Option<String>>,
-    heartbeat: std::time::Duration,
-) {
-    // What the anchor holds of this log, once known; until then (the anchor
-    // unreadable, or holding another log) nothing is written.
-    let mut published = None;
-    let mut again = false;
-    loop {
-        if published.is_none() {
-            match anchor.published_size(&keys).await {
-                Ok(size) => published = Some(size),
-                Err(e) => {
-                    metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
-                    tracing::error!(error = %format!("{e:#}"), "cannot publish to the anchor; will look again");
-                }
-            }
-        }
-        let note = checkpoints.borrow_and_update().clone();
-        if let (Some(size), Some(key)) = (published.as_mut(), keys.last()) {
-            publish_note(&anchor, &db, key, note.as_deref(), size, again).await;
-        }
-        tokio::select! {
-            changed = checkpoints.changed() => {
-                if changed.is_err() {
-                    // The writer stopped; its last checkpoint may still be unpublished.
-                    let note = checkpoints.borrow().clone();
-                    if let (Some(size), Some(key)) = (published.as_mut(), keys.last()) {
-                        publish_note(&anchor, &db, key, note.as_deref(), size, false).await;
-                    }
-                    return;
-                }
-                again = false;
-            }
-            () = tokio::time::sleep(heartbeat) => again = true,
-        }
-    }
-}
-
-/// Publishes `note` if it covers more than the anchor has, or writes it
-/// again when `again` and it is the one published.
-async fn publish_note(
-    anchor: &Anchor,
-    db: &FsPath,
-    key: &VerifierKey,
-    note: Option<&str>,
-    published: &mut u64,
-    again: bool,
-) {
-    let Some(note) = note else { return };
-    let failed = |e: anyhow::Error, what: &str| {
-        metrics::counter!("grantline_anchor_publish_failures_total").increment(1);
-        tracing::error!(error = %format!("{e:#}"), "{what}");
-    };
-    match Checkpoint::open(note, key) {
-        Ok(cp) if cp.size > *published => match anchor.publish(db, *published, cp.size, note).await {
-            Ok(()) => {
-                tracing::debug!(size = cp.size, "published to the anchor");
-                *published = cp.size;
-                metrics::gauge!("grantline_anchor_published_entries").set(cp.size as f64);
-            }
-            Err(e) => failed(e, "publishing to the anchor failed; will retry"),
-        },
-        Ok(cp) if again && cp.size == *published => {
-            if let Err(e) = anchor.put_checkpoint(note).await {
-                failed(e, "writing the checkpoint to the anchor again failed");
-            }
-        }
-        Ok(cp) if cp.size < *published => failed(
-            anyhow::anyhow!(
-                "anchor {} holds a checkpoint of {} entries, this log has {}: was the state directory restored \
-                 from a backup? Nothing is published until the log grows past it (its entries must then agree)",
-                anchor.url,
-                *published,
-                cp.size
-            ),
-            "the anchor is ahead of the log",
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::error!(error = %e, "the writer's checkpoint does not verify"),
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,9 @@ pub struct NamedBroker {
 /// The most brokers a brokers file may name.
 pub const MAX_BROKERS: usize = 10_000;
 
+/// The most names at the anchor's top looked at for logs no broker named.
+const MAX_LISTED: usize = 2 * MAX_BROKERS;
+
 /// Parses a brokers file: one verifier key a line (each broker's
 /// `audit.vkey`, or the lines of its `audit.vkeys` for a rotated key),
 /// blank lines and `#` comments skipped. A key's name is its broker's
@@ -76,12 +79,31 @@ pub async fn verify_brokers(
     }
     let named: std::collections::HashSet<String> =
         brokers.iter().map(|b| crate::anchor::origin_segment(&b.origin)).collect();
-    for name in anchor.names_under("", MAX_BROKERS + 1).await? {
-        if !named.contains(&name) && anchor.for_origin_segment(&name).exists("checkpoint").await.unwrap_or(false) {
-            problems.push(format!(
-                "the anchor holds a log under {name}/ that the brokers file does not name: a broker left out of \
-                 it, or one that is not of the fleet"
-            ));
+    match anchor.names_under("", MAX_LISTED).await {
+        Err(e) => problems.push(format!("cannot list the anchor for logs the brokers file does not name: {e:#}")),
+        Ok(names) => {
+            if names.len() == MAX_LISTED {
+                problems.push(format!(
+                    "the anchor's top holds {MAX_LISTED} names or more; only those were looked at for logs the \
+                     brokers file does not name"
+                ));
+            }
+            for name in names.iter().filter(|n| !named.contains(*n)) {
+                let stray = if name == "checkpoint" {
+                    Ok(true)
+                } else {
+                    anchor.for_origin_segment(name).exists("checkpoint").await
+                };
+                match stray {
+                    Ok(false) => {}
+                    Ok(true) => problems.push(format!(
+                        "the anchor holds a log {} that the brokers file does not name: a broker left out of it, \
+                         or one that is not of the fleet",
+                        if name == "checkpoint" { "at its top".to_owned() } else { format!("under {name}/") }
+                    )),
+                    Err(e) => problems.push(format!("cannot read {name}/ in the anchor: {e:#}")),
+                }
+            }
         }
     }
     Ok((logs, problems))

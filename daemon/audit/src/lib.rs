@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod fleet_anchor;
 pub mod inventory;
 pub mod prove;
+pub mod publisher;
 mod readers;
 pub mod store;
 mod untrusted;

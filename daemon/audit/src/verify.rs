@@ -257,49 +257,19 @@ fn fork(what: &str, size: u64, claimed: &[u8; 32], computed: &[u8; 32]) -> Failu
 /// entries' genesis and rotations are checked against.
 ///
 /// An entry bundle past the checkpoint fails the log (an older checkpoint
-/// put back), unless the checkpoint moves on within a few seconds: a
-/// running broker writes its bundles first, then their checkpoint.
+/// put back), unless a larger signed checkpoint takes its place within a
+/// few seconds (a running broker writes its bundles, then their
+/// checkpoint); a checkpoint seen to go back is a rollback. Both are
+/// checked before the entries are read.
 pub async fn verify_anchor(
     anchor: &Anchor,
     history: &[VerifierKey],
     checkpoint_keys: &[VerifierKey],
 ) -> Result<(Result<Summary, Failure>, String)> {
-    let mut attempts = 0;
-    loop {
-        let (verdict, note) = verify_anchor_once(anchor, history, checkpoint_keys).await?;
-        let behind = matches!(&verdict, Err(f) if f.reason.contains(PAST_CHECKPOINT));
-        if !behind || attempts == 3 || !checkpoint_moves_on(anchor, &note).await? {
-            return Ok((verdict, note));
-        }
-        attempts += 1;
-    }
-}
-
-const PAST_CHECKPOINT: &str = "entries past its checkpoint";
-
-/// Whether the anchor's checkpoint changes from `note` within 3 s.
-async fn checkpoint_moves_on(anchor: &Anchor, note: &str) -> Result<bool> {
-    for _ in 0..6 {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        if anchor_checkpoint(anchor).await? != note {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-async fn verify_anchor_once(
-    anchor: &Anchor,
-    history: &[VerifierKey],
-    checkpoint_keys: &[VerifierKey],
-) -> Result<(Result<Summary, Failure>, String)> {
-    let trusted = checkpoint_keys;
-    let note = anchor_checkpoint(anchor).await?;
-    // Read for its size now; its signature is checked once the entries have
-    // told which keys the log has used.
+    let mut note = anchor_checkpoint(anchor).await?;
     // The signature first: nothing the anchor says (its size above all) is
     // used before a trusted key vouches for it.
-    let cp = match Checkpoint::open_any(&note, trusted) {
+    let mut cp = match Checkpoint::open_any(&note, checkpoint_keys) {
         Ok(cp) => cp,
         Err(e) => {
             let reason = format!(
@@ -310,6 +280,63 @@ async fn verify_anchor_once(
             return Ok((Err(Failure { seq: -1, reason }), note));
         }
     };
+    let fail = |seq: u64, reason: String| Failure { seq: i64::try_from(seq).unwrap_or(i64::MAX), reason };
+    for waited in 0..=3 {
+        let Some(path) = anchor.bundle_beyond(cp.size).await? else { break };
+        let next = if waited < 3 { larger_checkpoint(anchor, &cp, checkpoint_keys).await? } else { Next::Same };
+        match next {
+            Next::Larger(n, c) => (note, cp) = (n, c),
+            Next::Smaller(size) => {
+                let reason = format!(
+                    "the anchor's checkpoint went back from size {} to {size} while it was read: two checkpoints \
+                     signed by the log's key prove a rollback of the anchor",
+                    cp.size
+                );
+                return Ok((Err(fail(size, reason)), note));
+            }
+            Next::Same => {
+                let reason = format!(
+                    "the anchor holds {path}, entries past its checkpoint of size {}: the checkpoint was put back \
+                     to an older one (a rollback), or the broker stopped between publishing entries and their \
+                     checkpoint (a running broker covers them with its next checkpoint)",
+                    cp.size
+                );
+                return Ok((Err(fail(cp.size, reason)), note));
+            }
+        }
+    }
+    verify_anchor_at(anchor, history, note, cp).await
+}
+
+/// What the anchor's checkpoint became after `cp`.
+enum Next {
+    Larger(String, Checkpoint),
+    Smaller(u64),
+    Same,
+}
+
+/// Waits up to 3 s for the anchor's checkpoint to be replaced by a larger
+/// one signed by `keys`; one smaller is reported at once.
+async fn larger_checkpoint(anchor: &Anchor, cp: &Checkpoint, keys: &[VerifierKey]) -> Result<Next> {
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let note = anchor_checkpoint(anchor).await?;
+        match Checkpoint::open_any(&note, keys) {
+            Ok(c) if c.size > cp.size => return Ok(Next::Larger(note, c)),
+            Ok(c) if c.size < cp.size => return Ok(Next::Smaller(c.size)),
+            _ => {}
+        }
+    }
+    Ok(Next::Same)
+}
+
+/// Verifies the anchor's entries and tiles against `cp`, its checkpoint.
+async fn verify_anchor_at(
+    anchor: &Anchor,
+    history: &[VerifierKey],
+    note: String,
+    cp: Checkpoint,
+) -> Result<(Result<Summary, Failure>, String)> {
     let fail = |seq: u64, reason: String| Failure { seq: i64::try_from(seq).unwrap_or(i64::MAX), reason };
     let mut verifier = ChainVerifier::trusting(history.to_vec()).without_signatures();
     verifier.want_root_at(cp.size);
@@ -349,15 +376,6 @@ async fn verify_anchor_once(
     if summary.roots.get(&cp.size) != Some(&cp.root) {
         let reason = format!("the anchor's entries do not hash to the root of its checkpoint of size {}: the anchor was rewritten or forked", cp.size);
         return Ok((Err(fail(cp.size.saturating_sub(1), reason)), note));
-    }
-    if let Some(path) = anchor.bundle_beyond(cp.size).await? {
-        let reason = format!(
-            "the anchor holds {path}, {PAST_CHECKPOINT} of size {}: the checkpoint was put back to an older one \
-             (a rollback), or the broker stopped between publishing entries and their checkpoint (a running broker \
-             covers them with its next checkpoint)",
-            cp.size
-        );
-        return Ok((Err(fail(cp.size, reason)), note));
     }
     for level in 0..tiles::levels(cp.size) {
         let stored = tree.level(level * tiles::TILE_HEIGHT);

@@ -21,7 +21,8 @@ use super::state_dir::{
     key_history, load_endorsement, load_node_ca_endorsement, load_or_create_audit_key, lock_state_dir, node_ca_endorsed,
 };
 use super::{admin, admission, anonymous, fleet, presence, tickets};
-use crate::audit::anchor::{publish_loop, Anchor};
+use crate::audit::anchor::Anchor;
+use crate::audit::publisher::publish_loop;
 use crate::audit::{AuditLog, AuditReaders};
 use crate::grant::{GrantService, SystemClock};
 use crate::issuer::backends::Backends;

@@ -137,11 +137,12 @@ pub(crate) fn check(
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT, with AWS_ALLOW_HTTP=true for \
              plain HTTP, for a server other than AWS)",
         ),
+        // Not `skip_signature`: object_store's GCS client still asks its
+        // credential provider (the metadata service) for every write.
         ObjectStoreScheme::GoogleCloudStorage => (
             [Gcs::ServiceAccount, Gcs::ServiceAccountKey, Gcs::ApplicationCredentials, Gcs::BearerToken]
                 .into_iter()
-                .any(|k| has(options, &[k]))
-                || is_true(options, Gcs::SkipSignature),
+                .any(|k| has(options, &[k])),
             "GOOGLE_SERVICE_ACCOUNT (a key file) or GOOGLE_SERVICE_ACCOUNT_KEY (its JSON; for an emulator, \
              one with \"gcs_base_url\" and \"disable_oauth\": true)",
         ),
@@ -211,6 +212,7 @@ mod tests {
         // A client secret without its tenant, and credential types of the
         // machine, reach Azure's managed identity.
         assert!(checked("az://c", &[("azure_client_id", "i"), ("azure_client_secret", "s")], false).is_err());
+        assert!(checked("gs://b", &[("google_skip_signature", "true")], false).is_err());
         for kind in ["managed_identity", "azure_cli", "something"] {
             let opts = [("azure_storage_account_key", "k"), ("azure_credential_type", kind)];
             assert!(checked("az://c", &opts, false).is_err(), "{kind}");

@@ -10,8 +10,8 @@ async fn an_object_larger_than_any_the_log_publishes_is_refused_unread() {
     std::fs::File::create(dir.path().join("checkpoint")).unwrap().set_len(8 << 30).unwrap();
     std::fs::write(dir.path().join("small"), b"fine").unwrap();
     let anchor = Anchor::open_existing(dir.path().to_str().unwrap(), &Access::default()).unwrap();
-    let err = anchor.get("checkpoint").await.unwrap_err().to_string();
-    assert!(err.contains("more than any object a Grantline log publishes"), "{err}");
+    let err = format!("{:#}", anchor.get("checkpoint").await.unwrap_err());
+    assert!(err.contains(&format!("larger than {MAX_OBJECT_BYTES} bytes")), "{err}");
     assert_eq!(anchor.get("small").await.unwrap().unwrap(), b"fine");
     assert!(anchor.get("absent").await.unwrap().is_none());
 }
@@ -24,7 +24,7 @@ async fn only_regular_files_are_read_from_a_local_anchor() {
     std::os::unix::fs::symlink("/dev/zero", dir.path().join("link")).unwrap();
     let anchor = Anchor::open_existing(dir.path().to_str().unwrap(), &Access::default()).unwrap();
     for name in ["checkpoint", "link"] {
-        let err = anchor.get(name).await.unwrap_err().to_string();
+        let err = format!("{:#}", anchor.get(name).await.unwrap_err());
         assert!(err.contains("not a regular file"), "{err}");
     }
 }
@@ -43,22 +43,42 @@ async fn bundles_past_the_checkpoint_are_found() {
     assert_eq!(anchor.bundle_beyond(3).await.unwrap().as_deref(), Some("tile/entries/000.p/5"));
     anchor.create(&tiles::bundle_path(1, TILE_WIDTH), vec![0]).await.unwrap();
     assert_eq!(anchor.bundle_beyond(256).await.unwrap().as_deref(), Some("tile/entries/001"));
+    // Names that no log publishes, to fill a listing and hide a bundle
+    // past the checkpoint, are tampering.
+    for junk in ["tile/entries/000.p/zz/x", "tile/entries/000.p/0", "tile/entries/000.p/999"] {
+        let dir = tempfile::tempdir().unwrap();
+        let anchor = Anchor::open(dir.path().to_str().unwrap(), &Access::default()).unwrap();
+        anchor.create(junk, vec![0]).await.unwrap();
+        let err = anchor.bundle_beyond(3).await.unwrap_err().to_string();
+        assert!(err.contains("which no log publishes"), "{junk}: {err}");
+    }
 }
 
-/// A checkpoint of another log (an origin used again with a new key) is
-/// not taken for this log's, so it is never overwritten.
+/// A checkpoint of another log (an origin used again with a new key), or
+/// of another copy of this one (a backup restored), is not taken for this
+/// log's, so it is never overwritten nor forked.
 #[tokio::test]
-async fn another_logs_checkpoint_is_not_this_logs() {
+async fn only_this_logs_own_checkpoint_is_published_over() {
     use grantline_proto::audit::SignerKey;
     let dir = tempfile::tempdir().unwrap();
-    let anchor = Anchor::open(dir.path().to_str().unwrap(), &Access::default()).unwrap();
+    let db = dir.path().join("audit.db");
+    let anchor = Anchor::open(dir.path().join("anchor").to_str().unwrap(), &Access::default()).unwrap();
     let (old, new) = (SignerKey::generate("fleet/a").unwrap(), SignerKey::generate("fleet/a").unwrap());
-    let note = Checkpoint { origin: "fleet/a".into(), size: 7, root: [1; 32] }.sign(&old).unwrap();
-    anchor.put_checkpoint(&note).await.unwrap();
-    let err = anchor.published_size(&[new.verifier().clone()]).await.unwrap_err().to_string();
+    let keys = [old.verifier().clone(), new.verifier().clone()];
+    let store = AuditStore::open(&db).unwrap();
+    let mine = Checkpoint { origin: "fleet/a".into(), size: 7, root: [1; 32] }.sign(&old).unwrap();
+    store.add_checkpoint(7, 0, &mine).unwrap();
+    drop(store);
+    anchor.put_checkpoint(&mine).await.unwrap();
+    let err = anchor.published_size(&keys[1..], &db).await.unwrap_err().to_string();
     assert!(err.contains("not overwriting it"), "{err}");
     // The same log after a key rotation: its history has the old key.
-    assert_eq!(anchor.published_size(&[old.verifier().clone(), new.verifier().clone()]).await.unwrap(), 7);
+    assert_eq!(anchor.published_size(&keys, &db).await.unwrap(), 7);
+    // Signed by the log's key, but not by this database: a fork to be.
+    let other = Checkpoint { origin: "fleet/a".into(), size: 7, root: [2; 32] }.sign(&old).unwrap();
+    anchor.put_checkpoint(&other).await.unwrap();
+    let err = anchor.published_size(&keys, &db).await.unwrap_err().to_string();
+    assert!(err.contains("never signed"), "{err}");
 }
 
 /// With a log at the top and one under the origin's prefix, the anchor
