@@ -15,7 +15,7 @@ use grantline_proto::{frame, wire};
 use serde_json::{json, Value};
 use sha2::Digest;
 
-use crate::load::{grant_request, report, runtime, Fixture, Fleet, FleetLoad, Tally};
+use crate::load::{grant_once, grant_request, report, runtime, Fixture, Fleet, FleetLoad, Tally};
 
 async fn admin_client(socket: &Path) -> AdminClient<tonic::transport::Channel> {
     let target = socket.to_owned();
@@ -103,29 +103,9 @@ pub fn enroll_fixture(
 /// One grant over `conn`; its leaf's fingerprint (SHA-256 of the DER, as
 /// the audit log records it) when granted.
 async fn grant_acked(conn: &quinn::Connection, request: &[u8], tally: &Mutex<Tally>) -> Option<String> {
-    let t = Instant::now();
-    let outcome = crate::raw::send_raw(conn, request).await;
-    let mut tally = tally.lock().unwrap();
-    match outcome {
-        Ok(wire::Response { body: Some(wire::response::Body::Grant(g)) }) => {
-            tally.latencies.push(t.elapsed());
-            let der = rustls_pemfile::certs(&mut g.cert_pem.as_bytes()).next()?.ok()?;
-            Some(hex::encode(sha2::Sha256::digest(&der)))
-        }
-        Ok(wire::Response { body: Some(wire::response::Body::Error(e)) }) => {
-            let code = wire::ErrorCode::try_from(e.code).unwrap_or_default();
-            *tally.errors.entry(format!("{code:?}")).or_default() += 1;
-            None
-        }
-        Ok(_) => {
-            *tally.errors.entry("unexpected".into()).or_default() += 1;
-            None
-        }
-        Err(e) => {
-            *tally.errors.entry(format!("transport: {e}")).or_default() += 1;
-            None
-        }
-    }
+    let g = grant_once(conn, request, tally).await?;
+    let der = rustls_pemfile::certs(&mut g.cert_pem.as_bytes()).next()?.ok()?;
+    Some(hex::encode(sha2::Sha256::digest(&der)))
 }
 
 /// Connects every agent (agent `i` at broker `i % brokers`), grants once

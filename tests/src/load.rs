@@ -747,12 +747,20 @@ pub fn storm(
     })
 }
 
-pub(crate) async fn grant_once(conn: &quinn::Connection, request: &[u8], tally: &Mutex<Tally>) {
+/// One grant over `conn`, tallied; the grant, when granted.
+pub(crate) async fn grant_once(
+    conn: &quinn::Connection,
+    request: &[u8],
+    tally: &Mutex<Tally>,
+) -> Option<wire::GrantResponse> {
     let t = Instant::now();
     let outcome = crate::raw::send_raw(conn, request).await;
     let mut tally = tally.lock().unwrap();
     match outcome {
-        Ok(wire::Response { body: Some(wire::response::Body::Grant(_)) }) => tally.latencies.push(t.elapsed()),
+        Ok(wire::Response { body: Some(wire::response::Body::Grant(g)) }) => {
+            tally.latencies.push(t.elapsed());
+            return Some(g);
+        }
         Ok(wire::Response { body: Some(wire::response::Body::Error(e)) }) => {
             let code = wire::ErrorCode::try_from(e.code).unwrap_or_default();
             *tally.errors.entry(format!("{code:?}")).or_default() += 1;
@@ -760,4 +768,5 @@ pub(crate) async fn grant_once(conn: &quinn::Connection, request: &[u8], tally: 
         Ok(_) => *tally.errors.entry("unexpected".into()).or_default() += 1,
         Err(e) => *tally.errors.entry(format!("transport: {e}")).or_default() += 1,
     }
+    None
 }

@@ -32,6 +32,9 @@ pub struct Anchor {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// The directory, for an anchor on this machine: read without
+    /// object_store (see [`Anchor::get`]).
+    local: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Anchor {
@@ -70,7 +73,8 @@ impl Anchor {
         let options = checked_options(&url, access)?;
         let (store, prefix) =
             object_store::parse_url_opts(&url, options).with_context(|| format!("cannot open anchor {url}"))?;
-        Ok(Self { store: Arc::from(store), prefix, url: url.to_string() })
+        let local = url.to_file_path().ok().filter(|_| url.scheme() == "file");
+        Ok(Self { store: Arc::from(store), prefix, url: url.to_string(), local })
     }
 
     /// The anchor of one broker's log within a fleet's shared anchor.
@@ -84,6 +88,7 @@ impl Anchor {
             store: self.store.clone(),
             prefix: self.prefix.clone().join(segment),
             url: format!("{}/{segment}", self.url.trim_end_matches('/')),
+            local: self.local.as_ref().map(|d| d.join(segment)),
         }
     }
 
@@ -107,9 +112,14 @@ impl Anchor {
 
     /// Whether `rel` exists.
     pub async fn exists(&self, rel: &str) -> Result<bool> {
+        Ok(self.head(rel).await?.is_some())
+    }
+
+    /// What the store tells of `rel`, if it exists.
+    async fn head(&self, rel: &str) -> Result<Option<object_store::ObjectMeta>> {
         match self.store.head(&self.path(rel)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {rel} from anchor {}", self.url)),
         }
     }
@@ -179,17 +189,7 @@ impl Anchor {
     /// (not signed: it shows whether the broker still publishes, nothing
     /// about what it published); `None` if there is no checkpoint.
     pub async fn checkpoint_written(&self) -> Result<Option<std::time::SystemTime>> {
-        match self.store.head(&self.path("checkpoint")).await {
-            Ok(meta) => Ok(Some(meta.last_modified.into())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read the checkpoint of anchor {}", self.url)),
-        }
-    }
-
-    /// Where `rel` is on this machine, for an anchor that is a directory.
-    fn local_file(&self, rel: &str) -> Option<std::path::PathBuf> {
-        let url = url::Url::parse(&self.url).ok().filter(|u| u.scheme() == "file")?;
-        Some(url.to_file_path().ok()?.join(rel))
+        Ok(self.head("checkpoint").await?.map(|meta| meta.last_modified.into()))
     }
 
     fn path(&self, rel: &str) -> Path {
@@ -203,8 +203,8 @@ impl Anchor {
         // A local anchor is read here: opened without blocking (a FIFO in
         // it would block the reader for ever), and only a regular file, no
         // larger than the bound, is read.
-        if let Some(path) = self.local_file(rel) {
-            return match grantline_proto::files::read_bounded_bytes(&path, MAX_OBJECT_BYTES) {
+        if let Some(dir) = &self.local {
+            return match grantline_proto::files::read_bounded_bytes(&dir.join(rel), MAX_OBJECT_BYTES) {
                 Ok(bytes) => Ok(Some(bytes)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e)

@@ -87,8 +87,8 @@ async fn publish_note(
         }
         Ok(cp) if cp.size < *published => failed(
             anyhow::anyhow!(
-                "anchor {} holds a checkpoint of {} entries, this log has {}: was the state directory restored \
-                 from a backup? Nothing is published until the log grows past it (its entries must then agree)",
+                "anchor {} holds a checkpoint of {} entries, this log's newest has {}: it is not published \
+                 over the larger one",
                 anchor.url(),
                 *published,
                 cp.size
