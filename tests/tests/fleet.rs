@@ -259,18 +259,24 @@ fn without_postgres_grants_go_on_within_the_bound_then_stop_and_recover() {
         &[],
     );
     assert!(!out.status.success(), "a join token was made without the database");
-    // Past the bound, grants stop.
+    // Past the bound, grants stop, refused with the bound's reason. The
+    // first one to fail may instead be in flight when the stale broker
+    // closes its agents' connections (once, as it does then): it is counted
+    // as the stop, and the refusal is the next one's.
+    let mut stopped_after = None;
     let refused = loop {
         let out = get(&agent);
         if !out.status.success() {
-            break stderr(&out);
+            stopped_after.get_or_insert(stopped.elapsed());
+            if stderr(&out).contains("has not heard from the fleet's database") {
+                break stderr(&out);
+            }
         }
-        assert!(stopped.elapsed() < Duration::from_secs(20), "grants went on long past the staleness bound");
+        assert!(stopped.elapsed() < Duration::from_secs(20), "no refusal naming the bound: {}", stderr(&out));
         std::thread::sleep(Duration::from_millis(250));
     };
     // The bound runs from the last heartbeat, at most a second before the stop.
-    assert!(stopped.elapsed() >= Duration::from_secs(2), "grants stopped before the bound");
-    assert!(refused.contains("has not heard from the fleet's database"), "{refused}");
+    assert!(stopped_after.unwrap() >= Duration::from_secs(2), "grants stopped before the bound: {refused}");
     // The database returns: service recovers by itself.
     fleet.pg.start_again();
     let back = Instant::now();
