@@ -91,6 +91,11 @@ pip_pin() {
 pip_pin moto.server "moto[server]==5.2.1"
 pip_pin gcp_storage_emulator gcp-storage-emulator==2026.7.19
 pip_pin azure.storage.blob azure-storage-blob==12.31.1
+# Independent SPIFFE clients of the agent's SPIFFE socket (RFD 0011).
+pip_pin spiffe.workloadapi spiffe==0.3.2
+pip_pin spiffetls spiffe-tls==0.4.0
+pip_pin envoy.service.secret.v3.sds_pb2_grpc xds-protos==1.85.0
+pip_pin jwt.jwks_client "PyJWT[crypto]==2.15.1"
 if ! command -v azurite-blob >/dev/null 2>&1; then
   echo "install-test-deps: npm install -g azurite@3.35.0" >&2
   $sudo npm install -g --no-audit --no-fund azurite@3.35.0 >/dev/null

@@ -28,7 +28,17 @@
 //! mode = "0640"
 //! reload = "systemctl reload nginx"
 //! # writable_dir = true     # only if others may write the files' directory
+//!
+//! [[sink]]                  # SPIFFE SVIDs as files (spiffe-helper's names)
+//! name = "svid"
+//! kind = "x509-svid"        # or "jwt-svid" with `token` and `audiences`
+//! role = "spiffe"
+//! cert = "/run/spiffe/svid.pem"
+//! key = "/run/spiffe/svid_key.pem"
+//! ca = "/run/spiffe/svid_bundle.pem"
 //! ```
+//!
+//! `[spiffe]` configures the SPIFFE socket: see `spiffe_config`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,6 +60,7 @@ struct AgentFile {
     allow: Vec<AllowFile>,
     #[serde(default)]
     sink: Vec<SinkFile>,
+    spiffe: Option<crate::spiffe_config::SpiffeFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +105,9 @@ struct SinkFile {
     group: Option<String>,
     mode: Option<String>,
     reload: Option<String>,
+    /// jwt-svid: the audiences of the token.
+    #[serde(default)]
+    audiences: Vec<String>,
     /// Write even into a directory others can write (see `sinks::check_dir`).
     #[serde(default)]
     writable_dir: bool,
@@ -140,6 +154,7 @@ pub struct Sink {
     pub gid: Option<u32>,
     pub mode: u32,
     pub reload: Option<String>,
+    pub audiences: Vec<String>,
     pub writable_dir: bool,
 }
 
@@ -150,6 +165,8 @@ pub struct AgentConfigFile {
     /// None: the file gave no rules, so only root and the agent's own user may ask.
     pub allow: Option<Vec<AllowRule>>,
     pub sinks: Vec<Sink>,
+    /// The SPIFFE socket (RFD 0011); None serves none.
+    pub spiffe: Option<crate::spiffe_config::SpiffeSettings>,
 }
 
 fn octal(what: &str, s: &str) -> Result<u32> {
@@ -230,6 +247,9 @@ impl AgentConfigFile {
                 Kind::X509 | Kind::SshUser | Kind::SshHost => &[("cert", s.cert.is_some()), ("key", s.key.is_some())],
                 Kind::VaultToken => &[("token", s.token.is_some())],
                 Kind::DynamicSecret => &[("secret", s.secret.is_some())],
+                // spiffe-helper's names: svid.pem, svid_key.pem, svid_bundle.pem.
+                Kind::X509Svid => &[("cert", s.cert.is_some()), ("key", s.key.is_some())],
+                Kind::JwtSvid => &[("token", s.token.is_some()), ("audiences", !s.audiences.is_empty())],
             };
             for (field, present) in needs {
                 if !present {
@@ -278,6 +298,7 @@ impl AgentConfigFile {
                 token: s.token,
                 secret: s.secret,
                 reload: s.reload,
+                audiences: s.audiences,
                 writable_dir: s.writable_dir,
             });
         }
@@ -286,6 +307,10 @@ impl AgentConfigFile {
             socket_mode: file.socket_mode.as_deref().map(|m| octal("socket_mode", m)).transpose()?.unwrap_or(0o666),
             allow: (!allow.is_empty()).then_some(allow),
             sinks,
+            spiffe: file
+                .spiffe
+                .map(|f| crate::spiffe_config::SpiffeSettings::from_file(f, |m| octal("[spiffe] socket_mode", m)))
+                .transpose()?,
         })
     }
 

@@ -23,6 +23,9 @@ pub fn credential_fingerprint(gr: &wire::GrantResponse) -> Result<String> {
     if !gr.token_accessor.is_empty() {
         return Ok(vault_fingerprint("token-accessor", &gr.token_accessor));
     }
+    if !gr.jwt_svid.is_empty() {
+        return Ok(grantline_proto::audit::event::token_fingerprint(&gr.jwt_svid));
+    }
     if !gr.ssh_certificate.is_empty() {
         let cert = ssh_key::Certificate::from_openssh(&gr.ssh_certificate).context("SSH certificate does not parse")?;
         return Ok(certificate_fingerprint(&cert.to_bytes()?));

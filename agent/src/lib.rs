@@ -10,6 +10,7 @@ pub mod connection;
 pub mod credentials;
 pub mod enroll;
 pub mod get;
+pub mod h2_authority;
 mod inclusion;
 pub mod local;
 mod local_server;
@@ -17,10 +18,15 @@ pub mod recover;
 pub mod renew;
 mod renewal;
 pub mod run;
+mod sds;
 mod session;
 pub mod sinks;
+pub mod spiffe_config;
+mod spiffe_socket;
 pub mod state;
+mod svids;
 pub mod tls;
+mod workload_api;
 
 /// The default local socket path.
 pub const DEFAULT_SOCKET: &str = "/run/grantline-agent/agent.sock";

@@ -50,6 +50,10 @@ enum Command {
         /// file; a missing file means: only root and the agent's user may ask.
         #[arg(long, default_value = grantline_agent::config::DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Serve the SPIFFE Workload API and Envoy SDS on this Unix socket
+        /// (default: agent.toml's [spiffe] socket, if it has that section).
+        #[arg(long)]
+        spiffe_socket: Option<PathBuf>,
     },
     /// Ask the running agent for a credential and write it to --out.
     #[command(subcommand)]
@@ -183,10 +187,11 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Run { state_dir, socket, inclusion_deadline, config } => {
+            Command::Run { state_dir, socket, inclusion_deadline, config, spiffe_socket } => {
                 let config = grantline_agent::config::AgentConfigFile::load(&config)?;
+                let inclusion_deadline = inclusion_deadline.into();
                 run::run(
-                    run::RunArgs { state_dir, socket, inclusion_deadline: inclusion_deadline.into(), config },
+                    run::RunArgs { state_dir, socket, inclusion_deadline, config, spiffe_socket },
                     shutdown_signal(),
                 )
                 .await

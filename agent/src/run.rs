@@ -27,6 +27,9 @@ pub struct RunArgs {
     pub inclusion_deadline: Duration,
     /// agent.toml: local caller policy, sinks, re-enrollment token file.
     pub config: AgentConfigFile,
+    /// Serve the SPIFFE socket here (over agent.toml's `[spiffe] socket`,
+    /// or with its defaults when the file has no `[spiffe]`).
+    pub spiffe_socket: Option<PathBuf>,
 }
 
 pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -39,6 +42,20 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
     }
     let targets = tls::targets(&state.config.broker)?;
     let listener = bind_socket(&args.socket, args.config.socket_mode)?;
+    let spiffe = match (args.config.spiffe.clone(), args.spiffe_socket) {
+        (None, None) => None,
+        (settings, path) => {
+            let mut settings = match settings {
+                Some(s) => s,
+                None => crate::spiffe_config::SpiffeSettings::from_file(Default::default(), |_| Ok(0o666))?,
+            };
+            if let Some(p) = path {
+                settings.socket = p;
+            }
+            let listener = bind_socket(&settings.socket, settings.socket_mode)?;
+            Some((settings, listener))
+        }
+    };
     let sinks = args.config.sinks.clone();
     let agent = Arc::new(Agent {
         state_dir: args.state_dir.clone(),
@@ -59,7 +76,24 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         unconfirmed: std::sync::Mutex::new(Vec::new()),
         inclusion_deadline: args.inclusion_deadline,
     });
-    announce(&format!("grantline-agent ready on {}", args.socket.display()));
+    let spiffe_path = spiffe.as_ref().map(|(s, _)| s.socket.clone());
+    let serve_spiffe = async {
+        match spiffe {
+            None => std::future::pending().await,
+            Some((settings, listener)) => {
+                let svids = crate::svids::Svids::new(agent.clone(), settings.role.clone());
+                crate::spiffe_socket::serve(svids, listener, settings.sds).await
+            }
+        }
+    };
+    match &spiffe_path {
+        Some(p) => announce(&format!(
+            "grantline-agent ready on {} (SPIFFE_ENDPOINT_SOCKET=unix://{})",
+            args.socket.display(),
+            p.display()
+        )),
+        None => announce(&format!("grantline-agent ready on {}", args.socket.display())),
+    }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "cannot notify systemd of readiness");
     }
@@ -69,11 +103,15 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         () = renew_identity_loop(agent.clone()) => Ok(()),
         () = confirm_inclusion_loop(agent.clone()) => Ok(()),
         r = serve_socket(agent.clone(), listener) => r,
+        r = serve_spiffe => r,
         () = crate::sinks::keep_all(agent.clone(), sinks) => Ok(()),
         () = watchdog() => Ok(()),
         () = shutdown => Ok(()),
     };
     let _ = std::fs::remove_file(&args.socket);
+    if let Some(p) = spiffe_path {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(c) = agent.conn.borrow().as_ref() {
         c.close(0u32.into(), b"agent stopping");
     }

@@ -281,6 +281,31 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
             let files = vec![(path(&sink.secret)?, gr.secret_json.into_bytes())];
             Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: gr.lease_id })
         }
+        // SPIFFE SVIDs as files (RFD 0011), in the PEM forms spiffe-helper writes.
+        Kind::X509Svid => {
+            let caller = base.caller.clone().unwrap_or_else(crate::local::own_caller);
+            let svid = crate::svids::obtain_x509(agent, &sink.role, base.ttl_seconds, &caller).await?;
+            let mut files = vec![
+                (path(&sink.key)?, svid.key_pem.clone().into_bytes()),
+                (path(&sink.cert)?, svid.chain_pem.clone().into_bytes()),
+            ];
+            if let Some(ca) = &sink.ca {
+                files.push((ca.clone(), svid.bundle_pem.clone().into_bytes()));
+            }
+            let lifetime = svid.not_after - now();
+            Ok(Obtained { files, received: now(), lifetime, not_after: svid.not_after, lease_id: String::new() })
+        }
+        Kind::JwtSvid => {
+            let g = wire::GrantRequest { kind: Kind::JwtSvid.wire() as i32, audience: sink.audiences.clone(), ..base };
+            let gr = agent.grant(g).await?;
+            crate::svids::check_receipt_names(&gr)?;
+            let lifetime = lifetime_of(&gr);
+            let mut files = vec![(path(&sink.token)?, format!("{}\n", gr.jwt_svid).into_bytes())];
+            if let Some(ca) = &sink.ca {
+                files.push((ca.clone(), gr.jwt_bundle_json.into_bytes()));
+            }
+            Ok(Obtained { files, received: now(), lifetime, not_after: gr.not_after_unix, lease_id: String::new() })
+        }
     }
 }
 

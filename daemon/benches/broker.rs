@@ -41,8 +41,10 @@ fn policy_decide(bencher: divan::Bencher) {
     let policy = Policy::parse(DEV_POLICY).unwrap();
     let node = NodeAttrs { name: "web-1".into(), labels: Default::default() };
     let names = vec!["web-1.example.com".to_owned()];
-    bencher
-        .bench(|| decide(&policy, &PolicyRequest { kind: Kind::X509, role: "dev", ttl: None, names: &names }, &node));
+    bencher.bench(|| {
+        let ask = PolicyRequest { kind: Kind::X509, role: "dev", ttl: None, names: &names, caller: None, spiffe: None };
+        decide(&policy, &ask, &node)
+    });
 }
 
 #[divan::bench]
@@ -138,6 +140,8 @@ fn audit_append_durable_grants(bencher: divan::Bencher) {
             exe: "/usr/sbin/nginx".into(),
             unit: "nginx.service".into(),
         }),
+        spiffe_id: String::new(),
+        audience: Vec::new(),
     };
     append_in_flight(bencher, &event);
 }

@@ -18,6 +18,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/grantline";
 pub const DEFAULT_POLICY: &str = "/etc/grantline/policy.toml";
 use grantline_proto::admin_file::{AdminFile, MAX_CONFIG_FILE};
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+/// The trust domain of `grantlined dev`.
+pub const DEV_TRUST_DOMAIN: &str = "grantline.dev";
 
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +43,59 @@ pub struct LimitsFile {
     /// The reconnection rate a restart asks agents to keep to, by spreading
     /// their reconnects; default 2000 per second.
     pub reconnects_per_second: Option<usize>,
+}
+
+/// `[spiffe]`: the trust domain whose SVIDs the broker signs (RFD 0011).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeFile {
+    /// E.g. "example.org"; SPIFFE IDs are `spiffe://<trust_domain>/…`.
+    pub trust_domain: String,
+    pub oidc: Option<OidcFile>,
+}
+
+/// `[spiffe.oidc]`: the OIDC discovery document and JWKS over HTTPS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcFile {
+    /// TCP address to serve HTTPS on, e.g. "0.0.0.0:443".
+    pub listen: String,
+    /// The issuer URL relying parties are configured with (`https://…`); the
+    /// `iss` claim of every JWT-SVID.
+    pub issuer: String,
+    /// The HTTPS certificate chain and key (PEM). Without them the broker
+    /// issues one from its own root for the issuer's host, which only
+    /// parties trusting that root accept (no cloud provider does).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+fn spiffe_options(file: Option<SpiffeFile>) -> Result<Option<crate::server::SpiffeOptions>> {
+    let Some(file) = file else { return Ok(None) };
+    crate::spiffe::check_trust_domain(&file.trust_domain)?;
+    let oidc = match file.oidc {
+        None => None,
+        Some(o) => {
+            let listen: SocketAddr =
+                o.listen.parse().with_context(|| format!("[spiffe.oidc] listen {:?} is not IP:PORT", o.listen))?;
+            let tls = match (o.tls_cert_file, o.tls_key_file) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => bail!("[spiffe.oidc]: give both tls_cert_file and tls_key_file, or neither"),
+            };
+            Some(crate::server::OidcOptions { listen, issuer: Some(check_issuer(&o.issuer)?), tls })
+        }
+    };
+    Ok(Some(crate::server::SpiffeOptions { trust_domain: file.trust_domain, oidc }))
+}
+
+/// An OIDC issuer URL: `https://host[:port][/path]`, no query or fragment.
+fn check_issuer(issuer: &str) -> Result<String> {
+    let url = url::Url::parse(issuer).with_context(|| format!("[spiffe.oidc] issuer {issuer:?} is not a URL"))?;
+    if url.scheme() != "https" || url.host_str().is_none() || url.query().is_some() || url.fragment().is_some() {
+        bail!("[spiffe.oidc] issuer {issuer:?} must be an https:// URL without query or fragment (OIDC Discovery 1.0)");
+    }
+    Ok(issuer.trim_end_matches('/').to_owned())
 }
 
 /// `grantlined.toml`. Every key is optional.
@@ -77,6 +132,7 @@ pub struct ConfigFile {
     pub limits: Option<LimitsFile>,
     /// Where join tokens, nodes and leases live: PostgreSQL for a fleet.
     pub state: Option<crate::state::StateFile>,
+    pub spiffe: Option<SpiffeFile>,
 }
 
 /// The longest `anchor_heartbeat`: half of `verify-fleet --max-age`'s
@@ -187,6 +243,7 @@ pub fn options(file: ConfigFile) -> Result<BrokerOptions> {
         identity_ttl,
         vault,
         database: file.state.unwrap_or_default().config()?,
+        spiffe: spiffe_options(file.spiffe)?,
     })
 }
 
@@ -211,7 +268,7 @@ pub fn prepare_dev_dir(state_dir: &Path) -> Result<()> {
 
 /// A dev broker's options (`grantlined dev`) for a state directory that
 /// `prepare_dev_dir` made.
-pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
+pub fn dev_options(state_dir: &Path, listen: &str, oidc_listen: &str, identity_ttl: Duration) -> Result<BrokerOptions> {
     if identity_ttl < Duration::from_secs(10) {
         bail!("--node-identity-ttl must be at least 10s");
     }
@@ -230,6 +287,10 @@ pub fn dev_options(state_dir: &Path, listen: &str, identity_ttl: Duration) -> Re
         metrics: None,
         limits: Limits::default(),
         database: None,
+        spiffe: Some(crate::server::SpiffeOptions {
+            trust_domain: DEV_TRUST_DOMAIN.into(),
+            oidc: Some(crate::server::OidcOptions { listen: parse_listen(oidc_listen)?, issuer: None, tls: None }),
+        }),
     })
 }
 

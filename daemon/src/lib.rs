@@ -12,6 +12,7 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod server;
+pub mod spiffe;
 pub mod state;
 pub mod vault;
 

@@ -4,6 +4,8 @@
 //! ca.pem / ca.key            root, the trust anchor agents pin
 //! ├── node-ca.pem / .key     signs node identity certificates (mTLS clients)
 //! ├── x509-ca.pem / .key     signs workload X.509 leaves
+//! ├── svid-ca.pem / .key     signs SPIFFE X509-SVIDs (RFD 0011): keyCertSign and
+//! │                          cRLSign only, as the X509-SVID standard asks
 //! └── server certificate     the broker's QUIC certificate, re-issued at each start
 //! ssh-ca / ssh-ca.pub        signs SSH user and host certificates
 //! ```
@@ -19,7 +21,9 @@
 //! ca.pem                     the fleet root (its key stays with the admin)
 //! ├── server-ca.pem / .key   signs this broker's QUIC certificate
 //! ├── node-ca.pem / .key     signs the node identities this broker issues
-//! └── x509-ca.pem / .key     signs workload X.509 leaves
+//! ├── x509-ca.pem / .key     signs workload X.509 leaves
+//! └── svid-ca.pem / .key     signs X509-SVIDs (absent in a directory joined
+//!                            before SVIDs existed: such a broker issues none)
 //! ssh-ca / ssh-ca.pub        the fleet's SSH CA (SSH has no intermediates)
 //! ```
 
@@ -52,6 +56,8 @@ pub struct Pki {
     pub root: CaCert,
     pub node_ca: Ca,
     pub x509_ca: Ca,
+    /// The X509-SVID signing CA, under the root (the SPIFFE trust bundle).
+    pub svid_ca: Option<Ca>,
     pub ssh_ca: ssh_key::PrivateKey,
     pub server_chain: Vec<CertificateDer<'static>>,
     pub server_key: PrivateKeyDer<'static>,
@@ -69,10 +75,11 @@ impl Pki {
         let root = load_or_create_ca(dir, "ca", "Grantline root CA", None)?;
         let node_ca = load_or_create_ca(dir, "node-ca", "Grantline node identity CA", Some(&root))?;
         let x509_ca = load_or_create_ca(dir, "x509-ca", "Grantline workload X.509 CA", Some(&root))?;
+        let svid_ca = Some(load_or_create_svid_ca(dir, &root)?);
         let ssh_ca = load_or_create_ssh_ca(dir)?;
         let (server_chain, server_key) = issue_server_cert(&root, None, server_names)?;
         let root = CaCert { cert_pem: root.cert_pem, cert_der: root.cert_der };
-        Ok(Self { root, node_ca, x509_ca, ssh_ca, server_chain, server_key })
+        Ok(Self { root, node_ca, x509_ca, svid_ca, ssh_ca, server_chain, server_key })
     }
 
     /// A fleet broker's state directory, made by [`join_fleet`]: nothing is
@@ -92,8 +99,9 @@ impl Pki {
             dir.display()
         );
         let ssh_ca = load_or_create_ssh_ca(dir)?;
+        let svid_ca = load_ca(dir, "svid-ca")?;
         let (server_chain, server_key) = issue_server_cert(&server_ca, Some(&root), server_names)?;
-        Ok(Self { root, node_ca, x509_ca, ssh_ca, server_chain, server_key })
+        Ok(Self { root, node_ca, x509_ca, svid_ca, ssh_ca, server_chain, server_key })
     }
 
     /// PEM chain above a workload leaf: the X.509 CA, then the root.
@@ -143,12 +151,23 @@ pub fn load_ca(dir: &Path, stem: &str) -> Result<Option<Ca>> {
 }
 
 fn load_or_create_ca(dir: &Path, stem: &str, cn: &str, parent: Option<&Ca>) -> Result<Ca> {
+    load_or_create_ca_with(dir, stem, ca_params(cn, parent.map(|_| 0)), parent)
+}
+
+/// The X509-SVID signing CA: a signing certificate per the X509-SVID
+/// standard §4 (cA true, keyCertSign and cRLSign, no digitalSignature).
+fn load_or_create_svid_ca(dir: &Path, root: &Ca) -> Result<Ca> {
+    let mut params = ca_params("Grantline SPIFFE X509-SVID CA", Some(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    load_or_create_ca_with(dir, "svid-ca", params, Some(root))
+}
+
+fn load_or_create_ca_with(dir: &Path, stem: &str, params: CertificateParams, parent: Option<&Ca>) -> Result<Ca> {
     if let Some(ca) = load_ca(dir, stem)? {
         return Ok(ca);
     }
     let (cert_path, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let params = ca_params(cn, parent.map(|_| 0));
     let cert = match parent {
         Some(p) => params.signed_by(&key, &p.issuer)?,
         None => params.self_signed(&key)?,
@@ -208,6 +227,8 @@ pub fn init_fleet(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     load_or_create_ca(dir, "ca", "Grantline fleet root CA", None)?;
     load_or_create_ssh_ca(dir)?;
+    // One JWT-SVID key for the fleet, so one JWKS verifies what any broker signs.
+    crate::spiffe::JwtKey::load_or_create(dir)?;
     Ok(())
 }
 
@@ -231,9 +252,14 @@ pub fn join_fleet(root_dir: &Path, state_dir: &Path) -> Result<()> {
     load_or_create_ca(state_dir, "server-ca", grantline_proto::SERVER_CA_NAME, Some(&root))?;
     load_or_create_ca(state_dir, "node-ca", "Grantline node identity CA", Some(&root))?;
     load_or_create_ca(state_dir, "x509-ca", "Grantline workload X.509 CA", Some(&root))?;
+    load_or_create_svid_ca(state_dir, &root)?;
     write_secret(&state_dir.join("ssh-ca"), read_secret(&root_dir.join("ssh-ca"))?.as_bytes())?;
     let public = std::fs::read(root_dir.join("ssh-ca.pub"))?;
     write_atomic(&state_dir.join("ssh-ca.pub"), &public, 0o644)?;
+    let jwt = root_dir.join(crate::spiffe::JwtKey::FILE);
+    if jwt.exists() {
+        write_secret(&state_dir.join(crate::spiffe::JwtKey::FILE), read_secret(&jwt)?.as_bytes())?;
+    }
     Ok(())
 }
 

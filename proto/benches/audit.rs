@@ -23,6 +23,8 @@ fn grant(i: usize) -> Event {
         names: vec![format!("node-{i:06}.example.com")],
         not_after: 1_800_000_000,
         caller: None,
+        spiffe_id: String::new(),
+        audience: Vec::new(),
     }
 }
 

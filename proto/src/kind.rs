@@ -15,11 +15,21 @@ pub enum Kind {
     SshHost = 3,
     VaultToken = 4,
     DynamicSecret = 5,
+    X509Svid = 6,
+    JwtSvid = 7,
 }
 
 impl Kind {
     /// Every kind, in the order the wire numbers them.
-    pub const ALL: [Self; 5] = [Self::X509, Self::SshUser, Self::SshHost, Self::VaultToken, Self::DynamicSecret];
+    pub const ALL: [Self; 7] = [
+        Self::X509,
+        Self::SshUser,
+        Self::SshHost,
+        Self::VaultToken,
+        Self::DynamicSecret,
+        Self::X509Svid,
+        Self::JwtSvid,
+    ];
 
     /// The name used in policy files, audit events and the CLI.
     pub fn name(self) -> &'static str {
@@ -29,6 +39,8 @@ impl Kind {
             Self::SshHost => "ssh-host",
             Self::VaultToken => "vault-token",
             Self::DynamicSecret => "secret",
+            Self::X509Svid => "x509-svid",
+            Self::JwtSvid => "jwt-svid",
         }
     }
 
@@ -49,7 +61,14 @@ impl Kind {
             Self::SshUser | Self::SshHost => "principal",
             Self::VaultToken => "Vault policy",
             Self::DynamicSecret => "name",
+            Self::X509Svid | Self::JwtSvid => "SPIFFE ID",
         }
+    }
+
+    /// A SPIFFE SVID (RFD 0011): issued to a local caller, never to a
+    /// node as such.
+    pub fn is_svid(self) -> bool {
+        matches!(self, Self::X509Svid | Self::JwtSvid)
     }
 
     /// A kind as the wire numbers it.
@@ -60,6 +79,8 @@ impl Kind {
             Self::SshHost => wire::CredentialKind::SshHost,
             Self::VaultToken => wire::CredentialKind::VaultToken,
             Self::DynamicSecret => wire::CredentialKind::DynamicSecret,
+            Self::X509Svid => wire::CredentialKind::X509Svid,
+            Self::JwtSvid => wire::CredentialKind::JwtSvid,
         }
     }
 
@@ -96,10 +117,10 @@ mod tests {
         for name in ["unspecified", "", "X509", "ssh", "*"] {
             assert_eq!(Kind::parse(name), None, "{name}");
         }
-        for number in [wire::CredentialKind::Unspecified as i32, -1, 6, i32::MAX] {
+        for number in [wire::CredentialKind::Unspecified as i32, -1, 8, i32::MAX] {
             assert_eq!(Kind::from_wire(number), None, "{number}");
             assert_eq!(Kind::name_of_wire(number), "unknown");
         }
-        assert_eq!(Kind::names(), "x509, ssh-user, ssh-host, vault-token, secret");
+        assert_eq!(Kind::names(), "x509, ssh-user, ssh-host, vault-token, secret, x509-svid, jwt-svid");
     }
 }

@@ -31,6 +31,14 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/grantline.admin.v1.rs"));
 }
 
+/// Generated SPIFFE Workload API (`proto/spiffe/workload.proto`): messages
+/// and the tonic server trait the agent implements.
+#[cfg(feature = "workload")]
+#[allow(clippy::all, clippy::pedantic)]
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
 /// The common name of a fleet broker's server CA (RFD 0010): agents take a
 /// broker certificate only from it or from the root itself, never from the
 /// workload X.509 CA that chains to the same root.

@@ -24,7 +24,8 @@ impl InProcessBroker {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         config::prepare_dev_dir(dir.path()).unwrap();
-        let opts = config::dev_options(dir.path(), "127.0.0.1:0", Duration::from_secs(24 * 3600)).unwrap();
+        let opts =
+            config::dev_options(dir.path(), "127.0.0.1:0", "127.0.0.1:0", Duration::from_secs(24 * 3600)).unwrap();
         let (listening, addr) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {

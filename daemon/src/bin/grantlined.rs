@@ -37,6 +37,11 @@ enum Command {
         /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
         #[arg(long)]
         metrics: Option<String>,
+        /// Serve the OIDC discovery document and JWKS of trust domain
+        /// grantline.dev over HTTPS here (port 0: any free port; the issuer
+        /// URL is written to STATE_DIR/oidc-issuer).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        oidc_listen: String,
         /// Handshakes in flight at which new connections are refused.
         #[arg(long)]
         max_handshakes: Option<usize>,
@@ -112,17 +117,19 @@ fn main() -> ExitCode {
             listen,
             node_identity_ttl,
             metrics,
+            oidc_listen,
             max_handshakes,
             retry_handshakes_above,
             reconnects_per_second,
-        }) => match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref()).and_then(|o| {
-            let limits = config::limits(config::LimitsFile {
-                max_handshakes: *max_handshakes,
-                retry_handshakes_above: *retry_handshakes_above,
-                reconnects_per_second: *reconnects_per_second,
-            })?;
-            Ok(BrokerOptions { limits, ..o })
-        }) {
+        }) => match prepare_dev(state_dir, listen, (*node_identity_ttl).into(), metrics.as_deref(), oidc_listen)
+            .and_then(|o| {
+                let limits = config::limits(config::LimitsFile {
+                    max_handshakes: *max_handshakes,
+                    retry_handshakes_above: *retry_handshakes_above,
+                    reconnects_per_second: *reconnects_per_second,
+                })?;
+                Ok(BrokerOptions { limits, ..o })
+            }) {
             Ok(o) => (o, true),
             Err(e) => return fail(exit::CONFIG, &e),
         },
@@ -197,9 +204,10 @@ fn prepare_dev(
     listen: &str,
     identity_ttl: Duration,
     metrics: Option<&str>,
+    oidc_listen: &str,
 ) -> Result<BrokerOptions> {
     config::prepare_dev_dir(state_dir)?;
-    let mut opts = config::dev_options(state_dir, listen, identity_ttl)?;
+    let mut opts = config::dev_options(state_dir, listen, oidc_listen, identity_ttl)?;
     if let Some(m) = metrics {
         opts.metrics = Some(m.parse().with_context(|| format!("--metrics {m:?} is not IP:PORT, e.g. 127.0.0.1:9464"))?);
     }
@@ -213,10 +221,19 @@ async fn serve(opts: BrokerOptions, dev: bool) -> Result<()> {
         let token = broker.create_token(Duration::from_secs(3600)).await?;
         let path = opts.state_dir.join("join-token");
         write_secret(&path, format!("{token}\n").as_bytes())?;
+        if let Some(issuer) = broker.oidc_issuer() {
+            grantline_proto::files::write_atomic(
+                &opts.state_dir.join("oidc-issuer"),
+                format!("{issuer}\n").as_bytes(),
+                0o644,
+            )?;
+        }
         eprintln!(
-            "grantlined dev: state in {dir}\n  trust anchor: {dir}/ca.pem\n  audit key:    {dir}/audit.vkey\n  join token:   {path} (single use, 1 h)\n  enroll with:  grantline-agent enroll --broker {addr} --token \"$(cat {path})\" --ca-file {dir}/ca.pem --state-dir AGENT_DIR\n  admin:        grantline nodes list --state-dir {dir}",
+            "grantlined dev: state in {dir}\n  trust anchor: {dir}/ca.pem\n  audit key:    {dir}/audit.vkey\n  join token:   {path} (single use, 1 h)\n  enroll with:  grantline-agent enroll --broker {addr} --token \"$(cat {path})\" --ca-file {dir}/ca.pem --state-dir AGENT_DIR\n  admin:        grantline nodes list --state-dir {dir}\n  SPIFFE:       trust domain {td}, OIDC issuer {issuer}",
             dir = opts.state_dir.display(),
             path = path.display(),
+            td = config::DEV_TRUST_DOMAIN,
+            issuer = broker.oidc_issuer().unwrap_or("-"),
         );
     }
     let shutdown = shutdown_signal();

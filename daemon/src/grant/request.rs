@@ -98,6 +98,36 @@ pub(crate) fn parse_grant(r: &wire::GrantRequest) -> Result<Parsed, String> {
             Ok(Parsed { kind, names: policies, what })
         }
         Kind::DynamicSecret => Ok(Parsed { kind, names: Vec::new(), what: What::Secret { path: String::new() } }),
+        Kind::X509Svid | Kind::JwtSvid => {
+            if r.caller.is_none() {
+                return Err("SVIDs are issued to a local caller: ask through the node's agent".into());
+            }
+            if !r.spiffe_id.is_empty() {
+                if r.spiffe_id.len() > 2048 {
+                    return Err("the SPIFFE ID asked for is longer than 2048 bytes".into());
+                }
+                spiffe::SpiffeId::new(&r.spiffe_id)
+                    .map_err(|e| format!("{:?} is not a SPIFFE ID: {e}", excerpt(&r.spiffe_id, 120)))?;
+            }
+            if kind == Kind::X509Svid {
+                let csr = check_csr(&r.csr_der)?;
+                // An X509-SVID carries one name, its SPIFFE ID: the CSR asks for none.
+                csr.names_within(&[])?;
+                return Ok(Parsed { kind, names: Vec::new(), what: What::X509Svid { csr, spiffe_id: String::new() } });
+            }
+            if r.audience.is_empty() || r.audience.len() > crate::spiffe::MAX_AUDIENCES {
+                return Err(format!(
+                    "a JWT-SVID is bound to 1 to {} audiences; the request names {}",
+                    crate::spiffe::MAX_AUDIENCES,
+                    r.audience.len()
+                ));
+            }
+            for a in &r.audience {
+                crate::spiffe::check_audience(a)?;
+            }
+            let what = What::JwtSvid { spiffe_id: String::new(), audience: r.audience.clone() };
+            Ok(Parsed { kind, names: r.audience.clone(), what })
+        }
     }
 }
 
@@ -112,6 +142,8 @@ pub(crate) fn bind_to_policy(what: What, allowed: &Allowed) -> What {
             What::VaultToken { policies, num_uses }
         }
         What::Secret { .. } => What::Secret { path: allowed.path.clone() },
+        What::X509Svid { csr, .. } => What::X509Svid { csr, spiffe_id: allowed.spiffe_id.clone() },
+        What::JwtSvid { audience, .. } => What::JwtSvid { spiffe_id: allowed.spiffe_id.clone(), audience },
         other => other,
     }
 }

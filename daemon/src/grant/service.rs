@@ -45,6 +45,8 @@ pub struct GrantService {
     pub state: Arc<dyn StateStore>,
     pub clock: Arc<dyn Clock>,
     pub nodes: Arc<dyn Nodes>,
+    /// The SPIFFE trust domain (RFD 0011); None issues no SVIDs.
+    pub trust_domain: Option<String>,
 }
 
 impl GrantService {
@@ -87,6 +89,11 @@ impl GrantService {
             role: &r.role,
             ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds))),
             names: &parsed.names,
+            caller: caller.as_ref(),
+            spiffe: self
+                .trust_domain
+                .as_deref()
+                .map(|trust_domain| crate::policy::SpiffeAsk { trust_domain, spiffe_id: &r.spiffe_id }),
         };
         let allowed = match decide(policy, &ask, node) {
             Decision::Allow(a) => a,
@@ -114,9 +121,11 @@ impl GrantService {
                 });
             }
         };
-        let names = match &order.what {
-            What::Secret { path } => vec![path.clone()],
-            _ => parsed.names,
+        let (names, audience) = match &order.what {
+            What::Secret { path } => (vec![path.clone()], Vec::new()),
+            What::X509Svid { spiffe_id, .. } => (vec![spiffe_id.clone()], Vec::new()),
+            What::JwtSvid { spiffe_id, audience } => (vec![spiffe_id.clone()], audience.clone()),
+            _ => (parsed.names, Vec::new()),
         };
         let event = Event::Grant {
             node: node.name.clone(),
@@ -132,6 +141,8 @@ impl GrantService {
             names,
             not_after: issued.not_after,
             caller,
+            spiffe_id: allowed.spiffe_id.clone(),
+            audience,
         };
         let receipt = match self.audit.append(event).await {
             Ok(r) => r,
@@ -182,6 +193,11 @@ impl GrantService {
             token_accessor: issued.token_accessor,
             secret_json: issued.secret_json,
             lease_id: issued.lease_id,
+            spiffe_id: issued.spiffe_id,
+            jwt_svid: issued.jwt_svid,
+            trust_domain: issued.trust_domain,
+            x509_bundle_pem: issued.x509_bundle_pem,
+            jwt_bundle_json: issued.jwt_bundle_json,
         })
     }
 

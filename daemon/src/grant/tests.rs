@@ -53,13 +53,14 @@ impl Fixture {
         let state: Arc<dyn StateStore> = Arc::new(StateDb::open(&dir.path().join("state.db")).unwrap());
         let registry = Arc::new(Registry::new(vec![node("web-1")]));
         let embedded: Arc<dyn Issuer> = Arc::new(EmbeddedIssuer::new(pki));
-        let issuer = Backends { x509: embedded.clone(), ssh: embedded, vault: None };
+        let issuer = Backends { x509: embedded.clone(), ssh: embedded, vault: None, spiffe: None };
         let service = GrantService {
             issuer: Arc::new(issuer),
             audit: Arc::new(log.clone()),
             state,
             clock: Arc::new(SystemClock),
             nodes: registry.clone(),
+            trust_domain: None,
         };
         Self { dir, service, registry, log, writer, vkey, policy: Policy::parse(POLICY).unwrap() }
     }

@@ -9,6 +9,8 @@ pub struct Backends {
     pub ssh: Arc<dyn Issuer>,
     /// Vault tokens and dynamic secrets; None without a `[vault]` section.
     pub vault: Option<Arc<dyn Issuer>>,
+    /// SVIDs; None without a trust domain (`[spiffe]`).
+    pub spiffe: Option<Arc<dyn Issuer>>,
 }
 
 impl Issuer for Backends {
@@ -21,6 +23,14 @@ impl Issuer for Backends {
                 None => Box::pin(async {
                     Err(IssueError::BadRequest(
                         "this broker has no Vault backend; add a [vault] section to grantlined.toml".into(),
+                    ))
+                }),
+            },
+            What::X509Svid { .. } | What::JwtSvid { .. } => match &self.spiffe {
+                Some(s) => s.issue(order),
+                None => Box::pin(async {
+                    Err(IssueError::BadRequest(
+                        "this broker has no SPIFFE trust domain; add a [spiffe] section to grantlined.toml".into(),
                     ))
                 }),
             },

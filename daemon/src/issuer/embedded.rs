@@ -126,7 +126,7 @@ impl Issuer for EmbeddedIssuer {
                     };
                     sign_ssh(&self.pki.ssh_ca, public_key, &params, order.ttl)
                 }
-                What::VaultToken { .. } | What::Secret { .. } => {
+                What::VaultToken { .. } | What::Secret { .. } | What::X509Svid { .. } | What::JwtSvid { .. } => {
                     Err(IssueError::BadRequest("the embedded CA issues only x509 and ssh credentials".into()))
                 }
             }

@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod embedded;
 pub mod keys;
+pub mod svid;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,6 +42,17 @@ pub enum What {
     Secret {
         /// The leased Vault path, e.g. `database/creds/readonly`.
         path: String,
+    },
+    /// A SPIFFE X509-SVID (RFD 0011); the ID is policy's, filled in before
+    /// the order reaches an issuer.
+    X509Svid {
+        csr: CheckedCsr,
+        spiffe_id: String,
+    },
+    /// A SPIFFE JWT-SVID bound to `audience`.
+    JwtSvid {
+        spiffe_id: String,
+        audience: Vec<String>,
     },
 }
 
@@ -88,6 +100,12 @@ pub struct Issued {
     pub token_accessor: String,
     pub secret_json: String,
     pub lease_id: String,
+    /// SVIDs: the ID issued, the JWT-SVID, and the trust domain's bundles.
+    pub spiffe_id: String,
+    pub jwt_svid: String,
+    pub trust_domain: String,
+    pub x509_bundle_pem: String,
+    pub jwt_bundle_json: String,
 }
 
 /// Never prints tokens or secret data.

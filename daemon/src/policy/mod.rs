@@ -8,7 +8,7 @@
 //! labels = { env = "prod" }      # every label must match
 //!
 //! [[rule.allow]]
-//! kinds = ["x509"]               # x509, ssh-user, ssh-host
+//! kinds = ["x509"]               # x509, ssh-user, ssh-host, vault-token, secret, x509-svid, jwt-svid
 //! roles = ["web"]
 //! max_ttl = "1h"
 //! default_ttl = "10m"
@@ -17,13 +17,19 @@
 //! vault_policies = []            # vault-token: Vault policy globs
 //! max_uses = 10                  # vault-token: cap on num_uses
 //! path = "database/creds/{role}" # secret: the leased Vault path
+//! uids = [33]                    # the local caller (as the agent attested it):
+//! gids = []                      #   uid or gid among these, when any is listed,
+//! exe = ["/usr/sbin/nginx"]      #   executable and systemd unit globs
+//! units = ["nginx.service"]
+//! spiffe_ids = ["spiffe://{trust_domain}/unit/{unit}"] # SVIDs: ID templates (RFD 0011)
+//! audiences = ["https://*.example.org"]                # jwt-svid: audience globs
 //! ```
 
 mod decide;
 mod parse;
 mod rules;
 
-pub use decide::{decide, Allowed, Decision, NodeAttrs, PolicyRequest};
+pub use decide::{decide, Allowed, Decision, NodeAttrs, PolicyRequest, SpiffeAsk};
 pub use parse::{check_role, vault_policy_name, PolicyError, DEFAULT_SECRET_PATH, MAX_POLICY_TTL};
 pub use rules::Policy;
 
@@ -46,4 +52,14 @@ sans = ["*"]
 principals = ["*"]
 vault_policies = ["*"]
 path = "database/creds/{role}"
+
+# SPIFFE (RFD 0011): every local caller of every node gets an SVID named
+# after its systemd unit, or after its uid when it runs in no unit.
+[[rule.allow]]
+kinds = ["x509-svid", "jwt-svid"]
+roles = ["dev", "spiffe"]
+max_ttl = "1h"
+default_ttl = "10m"
+spiffe_ids = ["spiffe://{trust_domain}/unit/{unit}", "spiffe://{trust_domain}/uid/{uid}"]
+audiences = ["*"]
 "#;

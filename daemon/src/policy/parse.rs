@@ -8,7 +8,7 @@ use grantline_proto::kind::Kind;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::rules::{Allow, Policy, Rule};
+use super::rules::{Allow, Callers, Policy, Rule};
 
 /// The default leased path for `secret` grants.
 pub const DEFAULT_SECRET_PATH: &str = "database/creds/{role}";
@@ -55,6 +55,18 @@ struct AllowFile {
     vault_policies: Vec<String>,
     max_uses: Option<u32>,
     path: Option<String>,
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+    #[serde(default)]
+    exe: Vec<String>,
+    #[serde(default)]
+    units: Vec<String>,
+    #[serde(default)]
+    spiffe_ids: Vec<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
 }
 
 /// Checks a role name: what requests and policy rules name, and what may
@@ -127,6 +139,15 @@ impl Policy {
                 if kinds.contains(&Kind::VaultToken) && a.vault_policies.is_empty() {
                     return Err(bad("allows vault-token but lists no vault_policies patterns".into()));
                 }
+                if kinds.iter().any(|k| k.is_svid()) && a.spiffe_ids.is_empty() {
+                    return Err(bad("allows SVIDs but lists no spiffe_ids templates".into()));
+                }
+                for t in &a.spiffe_ids {
+                    crate::spiffe::check_template(t).map_err(&bad)?;
+                }
+                if kinds.contains(&Kind::JwtSvid) && a.audiences.is_empty() {
+                    return Err(bad("allows jwt-svid but lists no audiences patterns".into()));
+                }
                 let path = a.path.clone().unwrap_or_else(|| DEFAULT_SECRET_PATH.to_owned());
                 if path.is_empty() || path.starts_with('/') || path.contains("..") {
                     return Err(bad(format!("path {path:?} is not a Vault path like \"database/creds/{{role}}\"")));
@@ -141,6 +162,14 @@ impl Policy {
                     vault_policies: a.vault_policies.iter().map(|p| vault_policy_name(p)).collect(),
                     max_uses: a.max_uses,
                     path,
+                    callers: Callers {
+                        uids: a.uids.clone(),
+                        gids: a.gids.clone(),
+                        exe: a.exe.clone(),
+                        units: a.units.clone(),
+                    },
+                    spiffe_ids: a.spiffe_ids.clone(),
+                    audiences: a.audiences.clone(),
                 });
             }
             let nodes = if r.nodes.is_empty() { vec!["*".to_owned()] } else { r.nodes.clone() };
@@ -195,6 +224,19 @@ mod tests {
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['vault-token']\nroles=['r']\nmax_ttl='1h'\n", "no vault_policies"),
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['r']\nmax_ttl='1h'\npath='../x'\n", "not a Vault path"),
             ("[[rule]\n", "TOML"),
+            ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\n", "no spiffe_ids"),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/{shell}']\n",
+                "{shell}",
+            ),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['https://x/y']\n",
+                "spiffe://",
+            ),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['jwt-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\n",
+                "no audiences",
+            ),
             // Roles are exact names: a glob never matches, a path step reaches Vault.
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['app-*']\nmax_ttl='1h'\n", "not patterns"),
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['..']\nmax_ttl='1h'\n", "role \"..\""),

@@ -32,6 +32,30 @@ pub(super) struct Allow {
     pub(super) vault_policies: Vec<String>,
     pub(super) max_uses: Option<u32>,
     pub(super) path: String,
+    /// Who on the node may receive this (empty: any caller, or none).
+    pub(super) callers: Callers,
+    /// SVIDs: SPIFFE ID templates such as `spiffe://{trust_domain}/unit/{unit}`.
+    pub(super) spiffe_ids: Vec<String>,
+    /// JWT-SVIDs: audience patterns.
+    pub(super) audiences: Vec<String>,
+}
+
+/// The local callers an allow entry is for, as the agent attested them:
+/// a uid or gid among those listed (when any is), an executable and a
+/// systemd unit matching a glob (when any is listed). All empty: any caller,
+/// and requests with no caller at all.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Callers {
+    pub(super) uids: Vec<u32>,
+    pub(super) gids: Vec<u32>,
+    pub(super) exe: Vec<String>,
+    pub(super) units: Vec<String>,
+}
+
+impl Callers {
+    pub(super) fn any(&self) -> bool {
+        self.uids.is_empty() && self.gids.is_empty() && self.exe.is_empty() && self.units.is_empty()
+    }
 }
 
 impl Policy {

@@ -27,6 +27,7 @@ use crate::audit::{AuditLog, AuditReaders};
 use crate::grant::{GrantService, SystemClock};
 use crate::issuer::backends::Backends;
 use crate::issuer::embedded::EmbeddedIssuer;
+use crate::issuer::svid::SvidIssuer;
 use crate::issuer::Issuer;
 use crate::pki::Pki;
 use crate::registry::Registry;
@@ -46,6 +47,9 @@ pub struct Broker {
     /// right after readiness never falls to the default action.
     hangup: Option<tokio::signal::unix::Signal>,
     metrics: Option<(std::net::TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
+    /// The trust domain's OIDC discovery endpoint (RFD 0011), and its issuer URL.
+    oidc: Option<super::oidc::Oidc>,
+    oidc_issuer: Option<String>,
     /// Held while the broker runs: one writer per state directory.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -119,9 +123,19 @@ impl Broker {
             None => None,
         };
         let embedded: Arc<dyn Issuer> = Arc::new(EmbeddedIssuer::new(pki.clone()));
+        let (spiffe, oidc) = match &opts.spiffe {
+            None => (None, None),
+            Some(s) => {
+                let jwt = crate::spiffe::JwtKey::load_or_create(&opts.state_dir)?;
+                let oidc = s.oidc.as_ref().map(|o| super::oidc::bind(o, &pki, &jwt)).transpose()?;
+                let iss = oidc.as_ref().map(|o| o.issuer.clone()).unwrap_or_default();
+                let svids = SvidIssuer::new(pki.clone(), jwt, s.trust_domain.clone(), iss);
+                (Some(Arc::new(svids) as Arc<dyn Issuer>), oidc)
+            }
+        };
         let mut background = Vec::new();
         let (issuer, vault) = match &opts.vault {
-            None => (Backends { x509: embedded.clone(), ssh: embedded, vault: None }, None),
+            None => (Backends { x509: embedded.clone(), ssh: embedded, vault: None, spiffe }, None),
             Some(cfg) => {
                 let vault = Vault::new(cfg.clone())?;
                 background.push(tokio::spawn(vault.clone().maintain_token()));
@@ -136,7 +150,7 @@ impl Broker {
                     }
                 };
                 let ssh = if cfg.ssh_via_vault { via_vault.clone() } else { embedded };
-                (Backends { x509, ssh, vault: Some(via_vault) }, Some(vault))
+                (Backends { x509, ssh, vault: Some(via_vault), spiffe }, Some(vault))
             }
         };
         let publisher = match &opts.anchor {
@@ -158,6 +172,7 @@ impl Broker {
             state: state.clone(),
             clock: Arc::new(SystemClock),
             nodes: registry.clone(),
+            trust_domain: opts.spiffe.as_ref().map(|s| s.trust_domain.clone()),
         };
         let shared = Arc::new(Shared {
             grants,
@@ -187,7 +202,20 @@ impl Broker {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP; reload the policy through the admin API"))
             .ok();
-        Ok(Self { shared, endpoint, audit_thread, background, publisher, admin, metrics, hangup, _lock: lock })
+        let oidc_issuer = oidc.as_ref().map(|o| o.issuer.clone());
+        Ok(Self {
+            shared,
+            endpoint,
+            audit_thread,
+            background,
+            publisher,
+            admin,
+            metrics,
+            oidc,
+            oidc_issuer,
+            hangup,
+            _lock: lock,
+        })
     }
 
     /// Admission control (RFD 0008): accept, ask for a retry, or refuse.
@@ -217,6 +245,11 @@ impl Broker {
             }
         };
         metrics::counter!("grantline_handshakes_total", "outcome" => outcome).increment(1);
+    }
+
+    /// The OIDC issuer URL of the trust domain, if this broker serves one.
+    pub fn oidc_issuer(&self) -> Option<&str> {
+        self.oidc_issuer.as_deref()
     }
 
     /// Where the metrics endpoint listens, if it does.
@@ -266,6 +299,7 @@ impl Broker {
             });
             tokio::spawn(crate::metrics::serve(l, h, refresh))
         });
+        let oidc_task = self.oidc.take().map(|o| tokio::spawn(super::oidc::serve(o)));
         let upkeep = tokio::spawn(upkeep(Arc::downgrade(&self.shared)));
         let mut hangup = self.hangup.take();
         // systemd's watchdog (WatchdogSec=): pinged from this loop at half
@@ -317,7 +351,7 @@ impl Broker {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             let _ = std::fs::remove_file(path);
         }
-        if let Some(task) = metrics_task {
+        for task in metrics_task.into_iter().chain(oidc_task) {
             task.abort();
         }
         upkeep.abort();

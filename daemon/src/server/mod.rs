@@ -11,6 +11,7 @@
 //! - `admin`, `admin_peer`: the admin API on its Unix socket, and who calls it
 //! - `admission`, `anonymous`: handshake admission control, certificate-less
 //!   connections
+//! - `oidc`: the trust domain's OIDC discovery document and JWKS (HTTPS)
 //! - `tickets`, `provision`, `state_dir`: TLS session tickets, provisioning,
 //!   the state directory
 
@@ -23,6 +24,7 @@ mod closing;
 mod fleet;
 mod handler;
 mod identity;
+mod oidc;
 mod options;
 mod presence;
 pub mod provision;
@@ -36,7 +38,7 @@ pub mod tickets;
 pub use crate::grant::check_grant_request;
 pub use broker::Broker;
 pub use identity::PeerNode;
-pub use options::{AdminOptions, AnchorOptions, BrokerOptions, DEFAULT_ANCHOR_HEARTBEAT};
+pub use options::{AdminOptions, AnchorOptions, BrokerOptions, OidcOptions, SpiffeOptions, DEFAULT_ANCHOR_HEARTBEAT};
 pub use state_dir::{
     check_key_files, create_fleet_key, endorse_audit_key, load_policy, lock_state_dir, KEY_FILES, MAX_POLICY_FILE,
 };

@@ -34,6 +34,24 @@ pub struct BrokerOptions {
     pub limits: admission::Limits,
     /// The fleet's PostgreSQL; none keeps state in `state.db` (RFD 0010).
     pub database: Option<crate::state::PgConfig>,
+    /// The SPIFFE trust domain (RFD 0011); none issues no SVIDs.
+    pub spiffe: Option<SpiffeOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpiffeOptions {
+    pub trust_domain: String,
+    pub oidc: Option<OidcOptions>,
+}
+
+/// The OIDC discovery endpoint (HTTPS).
+#[derive(Debug, Clone)]
+pub struct OidcOptions {
+    pub listen: SocketAddr,
+    /// None: `https://<listen address>` once bound (`grantlined dev`).
+    pub issuer: Option<String>,
+    /// Certificate chain and key files; none: one from the broker's root.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Where and how the log is published (RFD 0005; a fleet's brokers share

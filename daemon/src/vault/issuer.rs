@@ -284,6 +284,9 @@ impl Issuer for VaultIssuer {
                 What::Ssh { public_key, principals, host } => self.ssh(order, public_key, principals, *host).await,
                 What::VaultToken { policies, num_uses } => self.token(order, policies, *num_uses).await,
                 What::Secret { path } => self.secret(path, order.ttl).await,
+                What::X509Svid { .. } | What::JwtSvid { .. } => {
+                    Err(IssueError::BadRequest("SVIDs are signed by the broker's trust domain, not by Vault".into()))
+                }
             }
         })
     }

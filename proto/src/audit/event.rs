@@ -50,6 +50,12 @@ pub enum Event {
         not_after: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         caller: Option<CallerInfo>,
+        /// SVIDs (RFD 0011): the SPIFFE ID issued to the caller.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        spiffe_id: String,
+        /// JWT-SVIDs: the audiences the token is bound to.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        audience: Vec<String>,
     },
     /// The log's signing key changes: this entry is signed by the old key and
     /// names the new one, which signs every later entry and checkpoint.
@@ -226,6 +232,12 @@ pub fn certificate_fingerprint(encoded: &[u8]) -> String {
     hex::encode(Sha256::digest(encoded))
 }
 
+/// The fingerprint a grant records for a bearer token it hands out (a
+/// JWT-SVID): SHA-256 over the token, hex. The token itself is never logged.
+pub fn token_fingerprint(token: &str) -> String {
+    certificate_fingerprint(token.as_bytes())
+}
+
 /// The fingerprint a grant records for a Vault lease or token accessor: a
 /// domain-separated SHA-256, so the log names the credential without holding
 /// anything that could be used against Vault.
@@ -298,6 +310,8 @@ mod tests {
             names,
             not_after: 0,
             caller: None,
+            spiffe_id: String::new(),
+            audience: Vec::new(),
         }
         .bounded();
         let Event::Grant { names, .. } = g else { panic!("the variant is kept") };
