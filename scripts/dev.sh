@@ -30,7 +30,9 @@ fi
 # stopped is recovered with the fresh join token each broker start writes.
 [ -f "$dir/agent.toml" ] || printf 'join_token_file = "%s"\n' "$dir/join-token" >"$dir/agent.toml"
 sock="$dir/agent.sock"
-"$bin/grantline-agent" run --state-dir "$agent_dir" --socket "$sock" --config "$dir/agent.toml" &
+spiffe_sock="$dir/spiffe.sock"
+"$bin/grantline-agent" run --state-dir "$agent_dir" --socket "$sock" --config "$dir/agent.toml" \
+  --spiffe-socket "$spiffe_sock" &
 pids+=($!)
 
 cat <<MSG
@@ -40,6 +42,8 @@ Grantline dev broker on $addr, agent socket $sock. Try:
   $bin/grantline-agent get ssh --role dev --principal ${USER:-$(id -un)} --out /tmp/gl-ssh --socket $sock
   $bin/grantline audit verify --db $dir/audit.db --key-file $dir/audit.vkey
   $bin/grantline nodes list --state-dir $dir          (admin API: grants list, audit tail, ...)
+SPIFFE (trust domain grantline.dev; OIDC issuer in $dir/oidc-issuer):
+  SPIFFE_ENDPOINT_SOCKET=unix://$spiffe_sock python3 -c 'from spiffe import WorkloadApiClient as C; print(C().fetch_x509_svid().spiffe_id)'
 Ctrl-C to stop.
 MSG
 wait -n "${pids[@]}"

@@ -13,6 +13,7 @@ pub mod openbao;
 pub mod postgres;
 pub mod quic_peer;
 pub mod raw;
+pub mod spiffe;
 pub mod sshd;
 pub mod vault_proxy;
 

@@ -3,21 +3,24 @@
 //! Rust `spiffe` crate, and `openssl`. Workloads are told apart by their
 //! executables: each runs its own copy of the Python interpreter.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use grantline_proto::audit::Event;
-use grantline_tests::{free_port, Agent, Broker};
+use grantline_tests::free_port;
+use grantline_tests::spiffe::{Node, TD};
 
-const TD: &str = "grantline.test";
 const AUDIENCE: &str = "https://api.example.org";
 
 /// SVIDs live 20 s, so the agent renews them within 10 s.
 fn policy() -> String {
     let mut p = String::from("[[rule]]\nname = \"workloads\"\n");
-    for (exe, id) in
-        [("*/frontend", "frontend"), ("*/backend", "backend"), ("*/intruder", "intruder"), ("*/deps/spiffe-*", "rust")]
-    {
+    for (exe, id) in [
+        ("*/frontend", "frontend"),
+        ("*/backend", "backend"),
+        ("*/intruder", "intruder"),
+        ("*/deps/spiffe-*", "rust"),
+        ("*/grantline-agent", "node/{node}"),
+    ] {
         p.push_str(&format!(
             "[[rule.allow]]\nkinds = [\"x509-svid\", \"jwt-svid\"]\nroles = [\"spiffe\"]\nmax_ttl = \"20s\"\n\
              default_ttl = \"20s\"\nexe = [\"{exe}\"]\nspiffe_ids = [\"spiffe://{{trust_domain}}/{id}\"]\n\
@@ -27,64 +30,6 @@ fn policy() -> String {
     p
 }
 
-struct Node {
-    broker: Broker,
-    agent: Agent,
-    issuer: String,
-    /// Where the interpreter copies live.
-    bin: tempfile::TempDir,
-}
-
-impl Node {
-    fn start() -> Self {
-        let port = free_port();
-        let extra = format!(
-            "[spiffe]\ntrust_domain = \"{TD}\"\n[spiffe.oidc]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"https://127.0.0.1:{port}\"\n"
-        );
-        let broker = Broker::start_config(&policy(), &extra);
-        let token = broker.new_token(&[]);
-        let (agent, out) = Agent::enroll_with(&broker, &token, "node-1");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let socket = agent.dir.path().join("spiffe.sock");
-        let agent = Agent::run_with(agent, &["--spiffe-socket", socket.to_str().unwrap()]);
-        Self { broker, agent, issuer: format!("https://127.0.0.1:{port}"), bin: tempfile::tempdir().unwrap() }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.agent.dir.path().join("spiffe.sock")
-    }
-
-    /// Runs tests/spiffe/clients.py as the workload `exe`; its JSON answer.
-    fn client(&self, exe: &str, args: &[&str]) -> serde_json::Value {
-        let out = self.client_command(exe, args).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{exe} {args:?}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
-    }
-
-    fn client_command(&self, exe: &str, args: &[&str]) -> Command {
-        let path = self.bin.path().join(exe);
-        if !path.exists() {
-            std::fs::copy(python(), &path).unwrap();
-        }
-        let mut cmd = Command::new(path);
-        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("spiffe/clients.py"))
-            .args(args)
-            .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", self.socket().display()));
-        cmd
-    }
-
-    fn id(name: &str) -> String {
-        format!("spiffe://{TD}/{name}")
-    }
-}
-
-/// The interpreter itself (not a shim or symlink), to copy.
-fn python() -> PathBuf {
-    let out = Command::new("python3").args(["-c", "import os,sys; print(os.path.realpath(sys.executable))"]).output();
-    PathBuf::from(String::from_utf8(out.unwrap().stdout).unwrap().trim())
-}
-
 fn openssl(args: &[&str]) -> (bool, String) {
     let out = Command::new("openssl").args(args).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
@@ -92,7 +37,7 @@ fn openssl(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn py_spiffe_sources_get_audited_svids_rotated_before_half_life() {
-    let node = Node::start();
+    let node = Node::start(&policy());
     let files = tempfile::tempdir().unwrap();
     let x = node.client("frontend", &["x509", files.path().to_str().unwrap(), "25"]);
     assert_eq!(x["spiffe_id"], Node::id("frontend"), "{x}");
@@ -155,7 +100,7 @@ fn py_spiffe_sources_get_audited_svids_rotated_before_half_life() {
 
 #[test]
 fn spiffe_tls_connects_two_workloads_and_the_authorizer_refuses_a_third() {
-    let node = Node::start();
+    let node = Node::start(&policy());
     let port = free_port().to_string();
     let mut server = node.client_command("backend", &["mtls-server", &port, &Node::id("frontend")]);
     let mut server = server.stdout(std::process::Stdio::piped()).spawn().unwrap();
@@ -177,7 +122,7 @@ fn spiffe_tls_connects_two_workloads_and_the_authorizer_refuses_a_third() {
 
 #[test]
 fn envoy_sds_streams_the_certificate_and_bundle_and_their_rotation() {
-    let node = Node::start();
+    let node = Node::start(&policy());
     let s = node.client("frontend", &["sds", "25"]);
     let versions = s["versions"].as_array().unwrap();
     assert_eq!(versions.len(), 2, "a second response after the rotation: {s}");
@@ -192,7 +137,7 @@ fn envoy_sds_streams_the_certificate_and_bundle_and_their_rotation() {
 
 #[test]
 fn jwt_svids_verify_through_oidc_discovery_and_forgeries_do_not() {
-    let node = Node::start();
+    let node = Node::start(&policy());
     let j = node.client("frontend", &["jwt", AUDIENCE]);
     let token = j["token"].as_str().unwrap();
     let ca = node.broker.path("ca.pem");
@@ -212,7 +157,7 @@ fn jwt_svids_verify_through_oidc_discovery_and_forgeries_do_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_api_codes_and_the_rust_spiffe_client() {
-    let node = tokio::task::spawn_blocking(Node::start).await.unwrap();
+    let node = tokio::task::spawn_blocking(|| Node::start(&policy())).await.unwrap();
     // Without the security header: InvalidArgument; a caller the policy
     // maps to no ID: PermissionDenied (SPIFFE Workload Endpoint §§4, 6).
     let codes = {
@@ -237,4 +182,48 @@ async fn workload_api_codes_and_the_rust_spiffe_client() {
         matches!(e, Event::Denial { kind, caller: Some(c), .. } if kind == "x509-svid" && c.exe.ends_with("/nobody"))
     });
     assert!(denied, "the refused caller is in the log");
+}
+
+/// SVIDs as files (spiffe-helper's names), kept fresh by the agent's sinks
+/// for itself: here the node's own ID.
+#[test]
+fn svid_sinks_write_spiffe_helper_files() {
+    let sinks = r#"
+[[sink]]
+name = "svid"
+kind = "x509-svid"
+role = "spiffe"
+cert = "{dir}/out/svid.pem"
+key = "{dir}/out/svid_key.pem"
+ca = "{dir}/out/svid_bundle.pem"
+
+[[sink]]
+name = "jwt"
+kind = "jwt-svid"
+role = "spiffe"
+audiences = ["https://api.example.org"]
+token = "{dir}/out/jwt_svid.token"
+ca = "{dir}/out/jwt_bundle.json"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let mut node = Node::start_with(&policy(), &sinks.replace("{dir}", &dir.path().display().to_string()));
+    node.agent.wait_line("grantline-agent sink svid written");
+    node.agent.wait_line("grantline-agent sink jwt written");
+    let p = |n: &str| out.join(n).display().to_string();
+    assert_eq!(grantline_tests::mode(&out.join("svid_key.pem")) & 0o777, 0o600);
+    let (ok, text) =
+        openssl(&["verify", "-CAfile", &p("svid_bundle.pem"), "-untrusted", &p("svid.pem"), &p("svid.pem")]);
+    assert!(ok, "{text}");
+    let (_, text) = openssl(&["x509", "-in", &p("svid.pem"), "-noout", "-ext", "subjectAltName"]);
+    assert!(text.contains(&format!("URI:{}", Node::id("node/node-1"))), "{text}");
+    let (ok, text) = openssl(&["pkey", "-in", &p("svid_key.pem"), "-noout"]);
+    assert!(ok, "the key is PKCS#8 PEM: {text}");
+    let token = std::fs::read_to_string(out.join("jwt_svid.token")).unwrap();
+    let jwks: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("jwt_bundle.json")).unwrap()).unwrap();
+    assert_eq!(jwks["keys"][0]["use"], "jwt-svid");
+    let v = node.client("backend", &["validate", token.trim(), AUDIENCE]);
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["spiffe_id"], Node::id("node/node-1"), "{v}");
 }

@@ -213,4 +213,47 @@ mod tests {
             assert!(e.contains("role") && e.len() < 400, "{role:?}: {e}");
         }
     }
+
+    fn svid(kind: wire::CredentialKind, csr: Vec<u8>, audience: &[&str], caller: bool) -> Result<(), String> {
+        check_grant_request(&wire::GrantRequest {
+            kind: kind as i32,
+            role: "spiffe".into(),
+            csr_der: csr,
+            audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+            caller: caller.then(wire::Caller::default),
+            ..Default::default()
+        })
+    }
+
+    fn csr(names: Vec<String>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    /// SVIDs go to an attested caller only, name nothing but the ID policy
+    /// gives, and bind a JWT-SVID to a bounded list of audiences.
+    #[test]
+    fn svid_requests_need_a_caller_no_csr_names_and_bounded_audiences() {
+        use wire::CredentialKind::{JwtSvid, X509Svid};
+        assert!(svid(X509Svid, csr(vec![]), &[], true).is_ok());
+        assert!(svid(X509Svid, csr(vec![]), &[], false).unwrap_err().contains("local caller"));
+        assert!(svid(X509Svid, csr(vec!["evil.example".into()]), &[], true).unwrap_err().contains("evil.example"));
+        assert!(svid(JwtSvid, vec![], &["https://a.example"], true).is_ok());
+        assert!(svid(JwtSvid, vec![], &[], true).unwrap_err().contains("audiences"));
+        assert!(svid(JwtSvid, vec![], &["a b"], true).unwrap_err().contains("audience"));
+        let many: Vec<String> = (0..17).map(|i| format!("a{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(svid(JwtSvid, vec![], &many, true).unwrap_err().contains("1 to 16"));
+        let asked = parse_grant(&wire::GrantRequest {
+            kind: JwtSvid as i32,
+            role: "spiffe".into(),
+            audience: vec!["a".into()],
+            spiffe_id: "not a spiffe id".into(),
+            caller: Some(wire::Caller::default()),
+            ..Default::default()
+        });
+        assert!(asked.err().unwrap_or_default().contains("not a SPIFFE ID"));
+    }
 }

@@ -20,6 +20,8 @@ pub const KEY_FILES: &[&str] = &[
     "ca.key",
     "node-ca.key",
     "x509-ca.key",
+    "svid-ca.key",
+    "jwt-svid.key",
     "server-ca.key",
     "fleet.key",
     "ssh-ca",
