@@ -176,7 +176,9 @@ fn string(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1).
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `n` is 1 to 8.
+// Every cast is of a value already below 256.
+#[allow(clippy::cast_possible_truncation)]
 fn integer(mut value: usize, n: u32, first: u8, out: &mut Vec<u8>) {
     let max = (1usize << n) - 1;
     if value < max {

@@ -115,6 +115,9 @@ pub(crate) const MAX_IDENTITIES: usize = 1024;
 /// The most JWT-SVIDs kept for reuse.
 const MAX_JWTS: usize = 4096;
 
+/// A cached JWT-SVID's key: the caller, its sorted audiences, the ID asked.
+type JwtKey = (CallerKey, Vec<String>, String);
+
 struct CachedJwt {
     spiffe_id: String,
     token: String,
@@ -127,7 +130,7 @@ pub(crate) struct Svids {
     /// The role SVID requests name (the broker's policy rules match it).
     role: String,
     identities: Mutex<HashMap<CallerKey, Arc<Identity>>>,
-    jwts: Mutex<HashMap<(CallerKey, Vec<String>, String), CachedJwt>>,
+    jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

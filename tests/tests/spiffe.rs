@@ -3,6 +3,8 @@
 //! Rust `spiffe` crate, and `openssl`. Workloads are told apart by their
 //! executables: each runs its own copy of the Python interpreter.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 use grantline_proto::audit::Event;

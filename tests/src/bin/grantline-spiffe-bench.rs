@@ -8,6 +8,8 @@
 //! usage: grantline-spiffe-bench [SECONDS] [CLIENTS] [ROTATIONS]  (default 10 8 3)
 //! Prints one JSON object.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
