@@ -42,7 +42,7 @@ Grantline dev broker on $addr, agent socket $sock. Try:
   $bin/grantline-agent get ssh --role dev --principal ${USER:-$(id -un)} --out /tmp/gl-ssh --socket $sock
   $bin/grantline audit verify --db $dir/audit.db --key-file $dir/audit.vkey
   $bin/grantline nodes list --state-dir $dir          (admin API: grants list, audit tail, ...)
-SPIFFE (trust domain grantline.dev; OIDC issuer in $dir/oidc-issuer):
+SPIFFE (trust domain grantline.dev; OIDC issuer in $dir/oidc-issuer, its TLS anchor $dir/oidc-ca.pem):
   SPIFFE_ENDPOINT_SOCKET=unix://$spiffe_sock python3 -c 'from spiffe import WorkloadApiClient as C; print(C().fetch_x509_svid().spiffe_id)'
 Ctrl-C to stop.
 MSG

@@ -18,6 +18,18 @@ const PREFACE_LEN: usize = 24;
 pub const MAX_FRAME: usize = 16_384;
 /// The largest header block (all its frames) the rewriter holds.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The largest decoded header list a request may carry (RFC 9113 §6.5.2:
+/// names, values and 32 bytes per field), as hyper's server advertises in
+/// SETTINGS_MAX_HEADER_LIST_SIZE and the SPIFFE socket sets explicitly.
+/// Bounding the *decoded* size matters: one HPACK byte can name a dynamic
+/// table entry of 4 KiB, so a 64 KiB block could otherwise expand a
+/// thousandfold.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
+/// Once a call of [`AuthorityFix::feed`] has written this much, it stops
+/// and leaves the rest of its input for the next call: a few bytes can
+/// still name a 4 KiB table entry, so output is bounded per call, not by
+/// input. A call writes at most this plus one unit (a frame or a block).
+pub const MAX_FEED_OUTPUT: usize = 64 * 1024;
 /// The HPACK dynamic table size the server allows (h2's default
 /// SETTINGS_HEADER_TABLE_SIZE, which tonic keeps).
 const TABLE_SIZE: usize = 4096;
@@ -52,9 +64,11 @@ impl Default for AuthorityFix {
 }
 
 impl AuthorityFix {
-    /// Moves every complete unit of `input` (the preface, a frame, a whole
-    /// header block) to `out`, rewritten; what is incomplete stays in
-    /// `input`. An error ends the connection (h2 would refuse it too).
+    /// Moves complete units of `input` (the preface, a frame, a whole header
+    /// block) to `out`, rewritten, until `out` holds [`MAX_FEED_OUTPUT`];
+    /// what is incomplete or was not reached stays in `input` (call again
+    /// once `out` is handed on). An error ends the connection (h2 would
+    /// refuse it too).
     pub fn feed(&mut self, input: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), String> {
         let mut at = 0;
         if self.preface_seen < PREFACE_LEN {
@@ -63,7 +77,7 @@ impl AuthorityFix {
             self.preface_seen += n;
             at = n;
         }
-        while self.preface_seen == PREFACE_LEN && input.len() - at >= 9 {
+        while self.preface_seen == PREFACE_LEN && input.len() - at >= 9 && out.len() < MAX_FEED_OUTPUT {
             let h = &input[at..at + 9];
             let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
             if len > MAX_FRAME {
@@ -107,9 +121,15 @@ impl AuthorityFix {
     /// Decodes a whole header block and writes it again as HEADERS (and
     /// CONTINUATION) frames of literals.
     fn emit(&mut self, p: Pending, out: &mut Vec<u8>) -> Result<(), String> {
-        let mut block = Vec::with_capacity(p.block.len() + 16);
+        let mut block = Vec::with_capacity(p.block.len().min(MAX_HEADER_LIST) + 16);
+        let mut listed = 0usize;
         self.decoder
             .decode_with_cb(&p.block, |name, value| {
+                // Past the bound nothing more is copied; the block is refused below.
+                listed = listed.saturating_add(name.len() + value.len() + 32);
+                if listed > MAX_HEADER_LIST {
+                    return;
+                }
                 let value: &[u8] =
                     if &*name == b":authority" && !valid_authority(&value) { b"localhost" } else { &value };
                 block.push(0x10); // literal, never indexed, new name
@@ -117,6 +137,9 @@ impl AuthorityFix {
                 string(value, &mut block);
             })
             .map_err(|e| format!("the header block does not decode (HPACK): {e:?}"))?;
+        if listed > MAX_HEADER_LIST {
+            return Err(format!("a header list of {listed} bytes exceeds the {MAX_HEADER_LIST}-byte maximum"));
+        }
         let mut first = true;
         let mut rest = &block[..];
         loop {
@@ -288,5 +311,51 @@ mod tests {
             let (mut input, mut out) = ([preface.clone(), case.clone()].concat(), Vec::new());
             assert!(AuthorityFix::default().feed(&mut input, &mut out).is_err(), "{case:?}");
         }
+    }
+
+    /// Review finding: one indexed byte names a 4 KiB dynamic table entry,
+    /// so a 16 KiB block of such bytes decoded to 64 MiB of literals, all
+    /// copied inside one read. The decoded list is now bounded.
+    #[test]
+    fn indexed_references_cannot_amplify() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut enc = loona_hpack::Encoder::new();
+        let big = vec![b'v'; 4000];
+        let first = enc.encode([(&b"a"[..], &big[..])]);
+        // 0xbe: the first dynamic table entry (index 62), again and again.
+        let flood = vec![0xbe; 16_000];
+        let mut input =
+            [preface, frame(HEADERS, END_HEADERS, 1, &first), frame(HEADERS, END_HEADERS, 3, &flood)].concat();
+        let mut out = Vec::new();
+        let err = AuthorityFix::default().feed(&mut input, &mut out).unwrap_err();
+        assert!(err.contains("header list"), "{err}");
+        assert!(out.len() < 2 * MAX_HEADER_LIST, "{} bytes written", out.len());
+        // Many one-byte blocks, each naming the 4 KiB entry: one call writes
+        // a bounded amount and leaves the rest for the next.
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let tiny: Vec<u8> = (0..200u32).flat_map(|i| frame(HEADERS, END_HEADERS, 3 + 2 * i, &[0xbe])).collect();
+        let mut input = [preface, frame(HEADERS, END_HEADERS, 1, &first), tiny].concat();
+        let mut fix = AuthorityFix::default();
+        let mut calls = 0;
+        while !input.is_empty() {
+            let mut out = Vec::new();
+            fix.feed(&mut input, &mut out).unwrap();
+            assert!(out.len() <= MAX_FEED_OUTPUT + MAX_HEADER_LIST + MAX_FRAME + 64, "{} bytes in one call", out.len());
+            calls += 1;
+        }
+        assert!(calls > 10, "800 KB of literals came out over {calls} calls");
+        // A list just under the bound still passes.
+        let mut enc = loona_hpack::Encoder::new();
+        let value = vec![b'v'; MAX_HEADER_LIST - 64];
+        let block = enc.encode([(&b"a"[..], &value[..])]);
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for (i, c) in chunks.iter().enumerate() {
+            let end = if i + 1 == chunks.len() { END_HEADERS } else { 0 };
+            wire.extend(frame(if i == 0 { HEADERS } else { CONTINUATION }, end, 1, c));
+        }
+        let (mut input, mut out) = (wire, Vec::new());
+        AuthorityFix::default().feed(&mut input, &mut out).unwrap();
+        assert_eq!(headers_of(&out)[0].1.len(), value.len());
     }
 }

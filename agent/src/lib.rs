@@ -24,6 +24,8 @@ pub mod sinks;
 pub mod spiffe_config;
 mod spiffe_socket;
 pub mod state;
+mod svid;
+mod svid_budget;
 mod svids;
 pub mod tls;
 mod workload_api;

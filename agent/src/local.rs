@@ -51,7 +51,7 @@ pub fn caller_of(stream: &UnixStream) -> Option<wire::Caller> {
     let pid = cred.pid().filter(|p| *p > 0)?;
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    let exe = verified_exe(pid);
     let unit = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|c| unit_of_cgroup(&c)).unwrap_or_default();
     let real_uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -71,6 +71,25 @@ pub fn caller_of(stream: &UnixStream) -> Option<wire::Caller> {
         return None;
     }
     Some(wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: pinned })
+}
+
+/// The path of process `pid`'s executable, if that path names, here, the
+/// very file the process runs; otherwise empty (unknown). The kernel gives
+/// the path as the process sees it: in a mount namespace of its own a user
+/// can mount any program over `/usr/sbin/nginx`, and a deleted or replaced
+/// file keeps its old name. Comparing the file behind `/proc/PID/exe` with
+/// the file at that path in the agent's view catches both.
+pub fn verified_exe(pid: i32) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let link = format!("/proc/{pid}/exe");
+    let Ok(path) = std::fs::read_link(&link) else { return String::new() };
+    let (Ok(running), Ok(named)) = (std::fs::metadata(&link), std::fs::metadata(&path)) else {
+        return String::new();
+    };
+    if (running.dev(), running.ino()) != (named.dev(), named.ino()) {
+        return String::new();
+    }
+    path.display().to_string()
 }
 
 /// The agent itself as a caller (for its sinks).
@@ -170,5 +189,45 @@ mod tests {
         assert_eq!(c.exe, std::env::current_exe().unwrap().display().to_string());
         assert!(c.pidfd, "this kernel offers pidfd_open");
         drop(client);
+    }
+
+    /// Waits (bounded) until process `pid` runs the program at `path`.
+    fn running(pid: i32, path: &std::path::Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_deref() != Some(path) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never ran {}", path.display());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Review finding: the executable's path was taken as the kernel gave
+    /// it, as the process sees it. In a mount namespace of its own a user
+    /// mounted another program over an allowed path and was attested as it;
+    /// a deleted program kept its name.
+    #[test]
+    fn an_executable_path_naming_another_file_is_not_attested() {
+        let dir = tempfile::tempdir().unwrap();
+        let (real, decoy) = (dir.path().join("real"), dir.path().join("frontend"));
+        std::fs::copy("/bin/sleep", &real).unwrap();
+        std::fs::copy("/bin/true", &decoy).unwrap();
+
+        let mut child = std::process::Command::new(&real).arg("30").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        running(pid, &real);
+        assert_eq!(verified_exe(pid), real.display().to_string(), "a program at its own path is attested");
+        std::fs::remove_file(&real).unwrap();
+        assert_eq!(verified_exe(pid), "", "a deleted program is not");
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // sleep, mounted over `frontend` in a namespace of its own.
+        let ns = if nix::unistd::getuid().is_root() { "-m" } else { "-Urm" };
+        let script = format!("mount --bind /bin/sleep {0} && exec {0} 30", decoy.display());
+        let mut child = std::process::Command::new("unshare").args([ns, "sh", "-c", &script]).spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        running(pid, &decoy);
+        assert_eq!(verified_exe(pid), "", "a program mounted over an allowed path is not that path");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

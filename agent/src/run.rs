@@ -81,7 +81,8 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         match spiffe {
             None => std::future::pending().await,
             Some((settings, listener)) => {
-                let svids = crate::svids::Svids::new(agent.clone(), settings.role.clone());
+                let svids =
+                    crate::svids::Svids::new(agent.clone(), settings.role.clone(), settings.broker_requests_per_second);
                 crate::spiffe_socket::serve(svids, listener, settings.sds).await
             }
         }

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::spiffe_config::SdsNames;
 use crate::svids::{State, Svids, X509Svid};
-use crate::workload_api::{caller_of, status};
+use crate::workload_api::{caller_of, status, unattested};
 
 /// The type of every resource SDS serves.
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -101,7 +101,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = caller_of(&req, false)?;
+        let (caller, peer) = caller_of(&req, false)?;
         let mut rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
         let mut requests = req.into_inner();
         let names = self.names.clone();
@@ -119,6 +119,11 @@ impl SecretDiscoveryService for Sds {
                         return;
                     }
                     (State::Ready(svid), Some(w)) if sent.as_ref() != Some(&(w.clone(), svid.serial.clone())) => {
+                        // No new key for a connection whose process is no longer the caller.
+                        if peer.current().is_none() {
+                            let _ = tx.send(Err(unattested())).await;
+                            return;
+                        }
                         nonce += 1;
                         if tx.send(Ok(response(&names, svid, w, nonce))).await.is_err() {
                             return;
@@ -148,7 +153,7 @@ impl SecretDiscoveryService for Sds {
     }
 
     async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        let caller = caller_of(&req, false)?;
+        let (caller, _) = caller_of(&req, false)?;
         let r = req.into_inner();
         check(&r)?;
         let svid = self.svids.current(&caller).await.map_err(|e| status(&e))?;

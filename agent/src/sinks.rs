@@ -284,7 +284,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
         // SPIFFE SVIDs as files (RFD 0011), in the PEM forms spiffe-helper writes.
         Kind::X509Svid => {
             let caller = base.caller.clone().unwrap_or_else(crate::local::own_caller);
-            let svid = crate::svids::obtain_x509(agent, &sink.role, base.ttl_seconds, &caller).await?;
+            let svid = crate::svid::obtain_x509(agent, &sink.role, base.ttl_seconds, &caller).await?;
             let mut files = vec![
                 (path(&sink.key)?, svid.key_pem.clone().into_bytes()),
                 (path(&sink.cert)?, svid.chain_pem.clone().into_bytes()),
@@ -298,7 +298,7 @@ async fn obtain(agent: &Agent, sink: &Sink) -> Result<Obtained> {
         Kind::JwtSvid => {
             let g = wire::GrantRequest { kind: Kind::JwtSvid.wire() as i32, audience: sink.audiences.clone(), ..base };
             let gr = agent.grant(g).await?;
-            crate::svids::check_receipt_names(&gr)?;
+            crate::svid::check_receipt_names(&gr)?;
             let lifetime = lifetime_of(&gr);
             let mut files = vec![(path(&sink.token)?, format!("{}\n", gr.jwt_svid).into_bytes())];
             if let Some(ca) = &sink.ca {

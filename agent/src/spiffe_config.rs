@@ -8,6 +8,7 @@
 //! role = "spiffe"             # the role SVID requests name in the broker's policy
 //! sds_certificate = "default" # Envoy SDS resource names
 //! sds_bundle = "ROOTCA"
+//! broker_requests_per_second = 10  # new SVIDs asked of the broker, per uid
 //! ```
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub struct SpiffeFile {
     pub role: Option<String>,
     pub sds_certificate: Option<String>,
     pub sds_bundle: Option<String>,
+    pub broker_requests_per_second: Option<u32>,
 }
 
 /// The resource names Envoy SDS serves the certificate and the bundle under.
@@ -47,6 +49,9 @@ pub struct SpiffeSettings {
     pub socket_mode: u32,
     pub role: String,
     pub sds: SdsNames,
+    /// New SVIDs (and denials) asked of the broker per second per uid;
+    /// uids from 65,536 up share one budget.
+    pub broker_requests_per_second: u32,
 }
 
 impl SpiffeSettings {
@@ -60,7 +65,12 @@ impl SpiffeSettings {
                 certificate: f.sds_certificate.unwrap_or(names.certificate),
                 bundle: f.sds_bundle.unwrap_or(names.bundle),
             },
+            broker_requests_per_second: f.broker_requests_per_second.unwrap_or(10),
         };
+        anyhow::ensure!(
+            settings.broker_requests_per_second >= 1,
+            "[spiffe] broker_requests_per_second must be at least 1"
+        );
         anyhow::ensure!(
             settings.sds.certificate != settings.sds.bundle && !settings.sds.certificate.is_empty(),
             "[spiffe] sds_certificate and sds_bundle must be two different, non-empty names"

@@ -16,15 +16,30 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::Connected;
 
-use crate::h2_authority::AuthorityFix;
+use crate::h2_authority::{AuthorityFix, MAX_HEADER_LIST};
 use crate::sds::Sds;
 use crate::spiffe_config::SdsNames;
+use crate::svid_budget::SUBORDINATE_UIDS;
 use crate::svids::{Peer, Svids};
 use crate::workload_api::WorkloadApi;
 
 /// Connections one uid may hold open at once, and all callers together.
 const PER_UID: usize = 64;
 const IN_ALL: usize = 1024;
+/// Streams one connection may hold open at once: each stream is a task
+/// following the caller's SVID.
+const STREAMS_PER_CONNECTION: u32 = 32;
+
+/// The pool a caller's connection counts against: its uid, or, for uids of
+/// [`SUBORDINATE_UIDS`] and up (subordinate ids, user namespaces), one pool
+/// for all of them, so that a user commanding many ids is still one user.
+fn pool(uid: u32) -> u32 {
+    if uid >= SUBORDINATE_UIDS {
+        u32::MAX
+    } else {
+        uid
+    }
+}
 
 /// An accepted connection and who made it. What the client sends passes
 /// through [`AuthorityFix`] (grpc-core's socket-path `:authority`).
@@ -55,6 +70,14 @@ impl AsyncRead for Attested {
                 buf.put_slice(&this.output[..n]);
                 this.output.drain(..n);
                 return Poll::Ready(Ok(()));
+            }
+            // What an earlier read left unprocessed (the rewriter's output
+            // is bounded per call), before anything more is read.
+            this.fix
+                .feed(&mut this.input, &mut this.output)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if !this.output.is_empty() {
+                continue;
             }
             let mut chunk = [0u8; 8192];
             let mut read = ReadBuf::new(&mut chunk);
@@ -100,7 +123,7 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
             };
             let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
             // Past its share a caller's connection is closed at once.
-            let Some(slot) = open.take(uid, PER_UID) else {
+            let Some(slot) = open.take(pool(uid), PER_UID) else {
                 tracing::warn!(uid, "SPIFFE socket connection refused: too many open for this uid");
                 continue;
             };
@@ -116,6 +139,8 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
     });
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(u32::try_from(MAX_HEADER_LIST).unwrap_or(u32::MAX))
         .add_service(SpiffeWorkloadApiServer::new(WorkloadApi { svids: svids.clone() }))
         .add_service(SecretDiscoveryServiceServer::new(Sds { svids, names: sds }))
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))

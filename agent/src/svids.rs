@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use grantline_proto::audit::{Entry, Event};
 use grantline_proto::clock::now_unix as now;
 use grantline_proto::kind::Kind;
 use grantline_proto::wire::{self, ErrorCode};
@@ -19,6 +17,9 @@ use tokio::sync::watch;
 use crate::local::ProcessMark;
 use crate::renew::{backoff, renew_at};
 use crate::session::Agent;
+use crate::svid::obtain_x509;
+pub(crate) use crate::svid::{check_receipt_names, X509Svid};
+use crate::svid_budget::{too_many_asks, Budget};
 
 /// Who is at the other end of a SPIFFE socket connection, attested when it
 /// connected (SO_PEERCRED, then /proc under a pidfd); None if the kernel
@@ -32,10 +33,13 @@ pub(crate) struct Peer {
 impl Peer {
     /// The caller, if it is still the process that connected (same start
     /// time, same executable): a process that passed its socket on, or
-    /// exec'd another program, is not the caller it was.
+    /// exec'd another program, is not the caller it was. A caller read
+    /// without a pidfd pinning it, or whose mark could not be taken, is not
+    /// attested at all: what /proc said might describe another process.
     pub(crate) fn current(&self) -> Option<&wire::Caller> {
-        let c = self.caller.as_ref()?;
-        (crate::local::process_mark(c.pid).as_ref() == self.mark.as_ref()).then_some(c)
+        let c = self.caller.as_ref().filter(|c| c.pidfd)?;
+        let mark = self.mark.as_ref()?;
+        (crate::local::process_mark(c.pid).as_ref() == Some(mark)).then_some(c)
     }
 }
 
@@ -51,40 +55,6 @@ struct CallerKey {
 impl CallerKey {
     fn of(c: &wire::Caller) -> Self {
         Self { uid: c.uid, gid: c.gid, exe: c.exe.clone(), unit: c.unit.clone() }
-    }
-}
-
-/// One X509-SVID with its key and the trust domain's bundles.
-pub(crate) struct X509Svid {
-    pub spiffe_id: String,
-    pub trust_domain: String,
-    /// Leaf first, then the intermediates (DER).
-    pub chain_der: Vec<Vec<u8>>,
-    pub chain_pem: String,
-    /// PKCS#8, unencrypted, as the Workload API carries it.
-    pub key_der: Vec<u8>,
-    pub key_pem: String,
-    /// The trust bundle's roots.
-    pub bundle_der: Vec<Vec<u8>>,
-    pub bundle_pem: String,
-    /// The JWT signing keys (JWKS).
-    pub jwt_bundle: String,
-    pub serial: String,
-    pub not_after: i64,
-}
-
-impl X509Svid {
-    /// The trust domain's SPIFFE ID, which keys bundles.
-    pub(crate) fn trust_domain_id(&self) -> String {
-        format!("spiffe://{}", self.trust_domain)
-    }
-}
-
-impl Drop for X509Svid {
-    fn drop(&mut self) {
-        use zeroize::Zeroize;
-        self.key_der.zeroize();
-        self.key_pem.zeroize();
     }
 }
 
@@ -112,17 +82,31 @@ const REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// The most callers holding SVIDs at once; past it, new callers wait for
 /// idle ones to go.
 pub(crate) const MAX_IDENTITIES: usize = 1024;
-/// The most JWT-SVIDs kept for reuse.
+/// The most JWT-SVIDs (and refusals) kept for reuse.
 const MAX_JWTS: usize = 4096;
-
 /// A cached JWT-SVID's key: the caller, its sorted audiences, the ID asked.
 type JwtKey = (CallerKey, Vec<String>, String);
 
-struct CachedJwt {
-    spiffe_id: String,
-    token: String,
-    /// Reused until this time (unix seconds): its half-life.
-    reuse_until: i64,
+enum CachedJwt {
+    Issued {
+        spiffe_id: String,
+        token: String,
+        /// Reused until this time (unix seconds): its half-life.
+        reuse_until: i64,
+    },
+    /// The broker's refusal, repeated without asking until this time: a
+    /// refused caller asking again and again costs the broker and its log
+    /// one denial per [`REFUSED_RETRY`].
+    Refused { error: wire::Error, until: i64 },
+}
+
+impl CachedJwt {
+    fn fresh(&self, now: i64) -> bool {
+        match self {
+            Self::Issued { reuse_until, .. } => *reuse_until > now,
+            Self::Refused { until, .. } => *until > now,
+        }
+    }
 }
 
 pub(crate) struct Svids {
@@ -131,6 +115,7 @@ pub(crate) struct Svids {
     role: String,
     identities: Mutex<HashMap<CallerKey, Arc<Identity>>>,
     jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
+    budget: Mutex<Budget>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -138,8 +123,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Svids {
-    pub(crate) fn new(agent: Arc<Agent>, role: String) -> Arc<Self> {
-        Arc::new(Self { agent, role, identities: Mutex::new(HashMap::new()), jwts: Mutex::new(HashMap::new()) })
+    /// `per_second`: new SVIDs asked of the broker per uid per second (see [`Budget`]).
+    pub(crate) fn new(agent: Arc<Agent>, role: String, per_second: u32) -> Arc<Self> {
+        Arc::new(Self {
+            agent,
+            role,
+            identities: Mutex::new(HashMap::new()),
+            jwts: Mutex::new(HashMap::new()),
+            budget: Mutex::new(Budget::new(per_second)),
+        })
     }
 
     /// The caller's X509-SVID state, to watch: its keeper starts on first use.
@@ -151,11 +143,14 @@ impl Svids {
             id.used.store(now(), std::sync::atomic::Ordering::Relaxed);
             return Ok(id.state.subscribe());
         }
-        if map.len() >= MAX_IDENTITIES {
+        if map.len() >= MAX_IDENTITIES && !evict_unwatched(&mut map) {
             return Err(wire::Error::new(
                 ErrorCode::Unavailable,
-                format!("the agent holds SVIDs for {MAX_IDENTITIES} callers; retry once idle ones are dropped"),
+                format!("the agent holds SVIDs for {MAX_IDENTITIES} callers, all watched; retry once some go"),
             ));
+        }
+        if !lock(&self.budget).take(caller.uid, std::time::Instant::now()) {
+            return Err(too_many_asks(caller.uid));
         }
         let id = Arc::new(Identity { state: watch::channel(State::Pending).0, used: now().into() });
         let rx = id.state.subscribe();
@@ -209,10 +204,7 @@ impl Svids {
                     Duration::from_secs(u64::try_from(at - now()).unwrap_or(0))
                 }
                 Err(e) => {
-                    let refused = matches!(
-                        ErrorCode::try_from(e.code),
-                        Ok(ErrorCode::PermissionDenied | ErrorCode::BadRequest | ErrorCode::Revoked)
-                    );
+                    let refused = is_refusal(&e);
                     let held = matches!(&*id.state.borrow(), State::Ready(s) if s.not_after > now());
                     tracing::warn!(uid = caller.uid, unit = %caller.unit, error = %e, "no X509-SVID for a caller");
                     if refused || !held {
@@ -228,13 +220,29 @@ impl Svids {
                 }
             };
             tokio::time::sleep(wait).await;
-            let idle = now() - id.used.load(std::sync::atomic::Ordering::Relaxed) > IDLE;
-            if id.state.receiver_count() == 0 && idle {
-                lock(&self.identities).remove(&key);
+            if !self.still_kept(&key, &id) {
                 tracing::debug!(uid = caller.uid, "SVID of an idle caller dropped");
                 return;
             }
         }
+    }
+
+    /// Whether `id` is still to be renewed: it was not evicted meanwhile (the
+    /// table was full and nobody watched it), and someone watches it or used
+    /// it lately. A refusal nobody watches is not asked for again: the next
+    /// call asks. An identity no longer kept leaves the table.
+    fn still_kept(&self, key: &CallerKey, id: &Arc<Identity>) -> bool {
+        let mut map = lock(&self.identities);
+        if !map.get(key).is_some_and(|held| Arc::ptr_eq(held, id)) {
+            return false;
+        }
+        let refused = matches!(&*id.state.borrow(), State::Refused(_));
+        let idle = now() - id.used.load(std::sync::atomic::Ordering::Relaxed) > IDLE;
+        if id.state.receiver_count() == 0 && (idle || refused) {
+            map.remove(key);
+            return false;
+        }
+        true
     }
 
     async fn obtain_x509(&self, caller: &wire::Caller) -> Result<X509Svid, wire::Error> {
@@ -253,8 +261,13 @@ impl Svids {
         let mut aud = audience.clone();
         aud.sort();
         let key = (CallerKey::of(caller), aud, spiffe_id.clone());
-        if let Some(c) = lock(&self.jwts).get(&key).filter(|c| c.reuse_until > now()) {
-            return Ok((c.spiffe_id.clone(), c.token.clone()));
+        match lock(&self.jwts).get(&key).filter(|c| c.fresh(now())) {
+            Some(CachedJwt::Issued { spiffe_id, token, .. }) => return Ok((spiffe_id.clone(), token.clone())),
+            Some(CachedJwt::Refused { error, .. }) => return Err(error.clone()),
+            None => {}
+        }
+        if !lock(&self.budget).take(caller.uid, std::time::Instant::now()) {
+            return Err(too_many_asks(caller.uid));
         }
         let g = wire::GrantRequest {
             kind: Kind::JwtSvid.wire() as i32,
@@ -264,117 +277,85 @@ impl Svids {
             caller: Some(caller.clone()),
             ..Default::default()
         };
-        let gr = self.agent.grant(g).await?;
-        check_receipt_names(&gr).map_err(|e| {
-            wire::Error::new(ErrorCode::Internal, format!("the broker's JWT-SVID was discarded: {e:#}"))
-        })?;
+        let granted = self.agent.grant(g).await;
         let start = now();
+        let cached = match &granted {
+            Ok(gr) => {
+                let reuse_until = start + (gr.not_after_unix - start) / 2;
+                CachedJwt::Issued { spiffe_id: gr.spiffe_id.clone(), token: gr.jwt_svid.clone(), reuse_until }
+            }
+            Err(e) if is_refusal(e) => {
+                let until = start + i64::try_from(REFUSED_RETRY.as_secs()).unwrap_or(30);
+                CachedJwt::Refused { error: e.clone(), until }
+            }
+            Err(e) => return Err(e.clone()),
+        };
+        if let Ok(gr) = &granted {
+            check_receipt_names(gr).map_err(|e| {
+                wire::Error::new(ErrorCode::Internal, format!("the broker's JWT-SVID was discarded: {e:#}"))
+            })?;
+        }
         let mut jwts = lock(&self.jwts);
         if jwts.len() >= MAX_JWTS {
-            jwts.retain(|_, c| c.reuse_until > start);
+            jwts.retain(|_, c| c.fresh(start));
         }
         if jwts.len() < MAX_JWTS {
-            let reuse_until = start + (gr.not_after_unix - start) / 2;
-            let cached = CachedJwt { spiffe_id: gr.spiffe_id.clone(), token: gr.jwt_svid.clone(), reuse_until };
             jwts.insert(key, cached);
         }
+        let gr = granted?;
         Ok((gr.spiffe_id, gr.jwt_svid))
     }
 }
 
-/// Obtains an X509-SVID for `caller` under `role` (for the SPIFFE socket's
-/// callers, and the agent's own x509-svid sinks), checked.
-pub(crate) async fn obtain_x509(
-    agent: &Agent,
-    role: &str,
-    ttl_seconds: u32,
-    caller: &wire::Caller,
-) -> Result<X509Svid, wire::Error> {
-    let internal = |e: String| wire::Error::new(ErrorCode::Internal, e);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| internal(e.to_string()))?;
-    // No name at all: the SVID's one name is the SPIFFE ID policy gives.
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = params.serialize_request(&key).map_err(|e| internal(e.to_string()))?;
-    let g = wire::GrantRequest {
-        kind: Kind::X509Svid.wire() as i32,
-        role: role.to_owned(),
-        ttl_seconds,
-        csr_der: csr.der().to_vec(),
-        caller: Some(caller.clone()),
-        ..Default::default()
-    };
-    let gr = agent.grant(g).await?;
-    x509_svid(&gr, &key).map_err(|e| {
-        tracing::error!(error = %format!("{e:#}"), "the broker's X509-SVID does not check out; discarded");
-        internal(format!("the broker's X509-SVID was discarded: {e:#}"))
-    })
+/// Whether the broker refused for good (policy, request, revocation), as
+/// against being unreachable for now.
+fn is_refusal(e: &wire::Error) -> bool {
+    matches!(ErrorCode::try_from(e.code), Ok(ErrorCode::PermissionDenied | ErrorCode::BadRequest | ErrorCode::Revoked))
 }
 
-/// The receipt must record the SPIFFE ID the reply carries.
-pub(crate) fn check_receipt_names(gr: &wire::GrantResponse) -> Result<()> {
-    let entry = gr.receipt.as_ref().map(|r| Entry::decode(&r.entry)).transpose()?.context("no receipt")?;
-    match entry.event()? {
-        Event::Grant { spiffe_id, .. } if spiffe_id == gr.spiffe_id && !spiffe_id.is_empty() => Ok(()),
-        _ => bail!("the receipt does not record SPIFFE ID {:?}", gr.spiffe_id),
-    }
+/// Makes room in a full identity table: drops the identity nobody watches
+/// that was used longest ago. False if every one is watched (each watcher
+/// holds a connection, so one uid can hold at most its connection share).
+fn evict_unwatched(map: &mut HashMap<CallerKey, Arc<Identity>>) -> bool {
+    let oldest = map
+        .iter()
+        .filter(|(_, id)| id.state.receiver_count() == 0)
+        .min_by_key(|(_, id)| id.used.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|(k, _)| k.clone());
+    oldest.is_some_and(|k| map.remove(&k).is_some())
 }
 
-fn pem_ders(pem: &str, what: &str) -> Result<Vec<Vec<u8>>> {
-    let ders: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_bytes())
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("the {what} is not PEM"))?;
-    if ders.is_empty() {
-        bail!("the reply carries no {what}");
-    }
-    Ok(ders)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Checks an X509-SVID reply against the key made for it: the certificate
-/// certifies the key and names exactly the SPIFFE ID the reply and its
-/// receipt name, as its only URI SAN.
-pub(crate) fn x509_svid(gr: &wire::GrantResponse, key: &rcgen::KeyPair) -> Result<X509Svid> {
-    crate::credentials::check_x509(gr, key)?;
-    check_receipt_names(gr)?;
-    let leaf_der = pem_ders(&gr.cert_pem, "certificate")?.swap_remove(0);
-    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).context("the X509-SVID does not parse")?;
-    let uris: Vec<&str> = leaf
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if uris != [gr.spiffe_id.as_str()] {
-        bail!("the X509-SVID's URI SANs {uris:?} are not exactly {:?}", gr.spiffe_id);
+    fn identity(used: i64) -> (Arc<Identity>, watch::Receiver<State>) {
+        let (tx, rx) = watch::channel(State::Pending);
+        (Arc::new(Identity { state: tx, used: used.into() }), rx)
     }
-    let serial = hex::encode(leaf.raw_serial());
-    let mut chain_der = vec![leaf_der.clone()];
-    chain_der.extend(pem_ders(&gr.chain_pem, "intermediate chain")?);
-    let bundle_der = pem_ders(&gr.x509_bundle_pem, "X.509 trust bundle")?;
-    if gr.trust_domain.is_empty() || !gr.spiffe_id.starts_with(&format!("spiffe://{}/", gr.trust_domain)) {
-        bail!("{:?} is not in the reply's trust domain {:?}", gr.spiffe_id, gr.trust_domain);
+
+    fn key(exe: &str) -> CallerKey {
+        CallerKey { uid: 1000, gid: 1000, exe: exe.into(), unit: String::new() }
     }
-    Ok(X509Svid {
-        spiffe_id: gr.spiffe_id.clone(),
-        trust_domain: gr.trust_domain.clone(),
-        chain_pem: format!("{}{}", gr.cert_pem, gr.chain_pem),
-        chain_der,
-        key_der: key.serialize_der(),
-        key_pem: key.serialize_pem(),
-        bundle_der,
-        bundle_pem: gr.x509_bundle_pem.clone(),
-        jwt_bundle: gr.jwt_bundle_json.clone(),
-        serial,
-        not_after: gr.not_after_unix,
-    })
+
+    /// Review finding: callers that asked once and left held the table's
+    /// 1,024 places for minutes, so every new workload was refused. A full
+    /// table now gives way: the unwatched identity used longest ago goes.
+    #[test]
+    fn a_full_table_evicts_the_oldest_unwatched_identity_never_a_watched_one() {
+        let mut map = HashMap::new();
+        let (watched, _rx) = identity(1);
+        map.insert(key("watched"), watched);
+        let (old, rx) = identity(2);
+        drop(rx);
+        map.insert(key("old"), old);
+        let (recent, rx) = identity(3);
+        drop(rx);
+        map.insert(key("recent"), recent);
+        assert!(evict_unwatched(&mut map));
+        assert!(!map.contains_key(&key("old")) && map.contains_key(&key("recent")));
+        assert!(evict_unwatched(&mut map));
+        assert!(!evict_unwatched(&mut map), "a watched identity is never evicted");
+        assert!(map.contains_key(&key("watched")));
+    }
 }

@@ -39,24 +39,32 @@ pub(crate) fn status(e: &wire::Error) -> Status {
     }
 }
 
-/// The attested caller of a request that carries the security header.
-pub(crate) fn caller_of<T>(req: &Request<T>, header: bool) -> Result<wire::Caller, Status> {
+/// The attested caller of a request that carries the security header, and
+/// the connection's peer, to check again before anything more is pushed.
+pub(crate) fn caller_of<T>(req: &Request<T>, header: bool) -> Result<(wire::Caller, Peer), Status> {
     if header && req.metadata().get("workload.spiffe.io").and_then(|v| v.to_str().ok()) != Some("true") {
         return Err(Status::invalid_argument("security header missing from request: send workload.spiffe.io: true"));
     }
-    let peer = req.extensions().get::<Peer>();
-    peer.and_then(Peer::current).cloned().ok_or_else(|| {
-        Status::permission_denied(
-            "the calling process could not be attested (it exited, passed its socket on or ran another \
-             program since it connected); connect again from the process that asks",
-        )
-    })
+    let peer = req.extensions().get::<Peer>().cloned().ok_or_else(unattested)?;
+    let caller = peer.current().cloned().ok_or_else(unattested)?;
+    Ok((caller, peer))
+}
+
+pub(crate) fn unattested() -> Status {
+    Status::permission_denied(
+        "the calling process could not be attested (it exited, passed its socket on or ran another \
+         program since it connected); connect again from the process that asks",
+    )
 }
 
 /// Follows a caller's SVID state: `f` turns each SVID into the next message
-/// (None: nothing new to say); a refusal ends the stream with its status.
-/// The follower ends when the client goes, which lets go of the SVID.
+/// (None: nothing new to say); a refusal ends the stream with its status,
+/// and so does a connection whose process is no longer the caller it was
+/// (it exec'd another program, or exited and left the socket to another):
+/// no new key reaches it. The follower ends when the client goes, which
+/// lets go of the SVID.
 pub(crate) fn follow<T: Send + 'static>(
+    peer: Peer,
     mut rx: tokio::sync::watch::Receiver<State>,
     mut f: impl FnMut(&X509Svid) -> Option<T> + Send + 'static,
 ) -> Pushed<T> {
@@ -66,6 +74,10 @@ pub(crate) fn follow<T: Send + 'static>(
             let state = rx.borrow_and_update().clone();
             let message = match state {
                 State::Pending => None,
+                State::Ready(_) if peer.current().is_none() => {
+                    let _ = tx.send(Err(unattested())).await;
+                    return;
+                }
                 State::Ready(svid) => f(&svid).map(Ok),
                 State::Refused(e) => {
                     let _ = tx.send(Err(status(&e))).await;
@@ -126,16 +138,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let caller = caller_of(&req, true)?;
+        let (caller, peer) = caller_of(&req, true)?;
         let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
-        Ok(Response::new(follow(rx, |svid| Some(x509_response(svid)))))
+        Ok(Response::new(follow(peer, rx, |svid| Some(x509_response(svid)))))
     }
 
     async fn fetch_x509_bundles(
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let caller = caller_of(&req, true)?;
+        let (caller, peer) = caller_of(&req, true)?;
         let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
         let f = on_change(
             |s| s.bundle_der.concat(),
@@ -144,11 +156,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 bundles: HashMap::from([(s.trust_domain_id(), bundle)]),
             },
         );
-        Ok(Response::new(follow(rx, f)))
+        Ok(Response::new(follow(peer, rx, f)))
     }
 
     async fn fetch_jwtsvid(&self, req: Request<pb::JwtsvidRequest>) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let caller = caller_of(&req, true)?;
+        let (caller, _) = caller_of(&req, true)?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -161,20 +173,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let caller = caller_of(&req, true)?;
+        let (caller, peer) = caller_of(&req, true)?;
         let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
         let f = on_change(
             |s| s.jwt_bundle.as_bytes().to_vec(),
             |s, jwks| pb::JwtBundlesResponse { bundles: HashMap::from([(s.trust_domain_id(), jwks)]) },
         );
-        Ok(Response::new(follow(rx, f)))
+        Ok(Response::new(follow(peer, rx, f)))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        let caller = caller_of(&req, true)?;
+        let (caller, _) = caller_of(&req, true)?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -220,4 +232,68 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
         serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn svid() -> Arc<X509Svid> {
+        Arc::new(X509Svid {
+            spiffe_id: "spiffe://example.org/w".into(),
+            trust_domain: "example.org".into(),
+            chain_der: vec![vec![1]],
+            chain_pem: String::new(),
+            key_der: vec![2],
+            key_pem: String::new(),
+            bundle_der: vec![vec![3]],
+            bundle_pem: String::new(),
+            jwt_bundle: String::new(),
+            serial: "01".into(),
+            not_after: 0,
+        })
+    }
+
+    /// The peer of a process of ours, attested as the socket does it.
+    fn peer_of(child: &std::process::Child) -> Peer {
+        let pid = child.id();
+        let caller = wire::Caller { pid, pidfd: true, ..Default::default() };
+        Peer { caller: Some(caller), mark: crate::local::process_mark(pid) }
+    }
+
+    /// Review finding: a stream checked its caller only when it opened, so
+    /// a process that exec'd another program (or died, leaving its socket
+    /// to a child) kept receiving every renewed SVID and its private key.
+    #[tokio::test]
+    async fn a_stream_ends_before_a_new_key_reaches_a_process_that_is_no_longer_the_caller() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let peer = peer_of(&child);
+        assert!(peer.mark.is_some() && peer.current().is_some());
+        let (tx, rx) = tokio::sync::watch::channel(State::Ready(svid()));
+        let mut stream = follow(peer, rx, |s| Some(s.serial.clone()));
+        assert_eq!(stream.next().await.unwrap().unwrap(), "01", "the caller gets its SVID");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        tx.send_replace(State::Ready(svid()));
+        let end = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+        assert!(stream.next().await.is_none(), "the stream ends");
+    }
+
+    /// A caller read without a pidfd, or without a mark, is not attested.
+    #[test]
+    fn an_unpinned_caller_is_not_attested() {
+        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut peer = peer_of(&child);
+        assert!(peer.current().is_some());
+        peer.caller.as_mut().unwrap().pidfd = false;
+        assert!(peer.current().is_none(), "no pidfd");
+        let mut peer = peer_of(&child);
+        peer.mark = None;
+        assert!(peer.current().is_none(), "no mark");
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

@@ -49,11 +49,18 @@ pub fn check_template(t: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest SPIFFE ID the broker signs: under the SPIFFE standard's
+/// 2,048-byte advice, and short enough that the audit entry records the
+/// whole ID (`MAX_FIELD_LEN`), never a cut one.
+pub const MAX_SPIFFE_ID_LEN: usize = grantline_proto::audit::event::MAX_FIELD_LEN;
+
 /// Fills in `template` for `caller` on `node` in `trust_domain`: the SPIFFE
 /// ID it names, if it is a valid workload ID of that trust domain. Every
 /// value but the executable is one path segment (a `/` in a node's claim
 /// cannot reach another part of the namespace); the executable's path
-/// gives one segment per directory.
+/// gives one segment per directory. The template is read once, left to
+/// right: a value is never read again as a template, so a caller's unit
+/// named `{exe}` is just an invalid name, not a second variable.
 pub fn expand(template: &str, trust_domain: &str, node: &str, caller: &CallerInfo) -> Result<String, String> {
     let segment = |what: &str, v: &str| -> Result<String, String> {
         if v.is_empty() || v.contains('/') {
@@ -61,18 +68,37 @@ pub fn expand(template: &str, trust_domain: &str, node: &str, caller: &CallerInf
         }
         Ok(v.to_owned())
     };
-    let exe = caller.exe.strip_prefix('/').unwrap_or(&caller.exe);
-    let mut id = template.replace("{trust_domain}", trust_domain);
-    for (var, value) in [
-        ("{node}", segment("node name", node)),
-        ("{uid}", Ok(caller.uid.to_string())),
-        ("{gid}", Ok(caller.gid.to_string())),
-        ("{unit}", segment("systemd unit", &caller.unit)),
-        ("{exe}", if exe.is_empty() { Err("the caller's executable is unknown".into()) } else { Ok(exe.to_owned()) }),
-    ] {
-        if id.contains(var) {
-            id = id.replace(var, &value?);
+    let value = |name: &str| -> Result<String, String> {
+        match name {
+            "trust_domain" => Ok(trust_domain.to_owned()),
+            "node" => segment("node name", node),
+            "uid" => Ok(caller.uid.to_string()),
+            "gid" => Ok(caller.gid.to_string()),
+            "unit" => segment("systemd unit", &caller.unit),
+            "exe" => match caller.exe.strip_prefix('/').unwrap_or(&caller.exe) {
+                "" => Err("the caller's executable is unknown".into()),
+                exe => Ok(exe.to_owned()),
+            },
+            other => Err(format!("template {:?} uses unknown variable {{{other}}}", excerpt(template, 80))),
         }
+    };
+    let mut id = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .ok_or_else(|| format!("template {:?} has an unclosed '{{'", excerpt(template, 80)))?;
+        id.push_str(&rest[..open]);
+        id.push_str(&value(&rest[open + 1..close])?);
+        if id.len() > MAX_SPIFFE_ID_LEN {
+            break;
+        }
+        rest = &rest[close + 1..];
+    }
+    id.push_str(rest);
+    if id.len() > MAX_SPIFFE_ID_LEN {
+        return Err(format!("the SPIFFE ID {:?} would be longer than {MAX_SPIFFE_ID_LEN} bytes", excerpt(&id, 80)));
     }
     let parsed = spiffe::SpiffeId::new(&id).map_err(|e| format!("{:?} is not a SPIFFE ID: {e}", excerpt(&id, 120)))?;
     if parsed.trust_domain_name() != trust_domain {
@@ -225,6 +251,31 @@ mod tests {
         assert!(e("spiffe://other.org/{uid}", &c).unwrap_err().contains("trust domain"));
         assert!(e("spiffe://{trust_domain}", &c).unwrap_err().contains("itself"));
         assert!(expand("spiffe://{trust_domain}/n/{node}", td, "a/b", &c).is_err());
+    }
+
+    /// Review finding: values were substituted one after another into the
+    /// growing ID, so a unit named `{exe}` was filled in again with the
+    /// executable's path, adding segments the template never allowed.
+    #[test]
+    fn a_value_is_never_read_as_a_template() {
+        let td = "example.org";
+        let smuggler = caller("{exe}", "/postgres.service/db/db-1");
+        let err = expand("spiffe://{trust_domain}/svc/{unit}", td, "web-1", &smuggler).unwrap_err();
+        assert!(err.contains("not a SPIFFE ID"), "{err}");
+        let node_smuggler = caller("nginx.service", "/a/b");
+        assert!(expand("spiffe://{trust_domain}/n/{node}", td, "{exe}", &node_smuggler).is_err());
+        assert!(expand("spiffe://{trust_domain}/n/{node}", td, "{trust_domain}", &node_smuggler).is_err());
+    }
+
+    /// Review finding: an executable path of kilobytes gave an ID longer than
+    /// the audit entry records, so the log named a cut ID.
+    #[test]
+    fn ids_longer_than_the_audit_field_are_refused() {
+        let long = format!("/{}", ["seg"; 400].join("/"));
+        let err = expand("spiffe://{trust_domain}/exe/{exe}", "example.org", "n", &caller("u", &long)).unwrap_err();
+        assert!(err.contains("longer than 1024"), "{err}");
+        let fits = format!("/{}", ["seg"; 200].join("/"));
+        assert!(expand("spiffe://{trust_domain}/exe/{exe}", "example.org", "n", &caller("u", &fits)).is_ok());
     }
 
     #[test]

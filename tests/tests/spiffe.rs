@@ -13,8 +13,10 @@ use grantline_tests::spiffe::{Node, TD};
 
 const AUDIENCE: &str = "https://api.example.org";
 
-/// SVIDs live 20 s, so the agent renews them within 10 s.
+/// SVIDs live 20 s, so the agent renews them within 10 s. The workloads
+/// run as this test's uid; their executables tell them apart within it.
 fn policy() -> String {
+    let uid = nix::unistd::getuid().as_raw();
     let mut p = String::from("[[rule]]\nname = \"workloads\"\n");
     for (exe, id) in [
         ("*/frontend", "frontend"),
@@ -25,7 +27,7 @@ fn policy() -> String {
     ] {
         p.push_str(&format!(
             "[[rule.allow]]\nkinds = [\"x509-svid\", \"jwt-svid\"]\nroles = [\"spiffe\"]\nmax_ttl = \"20s\"\n\
-             default_ttl = \"20s\"\nexe = [\"{exe}\"]\nspiffe_ids = [\"spiffe://{{trust_domain}}/{id}\"]\n\
+             default_ttl = \"20s\"\nuids = [{uid}]\nexe = [\"{exe}\"]\nspiffe_ids = [\"spiffe://{{trust_domain}}/{id}\"]\n\
              audiences = [\"https://*.example.org\"]\n"
         ));
     }
@@ -137,18 +139,57 @@ fn envoy_sds_streams_the_certificate_and_bundle_and_their_rotation() {
     assert_eq!(s["fetched"], 1, "{s}");
 }
 
+/// Opens `n` TCP connections to `to` from the local address `from`, and
+/// sends nothing on them.
+fn idle_connections(from: &str, to: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            conns.push(s.connect(to).await.unwrap().into_std().unwrap());
+        }
+        conns
+    })
+}
+
+/// How many of `conns` the peer has closed (the rest it still holds open).
+fn closed_by_peer(conns: &[std::net::TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|c| match std::io::Read::read(&mut &**c, &mut [0u8; 1]) {
+            Ok(0) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        })
+        .count()
+}
+
 #[test]
 fn jwt_svids_verify_through_oidc_discovery_and_forgeries_do_not() {
     let node = Node::start(&policy());
+    // Review finding: 256 idle connections from one host filled the
+    // endpoint, and relying parties waited behind them. Past 8 from one
+    // source the endpoint closes a connection at once; others are served.
+    let oidc_addr: std::net::SocketAddr = node.issuer.trim_start_matches("https://").parse().unwrap();
+    let idle = idle_connections("127.0.0.2", oidc_addr, 64);
     let j = node.client("frontend", &["jwt", AUDIENCE]);
     let token = j["token"].as_str().unwrap();
-    let ca = node.broker.path("ca.pem");
+    // The endpoint's own single-use CA, not the broker's root (which also
+    // signs workload leaves that could pose as the endpoint).
+    let ca = node.broker.path("oidc-ca.pem");
     let mut cmd = node.client_command("frontend", &["oidc", &node.issuer, ca.to_str().unwrap(), token, AUDIENCE]);
     let out = cmd.env("JWT_KEY_FILE", node.broker.path("jwt-svid.key")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let o: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(o["issuer"], node.issuer, "{o}");
+    // Accepted in order, so all 64 were judged before the client was served:
+    // at most 8 held from 127.0.0.2 (those too once the 3 s handshake
+    // deadline passes), the rest closed at once.
+    let closed = closed_by_peer(&idle);
+    assert!(closed >= 56, "only {closed} of 64 idle connections from one host were closed");
     assert_eq!(o["token"], format!("valid:{}", Node::id("frontend")), "{o}");
     assert_eq!(o["other_audience"], "InvalidAudienceError", "{o}");
     assert_eq!(o["expired"], "ExpiredSignatureError", "{o}");

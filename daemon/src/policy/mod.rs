@@ -19,7 +19,9 @@
 //! path = "database/creds/{role}" # secret: the leased Vault path
 //! uids = [33]                    # the local caller (as the agent attested it):
 //! gids = []                      #   uid or gid among these, when any is listed,
-//! exe = ["/usr/sbin/nginx"]      #   executable and systemd unit globs
+//! exe = ["/usr/sbin/nginx"]      #   executable and systemd unit globs (exe
+//!                                #   only beside uids, gids or units: a path
+//!                                #   alone names no one)
 //! units = ["nginx.service"]
 //! spiffe_ids = ["spiffe://{trust_domain}/unit/{unit}"] # SVIDs: ID templates (RFD 0011)
 //! audiences = ["https://*.example.org"]                # jwt-svid: audience globs

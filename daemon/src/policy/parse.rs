@@ -148,6 +148,14 @@ impl Policy {
                 if kinds.contains(&Kind::JwtSvid) && a.audiences.is_empty() {
                     return Err(bad("allows jwt-svid but lists no audiences patterns".into()));
                 }
+                // A path names no one: any user may copy or rename a program, or
+                // mount another over its path in a namespace of their own. The
+                // executable only narrows callers the kernel vouches for.
+                if !a.exe.is_empty() && a.uids.is_empty() && a.gids.is_empty() && a.units.is_empty() {
+                    return Err(bad("matches callers by exe alone; any user can run a program under that \
+                                    path's name, so also list the uids, gids or units it runs as"
+                        .into()));
+                }
                 let path = a.path.clone().unwrap_or_else(|| DEFAULT_SECRET_PATH.to_owned());
                 if path.is_empty() || path.starts_with('/') || path.contains("..") {
                     return Err(bad(format!("path {path:?} is not a Vault path like \"database/creds/{{role}}\"")));
@@ -225,6 +233,10 @@ mod tests {
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['secret']\nroles=['r']\nmax_ttl='1h'\npath='../x'\n", "not a Vault path"),
             ("[[rule]\n", "TOML"),
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\n", "no spiffe_ids"),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\nexe=['*/frontend']\n",
+                "exe alone",
+            ),
             (
                 "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/{shell}']\n",
                 "{shell}",

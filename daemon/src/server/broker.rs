@@ -127,7 +127,7 @@ impl Broker {
             None => (None, None),
             Some(s) => {
                 let jwt = crate::spiffe::JwtKey::load_or_create(&opts.state_dir)?;
-                let oidc = s.oidc.as_ref().map(|o| super::oidc::bind(o, &pki, &jwt)).transpose()?;
+                let oidc = s.oidc.as_ref().map(|o| super::oidc::bind(o, &opts.state_dir, &jwt)).transpose()?;
                 let iss = oidc.as_ref().map(|o| o.issuer.clone()).unwrap_or_default();
                 let svids = SvidIssuer::new(pki.clone(), jwt, s.trust_domain.clone(), iss);
                 (Some(Arc::new(svids) as Arc<dyn Issuer>), oidc)

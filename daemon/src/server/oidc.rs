@@ -4,7 +4,8 @@
 //! the JWT-SVIDs this broker signs. Nothing here reads a request body.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,14 +17,22 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use grantline_proto::slots::Slots;
+
 use super::options::OidcOptions;
-use crate::pki::Pki;
 use crate::spiffe::{discovery_document, JwtKey};
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections served at once, and from one source address (an IPv6 /64
+/// counts as one): past either, a connection is closed at once, so a
+/// few hosts holding idle connections cannot lock relying parties out.
 const MAX_CONNECTIONS: usize = 256;
+const PER_SOURCE: usize = 8;
 /// A TLS handshake, or a request's headers, must arrive within this.
-const DEADLINE: Duration = Duration::from_secs(10);
+const DEADLINE: Duration = Duration::from_secs(3);
+/// The longest a connection is kept, however busy: its slot is freed.
+const LIFETIME: Duration = Duration::from_secs(30);
+/// Where the endpoint's own trust anchor is written (no certificate files).
+pub const OIDC_CA_FILE: &str = "oidc-ca.pem";
 
 /// A bound endpoint, ready to serve.
 pub(crate) struct Oidc {
@@ -41,9 +50,9 @@ struct Documents {
     jwks: Bytes,
 }
 
-/// Binds the endpoint. Without configured certificate files it serves the
-/// broker's own server certificate (its names are the broker's `server_names`).
-pub(crate) fn bind(opts: &OidcOptions, pki: &Pki, jwt: &JwtKey) -> Result<Oidc> {
+/// Binds the endpoint. Without configured certificate files it serves a
+/// certificate of its own (see [`own_certificate`]).
+pub(crate) fn bind(opts: &OidcOptions, state_dir: &Path, jwt: &JwtKey) -> Result<Oidc> {
     let listener = std::net::TcpListener::bind(opts.listen)
         .with_context(|| format!("cannot listen on {} for [spiffe.oidc]", opts.listen))?;
     listener.set_nonblocking(true)?;
@@ -51,7 +60,10 @@ pub(crate) fn bind(opts: &OidcOptions, pki: &Pki, jwt: &JwtKey) -> Result<Oidc> 
     let issuer = opts.issuer.clone().unwrap_or_else(|| format!("https://{}", display_addr(addr)));
     let (chain, key) = match &opts.tls {
         Some((cert, key)) => read_tls_files(cert, key)?,
-        None => (pki.server_chain.clone(), pki.server_key.clone_key()),
+        None => {
+            let host = url::Url::parse(&issuer).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+            own_certificate(state_dir, host.trim_start_matches('[').trim_end_matches(']'))?
+        }
     };
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
@@ -61,6 +73,49 @@ pub(crate) fn bind(opts: &OidcOptions, pki: &Pki, jwt: &JwtKey) -> Result<Oidc> 
     let documents =
         Documents { prefix, discovery: Bytes::from(discovery_document(&issuer)), jwks: Bytes::from(jwt.jwks("sig")) };
     Ok(Oidc { listener, acceptor: Arc::new(config).into(), issuer, documents: Arc::new(documents) })
+}
+
+/// The endpoint's certificate when no files are configured: a leaf for the
+/// issuer's host under a CA made for it alone at this start, whose key is
+/// dropped at once, so that CA can never sign anything else. Its
+/// certificate is written to `STATE_DIR/oidc-ca.pem` for relying parties
+/// to trust (again after each restart). The broker's root is not used: it
+/// also signs workload leaves, and a node granted one for the issuer's host
+/// could then pose as the endpoint and serve its own keys. A cloud provider
+/// needs a publicly trusted certificate: configure `tls_cert_file`.
+fn own_certificate(state_dir: &Path, host: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
+    let now = time::OffsetDateTime::now_utc();
+    let ca_key = KeyPair::generate_for(alg)?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    ca.distinguished_name.push(DnType::CommonName, "Grantline OIDC endpoint (single-use CA)");
+    ca.not_before = now - time::Duration::minutes(5);
+    ca.not_after = now + time::Duration::days(398);
+    ca.serial_number = Some(crate::pki::random_serial());
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate_for(alg)?;
+    let mut leaf = CertificateParams::default();
+    let san = crate::pki::parse_san(host)
+        .map_err(|e| anyhow::anyhow!("[spiffe.oidc] issuer host {host:?}: {e}; set issuer to an https:// URL"))?;
+    leaf.subject_alt_names = vec![san];
+    leaf.distinguished_name.push(DnType::CommonName, "grantlined OIDC");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.not_before = now - time::Duration::minutes(5);
+    leaf.not_after = now + time::Duration::days(397);
+    leaf.serial_number = Some(crate::pki::random_serial());
+    leaf.use_authority_key_identifier_extension = true;
+    let cert = leaf.signed_by(&key, &issuer)?;
+    drop(issuer);
+    let anchor = state_dir.join(OIDC_CA_FILE);
+    grantline_proto::files::write_atomic(&anchor, ca_cert.pem().as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", anchor.display()))?;
+    let key_der = PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((vec![cert.der().clone(), ca_cert.der().clone()], key_der))
 }
 
 fn display_addr(addr: SocketAddr) -> String {
@@ -96,31 +151,44 @@ pub(crate) async fn serve(oidc: Oidc) {
             return;
         }
     };
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open = Slots::new(MAX_CONNECTIONS);
     loop {
-        let Ok(permit) = open.clone().acquire_owned().await else { return };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot accept on the OIDC endpoint");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        // Past the bounds the connection is closed (dropped) at once.
+        let Some(slot) = open.take(source(from.ip()), PER_SOURCE) else { continue };
         let (acceptor, documents) = (oidc.acceptor.clone(), oidc.documents.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let Ok(Ok(tls)) = tokio::time::timeout(DEADLINE, acceptor.accept(stream)).await else { return };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let documents = documents.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &documents)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(DEADLINE)
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+                .serve_connection(TokioIo::new(tls), service);
+            let _ = tokio::time::timeout(LIFETIME, conn).await;
         });
+    }
+}
+
+/// What connections are counted by: the address, or an IPv6 address's /64
+/// (one host commonly holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !0u128 >> 64)),
+        },
     }
 }
 

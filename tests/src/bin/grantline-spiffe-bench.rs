@@ -25,6 +25,7 @@ kinds = ["x509-svid", "jwt-svid"]
 roles = ["spiffe"]
 max_ttl = "20s"
 default_ttl = "20s"
+uids = [{uid}]
 exe = ["*/grantline-spiffe-bench"]
 spiffe_ids = ["spiffe://{trust_domain}/bench"]
 audiences = ["https://*.example.org"]
@@ -118,7 +119,13 @@ async fn main() {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (seconds, clients, rotations) =
         (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(8), args.get(2).copied().unwrap_or(3));
-    let node = tokio::task::spawn_blocking(|| Node::start(POLICY)).await.unwrap();
+    let node = tokio::task::spawn_blocking(|| {
+        let policy = POLICY.replace("{uid}", &nix::unistd::getuid().as_raw().to_string());
+        // The bench measures the broker, not the agent's per-uid budget.
+        Node::start_with(&policy, "[spiffe]\nbroker_requests_per_second = 1000000\n")
+    })
+    .await
+    .unwrap();
     let endpoint = format!("unix:{}", node.socket().display());
     std::env::set_var("SPIFFE_ENDPOINT_SOCKET", &endpoint);
     let first = client(&endpoint).await.fetch_x509_svid().await.expect("the first X509-SVID");
