@@ -5,7 +5,10 @@
 #   tests/scale.sh storm N    restart the broker under N connected agents; time to all re-granted
 #                             (RATE= sets the broker's --reconnects-per-second)
 #   tests/scale.sh vault      OpenBao pki/sign and the broker's modes in the same run (ratio)
-# Each prints grantline-loadgen's JSON (one object). Build first:
+# Each prints grantline-loadgen's JSON (one object), with the broker's own CPU
+# time per handshake, grant or re-granted agent from /proc. PIN=1 runs the
+# broker (and OpenBao) on CPU 0 and the load generator on CPU 1 (taskset), so
+# rates are per broker core. Build first:
 #   cargo build --release --bins
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +16,13 @@ scenario=${1:?usage: tests/scale.sh hold|sweep|storm N | vault}
 B=$PWD/target/release
 if [ "$scenario" = vault ]; then
   exec "$B/grantline-bench-vault" "${2:-3000}"
+fi
+# The load generator's CPU, and the broker's, when pinned.
+LOADGEN=("$B/grantline-loadgen")
+BROKER_CPU=()
+if [ "${PIN:-}" = 1 ]; then
+  LOADGEN=(taskset -c 1 "$B/grantline-loadgen")
+  BROKER_CPU=(taskset -c 0)
 fi
 N=${2:?usage: tests/scale.sh $scenario N}
 D=$(mktemp -d)
@@ -22,7 +32,7 @@ trap cleanup EXIT
 
 start_broker() { # $1: listen address; sets BP and ADDR
   : >"$D/out"
-  "$B/grantlined" dev --state-dir "$D/state" --listen "$1" --metrics 127.0.0.1:0 ${RATE:+--reconnects-per-second "$RATE"} \
+  "${BROKER_CPU[@]}" "$B/grantlined" dev --state-dir "$D/state" --listen "$1" --metrics 127.0.0.1:0 ${RATE:+--reconnects-per-second "$RATE"} \
     >"$D/out" 2>"$D/err" &
   BP=$!
   echo "$BP" >"$D/pid"
@@ -51,10 +61,10 @@ echo "idle broker $(grep VmRSS /proc/$BP/status)" >&2
 fleet=(--broker "$ADDR" --ca-file "$D/state/ca.pem" --fixture "$D/fixture" --agents "$N" --endpoints "${ENDPOINTS:-64}"
   --role dev --san load.example.com)
 case "$scenario" in
-  hold) "$B/grantline-loadgen" hold "${fleet[@]}" --grant-rate 200 --seconds 2 --broker-pid "$BP" ;;
-  sweep) "$B/grantline-loadgen" sweep "${fleet[@]}" --start-rate 500 --step-seconds 5 --broker-pid "$BP" ;;
+  hold) "${LOADGEN[@]}" hold "${fleet[@]}" --grant-rate 200 --seconds 2 --broker-pid "$BP" ;;
+  sweep) "${LOADGEN[@]}" sweep "${fleet[@]}" --start-rate 500 --step-seconds 5 --broker-pid "$BP" ;;
   storm)
-    "$B/grantline-loadgen" storm "${fleet[@]}" --ready-file "$D/ready" --limit-seconds 300 \
+    "${LOADGEN[@]}" storm "${fleet[@]}" --ready-file "$D/ready" --limit-seconds 300 \
       --broker-pid-file "$D/pid" >"$D/storm.json" &
     LP=$!
     until [ -e "$D/ready" ]; do kill -0 "$LP" 2>/dev/null || exit 70; sleep 0.2; done

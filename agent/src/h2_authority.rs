@@ -16,8 +16,11 @@ const PREFACE_LEN: usize = 24;
 /// The largest frame payload a client may send the agent (h2's default
 /// SETTINGS_MAX_FRAME_SIZE, which tonic keeps).
 pub const MAX_FRAME: usize = 16_384;
-/// The largest header block (all its frames) the rewriter holds.
-pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// The largest header block (all its frames) the rewriter holds: what the
+/// decoded list may be. An encoder never needs more (a field's prefixes fit
+/// in the 32 bytes the list counts per field); a longer block can only be
+/// table references, each more decoding work for nothing.
+pub const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST;
 /// The largest decoded header list a request may carry (RFC 9113 §6.5.2:
 /// names, values and 32 bytes per field), as hyper's server advertises in
 /// SETTINGS_MAX_HEADER_LIST_SIZE and the SPIFFE socket sets explicitly.

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use grantline_proto::slots::Slots;
 use grantline_proto::{frame, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -43,35 +44,59 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
 
 /// The calling process: uid, gid and pid from SO_PEERCRED, then its
 /// executable and systemd unit from /proc, read while a pidfd pins the
-/// process. If the process exited meanwhile, or its pid now belongs to a
+/// process, and the mark that tells it from whatever later holds its pid or
+/// its socket. If the process exited meanwhile, or its pid now belongs to a
 /// process of another user, the caller is refused (None): what /proc said
 /// might describe another process.
-pub fn caller_of(stream: &UnixStream) -> Option<wire::Caller> {
+///
+/// Only /proc is read on the calling task. Checking the executable's path
+/// ([`verified_exe`]) stats files the caller may control (a FUSE mount that
+/// never answers), so it runs on a blocking thread, at most one per uid and
+/// [`MAX_VERIFYING`] in all, for at most [`VERIFY_DEADLINE`]; past those the
+/// executable is unknown, which no `exe` rule matches.
+pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> {
     let cred = stream.peer_cred().ok()?;
     let pid = cred.pid().filter(|p| *p > 0)?;
     let pidfd = rustix::process::Pid::from_raw(pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
-    let exe = verified_exe(pid);
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())?;
     let unit = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|c| unit_of_cgroup(&c)).unwrap_or_default();
     let real_uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok()));
-    let pinned = match &pidfd {
-        // Readable means the process has exited.
-        Some(fd) => {
-            let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-            match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })) {
-                Ok(0) => true,
-                _ => return None,
-            }
-        }
-        None => false,
-    };
     if real_uid.is_some_and(|u| u != cred.uid()) {
         return None;
     }
-    Some(wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: pinned })
+    let exe = match VERIFYING.take(cred.uid(), 1) {
+        None => String::new(),
+        Some(slot) => {
+            let check = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                verified_exe(pid)
+            });
+            tokio::time::timeout(VERIFY_DEADLINE, check).await.ok().and_then(Result::ok).unwrap_or_default()
+        }
+    };
+    let mark = process_mark(u32::try_from(pid).ok()?)?;
+    // Still running (a readable pidfd means it exited), and still the
+    // program that was verified: no exec between the two reads.
+    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
+    if !matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0)) {
+        return None;
+    }
+    if !exe.is_empty() && mark.exe != exe {
+        return None;
+    }
+    let caller =
+        wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: true };
+    Some((caller, mark))
 }
+
+/// Executable checks in progress at once (each may be stuck on a file
+/// system that does not answer), and how long one is waited for.
+pub const MAX_VERIFYING: usize = 32;
+pub const VERIFY_DEADLINE: Duration = Duration::from_secs(1);
+static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<u32>>> =
+    std::sync::LazyLock::new(|| Slots::new(MAX_VERIFYING));
 
 /// The path of process `pid`'s executable, if that path names, here, the
 /// very file the process runs; otherwise empty (unknown). The kernel gives
@@ -121,6 +146,21 @@ pub fn unit_of_cgroup(cgroup: &str) -> String {
         .to_owned()
 }
 
+/// What SVIDs are keyed by: the caller's attested attributes, not its pid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CallerKey {
+    pub uid: u32,
+    pub gid: u32,
+    pub exe: String,
+    pub unit: String,
+}
+
+impl CallerKey {
+    pub fn of(c: &wire::Caller) -> Self {
+        Self { uid: c.uid, gid: c.gid, exe: c.exe.clone(), unit: c.unit.clone() }
+    }
+}
+
 /// What tells one process from another over time: its start time (clock
 /// ticks since boot, kept across exec, new for a reused pid) and its
 /// executable.
@@ -130,13 +170,17 @@ pub struct ProcessMark {
     exe: String,
 }
 
-/// The mark of process `pid`, or None if it is gone.
+/// The mark of process `pid`, or None if it is gone. Only /proc is read. A
+/// program replaced on disk while it runs (a package upgrade) reads as
+/// `PATH (deleted)`; it is still the same process running the same program,
+/// so the suffix is not part of the mark.
 pub fn process_mark(pid: u32) -> Option<ProcessMark> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces and parentheses.
     let after = &stat[stat.rfind(')')? + 1..];
     let start = after.split_whitespace().nth(19)?.parse().ok()?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    let exe = exe.strip_suffix(" (deleted)").map(str::to_owned).unwrap_or(exe);
     Some(ProcessMark { start, exe })
 }
 
@@ -183,7 +227,8 @@ mod tests {
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let client = UnixStream::connect(&path).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let c = caller_of(&server).unwrap();
+        let (c, mark) = attest(&server).await.unwrap();
+        assert_eq!(Some(mark), process_mark(std::process::id()));
         assert_eq!(c.pid, std::process::id());
         assert_eq!(c.uid, nix::unistd::getuid().as_raw());
         assert_eq!(c.exe, std::env::current_exe().unwrap().display().to_string());
@@ -215,8 +260,12 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         running(pid, &real);
         assert_eq!(verified_exe(pid), real.display().to_string(), "a program at its own path is attested");
+        let mark = process_mark(u32::try_from(pid).unwrap()).unwrap();
         std::fs::remove_file(&real).unwrap();
         assert_eq!(verified_exe(pid), "", "a deleted program is not");
+        // Second review: a package upgrade replaces a running program on
+        // disk; the process is still the one that connected.
+        assert_eq!(process_mark(u32::try_from(pid).unwrap()), Some(mark), "the mark survives the upgrade");
         child.kill().unwrap();
         child.wait().unwrap();
 

@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::broker::{call, CallError};
 use crate::config::Caller;
 use crate::connection::{connection, jitter_unit};
-use crate::local::{caller_of, read_frame};
+use crate::local::{attest, read_frame};
 use crate::renew::backoff;
 use crate::session::Agent;
 
@@ -124,8 +124,10 @@ fn local_error(code: ErrorCode, msg: impl Into<String>) -> wire::LocalResponse {
 }
 
 async fn serve_local(agent: Arc<Agent>, mut stream: UnixStream) {
-    let caller = caller_of(&stream);
-    let connected = caller.as_ref().and_then(|c| crate::local::process_mark(c.pid));
+    let (caller, connected) = match attest(&stream).await {
+        Some((caller, mark)) => (Some(caller), Some(mark)),
+        None => (None, None),
+    };
     let resp = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut stream)).await {
         Err(_) => local_error(ErrorCode::BadRequest, "no request within 10 s"),
         Ok(Err(e)) => local_error(ErrorCode::BadRequest, format!("cannot read the request: {e}")),
@@ -222,6 +224,14 @@ async fn handle_local(agent: &Agent, req: wire::LocalRequest, caller: Option<wir
                     format!("unknown credential kind {}; use {}", g.kind, Kind::names()),
                 );
             };
+            // SVIDs are the SPIFFE socket's, where each principal's asks are
+            // budgeted and answers cached (RFD 0011); here they would not be.
+            if kind.is_svid() {
+                return local_error(
+                    ErrorCode::BadRequest,
+                    format!("{kind} is served on the agent's SPIFFE socket (the Workload API), not this one"),
+                );
+            }
             if let Err(reason) = agent.check_caller(caller.as_ref(), kind, &g.role) {
                 return local_error(ErrorCode::PermissionDenied, reason);
             }

@@ -81,8 +81,12 @@ pub async fn run(args: RunArgs, shutdown: impl std::future::Future<Output = ()>)
         match spiffe {
             None => std::future::pending().await,
             Some((settings, listener)) => {
-                let svids =
-                    crate::svids::Svids::new(agent.clone(), settings.role.clone(), settings.broker_requests_per_second);
+                let svids = crate::svids::Svids::new(
+                    agent.clone(),
+                    settings.role.clone(),
+                    settings.broker_requests_per_second,
+                    crate::principals::Principals::load(std::path::Path::new("/etc/subuid")),
+                );
                 crate::spiffe_socket::serve(svids, listener, settings.sds).await
             }
         }

@@ -153,10 +153,12 @@ impl SecretDiscoveryService for Sds {
     }
 
     async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        let (caller, _) = caller_of(&req, false)?;
+        let (caller, peer) = caller_of(&req, false)?;
         let r = req.into_inner();
         check(&r)?;
         let svid = self.svids.current(&caller).await.map_err(|e| status(&e))?;
+        // The SVID may have taken a while: the caller must still be the caller.
+        peer.current().ok_or_else(unattested)?;
         Ok(Response::new(response(&self.names, &svid, &r.resource_names, 1)))
     }
 }

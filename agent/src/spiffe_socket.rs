@@ -19,7 +19,6 @@ use tonic::transport::server::Connected;
 use crate::h2_authority::{AuthorityFix, MAX_HEADER_LIST};
 use crate::sds::Sds;
 use crate::spiffe_config::SdsNames;
-use crate::svid_budget::SUBORDINATE_UIDS;
 use crate::svids::{Peer, Svids};
 use crate::workload_api::WorkloadApi;
 
@@ -29,17 +28,6 @@ const IN_ALL: usize = 1024;
 /// Streams one connection may hold open at once: each stream is a task
 /// following the caller's SVID.
 const STREAMS_PER_CONNECTION: u32 = 32;
-
-/// The pool a caller's connection counts against: its uid, or, for uids of
-/// [`SUBORDINATE_UIDS`] and up (subordinate ids, user namespaces), one pool
-/// for all of them, so that a user commanding many ids is still one user.
-fn pool(uid: u32) -> u32 {
-    if uid >= SUBORDINATE_UIDS {
-        u32::MAX
-    } else {
-        uid
-    }
-}
 
 /// An accepted connection and who made it. What the client sends passes
 /// through [`AuthorityFix`] (grpc-core's socket-path `:authority`).
@@ -110,6 +98,7 @@ impl AsyncWrite for Attested {
 /// Serves the SPIFFE socket; returns only if the gRPC server fails.
 pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNames) -> Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Attested>>(16);
+    let principals = svids.clone();
     tokio::spawn(async move {
         let open = Slots::new(IN_ALL);
         loop {
@@ -121,20 +110,26 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
                     continue;
                 }
             };
+            if tx.is_closed() {
+                return;
+            }
             let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-            // Past its share a caller's connection is closed at once.
-            let Some(slot) = open.take(pool(uid), PER_UID) else {
+            // Past its principal's share (the ids a user was delegated count
+            // as that user) a caller's connection is closed at once.
+            let Some(slot) = open.take(principals.principal(uid), PER_UID) else {
                 tracing::warn!(uid, "SPIFFE socket connection refused: too many open for this uid");
                 continue;
             };
-            let caller = crate::local::caller_of(&stream);
-            let mark = caller.as_ref().and_then(|c| crate::local::process_mark(c.pid));
-            let peer = Peer { caller, mark };
-            let fix = AuthorityFix::default();
-            let conn = Attested { inner: stream, peer, fix, input: Vec::new(), output: Vec::new(), _slot: slot };
-            if tx.send(Ok(conn)).await.is_err() {
-                return;
-            }
+            // Attested on a task of its own: the accept loop never waits on
+            // what a caller controls.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (caller, mark) = crate::local::attest(&stream).await.unzip();
+                let peer = Peer { caller, mark };
+                let fix = AuthorityFix::default();
+                let conn = Attested { inner: stream, peer, fix, input: Vec::new(), output: Vec::new(), _slot: slot };
+                let _ = tx.send(Ok(conn)).await;
+            });
         }
     });
     tonic::transport::Server::builder()

@@ -10,12 +10,9 @@ use grantline_proto::wire::{self, ErrorCode};
 /// The most uids whose budgets are tracked at once; past it, full ones are forgotten.
 const MAX_TRACKED: usize = 4096;
 
-/// The pool of uids at and above this (subordinate ids, user namespaces'
-/// ids): however many of them one user commands, they share one budget.
-pub(crate) const SUBORDINATE_UIDS: u32 = 65_536;
-
-/// New SVIDs the broker may be asked for per second, per uid (uids at and
-/// above [`SUBORDINATE_UIDS`] together), with a burst of ten seconds' worth:
+/// New SVIDs the broker may be asked for per second, per principal (a uid,
+/// or the owner of the delegated range it is in: `crate::principals`), with
+/// a burst of ten seconds' worth:
 /// every answer, SVID or denial, is signed and audited, so one local user
 /// asking for new audiences, or as new executables, in a loop must not grow
 /// the broker's log without bound. Cached SVIDs and refusals cost nothing.
@@ -30,9 +27,9 @@ impl Budget {
         Self { rate: f64::from(per_second), buckets: HashMap::new() }
     }
 
-    /// Takes one ask from `uid`'s budget at `at`, if it has one left.
-    pub(crate) fn take(&mut self, uid: u32, at: Instant) -> bool {
-        let key = if uid >= SUBORDINATE_UIDS { u32::MAX } else { uid };
+    /// Takes one ask from `principal`'s budget at `at`, if it has one left.
+    pub(crate) fn take(&mut self, principal: u32, at: Instant) -> bool {
+        let key = principal;
         let burst = self.rate * 10.0;
         if self.buckets.len() >= MAX_TRACKED {
             self.buckets
@@ -63,10 +60,9 @@ mod tests {
 
     /// Review finding: any local user could have the broker mint and audit
     /// JWT-SVIDs (or denials) without bound by asking for new audiences or
-    /// as new executables; each uid now has a budget, and subordinate uids
-    /// share one.
+    /// as new executables; each principal now has a budget.
     #[test]
-    fn broker_asks_are_budgeted_per_uid_and_subordinate_uids_share() {
+    fn broker_asks_are_budgeted_per_principal() {
         let mut m = Budget { rate: 2.0, buckets: HashMap::new() };
         let t = Instant::now();
         let taken = (0..100).filter(|_| m.take(1000, t)).count();
@@ -74,7 +70,9 @@ mod tests {
         assert!(m.take(1001, t), "another user has a budget of its own");
         assert!(!m.take(1000, t + Duration::from_millis(100)), "refilled at the rate, not at once");
         assert!(m.take(1000, t + Duration::from_secs(1)), "two a second come back");
-        let subordinate = (0..100).filter(|i| m.take(SUBORDINATE_UIDS + 1 + i, t)).count();
-        assert_eq!(subordinate, 20, "a hundred subordinate uids are one budget");
+        // The ids a user was delegated answer to that user (crate::principals).
+        let p = crate::principals::Principals::parse("1002:100000:65536\n", |_| None);
+        let delegated = (0..100).filter(|i| m.take(p.of(100_000 + i), t)).count();
+        assert_eq!(delegated, 20, "a hundred delegated uids are one budget");
     }
 }

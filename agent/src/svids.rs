@@ -14,7 +14,9 @@ use grantline_proto::wire::{self, ErrorCode};
 use rand::Rng;
 use tokio::sync::watch;
 
-use crate::local::ProcessMark;
+use crate::jwt_cache::{cache_jwt, CachedJwt, JwtKey};
+use crate::local::{CallerKey, ProcessMark};
+use crate::principals::Principals;
 use crate::renew::{backoff, renew_at};
 use crate::session::Agent;
 use crate::svid::obtain_x509;
@@ -43,21 +45,6 @@ impl Peer {
     }
 }
 
-/// What SVIDs are keyed by: the caller's attested attributes, not its pid.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct CallerKey {
-    uid: u32,
-    gid: u32,
-    exe: String,
-    unit: String,
-}
-
-impl CallerKey {
-    fn of(c: &wire::Caller) -> Self {
-        Self { uid: c.uid, gid: c.gid, exe: c.exe.clone(), unit: c.unit.clone() }
-    }
-}
-
 /// Where a caller's X509-SVID stands.
 #[derive(Clone)]
 pub(crate) enum State {
@@ -70,6 +57,8 @@ pub(crate) enum State {
 
 struct Identity {
     state: watch::Sender<State>,
+    /// Told when the identity leaves a full table, so its keeper stops.
+    evicted: tokio::sync::Notify,
     /// When a caller last asked (unix seconds): an identity nobody watches
     /// or asks for is dropped after [`IDLE`].
     used: std::sync::atomic::AtomicI64,
@@ -79,36 +68,11 @@ struct Identity {
 const IDLE: i64 = 300;
 /// How long a refused caller waits before the broker is asked again.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
+/// How often a keeper looks whether its identity is still used.
+const CHECK: Duration = Duration::from_secs(30);
 /// The most callers holding SVIDs at once; past it, new callers wait for
 /// idle ones to go.
 pub(crate) const MAX_IDENTITIES: usize = 1024;
-/// The most JWT-SVIDs (and refusals) kept for reuse.
-const MAX_JWTS: usize = 4096;
-/// A cached JWT-SVID's key: the caller, its sorted audiences, the ID asked.
-type JwtKey = (CallerKey, Vec<String>, String);
-
-enum CachedJwt {
-    Issued {
-        spiffe_id: String,
-        token: String,
-        /// Reused until this time (unix seconds): its half-life.
-        reuse_until: i64,
-    },
-    /// The broker's refusal, repeated without asking until this time: a
-    /// refused caller asking again and again costs the broker and its log
-    /// one denial per [`REFUSED_RETRY`].
-    Refused { error: wire::Error, until: i64 },
-}
-
-impl CachedJwt {
-    fn fresh(&self, now: i64) -> bool {
-        match self {
-            Self::Issued { reuse_until, .. } => *reuse_until > now,
-            Self::Refused { until, .. } => *until > now,
-        }
-    }
-}
-
 pub(crate) struct Svids {
     agent: Arc<Agent>,
     /// The role SVID requests name (the broker's policy rules match it).
@@ -116,6 +80,8 @@ pub(crate) struct Svids {
     identities: Mutex<HashMap<CallerKey, Arc<Identity>>>,
     jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
     budget: Mutex<Budget>,
+    /// Whom each uid answers to, for shares and budgets.
+    principals: Principals,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,14 +90,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Svids {
     /// `per_second`: new SVIDs asked of the broker per uid per second (see [`Budget`]).
-    pub(crate) fn new(agent: Arc<Agent>, role: String, per_second: u32) -> Arc<Self> {
+    pub(crate) fn new(agent: Arc<Agent>, role: String, per_second: u32, principals: Principals) -> Arc<Self> {
         Arc::new(Self {
+            principals,
             agent,
             role,
             identities: Mutex::new(HashMap::new()),
             jwts: Mutex::new(HashMap::new()),
             budget: Mutex::new(Budget::new(per_second)),
         })
+    }
+
+    /// The principal `uid` answers to (its share of connections, its budget).
+    pub(crate) fn principal(&self, uid: u32) -> u32 {
+        self.principals.of(uid)
     }
 
     /// The caller's X509-SVID state, to watch: its keeper starts on first use.
@@ -149,10 +121,14 @@ impl Svids {
                 format!("the agent holds SVIDs for {MAX_IDENTITIES} callers, all watched; retry once some go"),
             ));
         }
-        if !lock(&self.budget).take(caller.uid, std::time::Instant::now()) {
+        if !lock(&self.budget).take(self.principal(caller.uid), std::time::Instant::now()) {
             return Err(too_many_asks(caller.uid));
         }
-        let id = Arc::new(Identity { state: watch::channel(State::Pending).0, used: now().into() });
+        let id = Arc::new(Identity {
+            state: watch::channel(State::Pending).0,
+            evicted: tokio::sync::Notify::new(),
+            used: now().into(),
+        });
         let rx = id.state.subscribe();
         map.insert(key.clone(), id.clone());
         tokio::spawn(self.clone().keep(key, caller.clone(), id));
@@ -219,10 +195,23 @@ impl Svids {
                     }
                 }
             };
-            tokio::time::sleep(wait).await;
-            if !self.still_kept(&key, &id) {
-                tracing::debug!(uid = caller.uid, "SVID of an idle caller dropped");
-                return;
+            // Until the renewal time, looking every CHECK (and at once when
+            // evicted) whether the identity is still kept: an identity nobody
+            // uses goes, its task and its key with it, within CHECK of that.
+            let renew = tokio::time::Instant::now() + wait;
+            loop {
+                let next = renew.min(tokio::time::Instant::now() + CHECK);
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = id.evicted.notified() => {}
+                }
+                if !self.still_kept(&key, &id) {
+                    tracing::debug!(uid = caller.uid, "SVID of an idle or evicted caller dropped");
+                    return;
+                }
+                if tokio::time::Instant::now() >= renew {
+                    break;
+                }
             }
         }
     }
@@ -266,7 +255,7 @@ impl Svids {
             Some(CachedJwt::Refused { error, .. }) => return Err(error.clone()),
             None => {}
         }
-        if !lock(&self.budget).take(caller.uid, std::time::Instant::now()) {
+        if !lock(&self.budget).take(self.principal(caller.uid), std::time::Instant::now()) {
             return Err(too_many_asks(caller.uid));
         }
         let g = wire::GrantRequest {
@@ -295,13 +284,7 @@ impl Svids {
                 wire::Error::new(ErrorCode::Internal, format!("the broker's JWT-SVID was discarded: {e:#}"))
             })?;
         }
-        let mut jwts = lock(&self.jwts);
-        if jwts.len() >= MAX_JWTS {
-            jwts.retain(|_, c| c.fresh(start));
-        }
-        if jwts.len() < MAX_JWTS {
-            jwts.insert(key, cached);
-        }
+        cache_jwt(&mut lock(&self.jwts), key, cached, start, |uid| self.principal(uid));
         let gr = granted?;
         Ok((gr.spiffe_id, gr.jwt_svid))
     }
@@ -322,7 +305,13 @@ fn evict_unwatched(map: &mut HashMap<CallerKey, Arc<Identity>>) -> bool {
         .filter(|(_, id)| id.state.receiver_count() == 0)
         .min_by_key(|(_, id)| id.used.load(std::sync::atomic::Ordering::Relaxed))
         .map(|(k, _)| k.clone());
-    oldest.is_some_and(|k| map.remove(&k).is_some())
+    match oldest.and_then(|k| map.remove(&k)) {
+        Some(id) => {
+            id.evicted.notify_one();
+            true
+        }
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -331,7 +320,7 @@ mod tests {
 
     fn identity(used: i64) -> (Arc<Identity>, watch::Receiver<State>) {
         let (tx, rx) = watch::channel(State::Pending);
-        (Arc::new(Identity { state: tx, used: used.into() }), rx)
+        (Arc::new(Identity { state: tx, evicted: tokio::sync::Notify::new(), used: used.into() }), rx)
     }
 
     fn key(exe: &str) -> CallerKey {
@@ -352,8 +341,16 @@ mod tests {
         let (recent, rx) = identity(3);
         drop(rx);
         map.insert(key("recent"), recent);
+        let old = map[&key("old")].clone();
         assert!(evict_unwatched(&mut map));
         assert!(!map.contains_key(&key("old")) && map.contains_key(&key("recent")));
+        // Second review: its keeper slept until the half-life; now it is told.
+        let told = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), old.evicted.notified()).await.is_ok() });
+        assert!(told, "the evicted identity's keeper is woken");
         assert!(evict_unwatched(&mut map));
         assert!(!evict_unwatched(&mut map), "a watched identity is never evicted");
         assert!(map.contains_key(&key("watched")));

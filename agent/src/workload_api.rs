@@ -160,12 +160,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 
     async fn fetch_jwtsvid(&self, req: Request<pb::JwtsvidRequest>) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let (caller, _) = caller_of(&req, true)?;
+        let (caller, peer) = caller_of(&req, true)?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
         let (spiffe_id, svid) = self.svids.jwt(&caller, r.audience, r.spiffe_id).await.map_err(|e| status(&e))?;
+        // The broker may take a while: the caller must still be the caller.
+        peer.current().ok_or_else(unattested)?;
         Ok(Response::new(pb::JwtsvidResponse { svids: vec![pb::Jwtsvid { spiffe_id, svid, hint: String::new() }] }))
     }
 

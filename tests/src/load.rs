@@ -108,6 +108,8 @@ pub struct BrokerLoad {
     pub connections: usize,
     pub concurrency: usize,
     pub requests: usize,
+    /// The broker's pid, for its CPU time per grant.
+    pub broker_pid: Option<u32>,
 }
 
 /// An encoded X.509 grant request for `role` naming `san`.
@@ -139,6 +141,7 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
         }
         let next = Arc::new(AtomicUsize::new(0));
         let tally = Arc::new(Mutex::new(Tally::default()));
+        let cpu = CpuMeter::start(o.broker_pid);
         let start = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..o.concurrency {
@@ -155,7 +158,13 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
         }
         let elapsed = start.elapsed();
         let tally = tally.lock().unwrap();
-        report(scenario, requests, elapsed, &tally, json!({"connections": o.connections, "concurrency": o.concurrency}))
+        let extra = json!({
+            "connections": o.connections,
+            "concurrency": o.concurrency,
+            "broker_cpu_seconds": cpu.seconds(),
+            "broker_cpu_us_per_grant": cpu.per(tally.latencies.len()),
+        });
+        report(scenario, requests, elapsed, &tally, extra)
     })
 }
 
@@ -166,6 +175,8 @@ pub struct VaultLoad {
     pub san: String,
     pub concurrency: usize,
     pub requests: usize,
+    /// OpenBao's pid, for its CPU time per signature.
+    pub vault_pid: Option<u32>,
 }
 
 /// `pki/sign/:role` straight at OpenBao, `concurrency` clients at once.
@@ -174,6 +185,7 @@ pub fn vault_pki(o: &VaultLoad) -> Value {
     let url = format!("{}/v1/pki/sign/{}", o.vault, o.role);
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
+    let cpu = CpuMeter::start(o.vault_pid);
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..o.concurrency {
@@ -193,8 +205,14 @@ pub fn vault_pki(o: &VaultLoad) -> Value {
             });
         }
     });
+    let elapsed = start.elapsed();
     let tally = tally.lock().unwrap();
-    report("openbao-pki-sign", o.requests, start.elapsed(), &tally, json!({"concurrency": o.concurrency}))
+    let extra = json!({
+        "concurrency": o.concurrency,
+        "vault_cpu_seconds": cpu.seconds(),
+        "vault_cpu_us_per_sign": cpu.per(tally.latencies.len()),
+    });
+    report("openbao-pki-sign", o.requests, elapsed, &tally, extra)
 }
 
 /// Fixture identities written by `grantline-loadgen provision`: one shared
@@ -263,14 +281,48 @@ pub fn process_stats(pid: u32) -> Value {
     let rss_kb: Option<u64> = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()));
-    // Fields 14 and 15 of /proc/PID/stat (after the parenthesised name) are
-    // user and system time in clock ticks (100 per second on Linux).
-    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
-        let rest = s.rsplit_once(") ")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0)
-    });
-    json!({"pid": pid, "rss_bytes": rss_kb.map(|k| k * 1024), "cpu_seconds": cpu})
+    json!({"pid": pid, "rss_bytes": rss_kb.map(|k| k * 1024), "cpu_seconds": cpu_seconds(pid)})
+}
+
+/// CPU time (user and system, every thread) process `pid` has used so far:
+/// fields 14 and 15 of /proc/PID/stat, after the parenthesised name, in
+/// clock ticks (100 per second on Linux, so 10 ms resolution: measure runs
+/// of seconds).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0)
+}
+
+/// The `ok` count of a report.
+fn ok_count(report: &Value) -> usize {
+    report["ok"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0)
+}
+
+/// CPU time a process spends on a piece of work: read before, then
+/// [`CpuMeter::per`] divides what it used since by the units of work done.
+pub struct CpuMeter {
+    pid: Option<u32>,
+    start: Option<f64>,
+}
+
+impl CpuMeter {
+    pub fn start(pid: Option<u32>) -> Self {
+        Self { pid, start: pid.and_then(cpu_seconds) }
+    }
+
+    /// Microseconds of CPU per unit over `units` units since the start
+    /// (None without a pid or any unit).
+    pub fn per(&self, units: usize) -> Option<f64> {
+        let used = self.pid.and_then(cpu_seconds)? - self.start?;
+        (units > 0).then(|| used * 1e6 / units as f64)
+    }
+
+    /// CPU seconds used since the start.
+    pub fn seconds(&self) -> Option<f64> {
+        Some(self.pid.and_then(cpu_seconds)? - self.start?)
+    }
 }
 
 /// What every fleet scenario shares: where the broker is, which agents, how
@@ -550,14 +602,19 @@ pub fn hold(o: &HoldLoad) -> Value {
     let request = Arc::new(grant_request(&f.role, &f.san));
     runtime().block_on(async move {
         let fleet = Fleet::new(f);
+        let handshakes = CpuMeter::start(f.broker_pid);
         let (conns, connect) = fleet.connect_all().await;
         let connected_stats = f.broker_pid.map(process_stats);
         let conns: Arc<Vec<quinn::Connection>> = Arc::new(conns.into_iter().flatten().collect());
+        let cpu_per_handshake = handshakes.per(conns.len());
+        let granting = CpuMeter::start(f.broker_pid);
         let grants = if o.grant_rate > 0.0 {
             paced(&conns, &request, o.grant_rate, o.duration).await
         } else {
             flat_out(&conns, &request, o.concurrency, o.duration).await
         };
+        // Over the grant phase, which also carries the held agents' keep-alives.
+        let cpu_per_grant = granting.per(ok_count(&grants));
         let still_connected = conns.iter().filter(|c| c.close_reason().is_none()).count();
         let broker = f.broker_pid.map(process_stats);
         fleet.close(&conns).await;
@@ -578,6 +635,8 @@ pub fn hold(o: &HoldLoad) -> Value {
             "broker_when_connected": connected_stats,
             "broker": broker,
             "broker_rss_per_agent_bytes": rss_per_agent,
+            "broker_cpu_us_per_handshake": cpu_per_handshake,
+            "broker_cpu_us_per_grant": cpu_per_grant,
         })
     })
 }
@@ -607,7 +666,9 @@ pub fn sweep(f: &FleetLoad, start_rate: f64, step: Duration) -> Value {
             peak = peak.max(achieved);
             rate *= 1.5;
         }
+        let at_half = CpuMeter::start(f.broker_pid);
         let half = paced(&conns, &request, peak / 2.0, step).await;
+        let cpu_per_grant = at_half.per(ok_count(&half));
         let broker = f.broker_pid.map(process_stats);
         fleet.close(&conns).await;
         json!({
@@ -619,6 +680,7 @@ pub fn sweep(f: &FleetLoad, start_rate: f64, step: Duration) -> Value {
             "peak_per_second": peak,
             "at_half_peak": half,
             "p99_ms_at_half_peak": half["latency_ms"]["p99"],
+            "broker_cpu_us_per_grant_at_half_peak": cpu_per_grant,
             "broker": broker,
         })
     })
@@ -721,11 +783,13 @@ pub fn storm(
             reconnected.extend(done.unwrap());
         }
         let storm_seconds = storm_start.elapsed().as_secs_f64();
-        let broker = pid_file
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|p| p.trim().parse().ok())
-            .or(f.broker_pid)
-            .map(process_stats);
+        let broker_pid: Option<u32> =
+            pid_file.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|p| p.trim().parse().ok()).or(f.broker_pid);
+        let broker = broker_pid.map(process_stats);
+        // The restarted broker's every CPU second, its start included, over
+        // the agents it re-granted.
+        let regranted = after.lock().unwrap().latencies.len();
+        let cpu_per_regrant = broker_pid.and_then(cpu_seconds).filter(|_| regranted > 0).map(|c| c * 1e6 / regranted as f64);
         fleet.close(&reconnected).await;
         let before = before.lock().unwrap();
         let after = after.lock().unwrap();
@@ -743,6 +807,7 @@ pub fn storm(
             "storm_seconds": storm_seconds,
             "regranted_within_ms": report("storm", fleet.leaves.len(), storm_start.elapsed(), &after, json!({}))["latency_ms"],
             "broker": broker,
+            "broker_cpu_us_per_regranted_agent": cpu_per_regrant,
         })
     })
 }

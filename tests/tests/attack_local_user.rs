@@ -118,3 +118,39 @@ fn a_caller_that_execs_between_connecting_and_asking_is_refused() {
     let ok = agent.get(&["ssh", "--role", "dev", "--principal", "p", "--out", dir.path().join("ok").to_str().unwrap()]);
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
+
+/// Second SPIFFE review: the local socket sent SVID requests straight to the
+/// broker, past the SPIFFE socket's per-principal budget and cache, so a
+/// caller could have the broker sign and audit tokens without bound. SVIDs
+/// are the SPIFFE socket's alone.
+#[test]
+fn svids_are_not_served_on_the_local_socket() {
+    let broker = Broker::start();
+    let agent = Agent::start(&broker, "svid-local");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for kind in [grantline_proto::wire::CredentialKind::JwtSvid, grantline_proto::wire::CredentialKind::X509Svid] {
+        let ask = grantline_proto::wire::LocalRequest {
+            body: Some(grantline_proto::wire::local_request::Body::Grant(grantline_proto::wire::GrantRequest {
+                kind: kind as i32,
+                role: "dev".into(),
+                audience: vec!["https://a.example".into()],
+                ..Default::default()
+            })),
+        };
+        let answer = rt.block_on(grantline_agent::local::request(&agent.socket(), &ask)).unwrap();
+        match answer.body {
+            Some(grantline_proto::wire::local_response::Body::Error(e)) => {
+                assert_eq!(e.code, grantline_proto::wire::ErrorCode::BadRequest as i32, "{e:?}");
+                assert!(e.message.contains("SPIFFE socket"), "{e:?}");
+            }
+            other => panic!("{kind:?} was served on the local socket: {other:?}"),
+        }
+    }
+    assert!(
+        !broker
+            .events()
+            .iter()
+            .any(|e| matches!(e, grantline_proto::audit::Event::Grant { kind, .. } if kind.contains("svid"))),
+        "no SVID reached the broker"
+    );
+}

@@ -75,6 +75,9 @@ fn two_thousand_provisioned_agents_hold_their_connections_and_get_grants() {
     assert!(number(&report, &["broker", "rss_bytes"]) > 0.0, "{report}");
     assert!(number(&report, &["broker", "cpu_seconds"]) > 0.0, "{report}");
     assert!(number(&report, &["broker_rss_per_agent_bytes"]) > 0.0, "{report}");
+    // The broker's own CPU per unit of work, from /proc (RFD 0008).
+    assert!(number(&report, &["broker_cpu_us_per_handshake"]) > 0.0, "{report}");
+    assert!(number(&report, &["broker_cpu_us_per_grant"]) > 0.0, "{report}");
 
     broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(broker.proc.wait().success());
@@ -144,6 +147,7 @@ fn a_rate_sweep_finds_a_peak_and_measures_half_of_it() {
     assert!(number(&report, &["p99_ms_at_half_peak"]) > 0.0, "{report}");
     assert!(number(&report, &["at_half_peak", "ok"]) > 0.0, "{report}");
     assert!(number(&report, &["broker", "cpu_seconds"]) > 0.0, "{report}");
+    assert!(number(&report, &["broker_cpu_us_per_grant_at_half_peak"]) > 0.0, "{report}");
     let (ok, v) = broker.verify();
     assert!(ok, "{v}");
 }
@@ -158,11 +162,14 @@ fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lo
     let ready = state.path().join("storm-ready");
     let mut args = vec!["storm".to_owned()];
     args.extend(fleet_args(&broker, state.path(), fixture.path(), AGENTS));
+    let pid_file = state.path().join("storm-broker.pid");
     args.extend([
         "--ready-file".to_owned(),
         ready.display().to_string(),
         "--limit-seconds".to_owned(),
         "60".to_owned(),
+        "--broker-pid-file".to_owned(),
+        pid_file.display().to_string(),
     ]);
     let mut storm =
         grantline_tests::Proc::spawn("grantline-loadgen storm", Command::new(bin("grantline-loadgen")).args(&args));
@@ -175,6 +182,8 @@ fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lo
     broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(broker.proc.wait().success());
     broker.restart_with(&LIMITS);
+    // Read when the storm ends, at least the broker's one-second retry-after later.
+    std::fs::write(&pid_file, broker.proc.pid().to_string()).unwrap();
     let line = storm.wait_line_containing("\"scenario\":\"storm\"");
     let report: serde_json::Value = serde_json::from_str(&line).unwrap();
     eprintln!("storm report: {report}");
@@ -185,6 +194,7 @@ fn after_a_restart_every_agent_reconnects_and_is_granted_again_and_nothing_is_lo
     assert!(report["retries_after"].is_object(), "{report}");
     assert!(report["connect"]["retries"].is_object(), "{report}");
     assert!(number(&report, &["storm_seconds"]) >= 1.0, "agents waited out the retry-after: {report}");
+    assert!(number(&report, &["broker_cpu_us_per_regranted_agent"]) > 0.0, "{report}");
 
     broker.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(broker.proc.wait().success());

@@ -151,9 +151,13 @@ impl Policy {
                 // A path names no one: any user may copy or rename a program, or
                 // mount another over its path in a namespace of their own. The
                 // executable only narrows callers the kernel vouches for.
-                if !a.exe.is_empty() && a.uids.is_empty() && a.gids.is_empty() && a.units.is_empty() {
+                // A unit glob (`*`, `*.scope`) names no one either: users have
+                // session scopes of their own.
+                let named_units = a.units.iter().any(|u| !u.contains(['*', '?', '[']));
+                if !a.exe.is_empty() && a.uids.is_empty() && a.gids.is_empty() && !named_units {
                     return Err(bad("matches callers by exe alone; any user can run a program under that \
-                                    path's name, so also list the uids, gids or units it runs as"
+                                    path's name, so also list the uids or gids, or a unit by its exact \
+                                    name, that it runs as"
                         .into()));
                 }
                 let path = a.path.clone().unwrap_or_else(|| DEFAULT_SECRET_PATH.to_owned());
@@ -235,6 +239,10 @@ mod tests {
             ("[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\n", "no spiffe_ids"),
             (
                 "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\nexe=['*/frontend']\n",
+                "exe alone",
+            ),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\nexe=['*/frontend']\nunits=['*.scope']\n",
                 "exe alone",
             ),
             (

@@ -187,7 +187,7 @@ fn source(ip: IpAddr) -> IpAddr {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !0u128 >> 64)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & (!0u128 << 64))),
         },
     }
 }
@@ -216,4 +216,21 @@ fn respond(req: &Request<Incoming>, documents: &Documents) -> Response<Full<Byte
     resp.headers_mut()
         .insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("public, max-age=300"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Second review: the mask kept an IPv6 address's interface half and
+    /// dropped its network, so one host's /64 counted as many sources.
+    #[test]
+    fn connections_are_counted_by_address_and_ipv6_by_its_64() {
+        let ip = |s: &str| source(s.parse().unwrap());
+        assert_eq!(ip("2001:db8::1"), ip("2001:db8::2"), "one /64 is one source");
+        assert_ne!(ip("2001:db8:0:1::1"), ip("2001:db8:0:2::1"), "another /64 is another");
+        assert_eq!(ip("2001:db8:0:1:ffff::9"), "2001:db8:0:1::".parse::<IpAddr>().unwrap());
+        assert_eq!(ip("::ffff:10.0.0.1"), ip("10.0.0.1"), "a mapped IPv4 address is that address");
+        assert_ne!(ip("10.0.0.1"), ip("10.0.0.2"));
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! grantline-loadgen grants --broker ADDR --ca-file CA --identity-dir AGENT_STATE --role R --san NAME \
-//!     [--connections 4] [--concurrency 64] [--requests 5000]
+//!     [--connections 4] [--concurrency 64] [--requests 5000] [--broker-pid PID]
 //! grantline-loadgen vault-pki --vault URL --token T --role R --san NAME [--concurrency 64] [--requests 5000]
+//!     [--vault-pid PID]
 //! grantline-loadgen provision --state-dir BROKER_STATE --nodes N --out FIXTURE [--prefix load-] [--ttl-hours 24]
 //! grantline-loadgen hold FLEET [--grant-rate 0] [--concurrency 64] [--seconds 10]
 //! grantline-loadgen sweep FLEET [--start-rate 500] [--step-seconds 5]
@@ -15,6 +16,10 @@
 //! Each agent keeps its TLS client and resumes its session on reconnects,
 //! as `grantline-agent` does, unless `--no-resumption`.
 //!
+//! With a pid, `grants` and `vault-pki` report the server's CPU time per
+//! credential from /proc (`broker_cpu_us_per_grant`, `vault_cpu_us_per_sign`);
+//! `hold`, `sweep` and `storm` with `--broker-pid` report CPU per handshake,
+//! per grant and per re-granted agent.
 //! `provision` needs the broker stopped; it issues fixture identities and
 //! audits them (RFD 0008). `hold` connects the fixture's agents, holds them,
 //! asks for grants (at `--grant-rate` per second, or as fast as
@@ -77,6 +82,7 @@ fn main() {
                 connections: num(&args, "--connections", 4),
                 concurrency: num(&args, "--concurrency", 64),
                 requests: num(&args, "--requests", 5000),
+                broker_pid: arg(&args, "--broker-pid").map(|p| p.parse().unwrap()),
             },
             "broker-grants",
         ),
@@ -87,6 +93,7 @@ fn main() {
             san: req_arg(&args, "--san"),
             concurrency: num(&args, "--concurrency", 64),
             requests: num(&args, "--requests", 5000),
+            vault_pid: arg(&args, "--vault-pid").map(|p| p.parse().unwrap()),
         }),
         Some("provision") => grantline_tests::load::provision(
             std::path::Path::new(&req_arg(&args, "--state-dir")),
