@@ -51,9 +51,10 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
 ///
 /// Only /proc is read on the calling task. Checking the executable's path
 /// ([`verified_exe`]) stats files the caller may control (a FUSE mount that
-/// never answers), so it runs on a blocking thread, at most one per uid and
-/// [`MAX_VERIFYING`] in all, for at most [`VERIFY_DEADLINE`]; past those the
-/// executable is unknown, which no `exe` rule matches.
+/// never answers), so it runs on a blocking thread, at most
+/// [`VERIFYING_PER_UID`] per uid and [`MAX_VERIFYING`] in all, waited for at
+/// most [`VERIFY_DEADLINE`]; past that the executable is unknown, which no
+/// `exe` rule matches.
 pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> {
     let cred = stream.peer_cred().ok()?;
     let pid = cred.pid().filter(|p| *p > 0)?;
@@ -66,16 +67,23 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     if real_uid.is_some_and(|u| u != cred.uid()) {
         return None;
     }
-    let exe = match VERIFYING.take(cred.uid(), 1) {
-        None => String::new(),
-        Some(slot) => {
-            let check = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                verified_exe(pid)
-            });
-            tokio::time::timeout(VERIFY_DEADLINE, check).await.ok().and_then(Result::ok).unwrap_or_default()
-        }
+    let uid = cred.uid();
+    let check = async move {
+        // A slot is normally free at once; callers of one uid connecting
+        // together wait their turn, within the deadline.
+        let slot = loop {
+            match VERIFYING.take(uid, VERIFYING_PER_UID) {
+                Some(slot) => break slot,
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let verified = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            verified_exe(pid)
+        });
+        verified.await.unwrap_or_default()
     };
+    let exe = tokio::time::timeout(VERIFY_DEADLINE, check).await.unwrap_or_default();
     let mark = process_mark(u32::try_from(pid).ok()?)?;
     // Still running (a readable pidfd means it exited), and still the
     // program that was verified: no exec between the two reads.
@@ -91,9 +99,11 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     Some((caller, mark))
 }
 
-/// Executable checks in progress at once (each may be stuck on a file
-/// system that does not answer), and how long one is waited for.
+/// Executable checks in progress at once, in all and for one uid (each may
+/// be stuck on a file system that does not answer), and how long one is
+/// waited for, its turn included.
 pub const MAX_VERIFYING: usize = 32;
+pub const VERIFYING_PER_UID: usize = 4;
 pub const VERIFY_DEADLINE: Duration = Duration::from_secs(1);
 static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<u32>>> =
     std::sync::LazyLock::new(|| Slots::new(MAX_VERIFYING));
@@ -234,6 +244,34 @@ mod tests {
         assert_eq!(c.exe, std::env::current_exe().unwrap().display().to_string());
         assert!(c.pidfd, "this kernel offers pidfd_open");
         drop(client);
+    }
+
+    /// Found by the SPIFFE bench: with one executable check per uid at a
+    /// time, callers of one uid connecting together were attested with an
+    /// unknown executable, and refused by every `exe` rule.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_of_one_uid_connecting_together_are_all_attested() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..16 {
+            clients.push(UnixStream::connect(&path).await.unwrap());
+            servers.push(listener.accept().await.unwrap().0);
+        }
+        let mut attesting = tokio::task::JoinSet::new();
+        for server in servers {
+            attesting.spawn(async move { attest(&server).await.map(|(c, _)| c.exe) });
+        }
+        let me = std::env::current_exe().unwrap().display().to_string();
+        let mut n = 0;
+        while let Some(exe) = attesting.join_next().await {
+            assert_eq!(exe.unwrap().as_deref(), Some(me.as_str()));
+            n += 1;
+        }
+        assert_eq!(n, 16);
+        drop(clients);
     }
 
     /// Waits (bounded) until process `pid` runs the program at `path`.

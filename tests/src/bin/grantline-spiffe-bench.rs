@@ -49,14 +49,17 @@ async fn client(endpoint: &str) -> spiffe::WorkloadApiClient {
 async fn phase<F, Fut>(seconds: u64, clients: u64, call: F) -> serde_json::Value
 where
     F: Fn(spiffe::WorkloadApiClient, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = (spiffe::WorkloadApiClient, bool)> + Send,
+    Fut: std::future::Future<Output = (spiffe::WorkloadApiClient, Result<(), String>)> + Send,
 {
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // The first error of each kind, to say what went wrong.
+    let kinds = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let end = Instant::now() + Duration::from_secs(seconds);
     let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET").unwrap_or_default();
     let mut tasks = Vec::new();
     for task in 0..clients {
-        let (call, ok, errors, endpoint) = (call.clone(), ok.clone(), errors.clone(), endpoint.clone());
+        let (call, ok, errors, endpoint, kinds) =
+            (call.clone(), ok.clone(), errors.clone(), endpoint.clone(), kinds.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = client(&endpoint).await;
             let mut latencies = Vec::new();
@@ -66,10 +69,12 @@ where
                 let (back, good) = call(c, task * 1_000_000 + n).await;
                 c = back;
                 latencies.push(start.elapsed().as_secs_f64() * 1000.0);
-                if good {
-                    ok.fetch_add(1, Ordering::Relaxed)
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed)
+                match good {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        *kinds.lock().unwrap().entry(e.chars().take(160).collect()).or_default() += 1;
+                        errors.fetch_add(1, Ordering::Relaxed)
+                    }
                 };
                 n += 1;
             }
@@ -87,6 +92,7 @@ where
         "per_second": (rate * 10.0).round() / 10.0,
         "ok": ok.load(Ordering::Relaxed),
         "errors": errors.load(Ordering::Relaxed),
+        "error_kinds": *kinds.lock().unwrap(),
         "p50_ms": (percentile(&all, 0.5) * 100.0).round() / 100.0,
         "p99_ms": (percentile(&all, 0.99) * 100.0).round() / 100.0,
     })
@@ -131,13 +137,13 @@ async fn main() {
     let first = client(&endpoint).await.fetch_x509_svid().await.expect("the first X509-SVID");
 
     let x509 = phase(seconds, clients, |c, _| async move {
-        let good = c.fetch_x509_svid().await.is_ok();
+        let good = c.fetch_x509_svid().await.map(drop).map_err(|e| e.to_string());
         (c, good)
     })
     .await;
     let jwt = phase(seconds, clients, |c, n| async move {
         let aud = format!("https://b{n}.example.org");
-        let good = c.fetch_jwt_token(&[aud.as_str()], None).await.is_ok();
+        let good = c.fetch_jwt_token(&[aud.as_str()], None).await.map(drop).map_err(|e| e.to_string());
         (c, good)
     })
     .await;
