@@ -7,14 +7,16 @@ use std::collections::HashMap;
 use grantline_proto::wire;
 
 use crate::local::CallerKey;
+use crate::principals::Principal;
 
 /// The most JWT-SVIDs (and refusals) kept for reuse, and kept for one
 /// principal (see `crate::principals`).
 pub(crate) const MAX_JWTS: usize = 4096;
 pub(crate) const MAX_JWTS_PER_PRINCIPAL: usize = 256;
 
-/// A cached JWT-SVID's key: the caller, its sorted audiences, the ID asked.
-pub(crate) type JwtKey = (CallerKey, Vec<String>, String);
+/// A cached JWT-SVID's key: the caller's principal, the caller, its sorted
+/// audiences, the ID asked.
+pub(crate) type JwtKey = (Principal, CallerKey, Vec<String>, String);
 
 pub(crate) enum CachedJwt {
     Issued {
@@ -47,24 +49,15 @@ impl CachedJwt {
 /// [`MAX_JWTS_PER_PRINCIPAL`] entries and a full cache makes room by
 /// dropping what expires soonest, so no caller can fill it and turn caching
 /// off for the others.
-pub(crate) fn cache_jwt(
-    jwts: &mut HashMap<JwtKey, CachedJwt>,
-    key: JwtKey,
-    cached: CachedJwt,
-    now: i64,
-    principal_of: impl Fn(u32) -> u32,
-) {
-    let principal = principal_of(key.0.uid);
+pub(crate) fn cache_jwt(jwts: &mut HashMap<JwtKey, CachedJwt>, key: JwtKey, cached: CachedJwt, now: i64) {
+    let principal = key.0;
     if jwts.len() >= MAX_JWTS {
         jwts.retain(|_, c| c.fresh(now));
     }
     let soonest = |jwts: &HashMap<JwtKey, CachedJwt>, mine: bool| {
-        jwts.iter()
-            .filter(|(k, _)| !mine || principal_of(k.0.uid) == principal)
-            .min_by_key(|(_, c)| c.until())
-            .map(|(k, _)| k.clone())
+        jwts.iter().filter(|(k, _)| !mine || k.0 == principal).min_by_key(|(_, c)| c.until()).map(|(k, _)| k.clone())
     };
-    if jwts.keys().filter(|k| principal_of(k.0.uid) == principal).count() >= MAX_JWTS_PER_PRINCIPAL {
+    if jwts.keys().filter(|k| k.0 == principal).count() >= MAX_JWTS_PER_PRINCIPAL {
         if let Some(k) = soonest(jwts, true) {
             jwts.remove(&k);
         }
@@ -88,20 +81,21 @@ mod tests {
         let mut jwts = HashMap::new();
         let issued = |until: i64| CachedJwt::Issued { spiffe_id: "s".into(), token: "t".into(), reuse_until: until };
         let jwt_key = |uid: u32, aud: usize| {
-            (CallerKey { uid, gid: 0, exe: String::new(), unit: String::new() }, vec![format!("a{aud}")], String::new())
+            let caller = CallerKey { uid, gid: 0, exe: String::new(), unit: String::new() };
+            (Principal::Uid(uid), caller, vec![format!("a{aud}")], String::new())
         };
         for a in 0..MAX_JWTS + 10 {
-            cache_jwt(&mut jwts, jwt_key(1000, a), issued(100 + i64::try_from(a).unwrap()), 0, |u| u);
+            cache_jwt(&mut jwts, jwt_key(1000, a), issued(100 + i64::try_from(a).unwrap()), 0);
         }
         assert_eq!(jwts.len(), MAX_JWTS_PER_PRINCIPAL, "one principal holds its share, its oldest going first");
         assert!(jwts.contains_key(&jwt_key(1000, MAX_JWTS + 9)) && !jwts.contains_key(&jwt_key(1000, 0)));
         for uid in 0..20u32 {
             for a in 0..MAX_JWTS_PER_PRINCIPAL {
-                cache_jwt(&mut jwts, jwt_key(2000 + uid, a), issued(5000), 0, |u| u);
+                cache_jwt(&mut jwts, jwt_key(2000 + uid, a), issued(5000), 0);
             }
         }
         assert!(jwts.len() <= MAX_JWTS);
-        cache_jwt(&mut jwts, jwt_key(7, 0), issued(9000), 0, |u| u);
+        cache_jwt(&mut jwts, jwt_key(7, 0), issued(9000), 0);
         assert!(jwts.contains_key(&jwt_key(7, 0)), "a full cache still takes a newcomer's entry");
     }
 }

@@ -58,8 +58,11 @@ pub async fn request(socket: &Path, req: &wire::LocalRequest) -> Result<wire::Lo
 pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> {
     let cred = stream.peer_cred().ok()?;
     let pid = cred.pid().filter(|p| *p > 0)?;
+    // Without pidfd_open (kernels before 5.3, some seccomp profiles) the
+    // caller is read unpinned (`pidfd: false`): the local socket still
+    // serves it as RFD 0006 says; the SPIFFE socket does not.
     let pidfd = rustix::process::Pid::from_raw(pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok())?;
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let unit = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map(|c| unit_of_cgroup(&c)).unwrap_or_default();
     let real_uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -67,12 +70,17 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     if real_uid.is_some_and(|u| u != cred.uid()) {
         return None;
     }
-    let uid = cred.uid();
+    // Checks are shared out by uid, and by user namespace when the caller's
+    // is not the agent's (a container's uids are one share).
+    let share = match crate::principals::user_namespace(pid) {
+        Some(ns) if crate::principals::user_namespace("self") != Some(ns) => (1, ns),
+        _ => (0, u64::from(cred.uid())),
+    };
     let check = async move {
-        // A slot is normally free at once; callers of one uid connecting
+        // A slot is normally free at once; callers of one share connecting
         // together wait their turn, within the deadline.
         let slot = loop {
-            match VERIFYING.take(uid, VERIFYING_PER_UID) {
+            match VERIFYING.take(share, VERIFYING_PER_UID) {
                 Some(slot) => break slot,
                 None => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -87,25 +95,29 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     let mark = process_mark(u32::try_from(pid).ok()?)?;
     // Still running (a readable pidfd means it exited), and still the
     // program that was verified: no exec between the two reads.
-    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::IN)];
-    if !matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0)) {
-        return None;
+    if let Some(pidfd) = &pidfd {
+        let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+        if !matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0)) {
+            return None;
+        }
     }
     if !exe.is_empty() && mark.exe != exe {
         return None;
     }
+    let pinned = pidfd.is_some();
     let caller =
-        wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: true };
+        wire::Caller { uid: cred.uid(), gid: cred.gid(), pid: u32::try_from(pid).ok()?, exe, unit, pidfd: pinned };
     Some((caller, mark))
 }
 
-/// Executable checks in progress at once, in all and for one uid (each may
+/// Executable checks in progress at once, in all and for one uid or foreign
+/// user namespace (each may
 /// be stuck on a file system that does not answer), and how long one is
 /// waited for, its turn included.
 pub const MAX_VERIFYING: usize = 32;
 pub const VERIFYING_PER_UID: usize = 4;
 pub const VERIFY_DEADLINE: Duration = Duration::from_secs(1);
-static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<u32>>> =
+static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<(u8, u64)>>> =
     std::sync::LazyLock::new(|| Slots::new(MAX_VERIFYING));
 
 /// The path of process `pid`'s executable, if that path names, here, the

@@ -235,6 +235,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // A blocking task stuck on a file system that never answers (an
+    // executable check) must not hold the agent's exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => exit_for(&e),

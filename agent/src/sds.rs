@@ -102,7 +102,7 @@ impl SecretDiscoveryService for Sds {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let (caller, peer) = caller_of(&req, false)?;
-        let mut rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
+        let mut rx = self.svids.watch(&caller, peer.principal).map_err(|e| status(&e))?;
         let mut requests = req.into_inner();
         let names = self.names.clone();
         let (tx, out) = tokio::sync::mpsc::channel(2);
@@ -156,7 +156,7 @@ impl SecretDiscoveryService for Sds {
         let (caller, peer) = caller_of(&req, false)?;
         let r = req.into_inner();
         check(&r)?;
-        let svid = self.svids.current(&caller).await.map_err(|e| status(&e))?;
+        let svid = self.svids.current(&caller, peer.principal).await.map_err(|e| status(&e))?;
         // The SVID may have taken a while: the caller must still be the caller.
         peer.current().ok_or_else(unattested)?;
         Ok(Response::new(response(&self.names, &svid, &r.resource_names, 1)))

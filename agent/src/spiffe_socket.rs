@@ -38,7 +38,7 @@ struct Attested {
     /// Read from the client, not yet rewritten; rewritten, not yet read.
     input: Vec<u8>,
     output: Vec<u8>,
-    _slot: Slot<u32>,
+    _slot: Slot<crate::principals::Principal>,
 }
 
 impl Connected for Attested {
@@ -113,10 +113,13 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
             if tx.is_closed() {
                 return;
             }
-            let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-            // Past its principal's share (the ids a user was delegated count
-            // as that user) a caller's connection is closed at once.
-            let Some(slot) = open.take(principals.principal(uid), PER_UID) else {
+            let cred = stream.peer_cred().ok();
+            let uid = cred.map_or(u32::MAX, |c| c.uid());
+            let namespace = cred.and_then(|c| c.pid()).and_then(crate::principals::user_namespace);
+            let principal = principals.principal(uid, namespace);
+            // Past its principal's share (crate::principals) a caller's
+            // connection is closed at once.
+            let Some(slot) = open.take(principal, PER_UID) else {
                 tracing::warn!(uid, "SPIFFE socket connection refused: too many open for this uid");
                 continue;
             };
@@ -125,7 +128,7 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (caller, mark) = crate::local::attest(&stream).await.unzip();
-                let peer = Peer { caller, mark };
+                let peer = Peer { caller, mark, principal };
                 let fix = AuthorityFix::default();
                 let conn = Attested { inner: stream, peer, fix, input: Vec::new(), output: Vec::new(), _slot: slot };
                 let _ = tx.send(Ok(conn)).await;

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use grantline_proto::wire::{self, ErrorCode};
 
+use crate::principals::Principal;
+
 /// The most uids whose budgets are tracked at once; past it, full ones are forgotten.
 const MAX_TRACKED: usize = 4096;
 
@@ -19,7 +21,7 @@ const MAX_TRACKED: usize = 4096;
 #[derive(Debug)]
 pub(crate) struct Budget {
     rate: f64,
-    buckets: HashMap<u32, (f64, Instant)>,
+    buckets: HashMap<Principal, (f64, Instant)>,
 }
 
 impl Budget {
@@ -28,7 +30,7 @@ impl Budget {
     }
 
     /// Takes one ask from `principal`'s budget at `at`, if it has one left.
-    pub(crate) fn take(&mut self, principal: u32, at: Instant) -> bool {
+    pub(crate) fn take(&mut self, principal: Principal, at: Instant) -> bool {
         let key = principal;
         let burst = self.rate * 10.0;
         if self.buckets.len() >= MAX_TRACKED {
@@ -65,14 +67,15 @@ mod tests {
     fn broker_asks_are_budgeted_per_principal() {
         let mut m = Budget { rate: 2.0, buckets: HashMap::new() };
         let t = Instant::now();
-        let taken = (0..100).filter(|_| m.take(1000, t)).count();
+        let user = Principal::Uid(1000);
+        let taken = (0..100).filter(|_| m.take(user, t)).count();
         assert_eq!(taken, 20, "a burst of ten seconds' worth");
-        assert!(m.take(1001, t), "another user has a budget of its own");
-        assert!(!m.take(1000, t + Duration::from_millis(100)), "refilled at the rate, not at once");
-        assert!(m.take(1000, t + Duration::from_secs(1)), "two a second come back");
+        assert!(m.take(Principal::Uid(1001), t), "another user has a budget of its own");
+        assert!(!m.take(user, t + Duration::from_millis(100)), "refilled at the rate, not at once");
+        assert!(m.take(user, t + Duration::from_secs(1)), "two a second come back");
         // The ids a user was delegated answer to that user (crate::principals).
         let p = crate::principals::Principals::parse("1002:100000:65536\n", |_| None);
-        let delegated = (0..100).filter(|i| m.take(p.of(100_000 + i), t)).count();
+        let delegated = (0..100).filter(|i| m.take(p.of(100_000 + i, None), t)).count();
         assert_eq!(delegated, 20, "a hundred delegated uids are one budget");
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::jwt_cache::{cache_jwt, CachedJwt, JwtKey};
 use crate::local::{CallerKey, ProcessMark};
-use crate::principals::Principals;
+use crate::principals::{Principal, Principals};
 use crate::renew::{backoff, renew_at};
 use crate::session::Agent;
 use crate::svid::obtain_x509;
@@ -30,6 +30,8 @@ use crate::svid_budget::{too_many_asks, Budget};
 pub(crate) struct Peer {
     pub caller: Option<wire::Caller>,
     pub mark: Option<ProcessMark>,
+    /// Whom the caller answers to (its share and budget).
+    pub principal: Principal,
 }
 
 impl Peer {
@@ -101,13 +103,17 @@ impl Svids {
         })
     }
 
-    /// The principal `uid` answers to (its share of connections, its budget).
-    pub(crate) fn principal(&self, uid: u32) -> u32 {
-        self.principals.of(uid)
+    /// The principal of a caller with `uid` in user namespace `namespace`.
+    pub(crate) fn principal(&self, uid: u32, namespace: Option<u64>) -> Principal {
+        self.principals.of(uid, namespace)
     }
 
     /// The caller's X509-SVID state, to watch: its keeper starts on first use.
-    pub(crate) fn watch(self: &Arc<Self>, caller: &wire::Caller) -> Result<watch::Receiver<State>, wire::Error> {
+    pub(crate) fn watch(
+        self: &Arc<Self>,
+        caller: &wire::Caller,
+        principal: Principal,
+    ) -> Result<watch::Receiver<State>, wire::Error> {
         self.agent_allows(caller, Kind::X509Svid)?;
         let key = CallerKey::of(caller);
         let mut map = lock(&self.identities);
@@ -115,14 +121,15 @@ impl Svids {
             id.used.store(now(), std::sync::atomic::Ordering::Relaxed);
             return Ok(id.state.subscribe());
         }
+        // The budget first: a caller with none left evicts no one.
+        if !lock(&self.budget).take(principal, std::time::Instant::now()) {
+            return Err(too_many_asks(caller.uid));
+        }
         if map.len() >= MAX_IDENTITIES && !evict_unwatched(&mut map) {
             return Err(wire::Error::new(
                 ErrorCode::Unavailable,
                 format!("the agent holds SVIDs for {MAX_IDENTITIES} callers, all watched; retry once some go"),
             ));
-        }
-        if !lock(&self.budget).take(self.principal(caller.uid), std::time::Instant::now()) {
-            return Err(too_many_asks(caller.uid));
         }
         let id = Arc::new(Identity {
             state: watch::channel(State::Pending).0,
@@ -136,8 +143,12 @@ impl Svids {
     }
 
     /// The caller's X509-SVID once there is one (or why there is none).
-    pub(crate) async fn current(self: &Arc<Self>, caller: &wire::Caller) -> Result<Arc<X509Svid>, wire::Error> {
-        let mut rx = self.watch(caller)?;
+    pub(crate) async fn current(
+        self: &Arc<Self>,
+        caller: &wire::Caller,
+        principal: Principal,
+    ) -> Result<Arc<X509Svid>, wire::Error> {
+        let mut rx = self.watch(caller, principal)?;
         let settled = {
             let wait = rx.wait_for(|s| !matches!(s, State::Pending));
             match tokio::time::timeout(Duration::from_secs(30), wait).await {
@@ -243,19 +254,20 @@ impl Svids {
     pub(crate) async fn jwt(
         &self,
         caller: &wire::Caller,
+        principal: Principal,
         audience: Vec<String>,
         spiffe_id: String,
     ) -> Result<(String, String), wire::Error> {
         self.agent_allows(caller, Kind::JwtSvid)?;
         let mut aud = audience.clone();
         aud.sort();
-        let key = (CallerKey::of(caller), aud, spiffe_id.clone());
+        let key = (principal, CallerKey::of(caller), aud, spiffe_id.clone());
         match lock(&self.jwts).get(&key).filter(|c| c.fresh(now())) {
             Some(CachedJwt::Issued { spiffe_id, token, .. }) => return Ok((spiffe_id.clone(), token.clone())),
             Some(CachedJwt::Refused { error, .. }) => return Err(error.clone()),
             None => {}
         }
-        if !lock(&self.budget).take(self.principal(caller.uid), std::time::Instant::now()) {
+        if !lock(&self.budget).take(principal, std::time::Instant::now()) {
             return Err(too_many_asks(caller.uid));
         }
         let g = wire::GrantRequest {
@@ -284,7 +296,7 @@ impl Svids {
                 wire::Error::new(ErrorCode::Internal, format!("the broker's JWT-SVID was discarded: {e:#}"))
             })?;
         }
-        cache_jwt(&mut lock(&self.jwts), key, cached, start, |uid| self.principal(uid));
+        cache_jwt(&mut lock(&self.jwts), key, cached, start);
         let gr = granted?;
         Ok((gr.spiffe_id, gr.jwt_svid))
     }

@@ -139,7 +139,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (caller, peer) = caller_of(&req, true)?;
-        let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
+        let rx = self.svids.watch(&caller, peer.principal).map_err(|e| status(&e))?;
         Ok(Response::new(follow(peer, rx, |svid| Some(x509_response(svid)))))
     }
 
@@ -148,7 +148,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let (caller, peer) = caller_of(&req, true)?;
-        let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
+        let rx = self.svids.watch(&caller, peer.principal).map_err(|e| status(&e))?;
         let f = on_change(
             |s| s.bundle_der.concat(),
             |s, bundle| pb::X509BundlesResponse {
@@ -165,7 +165,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        let (spiffe_id, svid) = self.svids.jwt(&caller, r.audience, r.spiffe_id).await.map_err(|e| status(&e))?;
+        let (spiffe_id, svid) =
+            self.svids.jwt(&caller, peer.principal, r.audience, r.spiffe_id).await.map_err(|e| status(&e))?;
         // The broker may take a while: the caller must still be the caller.
         peer.current().ok_or_else(unattested)?;
         Ok(Response::new(pb::JwtsvidResponse { svids: vec![pb::Jwtsvid { spiffe_id, svid, hint: String::new() }] }))
@@ -176,7 +177,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let (caller, peer) = caller_of(&req, true)?;
-        let rx = self.svids.watch(&caller).map_err(|e| status(&e))?;
+        let rx = self.svids.watch(&caller, peer.principal).map_err(|e| status(&e))?;
         let f = on_change(
             |s| s.jwt_bundle.as_bytes().to_vec(),
             |s, jwks| pb::JwtBundlesResponse { bundles: HashMap::from([(s.trust_domain_id(), jwks)]) },
@@ -188,7 +189,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        let (caller, _) = caller_of(&req, true)?;
+        let (caller, peer) = caller_of(&req, true)?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -196,7 +197,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if r.svid.is_empty() || r.svid.len() > MAX_TOKEN {
             return Err(Status::invalid_argument(format!("svid must be a JWT of 1 to {MAX_TOKEN} bytes")));
         }
-        let own = self.svids.current(&caller).await.map_err(|e| status(&e))?;
+        let own = self.svids.current(&caller, peer.principal).await.map_err(|e| status(&e))?;
         let (spiffe_id, claims) = validate(&own, &r.svid, &r.audience)
             .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
         Ok(Response::new(pb::ValidateJwtsvidResponse { spiffe_id, claims: Some(claims) }))
@@ -261,7 +262,8 @@ mod tests {
     fn peer_of(child: &std::process::Child) -> Peer {
         let pid = child.id();
         let caller = wire::Caller { pid, pidfd: true, ..Default::default() };
-        Peer { caller: Some(caller), mark: crate::local::process_mark(pid) }
+        let principal = crate::principals::Principal::Uid(0);
+        Peer { caller: Some(caller), mark: crate::local::process_mark(pid), principal }
     }
 
     /// Review finding: a stream checked its caller only when it opened, so

@@ -153,7 +153,7 @@ impl Policy {
                 // executable only narrows callers the kernel vouches for.
                 // A unit glob (`*`, `*.scope`) names no one either: users have
                 // session scopes of their own.
-                let named_units = a.units.iter().any(|u| !u.contains(['*', '?', '[']));
+                let named_units = !a.units.is_empty() && a.units.iter().all(|u| !u.contains(['*', '?', '[']));
                 if !a.exe.is_empty() && a.uids.is_empty() && a.gids.is_empty() && !named_units {
                     return Err(bad("matches callers by exe alone; any user can run a program under that \
                                     path's name, so also list the uids or gids, or a unit by its exact \
@@ -243,6 +243,10 @@ mod tests {
             ),
             (
                 "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\nexe=['*/frontend']\nunits=['*.scope']\n",
+                "exe alone",
+            ),
+            (
+                "[[rule]]\nname='a'\n[[rule.allow]]\nkinds=['x509-svid']\nroles=['r']\nmax_ttl='1h'\nspiffe_ids=['spiffe://{trust_domain}/a']\nexe=['*/frontend']\nunits=['nginx.service', '*']\n",
                 "exe alone",
             ),
             (

@@ -76,16 +76,19 @@ fn main() {
             identity_dir: agent.dir.path().to_owned(),
             role: "web".into(),
             san: "svc.example.com".into(),
-            // Four requests in flight per connection: the broker allows
-            // eight concurrent streams per agent (RFD 0008), and a bench
-            // that queues on that limit measures its own connection count.
-            connections: 16,
-            concurrency: 64,
+            // As many connections as the broker lets one node hold, six
+            // requests in flight on each: it allows eight concurrent streams
+            // per connection (RFD 0008), and a bench that queues on that
+            // limit measures its own connection count.
+            connections: grantline_daemon::registry::MAX_CONNECTIONS_PER_NODE,
+            concurrency: 6 * grantline_daemon::registry::MAX_CONNECTIONS_PER_NODE,
             requests,
             broker_pid: Some(broker_pid),
         };
         let r = broker_grants(&load, scenario);
         println!("{r}");
+        // A rate of failures is no measurement.
+        assert_eq!(r["errors"], json!({}), "{scenario}: grants failed");
         results.push(r);
         let (ok, v) = broker.verify();
         assert!(ok, "{v}");
@@ -100,6 +103,7 @@ fn main() {
         vault_pid: Some(bao_pid),
     });
     println!("{direct}");
+    assert_eq!(direct["errors"], json!({}), "pki/sign failed");
     let base = direct["per_second"].as_f64().unwrap();
     let bao_cpu = direct["vault_cpu_us_per_sign"].as_f64();
     let by_scenario =
