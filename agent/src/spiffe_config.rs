@@ -8,7 +8,7 @@
 //! role = "spiffe"             # the role SVID requests name in the broker's policy
 //! sds_certificate = "default" # Envoy SDS resource names
 //! sds_bundle = "ROOTCA"
-//! broker_requests_per_second = 10  # new SVIDs asked of the broker, per uid
+//! broker_requests_per_second = 10  # new SVIDs asked of the broker, per local user
 //! ```
 
 use std::path::PathBuf;
@@ -49,8 +49,8 @@ pub struct SpiffeSettings {
     pub socket_mode: u32,
     pub role: String,
     pub sds: SdsNames,
-    /// New SVIDs (and denials) asked of the broker per second per uid;
-    /// uids from 65,536 up share one budget.
+    /// New SVIDs (and denials) asked of the broker per second per principal
+    /// (`crate::principals`).
     pub broker_requests_per_second: u32,
 }
 
