@@ -30,23 +30,41 @@ pub fn check_template(t: &str) -> Result<(), String> {
     if t.len() > 512 {
         return Err("a spiffe_ids template is longer than 512 bytes".into());
     }
-    let mut rest = t;
-    while let Some(open) = rest.find('{') {
-        let close =
-            rest[open..].find('}').map(|c| open + c).ok_or_else(|| format!("template {t:?} has an unclosed '{{'"))?;
-        let name = &rest[open + 1..close];
+    let TemplateParts { variables, tail } = template_parts(t)?;
+    for (_, name) in variables {
         if !TEMPLATE_VARIABLES.contains(&name) {
             return Err(format!(
                 "template {t:?} uses {{{name}}}; the variables are {}",
                 TEMPLATE_VARIABLES.map(|v| format!("{{{v}}}")).join(", ")
             ));
         }
-        rest = &rest[close + 1..];
     }
-    if rest.contains('}') {
+    if tail.contains('}') {
         return Err(format!("template {t:?} has a '}}' without its '{{'"));
     }
     Ok(())
+}
+
+/// A template read once, left to right: each `{variable}` with the text
+/// before it, and the text after the last one.
+struct TemplateParts<'t> {
+    /// (text before, variable name)
+    variables: Vec<(&'t str, &'t str)>,
+    tail: &'t str,
+}
+
+fn template_parts(t: &str) -> Result<TemplateParts<'_>, String> {
+    let mut variables = Vec::new();
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .ok_or_else(|| format!("template {:?} has an unclosed '{{'", excerpt(t, 512)))?;
+        variables.push((&rest[..open], &rest[open + 1..close]));
+        rest = &rest[close + 1..];
+    }
+    Ok(TemplateParts { variables, tail: rest })
 }
 
 /// The longest SPIFFE ID the broker signs: under the SPIFFE standard's
@@ -82,21 +100,16 @@ pub fn expand(template: &str, trust_domain: &str, node: &str, caller: &CallerInf
             other => Err(format!("template {:?} uses unknown variable {{{other}}}", excerpt(template, 80))),
         }
     };
+    let TemplateParts { variables, tail } = template_parts(template)?;
     let mut id = String::with_capacity(template.len() + 64);
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..]
-            .find('}')
-            .map(|c| open + c)
-            .ok_or_else(|| format!("template {:?} has an unclosed '{{'", excerpt(template, 80)))?;
-        id.push_str(&rest[..open]);
-        id.push_str(&value(&rest[open + 1..close])?);
+    for (text, name) in variables {
+        id.push_str(text);
+        id.push_str(&value(name)?);
         if id.len() > MAX_SPIFFE_ID_LEN {
             break;
         }
-        rest = &rest[close + 1..];
     }
-    id.push_str(rest);
+    id.push_str(tail);
     if id.len() > MAX_SPIFFE_ID_LEN {
         return Err(format!("the SPIFFE ID {:?} would be longer than {MAX_SPIFFE_ID_LEN} bytes", excerpt(&id, 80)));
     }
