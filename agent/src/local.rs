@@ -73,7 +73,7 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     // Checks are shared out by uid, and by user namespace when the caller's
     // is not the agent's (a container's uids are one share).
     let share = match crate::principals::user_namespace(pid) {
-        Some(ns) if crate::principals::user_namespace("self") != Some(ns) => (1, ns),
+        Some(ns) if crate::principals::own_user_namespace() != Some(ns) => (1, ns),
         _ => (0, u64::from(cred.uid())),
     };
     let check = async move {
@@ -111,9 +111,8 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
 }
 
 /// Executable checks in progress at once, in all and for one uid or foreign
-/// user namespace (each may
-/// be stuck on a file system that does not answer), and how long one is
-/// waited for, its turn included.
+/// user namespace (each may be stuck on a file system that does not
+/// answer), and how long one is waited for, its turn included.
 pub const MAX_VERIFYING: usize = 32;
 pub const VERIFYING_PER_UID: usize = 4;
 pub const VERIFY_DEADLINE: Duration = Duration::from_secs(1);

@@ -33,6 +33,12 @@ pub fn user_namespace(pid: impl std::fmt::Display) -> Option<u64> {
     link.to_str()?.strip_prefix("user:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// The agent's own user namespace, read once: it does not change.
+pub fn own_user_namespace() -> Option<u64> {
+    static OWN: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| user_namespace("self"));
+    *OWN
+}
+
 /// Delegated uid ranges and their owners.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Principals {
@@ -57,7 +63,7 @@ impl Principals {
         };
         let mut p =
             Self::parse(&text, |name| nix::unistd::User::from_name(name).ok().flatten().map(|u| u.uid.as_raw()));
-        p.own_namespace = user_namespace("self");
+        p.own_namespace = own_user_namespace();
         p
     }
 
