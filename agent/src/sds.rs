@@ -22,7 +22,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::spiffe_config::SdsNames;
-use crate::svids::{State, Svids, X509Svid};
+use crate::svid::X509Svid;
+use crate::svids::{State, Svids};
 use crate::workload_api::{caller_of, status, unattested};
 
 /// The type of every resource SDS serves.

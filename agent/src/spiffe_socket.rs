@@ -22,8 +22,9 @@ use crate::spiffe_config::SdsNames;
 use crate::svids::{Peer, Svids};
 use crate::workload_api::WorkloadApi;
 
-/// Connections one uid may hold open at once, and all callers together.
-const PER_UID: usize = 64;
+/// Connections one principal (`crate::principals`) may hold open at once,
+/// and all callers together.
+const PER_PRINCIPAL: usize = 64;
 const IN_ALL: usize = 1024;
 /// Streams one connection may hold open at once: each stream is a task
 /// following the caller's SVID.
@@ -98,7 +99,7 @@ impl AsyncWrite for Attested {
 /// Serves the SPIFFE socket; returns only if the gRPC server fails.
 pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNames) -> Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Attested>>(16);
-    let principals = svids.clone();
+    let shares = svids.clone();
     tokio::spawn(async move {
         let open = Slots::new(IN_ALL);
         loop {
@@ -116,11 +117,11 @@ pub(crate) async fn serve(svids: Arc<Svids>, listener: UnixListener, sds: SdsNam
             let cred = stream.peer_cred().ok();
             let uid = cred.map_or(u32::MAX, |c| c.uid());
             let namespace = cred.and_then(|c| c.pid()).and_then(crate::principals::user_namespace);
-            let principal = principals.principal(uid, namespace);
+            let principal = shares.principal(uid, namespace);
             // Past its principal's share (crate::principals) a caller's
             // connection is closed at once.
-            let Some(slot) = open.take(principal, PER_UID) else {
-                tracing::warn!(uid, "SPIFFE socket connection refused: too many open for this uid");
+            let Some(slot) = open.take(principal, PER_PRINCIPAL) else {
+                tracing::warn!(uid, ?principal, "SPIFFE socket connection refused: too many open for its principal");
                 continue;
             };
             // Attested on a task of its own: the accept loop never waits on

@@ -9,13 +9,13 @@ use grantline_proto::wire::{self, ErrorCode};
 
 use crate::principals::Principal;
 
-/// The most uids whose budgets are tracked at once; past it, full ones are forgotten.
+/// The most principals whose budgets are tracked at once; past it, full ones
+/// are forgotten (a full budget is what a new one starts with).
 const MAX_TRACKED: usize = 4096;
 
-/// New SVIDs the broker may be asked for per second, per principal (a uid,
-/// or the owner of the delegated range it is in: `crate::principals`), with
-/// a burst of ten seconds' worth:
-/// every answer, SVID or denial, is signed and audited, so one local user
+/// New SVIDs the broker may be asked for per second, per principal
+/// (`crate::principals`), with a burst of ten seconds' worth: every
+/// answer, SVID or denial, is signed and audited, so one local user
 /// asking for new audiences, or as new executables, in a loop must not grow
 /// the broker's log without bound. Cached SVIDs and refusals cost nothing.
 #[derive(Debug)]
@@ -31,13 +31,12 @@ impl Budget {
 
     /// Takes one ask from `principal`'s budget at `at`, if it has one left.
     pub(crate) fn take(&mut self, principal: Principal, at: Instant) -> bool {
-        let key = principal;
         let burst = self.rate * 10.0;
         if self.buckets.len() >= MAX_TRACKED {
             self.buckets
                 .retain(|_, (tokens, since)| *tokens + at.duration_since(*since).as_secs_f64() * self.rate < burst);
         }
-        let (tokens, since) = self.buckets.entry(key).or_insert((burst, at));
+        let (tokens, since) = self.buckets.entry(principal).or_insert((burst, at));
         *tokens = (*tokens + at.duration_since(*since).as_secs_f64() * self.rate).min(burst);
         *since = at;
         if *tokens < 1.0 {

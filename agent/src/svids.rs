@@ -19,8 +19,7 @@ use crate::local::{CallerKey, ProcessMark};
 use crate::principals::{Principal, Principals};
 use crate::renew::{backoff, renew_at};
 use crate::session::Agent;
-use crate::svid::obtain_x509;
-pub(crate) use crate::svid::{check_receipt_names, X509Svid};
+use crate::svid::{check_receipt_names, obtain_x509, X509Svid};
 use crate::svid_budget::{too_many_asks, Budget};
 
 /// Who is at the other end of a SPIFFE socket connection, attested when it
@@ -91,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Svids {
-    /// `per_second`: new SVIDs asked of the broker per uid per second (see [`Budget`]).
+    /// `per_second`: new SVIDs asked of the broker per principal per second (see [`Budget`]).
     pub(crate) fn new(agent: Arc<Agent>, role: String, per_second: u32, principals: Principals) -> Arc<Self> {
         Arc::new(Self {
             principals,
@@ -108,6 +107,15 @@ impl Svids {
         self.principals.of(uid, namespace)
     }
 
+    /// Spends one of `principal`'s broker asks, or says that `uid` has none left.
+    fn spend(&self, principal: Principal, uid: u32) -> Result<(), wire::Error> {
+        if lock(&self.budget).take(principal, std::time::Instant::now()) {
+            Ok(())
+        } else {
+            Err(too_many_asks(uid))
+        }
+    }
+
     /// The caller's X509-SVID state, to watch: its keeper starts on first use.
     pub(crate) fn watch(
         self: &Arc<Self>,
@@ -122,9 +130,7 @@ impl Svids {
             return Ok(id.state.subscribe());
         }
         // The budget first: a caller with none left evicts no one.
-        if !lock(&self.budget).take(principal, std::time::Instant::now()) {
-            return Err(too_many_asks(caller.uid));
-        }
+        self.spend(principal, caller.uid)?;
         if map.len() >= MAX_IDENTITIES && !evict_unwatched(&mut map) {
             return Err(wire::Error::new(
                 ErrorCode::Unavailable,
@@ -267,9 +273,7 @@ impl Svids {
             Some(CachedJwt::Refused { error, .. }) => return Err(error.clone()),
             None => {}
         }
-        if !lock(&self.budget).take(principal, std::time::Instant::now()) {
-            return Err(too_many_asks(caller.uid));
-        }
+        self.spend(principal, caller.uid)?;
         let g = wire::GrantRequest {
             kind: Kind::JwtSvid.wire() as i32,
             role: self.role.clone(),

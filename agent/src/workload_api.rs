@@ -16,7 +16,8 @@ use grantline_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::svids::{Peer, State, Svids, X509Svid};
+use crate::svid::X509Svid;
+use crate::svids::{Peer, State, Svids};
 
 /// The longest JWT-SVID `ValidateJWTSVID` reads.
 const MAX_TOKEN: usize = 16 * 1024;
