@@ -52,7 +52,7 @@ where
     Fut: std::future::Future<Output = (spiffe::WorkloadApiClient, Result<(), String>)> + Send,
 {
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    // The first error of each kind, to say what went wrong.
+    // Errors counted by their message, to say what went wrong.
     let kinds = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let end = Instant::now() + Duration::from_secs(seconds);
     let endpoint = std::env::var("SPIFFE_ENDPOINT_SOCKET").unwrap_or_default();
@@ -127,7 +127,7 @@ async fn main() {
         (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(8), args.get(2).copied().unwrap_or(3));
     let node = tokio::task::spawn_blocking(|| {
         let policy = POLICY.replace("{uid}", &nix::unistd::getuid().as_raw().to_string());
-        // The bench measures the broker, not the agent's per-uid budget.
+        // The bench measures the broker, not the agent's per-principal budget.
         Node::start_with(&policy, "[spiffe]\nbroker_requests_per_second = 1000000\n")
     })
     .await
