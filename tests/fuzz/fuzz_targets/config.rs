@@ -1,6 +1,6 @@
 #![no_main]
-//! grantlined.toml and agent.toml (user and group names resolve to fixed ids:
-//! no lookups while fuzzing).
+//! grantlined.toml, agent.toml and /etc/subuid as the agent reads it (user
+//! and group names resolve to fixed ids: no lookups while fuzzing).
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -26,5 +26,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let _ = grantline_agent::config::AgentConfigFile::parse(text, |_| Some(1000), |_| Some(1000));
+        let principals = grantline_agent::principals::Principals::parse(text, |_| Some(1000));
+        let _ = (principals.of(100_000, Some(1)), principals.of(u32::MAX, None));
     }
 });
