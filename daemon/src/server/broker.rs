@@ -226,7 +226,7 @@ impl Broker {
         let outcome = match decision {
             admission::Decision::Accept => {
                 let (shared, slot) = (shared.clone(), shared.handshakes.slot());
-                connections.spawn(async move { serve_connection(shared, incoming, slot).await });
+                connections.spawn(serve_connection(shared, incoming, slot));
                 "accepted"
             }
             admission::Decision::Retry => match incoming.retry() {

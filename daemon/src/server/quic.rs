@@ -110,36 +110,39 @@ pub(super) fn server_config(
     Ok(cfg)
 }
 
-pub(super) async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incoming, slot: admission::Slot) {
+pub(super) fn serve_connection(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    slot: admission::Slot,
+) -> impl std::future::Future<Output = ()> {
     let remote = incoming.remote_address();
-    let handshake = tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await;
-    drop(slot);
-    let conn = match handshake {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            metrics::counter!("grantline_handshakes_total", "outcome" => "failed").increment(1);
-            tracing::info!(%remote, error = %e, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            metrics::counter!("grantline_handshakes_total", "outcome" => "timed_out").increment(1);
-            tracing::info!(%remote, "handshake timed out");
-            return;
-        }
-    };
+    // The handshake, an anonymous connection and the first-use check run in
+    // futures of their own on the heap, and this task gets the incoming
+    // connection in a box (an async fn keeps its arguments' room for its
+    // whole life): the task lives as long as its connection, and its idle
+    // state is all a connected agent keeps (RFD 0008, where a connection's
+    // memory goes).
+    serve_connected(shared, remote, Box::pin(handshake(incoming, slot)))
+}
+
+async fn serve_connected(
+    shared: Arc<Shared>,
+    remote: std::net::SocketAddr,
+    handshake: std::pin::Pin<Box<impl std::future::Future<Output = Option<quinn::Connection>>>>,
+) {
+    let Some(conn) = handshake.await else { return };
     let peer = PeerNode::from_connection(&conn);
     tracing::debug!(%remote, node = peer.as_ref().map(|p| p.name.as_str()), "connected");
     let _counted = ConnectionGauge::new();
-    if peer.is_none() {
-        serve_anonymous(&shared, &conn, remote).await;
+    let Some(peer) = peer else {
+        Box::pin(serve_anonymous(&shared, &conn, remote)).await;
+        return;
+    };
+    let registered = Registration::new(&shared, &peer, &conn);
+    if registered.first_use && !Box::pin(confirm_first_use(&shared, &peer, &conn)).await {
         return;
     }
-    let registered = peer.as_ref().map(|p| Registration::new(&shared, p, &conn));
-    if let (Some(r), Some(p)) = (&registered, &peer) {
-        if r.first_use && !confirm_first_use(&shared, p, &conn).await {
-            return;
-        }
-    }
+    let peer = Some(peer);
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -151,6 +154,27 @@ pub(super) async fn serve_connection(shared: Arc<Shared>, incoming: quinn::Incom
                 tracing::debug!(%remote, reason = %e, "connection closed");
                 break;
             }
+        }
+    }
+}
+
+/// Completes the handshake within 10 s, counting a failure or a timeout;
+/// the admission slot is given back either way.
+async fn handshake(incoming: quinn::Incoming, slot: admission::Slot) -> Option<quinn::Connection> {
+    let remote = incoming.remote_address();
+    let handshake = tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await;
+    drop(slot);
+    match handshake {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            metrics::counter!("grantline_handshakes_total", "outcome" => "failed").increment(1);
+            tracing::info!(%remote, error = %e, "handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("grantline_handshakes_total", "outcome" => "timed_out").increment(1);
+            tracing::info!(%remote, "handshake timed out");
+            None
         }
     }
 }
