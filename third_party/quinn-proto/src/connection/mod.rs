@@ -2189,14 +2189,9 @@ impl Connection {
             "already reached packet space {space:?}"
         );
         trace!("{:?} keys ready", space);
-        if space == SpaceId::Data {
-            // Precompute the first key update
-            self.next_crypto = Some(
-                self.crypto
-                    .next_1rtt_keys()
-                    .expect("handshake should be complete"),
-            );
-        }
+        // Grantline patch (PATCHES.md): the keys of the next 1-RTT key phase
+        // are derived when first needed (`next_keys`), not here: most
+        // connections hold them unused for their whole life.
 
         self.spaces[space].crypto = Some(crypto);
         debug_assert!(space as usize > self.highest_space as usize);
@@ -3538,6 +3533,15 @@ impl Connection {
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        if packet.header.is_protected()
+            && !packet.header.is_0rtt()
+            && packet.header.space() == SpaceId::Data
+            && packet.header.key_phase() != self.key_phase
+        {
+            // A key phase other than ours: the peer's update, or a packet from
+            // before ours. Either way the next keys may be asked for.
+            self.next_keys();
+        }
         let result = packet_crypto::decrypt_packet_body(
             packet,
             &self.spaces,
@@ -3573,10 +3577,10 @@ impl Connection {
         // Generate keys for the key phase after the one we're switching to, store them in
         // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
         // `prev_crypto`.
-        let new = self
-            .crypto
-            .next_1rtt_keys()
-            .expect("only called for `Data` packets");
+        // Grantline patch (PATCHES.md): the keys after these are derived
+        // when first needed (`next_keys`), so `next_crypto` is left empty.
+        self.next_keys();
+        let new = self.next_crypto.take().expect("derived just above");
         self.key_phase_size = new
             .local
             .confidentiality_limit()
@@ -3587,7 +3591,7 @@ impl Connection {
                 .as_mut()
                 .unwrap() // safe because update_keys() can only be triggered by short packets
                 .packet,
-            mem::replace(self.next_crypto.as_mut().unwrap(), new),
+            new,
         );
         self.spaces[SpaceId::Data].sent_with_keys = 0;
         self.prev_crypto = Some(PrevCrypto {
@@ -3596,6 +3600,26 @@ impl Connection {
             update_unacked: remote,
         });
         self.key_phase = !self.key_phase;
+    }
+
+    /// Whether the keys of the next 1-RTT key phase are held (Grantline patch, PATCHES.md)
+    #[cfg(test)]
+    pub(crate) fn holds_next_keys(&self) -> bool {
+        self.next_crypto.is_some()
+    }
+
+    /// Derives the keys of the next 1-RTT key phase if they are not yet
+    /// (Grantline patch, PATCHES.md). Each derivation advances the TLS
+    /// session's secrets by one phase, so it happens once per phase: here,
+    /// for the phase after the current one, and nowhere else.
+    fn next_keys(&mut self) {
+        if self.next_crypto.is_none() {
+            self.next_crypto = Some(
+                self.crypto
+                    .next_1rtt_keys()
+                    .expect("1-RTT packets come after the handshake"),
+            );
+        }
     }
 
     fn peer_supports_ack_frequency(&self) -> bool {

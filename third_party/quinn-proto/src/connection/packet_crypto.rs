@@ -101,7 +101,9 @@ pub(super) fn decrypt_packet_body(
         // lower-numbered packet. The key phase mismatch must therefore represent a new
         // remotely-initiated key update.
         crypto_update = true;
-        &next_crypto.unwrap().remote
+        // Derived beforehand by `Connection::decrypt_packet` (Grantline
+        // patch, PATCHES.md); a caller that did not derive them cannot read it.
+        &next_crypto.ok_or(None)?.remote
     };
 
     crypto

@@ -39,16 +39,77 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
+    /// Set on servers whose [`QuicServerConfig::release_tls_after_handshake`] asked for it.
+    release_after_handshake: bool,
+}
+
+/// Grantline patch (PATCHES.md): the rustls connection, or what is left of
+/// it on a server that released it once the handshake was over and its
+/// last handshake bytes (the session tickets) were written. The rustls
+/// connection keeps its handshake buffers and TLS record keys for the
+/// connection's life (some 4 KB), although a QUIC server has no use for
+/// them after the handshake: 1-RTT key updates come from `next_secrets`.
+enum Tls {
+    Live(Box<Connection>),
+    Released(Box<Released>),
+}
+
+/// What a server's session still answers after releasing rustls.
+struct Released {
+    alpn: Option<Vec<u8>>,
+    server_name: Option<String>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 impl TlsSession {
-    fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+    fn new(version: Version, inner: Connection, suite: Suite, release: bool) -> Self {
+        Self {
+            version,
+            got_handshake_data: false,
+            next_secrets: None,
+            inner: Tls::Live(Box::new(inner)),
+            suite,
+            release_after_handshake: release,
         }
+    }
+
+    fn side(&self) -> Side {
+        match &self.inner {
+            Tls::Live(c) => match **c {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            Tls::Released(_) => Side::Server,
+        }
+    }
+
+    fn live(&self) -> Option<&Connection> {
+        match &self.inner {
+            Tls::Live(c) => Some(c),
+            Tls::Released(_) => None,
+        }
+    }
+
+    /// Releases the rustls connection of a server that asked for it, once
+    /// the handshake is over and nothing is left to write.
+    fn release_if_done(&mut self) {
+        let Tls::Live(c) = &self.inner else { return };
+        if !self.release_after_handshake || c.is_handshaking() {
+            return;
+        }
+        let Connection::Server(session) = &**c else {
+            return;
+        };
+        let released = Released {
+            alpn: session.alpn_protocol().map(|x| x.into()),
+            server_name: session.server_name().map(|x| x.into()),
+            peer_certificates: session
+                .peer_certificates()
+                .map(|v| v.iter().map(|c| c.clone().into_owned()).collect()),
+        };
+        self.inner = Tls::Released(Box::new(released));
     }
 }
 
@@ -61,15 +122,23 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
+        let (protocol, server_name) = match &self.inner {
+            Tls::Live(c) => (
+                c.alpn_protocol().map(|x| x.into()),
+                match &**c {
+                    Connection::Client(_) => None,
+                    Connection::Server(session) => session.server_name().map(|x| x.into()),
+                },
+            ),
+            Tls::Released(r) => (r.alpn.clone(), r.server_name.clone()),
+        };
         Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
-                Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
-            },
+            protocol,
+            server_name,
             #[cfg(feature = "__rustls-post-quantum-test")]
             negotiated_key_exchange_group: self
-                .inner
+                .live()
+                .expect("the post-quantum test does not release its sessions")
                 .negotiated_key_exchange_group()
                 .expect("key exchange group is negotiated")
                 .name(),
@@ -78,34 +147,49 @@ impl crypto::Session for TlsSession {
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
-            Box::new(
-                v.iter()
-                    .map(|v| v.clone().into_owned())
-                    .collect::<Vec<CertificateDer<'static>>>(),
-            )
-        })
+        match &self.inner {
+            Tls::Live(c) => c.peer_certificates().map(|v| -> Box<dyn Any> {
+                Box::new(
+                    v.iter()
+                        .map(|v| v.clone().into_owned())
+                        .collect::<Vec<CertificateDer<'static>>>(),
+                )
+            }),
+            Tls::Released(r) => r
+                .peer_certificates
+                .clone()
+                .map(|v| -> Box<dyn Any> { Box::new(v) }),
+        }
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let keys = self.live()?.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+        match self.live()? {
+            Connection::Client(session) => Some(session.is_early_data_accepted()),
             _ => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        self.live().is_some_and(|c| c.is_handshaking())
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Tls::Live(inner) = &mut self.inner else {
+            // A QUIC client sends no TLS message after the handshake; rustls
+            // would answer one with this same alert.
+            return Err(TransportError {
+                code: TransportErrorCode::crypto(0x0a), // unexpected_message
+                frame: None,
+                reason: "TLS handshake data after the handshake".into(),
+            });
+        };
+        inner.read_hs(buf).map_err(|e| {
+            if let Some(alert) = inner.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +203,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match &**inner {
                 Connection::Client(_) => false,
-                Connection::Server(ref session) => session.server_name().is_some(),
+                Connection::Server(session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if inner.alpn_protocol().is_some() || have_server_name || !inner.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +216,12 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        // Released sessions were servers, which read the client's parameters
+        // from its first flight, long before.
+        let Some(inner) = self.live() else {
+            return Ok(None);
+        };
+        match inner.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +231,17 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live(inner) = &mut self.inner else {
+            return None;
+        };
+        let written = buf.len();
+        let Some(change) = inner.write_hs(buf) else {
+            if buf.len() == written {
+                self.release_if_done();
+            }
+            return None;
+        };
+        let keys = match change {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,7 +303,8 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
-        self.inner
+        self.live()
+            .ok_or(ExportKeyingMaterialError)?
             .export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
@@ -361,11 +461,9 @@ impl crypto::ClientConfig for QuicClientConfig {
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
         let version = interpret_version(version)?;
-        Ok(Box::new(TlsSession {
+        Ok(Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -376,8 +474,9 @@ impl crypto::ClientConfig for QuicClientConfig {
                 )
                 .unwrap(),
             ),
-            suite: self.initial,
-        }))
+            self.initial,
+            false,
+        )))
     }
 }
 
@@ -440,6 +539,7 @@ impl std::error::Error for NoInitialCipherSuite {}
 pub struct QuicServerConfig {
     inner: Arc<rustls::ServerConfig>,
     initial: Suite,
+    release_tls_after_handshake: bool,
 }
 
 impl QuicServerConfig {
@@ -453,7 +553,21 @@ impl QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .expect("no initial cipher suite found"),
             inner: Arc::new(inner),
+            release_tls_after_handshake: false,
         })
+    }
+
+    /// Grantline patch (PATCHES.md): whether each connection drops its
+    /// rustls state once the handshake is over and the session tickets are
+    /// written (off by default, as upstream). It saves some 4 KB per
+    /// connection; afterwards `export_keying_material` fails on the server
+    /// side, while `peer_identity` and `handshake_data` answer as before,
+    /// and 1-RTT key updates work as before. A client TLS message after the
+    /// handshake closes the connection with `unexpected_message`, as rustls
+    /// would.
+    pub fn release_tls_after_handshake(mut self, release: bool) -> Self {
+        self.release_tls_after_handshake = release;
+        self
     }
 
     /// Initialize a QUIC-compatible TLS client configuration with a separate initial cipher suite
@@ -464,7 +578,11 @@ impl QuicServerConfig {
         initial: Suite,
     ) -> Result<Self, NoInitialCipherSuite> {
         match initial.suite.common.suite {
-            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self { inner, initial }),
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => Ok(Self {
+                inner,
+                initial,
+                release_tls_after_handshake: false,
+            }),
             _ => Err(NoInitialCipherSuite { specific: true }),
         }
     }
@@ -505,6 +623,7 @@ impl TryFrom<Arc<rustls::ServerConfig>> for QuicServerConfig {
             initial: initial_suite_from_provider(inner.crypto_provider())
                 .ok_or(NoInitialCipherSuite { specific: false })?,
             inner,
+            release_tls_after_handshake: false,
         })
     }
 }
@@ -517,16 +636,15 @@ impl crypto::ServerConfig for QuicServerConfig {
     ) -> Box<dyn crypto::Session> {
         // Safe: `start_session()` is never called if `initial_keys()` rejected `version`
         let version = interpret_version(version).unwrap();
-        Box::new(TlsSession {
+        Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
             ),
-            suite: self.initial,
-        })
+            self.initial,
+            self.release_tls_after_handshake,
+        ))
     }
 
     fn initial_keys(
@@ -652,5 +770,37 @@ fn interpret_version(version: u32) -> Result<Version, UnsupportedVersion> {
         0xff00_001d..=0xff00_0020 => Ok(Version::V1Draft),
         0x0000_0001 | 0xff00_0021..=0xff00_0022 => Ok(Version::V1),
         _ => Err(UnsupportedVersion),
+    }
+}
+
+#[cfg(test)]
+mod grantline_tests {
+    use super::*;
+    use crate::crypto::Session;
+
+    #[test]
+    fn a_released_session_refuses_tls_messages_and_writes_nothing() {
+        let mut session = TlsSession {
+            version: Version::V1,
+            got_handshake_data: true,
+            next_secrets: None,
+            inner: Tls::Released(Box::new(Released {
+                alpn: None,
+                server_name: None,
+                peer_certificates: None,
+            })),
+            suite: initial_suite_from_provider(&configured_provider()).unwrap(),
+            release_after_handshake: true,
+        };
+        // A KeyUpdate message, which QUIC forbids; any message after the handshake is refused.
+        let error = session.read_handshake(&[24, 0, 0, 1, 0]).unwrap_err();
+        assert_eq!(error.code, TransportErrorCode::crypto(0x0a));
+        let mut buf = Vec::new();
+        assert!(session.write_handshake(&mut buf).is_none());
+        assert!(buf.is_empty());
+        assert!(!session.is_handshaking());
+        assert!(session.early_crypto().is_none());
+        assert!(session.peer_identity().is_none());
+        assert!(session.transport_parameters().unwrap().is_none());
     }
 }

@@ -617,7 +617,10 @@ fn server_crypto_inner(
         config.alpn_protocols = alpn;
     }
 
-    config.try_into().unwrap()
+    // Grantline patch (PATCHES.md): with QUINN_PROTO_TEST_RELEASE_TLS set,
+    // every test's server releases its rustls state after the handshake.
+    let config: QuicServerConfig = config.try_into().unwrap();
+    config.release_tls_after_handshake(std::env::var_os("QUINN_PROTO_TEST_RELEASE_TLS").is_some())
 }
 
 pub(super) fn client_config() -> ClientConfig {
