@@ -90,7 +90,11 @@ pub(super) fn server_config(
     // Reconnecting agents resume their sessions, across restarts too.
     tls.ticketer = tickets;
     tls.send_tls13_tickets = 1;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    // Each connection drops its rustls state once the handshake and its
+    // session tickets are done (third_party/quinn-proto/PATCHES.md): ~4 KB
+    // per agent; the broker reads the peer identity, which stays.
+    let crypto = QuicServerConfig::try_from(tls)?.release_tls_after_handshake(true);
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(8u32.into())
