@@ -35,6 +35,7 @@ use crate::{
 mod util;
 use util::*;
 
+pub(crate) mod counting_alloc;
 mod released;
 mod token;
 
