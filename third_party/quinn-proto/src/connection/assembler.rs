@@ -25,6 +25,12 @@ pub(super) struct Assembler {
 }
 
 impl Assembler {
+    /// Whether buffers are allocated (Grantline patch, PATCHES.md)
+    #[cfg(test)]
+    pub(super) fn holds_buffers(&self) -> bool {
+        self.data.capacity() > 0
+    }
+
     pub(super) fn new() -> Self {
         Self::default()
     }

@@ -2215,6 +2215,11 @@ impl Connection {
         }
         let space = &mut self.spaces[space_id];
         space.crypto = None;
+        // Grantline patch (PATCHES.md): a discarded space has no keys, so no
+        // packet of it is read or sent again: give back its CRYPTO buffers,
+        // which every connection otherwise keeps for its life.
+        space.crypto_stream = assembler::Assembler::new();
+        space.pending = Retransmits::default();
         space.time_of_last_ack_eliciting_packet = None;
         space.loss_time = None;
         let sent_packets = mem::take(&mut space.sent_packets);
@@ -3602,6 +3607,18 @@ impl Connection {
             update_unacked: remote,
         });
         self.key_phase = !self.key_phase;
+    }
+
+    /// Whether the Initial and Handshake spaces were discarded and hold no
+    /// buffers (Grantline patch, PATCHES.md)
+    #[cfg(test)]
+    pub(crate) fn handshake_spaces_hold_nothing(&self) -> bool {
+        [SpaceId::Initial, SpaceId::Handshake].iter().all(|&id| {
+            let space = &self.spaces[id];
+            space.crypto.is_none()
+                && !space.crypto_stream.holds_buffers()
+                && space.pending.crypto.capacity() == 0
+        })
     }
 
     /// Whether the keys of the next 1-RTT key phase are held (Grantline patch, PATCHES.md)

@@ -227,3 +227,20 @@ fn the_next_phase_keys_are_derived_only_for_a_key_update() {
     assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
     assert_eq!(pair.server_conn_mut(server_ch).stats().path.lost_packets, 0);
 }
+
+#[test]
+fn the_handshake_spaces_give_back_their_buffers_once_discarded() {
+    let _guard = subscribe();
+    let mut pair = Pair::new(Default::default(), releasing_server(true));
+    let (client_ch, server_ch) = pair.connect_with(client(true));
+    client_to_server(&mut pair, client_ch, server_ch, b"hello");
+    server_to_client(&mut pair, client_ch, server_ch, b"hello back");
+    assert!(
+        pair.server_conn_mut(server_ch)
+            .handshake_spaces_hold_nothing()
+    );
+    assert!(
+        pair.client_conn_mut(client_ch)
+            .handshake_spaces_hold_nothing()
+    );
+}
