@@ -244,3 +244,19 @@ fn the_handshake_spaces_give_back_their_buffers_once_discarded() {
             .handshake_spaces_hold_nothing()
     );
 }
+
+#[test]
+fn drained_event_queues_give_back_their_buffers() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    client_to_server(&mut pair, client_ch, server_ch, b"hello");
+    server_to_client(&mut pair, client_ch, server_ch, b"hello back");
+    let drained = |conn: &mut Connection| {
+        while conn.poll().is_some() {}
+        while conn.poll_endpoint_events().is_some() {}
+        !conn.event_queues_hold_buffers()
+    };
+    assert!(drained(pair.server_conn_mut(server_ch)));
+    assert!(drained(pair.client_conn_mut(client_ch)));
+}

@@ -103,7 +103,7 @@ pub struct StreamsState {
     /// Streams with outgoing data queued, sorted by priority
     pub(super) pending: PendingStreamsQueue,
 
-    events: VecDeque<StreamEvent>,
+    pub(crate) events: VecDeque<StreamEvent>,
     /// Streams blocked on connection-level flow control or stream window space
     ///
     /// Streams are only added to this list when a write fails.
@@ -870,7 +870,7 @@ impl StreamsState {
             }
         }
 
-        self.events.pop_front()
+        crate::connection::pop_and_release(&mut self.events)
     }
 
     /// Queues MAX_STREAM_ID frames in `pending` if needed
