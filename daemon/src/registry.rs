@@ -52,7 +52,9 @@ pub const MAX_CONNECTIONS_PER_NODE: usize = 8;
 /// Nodes, live connections (of type `C`) and last-seen times.
 pub struct Registry<C> {
     nodes: RwLock<HashMap<String, NodeRecord>>,
-    live: Mutex<HashMap<String, HashMap<usize, C>>>,
+    /// A node's live connections by id: at most a few, so a vector (a
+    /// map per node cost each connected agent ~100 bytes more; RFD 0008).
+    live: Mutex<HashMap<String, Vec<(usize, C)>>>,
     seen: Mutex<HashMap<String, i64>>,
 }
 
@@ -126,7 +128,7 @@ impl<C: Clone> Registry<C> {
             nodes.insert(name.clone(), incoming);
             drop(nodes);
             let conns = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(&name).unwrap_or_default();
-            return Synced::Revoked(conns.into_values().collect());
+            return Synced::Revoked(conns.into_iter().map(|(_, c)| c).collect());
         }
         let mut incoming = incoming;
         if let Some(n) = held {
@@ -149,7 +151,7 @@ impl<C: Clone> Registry<C> {
             n.revoked_at = at;
         }
         let conns = self.live.lock().unwrap_or_else(PoisonError::into_inner).remove(name).unwrap_or_default();
-        conns.into_values().collect()
+        conns.into_iter().map(|(_, c)| c).collect()
     }
 
     /// Registers connection `id` of `name` presenting `serial`, then says
@@ -161,7 +163,8 @@ impl<C: Clone> Registry<C> {
         let held = {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             let conns = live.entry(name.to_owned()).or_default();
-            conns.insert(id, conn);
+            conns.retain(|(held, _)| *held != id);
+            conns.push((id, conn));
             conns.len()
         };
         match self.standing(name, serial) {
@@ -191,7 +194,7 @@ impl<C: Clone> Registry<C> {
         {
             let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(conns) = live.get_mut(name) {
-                conns.remove(&id);
+                conns.retain(|(held, _)| *held != id);
                 if conns.is_empty() {
                     live.remove(name);
                 }
@@ -258,7 +261,10 @@ impl<C: Clone> Registry<C> {
 
     /// Every live connection (to close them all).
     pub fn connections(&self) -> Vec<C> {
-        self.live.lock().map(|l| l.values().flat_map(|c| c.values().cloned()).collect()).unwrap_or_default()
+        self.live
+            .lock()
+            .map(|l| l.values().flat_map(|c| c.iter().map(|(_, c)| c.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// The names of the nodes that hold at least one connection.
