@@ -466,6 +466,11 @@ impl Connection {
         buf: &mut Vec<u8>,
     ) -> Option<Transmit> {
         assert!(max_datagrams != 0);
+        // Grantline patch (PATCHES.md): what was sent last time leaves the
+        // queues empty; their buffers go back before anything else is queued.
+        for space in &mut self.spaces {
+            space.pending.release_if_drained();
+        }
         let max_datagrams = match self.config.enable_segmentation_offload {
             false => 1,
             true => max_datagrams,
@@ -3619,6 +3624,14 @@ impl Connection {
                 && !space.crypto_stream.holds_buffers()
                 && space.pending.crypto.capacity() == 0
         })
+    }
+
+    /// Whether any space's queue of frames to send holds buffers (Grantline patch, PATCHES.md)
+    #[cfg(test)]
+    pub(crate) fn send_queues_hold_buffers(&self) -> bool {
+        self.spaces
+            .iter()
+            .any(|space| space.pending.holds_buffers())
     }
 
     /// Whether the connection's drained event queues hold buffers (Grantline patch, PATCHES.md)

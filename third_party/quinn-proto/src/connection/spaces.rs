@@ -345,6 +345,58 @@ pub struct Retransmits {
 }
 
 impl Retransmits {
+    /// Gives back the buffers of a queue that holds nothing (Grantline
+    /// patch, PATCHES.md): its vectors and sets keep the capacity of their
+    /// busiest moment (the handshake's CRYPTO frames, the first NEW_CONNECTION_ID
+    /// frames) for the connection's life otherwise.
+    pub(super) fn release_if_drained(&mut self) {
+        // Every field, so that a field added upstream fails to compile here.
+        let Self {
+            max_data,
+            data_blocked,
+            max_stream_id,
+            reset_stream,
+            stop_sending,
+            max_stream_data,
+            stream_data_blocked,
+            crypto,
+            new_cids,
+            retire_cids,
+            ack_frequency,
+            handshake_done,
+            new_tokens,
+        } = self;
+        let drained = !*max_data
+            && !*data_blocked
+            && *max_stream_id == [false; 2]
+            && reset_stream.is_empty()
+            && stop_sending.is_empty()
+            && max_stream_data.is_empty()
+            && stream_data_blocked.is_empty()
+            && crypto.is_empty()
+            && new_cids.is_empty()
+            && retire_cids.is_empty()
+            && !*ack_frequency
+            && !*handshake_done
+            && new_tokens.is_empty();
+        if drained {
+            *self = Self::default();
+        }
+    }
+
+    /// Whether any of its vectors or sets holds a buffer (for tests)
+    #[cfg(test)]
+    pub(super) fn holds_buffers(&self) -> bool {
+        self.reset_stream.capacity() > 0
+            || self.stop_sending.capacity() > 0
+            || self.max_stream_data.capacity() > 0
+            || self.stream_data_blocked.capacity() > 0
+            || self.crypto.capacity() > 0
+            || self.new_cids.capacity() > 0
+            || self.retire_cids.capacity() > 0
+            || self.new_tokens.capacity() > 0
+    }
+
     pub(super) fn retire_cids(&mut self, cids: Range<u64>) -> Result<(), TransportError> {
         // We don't bother counting in-flight frames because those are bounded by congestion control.
         let num = cids.end.saturating_sub(cids.start);

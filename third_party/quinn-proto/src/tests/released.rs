@@ -260,3 +260,15 @@ fn drained_event_queues_give_back_their_buffers() {
     assert!(drained(pair.server_conn_mut(server_ch)));
     assert!(drained(pair.client_conn_mut(client_ch)));
 }
+
+#[test]
+fn drained_send_queues_give_back_their_buffers() {
+    let _guard = subscribe();
+    let mut pair = Pair::new(Default::default(), releasing_server(true));
+    let (client_ch, server_ch) = pair.connect_with(client(true));
+    client_to_server(&mut pair, client_ch, server_ch, b"hello");
+    server_to_client(&mut pair, client_ch, server_ch, b"hello back");
+    pair.drive();
+    assert!(!pair.server_conn_mut(server_ch).send_queues_hold_buffers());
+    assert!(!pair.client_conn_mut(client_ch).send_queues_hold_buffers());
+}
