@@ -92,7 +92,8 @@ pub(super) fn server_config(
     tls.send_tls13_tickets = 1;
     // Each connection drops its rustls state once the handshake and its
     // session tickets are done (third_party/quinn-proto/PATCHES.md): ~4 KB
-    // per agent; the broker reads the peer identity, which stays.
+    // per agent; the broker reads the peer identity, which stays. RFD 0008,
+    // "A connection's memory, cut".
     let crypto = QuicServerConfig::try_from(tls)?.release_tls_after_handshake(true);
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -124,8 +125,8 @@ pub(super) fn serve_connection(
     // futures of their own on the heap, and this task gets the incoming
     // connection in a box (an async fn keeps its arguments' room for its
     // whole life): the task lives as long as its connection, and its idle
-    // state is all a connected agent keeps (RFD 0008, where a connection's
-    // memory goes).
+    // state is what a connected agent costs here (RFD 0008, "A
+    // connection's memory, cut").
     serve_connected(shared, remote, Box::pin(handshake(incoming, slot)))
 }
 

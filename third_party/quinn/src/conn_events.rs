@@ -11,7 +11,11 @@
 //! Same contract as the channel it replaces: one sender (the endpoint), one
 //! receiver (the connection's driver); `send` hands the event back once the
 //! receiver is gone; the receiver sees the end (`None`) once the sender is
-//! dropped and every queued event was taken.
+//! dropped and every queued event was taken; and after `BUDGET` events in a
+//! row the receiver yields once (`Pending`, its task woken to come back), as
+//! tokio's channel did through the runtime's cooperative budget, so a peer
+//! flooding one connection cannot keep its driver (and its state lock) busy
+//! forever.
 
 use std::{
     collections::VecDeque,
@@ -21,13 +25,23 @@ use std::{
 
 use crate::{ConnectionEvent, mutex::Mutex};
 
+/// Events taken in a row before the receiver yields once.
+const BUDGET: u32 = 32;
+
 pub(crate) fn channel() -> (Sender, Receiver) {
     let queue = Arc::new(Mutex::new(Queue {
         events: VecDeque::new(),
         waker: None,
         sender_gone: false,
+        receiver_gone: false,
     }));
-    (Sender(queue.clone()), Receiver(queue))
+    (
+        Sender(queue.clone()),
+        Receiver {
+            queue,
+            taken_in_a_row: 0,
+        },
+    )
 }
 
 #[derive(Debug)]
@@ -36,6 +50,7 @@ struct Queue {
     /// The receiver's waker, while it waits on an empty queue.
     waker: Option<Waker>,
     sender_gone: bool,
+    receiver_gone: bool,
 }
 
 #[derive(Debug)]
@@ -48,7 +63,7 @@ impl Sender {
     pub(crate) fn send(&self, event: ConnectionEvent) -> Result<(), ConnectionEvent> {
         let waker = {
             let mut queue = self.0.lock("conn_events send");
-            if Arc::strong_count(&self.0) == 1 {
+            if queue.receiver_gone {
                 return Err(event);
             }
             queue.events.push_back(event);
@@ -75,19 +90,30 @@ impl Drop for Sender {
 }
 
 #[derive(Debug)]
-pub(crate) struct Receiver(Arc<Mutex<Queue>>);
+pub(crate) struct Receiver {
+    queue: Arc<Mutex<Queue>>,
+    taken_in_a_row: u32,
+}
 
 impl Receiver {
-    /// The next event; `Ready(None)` once the sender is gone and the queue is drained.
+    /// The next event; `Ready(None)` once the sender is gone and the queue is
+    /// drained; `Pending` with the task woken after `BUDGET` events in a row.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ConnectionEvent>> {
-        let mut queue = self.0.lock("conn_events recv");
+        if self.taken_in_a_row >= BUDGET {
+            self.taken_in_a_row = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let mut queue = self.queue.lock("conn_events recv");
         if let Some(event) = queue.events.pop_front() {
             if queue.events.is_empty() {
                 // Give the buffer back: an idle connection holds no queue memory.
                 queue.events = VecDeque::new();
             }
+            self.taken_in_a_row += 1;
             return Poll::Ready(Some(event));
         }
+        self.taken_in_a_row = 0;
         if queue.sender_gone {
             return Poll::Ready(None);
         }
@@ -101,7 +127,16 @@ impl Receiver {
     /// Bytes the queue holds for events (for tests).
     #[cfg(test)]
     fn capacity(&self) -> usize {
-        self.0.lock("conn_events capacity").events.capacity()
+        self.queue.lock("conn_events capacity").events.capacity()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut queue = self.queue.lock("conn_events drop");
+        queue.receiver_gone = true;
+        // What was queued is of no use to anyone now.
+        queue.events = VecDeque::new();
     }
 }
 
@@ -155,18 +190,22 @@ mod tests {
             "the waiting receiver is woken once"
         );
         assert!(recv.capacity() >= 40);
-        for i in 0..40 {
+        let mut i = 0;
+        while i < 40 {
             match recv.poll_recv(&mut cx) {
                 Poll::Ready(event) => assert_eq!(code(event), Some(i)),
-                Poll::Pending => panic!("event {i} was queued"),
+                // The budget's yield: the next poll goes on.
+                Poll::Pending => continue,
             }
+            i += 1;
         }
         assert_eq!(recv.capacity(), 0, "a drained queue gives its buffer back");
         assert!(recv.poll_recv(&mut cx).is_pending());
+        let woken = counter.0.load(Ordering::SeqCst);
         send.send(close(7)).unwrap();
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
-            2,
+            woken + 1,
             "woken again after waiting again"
         );
     }
@@ -191,6 +230,39 @@ mod tests {
             "a waiting receiver is woken by the end"
         );
         assert!(matches!(recv.poll_recv(&mut cx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_flooded_receiver_yields_after_its_budget_and_asks_to_come_back() {
+        let (send, mut recv) = channel();
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        for i in 0..(BUDGET + 5) {
+            send.send(close(i)).unwrap();
+        }
+        for i in 0..BUDGET {
+            assert!(
+                matches!(recv.poll_recv(&mut cx), Poll::Ready(Some(_))),
+                "event {i}"
+            );
+        }
+        assert!(
+            recv.poll_recv(&mut cx).is_pending(),
+            "no yield after {BUDGET} events"
+        );
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "the yield wakes the task to come back"
+        );
+        for i in BUDGET..(BUDGET + 5) {
+            match recv.poll_recv(&mut cx) {
+                Poll::Ready(event) => assert_eq!(code(event), Some(u64::from(i))),
+                Poll::Pending => panic!("event {i} was queued"),
+            }
+        }
+        assert!(recv.poll_recv(&mut cx).is_pending());
     }
 
     #[test]

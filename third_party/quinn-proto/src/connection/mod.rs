@@ -3642,6 +3642,12 @@ impl Connection {
             || self.streams.events.capacity() > 0
     }
 
+    /// The current 1-RTT key phase (Grantline patch's tests, PATCHES.md)
+    #[cfg(test)]
+    pub(crate) fn key_phase(&self) -> bool {
+        self.key_phase
+    }
+
     /// Whether the keys of the next 1-RTT key phase are held (Grantline patch, PATCHES.md)
     #[cfg(test)]
     pub(crate) fn holds_next_keys(&self) -> bool {

@@ -95,6 +95,30 @@ fn server_to_client(
     let _ = chunks.finalize();
 }
 
+/// Starts a key update on `side` and checks that it happened. First lets
+/// both sides' key-discard timers fire (`Pair::drive` stops while only those
+/// are left): until then a side that just followed an update ignores a new one.
+fn update_keys(
+    pair: &mut Pair,
+    client_ch: ConnectionHandle,
+    server_ch: ConnectionHandle,
+    side: Side,
+) {
+    pair.time += Duration::from_secs(1);
+    pair.drive();
+    let conn = match side {
+        Side::Client => pair.client_conn_mut(client_ch),
+        Side::Server => pair.server_conn_mut(server_ch),
+    };
+    let phase = conn.key_phase();
+    conn.force_key_update();
+    assert_ne!(
+        conn.key_phase(),
+        phase,
+        "the {side:?}'s key update did not happen"
+    );
+}
+
 #[test]
 fn a_released_session_keeps_its_identity_and_updates_its_keys() {
     let _guard = subscribe();
@@ -132,7 +156,7 @@ fn a_released_session_keeps_its_identity_and_updates_its_keys() {
 
     client_to_server(&mut pair, client_ch, server_ch, b"before any update");
     server_to_client(&mut pair, client_ch, server_ch, b"reply");
-    pair.client_conn_mut(client_ch).force_key_update();
+    update_keys(&mut pair, client_ch, server_ch, Side::Client);
     client_to_server(
         &mut pair,
         client_ch,
@@ -140,7 +164,7 @@ fn a_released_session_keeps_its_identity_and_updates_its_keys() {
         b"after the client's update",
     );
     server_to_client(&mut pair, client_ch, server_ch, b"reply in the new keys");
-    pair.server_conn_mut(server_ch).force_key_update();
+    update_keys(&mut pair, client_ch, server_ch, Side::Server);
     server_to_client(
         &mut pair,
         client_ch,
@@ -149,6 +173,10 @@ fn a_released_session_keeps_its_identity_and_updates_its_keys() {
     );
     client_to_server(&mut pair, client_ch, server_ch, b"reply in the newest keys");
 
+    assert_eq!(
+        pair.client_conn_mut(client_ch).key_phase(),
+        pair.server_conn_mut(server_ch).key_phase()
+    );
     assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
     assert_eq!(pair.server_conn_mut(server_ch).stats().path.lost_packets, 0);
 }
@@ -203,9 +231,9 @@ fn the_next_phase_keys_are_derived_only_for_a_key_update() {
     assert!(!pair.client_conn_mut(client_ch).holds_next_keys());
     assert!(!pair.server_conn_mut(server_ch).holds_next_keys());
 
-    // Each side updates once; the peer follows with the keys it derives then.
+    // Each side updates twice; the peer follows with the keys it derives then.
     for _ in 0..2 {
-        pair.client_conn_mut(client_ch).force_key_update();
+        update_keys(&mut pair, client_ch, server_ch, Side::Client);
         client_to_server(
             &mut pair,
             client_ch,
@@ -213,7 +241,7 @@ fn the_next_phase_keys_are_derived_only_for_a_key_update() {
             b"in the client's new phase",
         );
         server_to_client(&mut pair, client_ch, server_ch, b"answered in it");
-        pair.server_conn_mut(server_ch).force_key_update();
+        update_keys(&mut pair, client_ch, server_ch, Side::Server);
         server_to_client(
             &mut pair,
             client_ch,
@@ -224,6 +252,10 @@ fn the_next_phase_keys_are_derived_only_for_a_key_update() {
     }
     assert!(!pair.client_conn_mut(client_ch).holds_next_keys());
     assert!(!pair.server_conn_mut(server_ch).holds_next_keys());
+    assert_eq!(
+        pair.client_conn_mut(client_ch).key_phase(),
+        pair.server_conn_mut(server_ch).key_phase()
+    );
     assert_eq!(pair.client_conn_mut(client_ch).stats().path.lost_packets, 0);
     assert_eq!(pair.server_conn_mut(server_ch).stats().path.lost_packets, 0);
 }
