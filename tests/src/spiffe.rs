@@ -61,6 +61,7 @@ impl Node {
         let path = self.bin.path().join(exe);
         if !path.exists() {
             std::fs::copy(python(), &path).unwrap();
+            executable_once_released(&path);
         }
         let mut cmd = Command::new(path);
         cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("spiffe/clients.py"))
@@ -75,6 +76,24 @@ impl Node {
 }
 
 /// The interpreter itself (not a shim or symlink), to copy.
+/// Waits until the copy at `path` can be executed. A process that another
+/// test forked while the copy was open for writing holds it open until that
+/// process execs, and executing the copy meanwhile fails with ETXTBSY (seen:
+/// "Text file busy" from the SDS test). Once one exec succeeds nobody holds
+/// it any more.
+fn executable_once_released(path: &Path) {
+    for _ in 0..500 {
+        match Command::new(path).args(["-c", ""]).status() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Ok(status) => return assert!(status.success(), "{} -c '' failed: {status}", path.display()),
+            Err(e) => panic!("cannot run {}: {e}", path.display()),
+        }
+    }
+    panic!("{} stayed busy for 5 s", path.display());
+}
+
 fn python() -> PathBuf {
     let out = Command::new("python3").args(["-c", "import os,sys; print(os.path.realpath(sys.executable))"]).output();
     PathBuf::from(String::from_utf8(out.unwrap().stdout).unwrap().trim())
