@@ -11,6 +11,8 @@ use grantline_proto::{frame, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use crate::principals::Principal;
+
 /// Reads one frame to EOF, bounded.
 pub async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
@@ -73,8 +75,8 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
     // Checks are shared out by uid, and by user namespace when the caller's
     // is not the agent's (a container's uids are one share).
     let share = match crate::principals::user_namespace(pid) {
-        Some(ns) if crate::principals::own_user_namespace() != Some(ns) => (1, ns),
-        _ => (0, u64::from(cred.uid())),
+        Some(ns) if crate::principals::own_user_namespace() != Some(ns) => Principal::Namespace(ns),
+        _ => Principal::Uid(cred.uid()),
     };
     let check = async move {
         // A slot is normally free at once; callers of one share connecting
@@ -116,7 +118,7 @@ pub async fn attest(stream: &UnixStream) -> Option<(wire::Caller, ProcessMark)> 
 pub const MAX_VERIFYING: usize = 32;
 pub const VERIFYING_PER_UID: usize = 4;
 pub const VERIFY_DEADLINE: Duration = Duration::from_secs(1);
-static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<(u8, u64)>>> =
+static VERIFYING: std::sync::LazyLock<std::sync::Arc<Slots<Principal>>> =
     std::sync::LazyLock::new(|| Slots::new(MAX_VERIFYING));
 
 /// The path of process `pid`'s executable, if that path names, here, the
