@@ -312,10 +312,15 @@ impl CpuMeter {
         Self { pid, start: pid.and_then(cpu_seconds) }
     }
 
+    /// Counting from the process's own start: every CPU second it used.
+    pub fn since_process_start(pid: Option<u32>) -> Self {
+        Self { pid, start: Some(0.0) }
+    }
+
     /// Microseconds of CPU per unit over `units` units since the start
     /// (None without a pid or any unit).
     pub fn per(&self, units: usize) -> Option<f64> {
-        let used = self.pid.and_then(cpu_seconds)? - self.start?;
+        let used = self.seconds()?;
         (units > 0).then(|| used * 1e6 / units as f64)
     }
 
@@ -788,8 +793,7 @@ pub fn storm(
         let broker = broker_pid.map(process_stats);
         // The restarted broker's every CPU second, its start included, over
         // the agents it re-granted.
-        let regranted = after.lock().unwrap().latencies.len();
-        let cpu_per_regrant = broker_pid.and_then(cpu_seconds).filter(|_| regranted > 0).map(|c| c * 1e6 / regranted as f64);
+        let cpu_per_regrant = CpuMeter::since_process_start(broker_pid).per(after.lock().unwrap().latencies.len());
         fleet.close(&reconnected).await;
         let before = before.lock().unwrap();
         let after = after.lock().unwrap();
