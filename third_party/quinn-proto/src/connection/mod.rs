@@ -3622,7 +3622,7 @@ impl Connection {
             let space = &self.spaces[id];
             space.crypto.is_none()
                 && !space.crypto_stream.holds_buffers()
-                && space.pending.crypto.capacity() == 0
+                && !space.pending.holds_buffers()
         })
     }
 
