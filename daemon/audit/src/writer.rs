@@ -403,7 +403,11 @@ pub fn rotate_key(path: &Path, old: &SignerKey, new: &SignerKey) -> Result<u64> 
 /// enough to pay for the threads.
 fn sign_all(key: &SignerKey, entries: &mut [NewEntry]) {
     const PER_THREAD: usize = 256;
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    // Read once: asking costs three file reads (the cgroup's CPU quota),
+    // which every batch paid before.
+    static THREADS: std::sync::LazyLock<usize> =
+        std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    let threads = *THREADS;
     if entries.len() < 2 * PER_THREAD || threads == 1 {
         for e in entries.iter_mut() {
             e.signature = key.sign(&e.entry);
