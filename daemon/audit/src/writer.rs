@@ -122,12 +122,12 @@ impl AuditLog {
         self.checkpoints.clone()
     }
 
-    /// Appends `event`; returns its signed receipt once the entry is durable.
     /// The number of durable entries, updated after every commit.
     pub fn size(&self) -> watch::Receiver<u64> {
         self.size.clone()
     }
 
+    /// Appends `event`; returns its signed receipt once the entry is durable.
     pub async fn append(&self, event: Event) -> Result<wire::Receipt, AuditError> {
         let started = Instant::now();
         // Cut to its bounds here, on the caller's task, so the writer thread
@@ -243,6 +243,21 @@ impl ChainState {
 /// even if no more entries arrive.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// Group commit under load: once a batch held at least `BUSY_BATCH`
+/// entries, appends are arriving faster than commits, and the writer lets
+/// the next batch gather for `COMMIT_WINDOW` before committing it. A commit
+/// (its fsync, and rewriting the same rightmost pages of each table) costs
+/// far more than an entry, so on a busy broker this cuts CPU per grant by a
+/// quarter (RFD 0008 § Group commit) for at most `COMMIT_WINDOW` of latency;
+/// a broker granting one credential at a time never waits.
+const COMMIT_WINDOW: Duration = Duration::from_millis(3);
+const BUSY_BATCH: usize = 4;
+
+/// How long the next batch gathers, given the size of the last one.
+fn commit_window(previous: usize) -> Option<Duration> {
+    (previous >= BUSY_BATCH).then_some(COMMIT_WINDOW)
+}
+
 /// How often expired rows leave the credential inventory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -303,6 +318,7 @@ fn run(
         return;
     };
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut previous = 0;
     let mut pruned = Instant::now().checked_sub(PRUNE_EVERY).unwrap_or_else(Instant::now);
     loop {
         let wait = cp.wait(&state);
@@ -315,12 +331,16 @@ fn run(
             }
         };
         batch.push(first);
+        if let Some(window) = commit_window(previous) {
+            std::thread::sleep(window);
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(a) => batch.push(a),
                 Err(_) => break,
             }
         }
+        previous = batch.len();
         let saved = state.clone();
         let mut entries = Vec::with_capacity(batch.len());
         let mut nodes = Vec::with_capacity(batch.len() * 2);
