@@ -142,6 +142,7 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
         let next = Arc::new(AtomicUsize::new(0));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let cpu = CpuMeter::start(o.broker_pid);
+        let threads = o.broker_pid.map(thread_cpu_seconds).unwrap_or_default();
         let start = Instant::now();
         let mut tasks = Vec::new();
         for w in 0..o.concurrency {
@@ -158,11 +159,23 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
         }
         let elapsed = start.elapsed();
         let tally = tally.lock().unwrap();
+        let grants = tally.latencies.len().max(1) as f64;
+        let by_thread: BTreeMap<String, f64> = o
+            .broker_pid
+            .map(thread_cpu_seconds)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, cpu)| {
+                let used = cpu - threads.get(&name).copied().unwrap_or(0.0);
+                (name, (used * 1e6 / grants).round())
+            })
+            .collect();
         let extra = json!({
             "connections": o.connections,
             "concurrency": o.concurrency,
             "broker_cpu_seconds": cpu.seconds(),
             "broker_cpu_us_per_grant": cpu.per(tally.latencies.len()),
+            "broker_cpu_us_per_grant_by_thread": by_thread,
         });
         report(scenario, requests, elapsed, &tally, extra)
     })
@@ -289,10 +302,29 @@ pub fn process_stats(pid: u32) -> Value {
 /// clock ticks (100 per second on Linux, so 10 ms resolution: measure runs
 /// of seconds).
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.rsplit_once(") ")?.1;
+    Some(stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?.1)
+}
+
+/// The name and CPU seconds (user + system) in a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let name = head.split_once(" (")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0)
+    Some((name, (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / 100.0))
+}
+
+/// CPU seconds of a process's threads by thread name (threads of one name
+/// summed): which of the broker's threads a unit of work costs.
+pub fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        if let Some((name, cpu)) =
+            std::fs::read_to_string(task.path().join("stat")).ok().as_deref().and_then(stat_cpu)
+        {
+            *by_name.entry(name.to_owned()).or_insert(0.0) += cpu;
+        }
+    }
+    by_name
 }
 
 /// The `ok` count of a report.
@@ -838,4 +870,25 @@ pub(crate) async fn grant_once(
         Err(e) => *tally.errors.entry(format!("transport: {e}")).or_default() += 1,
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread name may hold ") " itself: the name runs to the last ") ".
+    #[test]
+    fn reads_the_name_and_cpu_of_a_stat_line() {
+        let line = "42 (audit) writer) S 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20 0 1 0 5 6 7";
+        assert_eq!(stat_cpu(line), Some(("audit) writer", 4.0)));
+        assert_eq!(stat_cpu("42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn finds_this_process_threads_by_name() {
+        let main = std::thread::current().name().map(|n| n.chars().take(15).collect::<String>());
+        let threads = thread_cpu_seconds(std::process::id());
+        assert!(main.is_some_and(|n| threads.contains_key(&n)), "{threads:?}");
+        assert!(threads.values().all(|cpu| *cpu >= 0.0));
+    }
 }
