@@ -160,16 +160,22 @@ pub fn broker_grants(o: &BrokerLoad, scenario: &str) -> Value {
         let elapsed = start.elapsed();
         let tally = tally.lock().unwrap();
         let grants = tally.latencies.len().max(1) as f64;
-        let by_thread: BTreeMap<String, f64> = o
+        let mut by_thread: BTreeMap<String, f64> = o
             .broker_pid
             .map(thread_cpu_seconds)
             .unwrap_or_default()
             .into_iter()
             .map(|(name, cpu)| {
-                let used = cpu - threads.get(&name).copied().unwrap_or(0.0);
+                let used = (cpu - threads.get(&name).copied().unwrap_or(0.0)).max(0.0);
                 (name, (used * 1e6 / grants).round())
             })
             .collect();
+        // Threads that ended during the run (the writer's signing helpers,
+        // blocking-pool threads) are in the process's total only.
+        if let Some(total) = cpu.per(tally.latencies.len()) {
+            let ended = total - by_thread.values().sum::<f64>();
+            by_thread.insert("(ended threads)".into(), ended.max(0.0).round());
+        }
         let extra = json!({
             "connections": o.connections,
             "concurrency": o.concurrency,
@@ -318,8 +324,7 @@ fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
 pub fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
     let mut by_name = BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        if let Some((name, cpu)) =
-            std::fs::read_to_string(task.path().join("stat")).ok().as_deref().and_then(stat_cpu)
+        if let Some((name, cpu)) = std::fs::read_to_string(task.path().join("stat")).ok().as_deref().and_then(stat_cpu)
         {
             *by_name.entry(name.to_owned()).or_insert(0.0) += cpu;
         }

@@ -68,14 +68,24 @@ async fn a_cleanly_stopped_log_is_whole_in_its_main_file() {
 
 /// Group commit: a writer committing one entry at a time never waits;
 /// one whose last batch showed appends arriving concurrently lets the next
-/// batch gather for the window, and no longer than it.
+/// batch gather for the window, and no longer than it — unless it sat idle
+/// for a window since (review: one burst made every later lone append
+/// wait), or a full batch already waits.
 #[test]
 fn only_a_busy_writer_lets_a_batch_gather() {
+    let busy_idle = Duration::from_micros(200);
     for lone in 0..BUSY_BATCH {
-        assert_eq!(commit_window(lone), None, "a batch of {lone} must not delay the next");
+        assert_eq!(commit_window(lone, busy_idle, 0), None, "a batch of {lone} must not delay the next");
     }
     for busy in [BUSY_BATCH, BUSY_BATCH + 1, MAX_BATCH] {
-        assert_eq!(commit_window(busy), Some(COMMIT_WINDOW));
+        assert_eq!(commit_window(busy, busy_idle, 0), Some(COMMIT_WINDOW));
+        assert_eq!(commit_window(busy, busy_idle, MAX_BATCH / 2), Some(COMMIT_WINDOW));
+    }
+    for idle in [COMMIT_WINDOW, Duration::from_secs(3600)] {
+        assert_eq!(commit_window(MAX_BATCH, idle, 0), None, "a writer idle for {idle:?} is not busy");
+    }
+    for full in [MAX_BATCH - 1, MAX_BATCH, QUEUE] {
+        assert_eq!(commit_window(MAX_BATCH, busy_idle, full), None, "{full} queued fill a batch already");
     }
     assert!(COMMIT_WINDOW <= Duration::from_millis(5), "the window is latency every busy grant pays");
 }
