@@ -576,7 +576,15 @@ impl Iter {
         let ty = self.bytes.get::<FrameType>()?;
         self.last_ty = Some(ty);
         Ok(match ty {
-            FrameType::PADDING => Frame::Padding,
+            FrameType::PADDING => {
+                // Grantline: a run of PADDING frames is one step, not a trip
+                // through the connection's frame loop per byte (a padded
+                // Initial or PMTU probe is over a thousand). Each 0x00 byte
+                // is a whole PADDING frame, so this skips frames, not data.
+                let run = self.bytes.iter().take_while(|&&b| b == 0).count();
+                self.bytes.advance(run);
+                Frame::Padding
+            }
             FrameType::RESET_STREAM => Frame::ResetStream(ResetStream {
                 id: self.bytes.get()?,
                 error_code: self.bytes.get()?,
@@ -950,6 +958,23 @@ mod test {
             .unwrap()
             .collect::<Result<Vec<_>, _>>()
             .unwrap()
+    }
+
+    /// Grantline: a run of PADDING bytes decodes as one frame, and the
+    /// frames around it are unchanged.
+    #[test]
+    fn a_run_of_padding_is_one_frame() {
+        let mut buf = vec![0u8; 1100];
+        buf.push(FrameType::PING.0 as u8);
+        buf.extend([0u8; 3]);
+        buf.push(FrameType::HANDSHAKE_DONE.0 as u8);
+        let frames = frames(buf);
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        assert_matches!(frames[0], Frame::Padding);
+        assert_matches!(frames[1], Frame::Ping);
+        assert_matches!(frames[2], Frame::Padding);
+        assert_matches!(frames[3], Frame::HandshakeDone);
+        assert_eq!(self::frames(vec![0]).len(), 1);
     }
 
     #[test]
