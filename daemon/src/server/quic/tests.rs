@@ -1,0 +1,60 @@
+use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+
+use super::*;
+
+/// Runs a TLS 1.3 handshake in memory; the suite the client ends up with.
+fn handshake(server: &Arc<rustls::ServerConfig>, client: rustls::ClientConfig) -> rustls::CipherSuite {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+    for _ in 0..16 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return client.negotiated_cipher_suite().unwrap().suite();
+        }
+        let mut flight = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut flight).unwrap();
+        }
+        let mut rd = &flight[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).unwrap();
+            server.process_new_packets().unwrap();
+        }
+        flight.clear();
+        while server.wants_write() {
+            server.write_tls(&mut flight).unwrap();
+        }
+        let mut rd = &flight[..];
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    }
+    panic!("the handshake did not finish");
+}
+
+/// A client preferring AES-256-GCM/SHA-384 (rustls' default order, which
+/// the agent uses) gets AES-128-GCM/SHA-256, the broker's first choice; one
+/// offering AES-256 alone still connects.
+#[test]
+fn the_broker_chooses_aes_128_gcm_and_still_accepts_aes_256() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::load_or_create(dir.path(), &["localhost".into()]).unwrap();
+    let tickets = Arc::new(tickets::TicketKeys::open(dir.path()).unwrap());
+    let server = Arc::new(server_tls(&pki, std::slice::from_ref(&pki.node_ca.cert_der), tickets).unwrap());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root.cert_der.clone()).unwrap();
+    let default = rustls::crypto::aws_lc_rs::default_provider();
+    assert_eq!(default.cipher_suites[0].suite(), TLS13_AES_256_GCM_SHA384, "rustls' clients prefer AES-256");
+    let mut aes_256_only = default.clone();
+    aes_256_only.cipher_suites.retain(|s| s.suite() == TLS13_AES_256_GCM_SHA384);
+    for (provider, chosen) in [(default, TLS13_AES_128_GCM_SHA256), (aes_256_only, TLS13_AES_256_GCM_SHA384)] {
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        assert_eq!(handshake(&server, client), chosen);
+    }
+}
