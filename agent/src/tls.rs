@@ -59,7 +59,10 @@ pub fn client_config_with(ca_pem: &str, identity: Option<&Identity>, fleet: bool
         .keep_alive_interval(Some(if fleet { FLEET_KEEP_ALIVE } else { KEEP_ALIVE }))
         .max_idle_timeout(Some((if fleet { FLEET_IDLE_TIMEOUT } else { Duration::from_secs(60) }).try_into()?))
         .max_concurrent_bidi_streams(0u32.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        // No path-MTU probes, as at the broker: messages are a few
+        // kilobytes, and QUIC's 1,200 bytes carry them (RFD 0008).
+        .mtu_discovery_config(None);
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }

@@ -416,6 +416,8 @@ fn client_config(
     };
     let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut transport = quinn::TransportConfig::default();
+    // No path-MTU probes, as a real agent.
+    transport.mtu_discovery_config(None);
     // As often as a real agent: 100,000 of them ping the broker 6,700 times
     // a second; one given several brokers (a fleet) pings more often and
     // gives a silent broker up sooner, to move to another.

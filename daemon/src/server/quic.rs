@@ -89,6 +89,11 @@ pub(super) fn server_config(
         .enable_segmentation_offload(false)
         .datagram_receive_buffer_size(None)
         .datagram_send_buffer_size(0)
+        // No path-MTU probes: an agent's messages are a few kilobytes, which
+        // QUIC's guaranteed 1,200 bytes carry in as many datagrams, and each
+        // connection's probes (and the acknowledgements of its agent's) were
+        // a third of a restart storm's datagrams (RFD 0008).
+        .mtu_discovery_config(None)
         .max_idle_timeout(Some(Duration::from_secs(60).try_into()?));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
