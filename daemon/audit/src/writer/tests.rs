@@ -1,3 +1,4 @@
+use super::batch::{BUSY_BATCH, COMMIT_WINDOW};
 use super::*;
 use grantline_proto::audit::event::CallerInfo;
 
