@@ -5,32 +5,29 @@ use super::*;
 /// Runs a TLS 1.3 handshake in memory; the suite the client ends up with.
 fn handshake(server: &Arc<rustls::ServerConfig>, client: rustls::ClientConfig) -> rustls::CipherSuite {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut client = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
-    let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut client = rustls::Connection::from(rustls::ClientConnection::new(Arc::new(client), name).unwrap());
+    let mut server = rustls::Connection::from(rustls::ServerConnection::new(server.clone()).unwrap());
     for _ in 0..16 {
         if !client.is_handshaking() && !server.is_handshaking() {
             return client.negotiated_cipher_suite().unwrap().suite();
         }
-        let mut flight = Vec::new();
-        while client.wants_write() {
-            client.write_tls(&mut flight).unwrap();
-        }
-        let mut rd = &flight[..];
-        while !rd.is_empty() {
-            server.read_tls(&mut rd).unwrap();
-            server.process_new_packets().unwrap();
-        }
-        flight.clear();
-        while server.wants_write() {
-            server.write_tls(&mut flight).unwrap();
-        }
-        let mut rd = &flight[..];
-        while !rd.is_empty() {
-            client.read_tls(&mut rd).unwrap();
-            client.process_new_packets().unwrap();
-        }
+        flight(&mut client, &mut server);
+        flight(&mut server, &mut client);
     }
     panic!("the handshake did not finish");
+}
+
+/// Moves what `from` has to send to `to`, which processes it.
+fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+    let mut bytes = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut bytes).unwrap();
+    }
+    let mut rd = &bytes[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets().unwrap();
+    }
 }
 
 /// A client preferring AES-256-GCM/SHA-384 (rustls' default order, which
