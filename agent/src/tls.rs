@@ -23,6 +23,18 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub const FLEET_KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const FLEET_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// aws-lc with TLS_AES_128_GCM_SHA256 first (rustls puts AES-256 first):
+/// its keys match the 128-bit strength of the P-256 identities and the
+/// X25519 exchange, and SHA-256 has hardware where SHA-384 may not (aws-lc's
+/// SHA-512 has no accelerated path on AMD), so the broker's key schedule per
+/// handshake costs a fraction (RFD 0008 § A handshake's CPU). The broker
+/// follows the client's order; every suite stays allowed.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
+}
+
 pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn::ClientConfig> {
     client_config_with(ca_pem, identity, false)
 }
@@ -30,7 +42,7 @@ pub fn client_config(ca_pem: &str, identity: Option<&Identity>) -> Result<quinn:
 /// [`client_config`], with the shorter liveness budget of an agent that has
 /// other brokers to fail over to when `fleet`.
 pub fn client_config_with(ca_pem: &str, identity: Option<&Identity>, fleet: bool) -> Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(provider());
     let mut roots = rustls::RootCertStore::empty();
     let mut pinned = Vec::new();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
@@ -121,4 +133,23 @@ pub fn targets(brokers: &str) -> Result<Vec<(std::net::SocketAddr, String)>> {
         tracing::warn!(broker = %f, "a broker address does not resolve; using the others");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+
+    /// The agent asks for AES-128-GCM/SHA-256 first and still offers every
+    /// suite rustls does, so any broker finds one it takes.
+    #[test]
+    fn the_agent_prefers_aes_128_gcm_and_offers_every_suite() {
+        let ours = super::provider();
+        assert_eq!(ours.cipher_suites[0].suite(), TLS13_AES_128_GCM_SHA256);
+        let mut ours: Vec<_> = ours.cipher_suites.iter().map(|s| u16::from(s.suite())).collect();
+        let mut all: Vec<_> =
+            rustls::crypto::aws_lc_rs::default_provider().cipher_suites.iter().map(|s| u16::from(s.suite())).collect();
+        ours.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(ours, all);
+    }
 }

@@ -400,7 +400,8 @@ fn client_config(
     resumption: bool,
     fleet: bool,
 ) -> quinn::ClientConfig {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The agent's order of cipher suites.
+    let provider = Arc::new(grantline_agent::tls::provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -105,7 +105,7 @@ fn server_tls(
     node_cas: &[rustls::pki_types::CertificateDer<'static>],
     tickets: Arc<tickets::TicketKeys>,
 ) -> Result<rustls::ServerConfig> {
-    let provider = Arc::new(provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in node_cas {
         // One unusable CA must not shut out the others' nodes.
@@ -127,20 +127,12 @@ fn server_tls(
     // Reconnecting agents resume their sessions, across restarts too.
     tls.ticketer = tickets;
     tls.send_tls13_tickets = 1;
-    // The broker's order of cipher suites decides, not the client's.
-    tls.ignore_client_order = true;
+    // The client's order of cipher suites decides (rustls' default): the
+    // agent asks for AES-128-GCM first (`grantline_agent::tls::provider`),
+    // and a session ticket resumes only under its own suite, so a broker
+    // choosing by its own order would turn every ticket an older agent holds
+    // into a full handshake at the restart that upgrades it (RFD 0003).
     Ok(tls)
-}
-
-/// aws-lc with AES-128-GCM/SHA-256 first. Its keys match the 128-bit
-/// strength of the P-256 identities and the X25519 exchange, and SHA-256 has
-/// hardware where SHA-384 may not (aws-lc's SHA-512 has no accelerated path
-/// on AMD), so a handshake's key schedule costs a fraction (RFD 0008 § Group
-/// commit under load). Every suite stays allowed.
-fn provider() -> rustls::crypto::CryptoProvider {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    provider
 }
 
 pub(super) fn serve_connection(

@@ -1,4 +1,4 @@
-use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
 
 use super::*;
 
@@ -30,11 +30,15 @@ fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
     }
 }
 
-/// A client preferring AES-256-GCM/SHA-384 (rustls' default order, which
-/// the agent uses) gets AES-128-GCM/SHA-256, the broker's first choice; one
-/// offering AES-256 alone still connects.
+/// The broker follows the client's order of cipher suites: the agent's
+/// (AES-128-GCM/SHA-256 first) gets AES-128-GCM, rustls' default order
+/// (AES-256 first, which older agents used) keeps AES-256-GCM, so the
+/// session tickets those agents hold still resume after the broker's
+/// upgrade (review: a broker choosing by its own order made every one of
+/// them a full handshake at that restart); a client offering ChaCha20 alone
+/// connects too.
 #[test]
-fn the_broker_chooses_aes_128_gcm_and_still_accepts_aes_256() {
+fn the_broker_follows_the_clients_order_of_cipher_suites() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::load_or_create(dir.path(), &["localhost".into()]).unwrap();
     let tickets = Arc::new(tickets::TicketKeys::open(dir.path()).unwrap());
@@ -43,9 +47,15 @@ fn the_broker_chooses_aes_128_gcm_and_still_accepts_aes_256() {
     roots.add(pki.root.cert_der.clone()).unwrap();
     let default = rustls::crypto::aws_lc_rs::default_provider();
     assert_eq!(default.cipher_suites[0].suite(), TLS13_AES_256_GCM_SHA384, "rustls' clients prefer AES-256");
-    let mut aes_256_only = default.clone();
-    aes_256_only.cipher_suites.retain(|s| s.suite() == TLS13_AES_256_GCM_SHA384);
-    for (provider, chosen) in [(default, TLS13_AES_128_GCM_SHA256), (aes_256_only, TLS13_AES_256_GCM_SHA384)] {
+    let mut aes_128_first = default.clone();
+    aes_128_first.cipher_suites.sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
+    let mut chacha_only = default.clone();
+    chacha_only.cipher_suites.retain(|s| s.suite() == TLS13_CHACHA20_POLY1305_SHA256);
+    for (provider, chosen) in [
+        (aes_128_first, TLS13_AES_128_GCM_SHA256),
+        (default, TLS13_AES_256_GCM_SHA384),
+        (chacha_only, TLS13_CHACHA20_POLY1305_SHA256),
+    ] {
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
