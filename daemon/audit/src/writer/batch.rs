@@ -16,7 +16,7 @@ pub(super) const MAX_BATCH: usize = 4096;
 /// writer lets the batch gather for `COMMIT_WINDOW` before committing it. A
 /// commit (its fsync, and rewriting the same rightmost pages of each table)
 /// costs far more than an entry, so on a busy broker this cuts the CPU per
-/// grant by a third (RFD 0008 § Group commit under load), for at most
+/// grant by a quarter (RFD 0008 § Group commit under load), for at most
 /// `COMMIT_WINDOW` added to the batch an append joins; a broker granting one
 /// credential at a time, or idle for a window, never waits.
 pub(super) const COMMIT_WINDOW: Duration = Duration::from_millis(3);
