@@ -29,12 +29,17 @@ async fn an_oversized_event_is_refused_without_poisoning_the_log() {
     };
     let receipt = log.append(small).await.unwrap();
     assert_eq!(Entry::decode(&receipt.entry).unwrap().seq, 1, "the refused event took no seq");
+    assert_eq!(stop_and_verify(log, writer, &db, vkey), 2);
+}
+
+/// Stops the writer and verifies the whole chain in `db`: its entry count.
+fn stop_and_verify(log: AuditLog, writer: JoinHandle<()>, db: &Path, vkey: grantline_proto::audit::VerifierKey) -> u64 {
     drop(log);
     writer.join().unwrap();
-    let store = AuditStore::open_read_only(&db).unwrap();
+    let store = AuditStore::open_read_only(db).unwrap();
     let mut v = grantline_proto::audit::ChainVerifier::new(vkey);
     store.for_each(|row| v.push(row)).unwrap().unwrap();
-    assert_eq!(v.finish().unwrap().entries, 2);
+    v.finish().unwrap().entries
 }
 
 /// CI: a log copied as `audit.db` alone after a clean stop had no
@@ -124,10 +129,5 @@ async fn concurrent_appends_gathered_in_windows_are_all_recorded_once() {
     let mut seqs: Vec<u64> = tasks.join_all().await.into_iter().flatten().collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
-    drop(log);
-    writer.join().unwrap();
-    let store = AuditStore::open_read_only(&db).unwrap();
-    let mut v = grantline_proto::audit::ChainVerifier::new(vkey);
-    store.for_each(|row| v.push(row)).unwrap().unwrap();
-    assert_eq!(v.finish().unwrap().entries, 401);
+    assert_eq!(stop_and_verify(log, writer, &db, vkey), 401);
 }
